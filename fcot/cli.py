@@ -1,0 +1,98 @@
+"""`fcot` command line: a thin layer over the Python API. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_tasks(args) -> None:
+    from fcot.tasks import TASKS, data_dir, task_sizes
+
+    print(f"data dir: {data_dir(args.data_dir)}")
+    print(f"{'task':<28}{'answer':<8}{'train':>7}{'test':>7}  description")
+    for name, spec in TASKS.items():
+        sizes = task_sizes(name, root=args.data_dir)
+        train = "—" if sizes["train"] is None else str(sizes["train"])
+        print(f"{name:<28}{spec.answer_type:<8}{train:>7}{sizes['test']:>7}  {spec.description}")
+
+
+def cmd_data_download(args) -> None:
+    from fcot.tasks.download import download
+
+    status = download(args.task or None, args.data_dir, mirror=args.mirror, log=lambda m: print(m, file=sys.stderr))
+    for path, what in status.items():
+        print(f"{what:<12} {path}")
+
+
+def cmd_data_generate(args) -> None:
+    from fcot.io import atomic_write_json
+    from fcot.tasks.synthetic import generate_coin_flip, generate_last_letters
+
+    make = {"coin_flip": generate_coin_flip, "last_letter_concatenation": generate_last_letters}[args.task]
+    path = atomic_write_json(args.output, {"examples": make(args.n, seed=args.seed)})
+    print(f"wrote {args.n} {args.task} examples to {path}")
+
+
+def cmd_score(args) -> None:
+    from fcot.prompts import PREDICTION_PREFIX
+    from fcot.scoring import score_jsonl
+
+    prefix = args.prefix if args.prefix is not None else PREDICTION_PREFIX[args.method] if args.method else None
+    summary = score_jsonl(args.task, args.input, prefix=prefix, output_path=args.output, root=args.data_dir)
+    print(json.dumps(summary))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fcot.prompts import PREDICTION_PREFIX
+
+    parser = argparse.ArgumentParser(prog="fcot", description="Fine-tune-CoT: large models as reasoning teachers, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_data_dir(p):
+        p.add_argument("--data-dir", help="task data directory (default: $FCOT_DATA_DIR or ~/.cache/fcot/data)")
+        return p
+
+    p = with_data_dir(sub.add_parser("tasks", help="list the tasks with answer type and train/test sizes"))
+    p.set_defaults(func=cmd_tasks)
+
+    data = sub.add_parser("data", help="fetch or generate task data").add_subparsers(dest="data_command", required=True)
+    p = with_data_dir(data.add_parser("download", help="download the tasks' public files (sha256-checked)"))
+    p.add_argument("--task", action="append", help="only this task (repeatable; default: all 12)")
+    p.add_argument("--mirror", help="base URL laid out like the data dir, instead of the public sources")
+    p.set_defaults(func=cmd_data_download)
+    p = data.add_parser("generate", help="generate a synthetic task file of any size")
+    p.add_argument("task", choices=["coin_flip", "last_letter_concatenation"])
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_data_generate)
+
+    p = with_data_dir(sub.add_parser("score", help="score completions with the paper's answer cleansing"))
+    p.add_argument("--task", required=True)
+    p.add_argument("--input", required=True, help="JSONL: index, completion[, answer][, finish_reason]")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prefix", help="the answer is the first candidate after this text (e.g. '-->')")
+    group.add_argument("--method", choices=sorted(PREDICTION_PREFIX), help="use this method's prefix")
+    p.add_argument("--output", help="per-line results (default: <input>.scored.jsonl)")
+    p.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fcot.errors import FcotError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FcotError as e:
+        print(f"fcot: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Read a task's records and the paper's train/test splits from the data directory."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from fcot.errors import FcotError
+from fcot.io import read_json
+from fcot.tasks.registry import TASKS, Sample, TaskSpec
+
+_CUSTOM: dict[str, TaskSpec] = {}
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The data directory: `explicit` (config), else $FCOT_DATA_DIR, else the user cache."""
+    if explicit:
+        path = Path(explicit).expanduser()
+    elif os.environ.get("FCOT_DATA_DIR"):
+        path = Path(os.environ["FCOT_DATA_DIR"]).expanduser()
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        path = cache / "fcot" / "data"
+    return path.resolve()
+
+
+def _check_data_dir(root: Path) -> None:
+    if not root.exists():
+        raise FcotError(f"data dir {root} does not exist: run `fcot data download` or set FCOT_DATA_DIR")
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        raise FcotError(f"data dir {root} is not a readable directory")
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Make a user task (see `jsonl_task`) loadable by name, like the built-in ones."""
+    if spec.name in TASKS:
+        raise FcotError(f"task name {spec.name!r} is taken by a built-in task")
+    _CUSTOM[spec.name] = spec
+    return spec
+
+
+def task_names() -> list[str]:
+    return list(TASKS) + list(_CUSTOM)
+
+
+def get_task(name: str) -> TaskSpec:
+    spec = TASKS.get(name) or _CUSTOM.get(name)
+    if spec is None:
+        raise FcotError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+    return spec
+
+
+def _source_path(root: Path, rel: str) -> Path:
+    return root / "datasets" / rel  # an absolute `rel` (user task) wins over the root
+
+
+@functools.lru_cache(maxsize=32)
+def _load(name: str, root: Path) -> tuple[tuple[Sample, ...], tuple[tuple[int, int, str], ...]]:
+    """(samples, missing): `missing` lists (first, last, file) index ranges of absent optional files."""
+    spec = get_task(name)
+    _check_data_dir(root)
+    samples: list[Sample] = []
+    missing: list[tuple[int, int, str]] = []
+    first = 0
+    for src in spec.files:
+        path = _source_path(root, src.path)
+        if not path.exists() and src.path in spec.optional_files:
+            missing.append((first, first + src.records - 1, src.path))
+            first += src.records  # keep the paper's index space: later files start after it
+            continue
+        if not path.exists():
+            raise FcotError(f"{path}: file not found (task {name}); run `fcot data download --task {name}`")
+        part = spec.reader(spec, path, first)
+        if src.records is not None and len(part) != src.records:
+            raise FcotError(f"{path}: expected {src.records} records, found {len(part)}")
+        samples.extend(part)
+        first += len(part)
+    return tuple(samples), tuple(missing)
+
+
+def load_records(name: str, root: str | os.PathLike | None = None) -> list[Sample]:
+    """All records of a task in file order; `Sample.index` is the paper's index into them."""
+    samples, _missing = _load(name, data_dir(root))
+    return list(samples)
+
+
+def split_indices(name: str, kind: str = "default", root: str | os.PathLike | None = None) -> dict[str, list[int]]:
+    spec = get_task(name)
+    root = data_dir(root)
+    if spec.extra.get("split"):  # user task: a split computed or given at registration
+        return spec.extra["split"]
+    if kind not in spec.split_kinds:
+        raise FcotError(f"task {name} has no {kind!r} split; it has: {', '.join(spec.split_kinds)}")
+    _check_data_dir(root)
+    path = root / "splits" / f"{name}__{kind}.json"
+    split = read_json(path)
+    if not isinstance(split, dict):
+        raise FcotError(f"{path}: expected an object with 'train' and 'test' lists")
+    for key in ("train", "test"):
+        if not isinstance(split.get(key), list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in split[key]):
+            raise FcotError(f"{path}, key {key!r}: expected a list of integer indices")
+    return {"train": split["train"], "test": split["test"]}
+
+
+def load_split(name: str, split: str = "train", kind: str = "default",
+               root: str | os.PathLike | None = None) -> list[Sample]:
+    """The samples of one split ("train" or "test"), in the split file's order."""
+    if split not in ("train", "test"):
+        raise FcotError(f"split must be 'train' or 'test', got {split!r}")
+    samples, missing = _load(name, data_dir(root))
+    indices = split_indices(name, kind, root)[split]
+    by_index = {s.index: s for s in samples}
+    out = []
+    for pos, i in enumerate(indices):
+        if i not in by_index:
+            for lo, hi, rel in missing:
+                if lo <= i <= hi:
+                    raise FcotError(f"task {name}, {split} split needs datasets/{rel} (index {i} lies in it): "
+                                    f"run `fcot data download --task {name}`")
+            lo, hi = 0, max(s.index for s in samples) if samples else -1
+            raise FcotError(f"task {name}, {split} split, position {pos}: index {i} is out of range {lo}–{hi}")
+        out.append(by_index[i])
+    return out
+
+
+def task_sizes(name: str, kind: str = "default", root: str | os.PathLike | None = None) -> dict[str, int | None]:
+    """{"train": n, "test": n}; None for a split that needs an absent optional file (aqua's train)."""
+    _samples, missing = _load(name, data_dir(root))
+    sizes: dict[str, int | None] = {}
+    for split, indices in split_indices(name, kind, root).items():
+        absent = any(lo <= i <= hi for lo, hi, _rel in missing for i in indices)
+        sizes[split] = None if absent else len(load_split(name, split, kind, root))
+    return sizes
