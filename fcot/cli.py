@@ -27,12 +27,14 @@ def cmd_data_download(args) -> None:
 
 
 def cmd_data_generate(args) -> None:
-    from fcot.io import atomic_write_json
+    from fcot.io import atomic_write_jsonl
     from fcot.tasks.synthetic import generate_coin_flip, generate_last_letters
 
     make = {"coin_flip": generate_coin_flip, "last_letter_concatenation": generate_last_letters}[args.task]
-    path = atomic_write_json(args.output, {"examples": make(args.n, seed=args.seed)})
-    print(f"wrote {args.n} {args.task} examples to {path}")
+    path = atomic_write_jsonl(args.output, make(args.n, seed=args.seed))
+    answer_type = "yes_no" if args.task == "coin_flip" else "text"
+    print(f"wrote {args.n} {args.task} records to {path} "
+          f"(load with fcot.tasks.jsonl_task(NAME, {str(path)!r}, answer_type={answer_type!r}))")
 
 
 def cmd_score(args) -> None:
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", help="only this task (repeatable; default: all 12)")
     p.add_argument("--mirror", help="base URL laid out like the data dir, instead of the public sources")
     p.set_defaults(func=cmd_data_download)
-    p = data.add_parser("generate", help="generate a synthetic task file of any size")
+    p = data.add_parser("generate", help="generate a synthetic task of any size as JSONL (question, answer)")
     p.add_argument("task", choices=["coin_flip", "last_letter_concatenation"])
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--input", required=True, help="JSONL: index, completion[, answer][, finish_reason]")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--prefix", help="the answer is the first candidate after this text (e.g. '-->')")
+    group.add_argument("--prefix", help="the answer is the first candidate after this text (write --prefix=--> for students)")
     group.add_argument("--method", choices=sorted(PREDICTION_PREFIX), help="use this method's prefix")
     p.add_argument("--output", help="per-line results (default: <input>.scored.jsonl)")
     p.set_defaults(func=cmd_score)

@@ -145,11 +145,10 @@ def score_jsonl(task: str, input_path, prefix: str | None = None, output_path=No
         else:
             raise FcotError(f"{input_path}, line {lineno}, key 'index': {index} is not a record of task {task} "
                             f"(indices {min(gold)}–{max(gold)})")
+        if spec.answer_type == "number" and not _NUMBER.fullmatch(answer.strip().replace(",", "")):
+            raise FcotError(f"{input_path}, line {lineno}, key 'answer': {answer!r} is not a number")
         finish_reason = require(rec, "finish_reason", str, **where) if rec.get("finish_reason") is not None else None
-        try:
-            s = score(spec, completion, answer, prefix=prefix, finish_reason=finish_reason)
-        except ValueError:
-            raise FcotError(f"{input_path}, line {lineno}, key 'answer': {answer!r} is not a number") from None
+        s = score(spec, completion, answer, prefix=prefix, finish_reason=finish_reason)
         scores.append(s)
         rows.append({"index": index, "answer": answer, **s.to_dict()})
     if not rows:

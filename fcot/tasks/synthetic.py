@@ -1,13 +1,13 @@
 """Seeded generators for the two synthetic tasks, at any size (Wei et al. 2022; Kojima et al. 2022).
 
-They write the same raw format as the shipped files, so a generated file loads like the original.
+Records have the shipped files' fields (`question`, `answer`); `fcot data generate` writes them as JSONL,
+which `fcot.tasks.jsonl_task` loads as a task.
 """
 
 from __future__ import annotations
 
 import random
 
-from fcot.tasks.registry import Sample
 
 # Common first names (US census style), as in the original tasks' construction.
 NAMES = """Aaron Abby Adam Adrian Aisha Alan Albert Alex Alice Alisa Allen Alma Amber Amy Andre Andrea Andy Angela
@@ -35,7 +35,7 @@ def _people(rng: random.Random, n_people: int) -> list[str]:
 
 
 def generate_coin_flip(n: int, seed: int = 0, n_people: int = 4) -> list[dict]:
-    """Records like coin_flip.json's `examples`: heads up, each person flips or not; answer yes/no."""
+    """Records like coin_flip.json's examples: heads up, each person flips or not; answer yes/no."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -53,7 +53,7 @@ def generate_coin_flip(n: int, seed: int = 0, n_people: int = 4) -> list[dict]:
 
 
 def generate_last_letters(n: int, seed: int = 0, n_words: int = 4) -> list[dict]:
-    """Records like last_letters.json's `examples`: concatenate the last letters of the names."""
+    """Records like last_letters.json's examples: concatenate the last letters of the names."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -61,7 +61,3 @@ def generate_last_letters(n: int, seed: int = 0, n_words: int = 4) -> list[dict]
         question = f'Take the last letters of each words in "{" ".join(names)}" and concatenate them.'
         out.append({"question": question, "answer": "".join(name[-1] for name in names)})
     return out
-
-
-def to_samples(task: str, records: list[dict]) -> list[Sample]:
-    return [Sample(task, i, r["question"], r["answer"]) for i, r in enumerate(records)]

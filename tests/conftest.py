@@ -1,0 +1,45 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
+
+# Every test reads the tasks from ../shared/data unless it says otherwise.
+os.environ["FCOT_DATA_DIR"] = str(SHARED_DATA)
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "datasets").is_dir():
+        pytest.fail(f"test data not found at {SHARED_DATA} (the project expects ../shared/data beside it)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def data_copy(tmp_path, shared_data):
+    """A private copy of the data dir (small tasks only) that a test may corrupt."""
+    dst = tmp_path / "data"
+    for sub in ("splits",):
+        shutil.copytree(shared_data / sub, dst / sub)
+    for folder in ("MultiArith", "coin_flip", "Bigbench_Date", "SVAMP", "AQuA", "CommonsenseQA"):
+        shutil.copytree(shared_data / "datasets" / folder, dst / "datasets" / folder)
+    from fcot.tasks.loading import _load
+    _load.cache_clear()
+    yield dst
+    _load.cache_clear()
+
+
+def run_fcot(*args, env=None, check=False, cwd=None):
+    """Run the real console entry point in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "fcot.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fcot {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,87 @@
+import re
+
+import pytest
+
+from fcot.tasks import TASKS, load_records, load_split, split_indices, task_sizes
+from tests.conftest import run_fcot
+
+PAPER_SIZES = {
+    "addsub": (276, 119), "coin_flip": (350, 150), "commonsense_qa": (9741, 1221), "date_understanding": (258, 111),
+    "gsm8k": (7473, 1319), "last_letter_concatenation": (350, 150), "multiarith": (420, 180), "single_eq": (356, 152),
+    "strategy_qa": (1603, 687), "svamp": (700, 300), "tracking_shuffled_objects": (525, 225), "aqua": (None, 254),
+}
+
+
+def test_registry_has_the_papers_12_tasks():
+    assert set(TASKS) == set(PAPER_SIZES)
+
+
+@pytest.mark.parametrize("task", sorted(PAPER_SIZES))
+def test_split_sizes_match_the_paper(task, shared_data):
+    train, test = PAPER_SIZES[task]
+    assert task_sizes(task) == {"train": train, "test": test}
+    split = split_indices(task)
+    assert not set(split["train"]) & set(split["test"])
+    for s in load_split(task, "test"):
+        assert s.task == task and s.question.strip() == s.question and s.question and s.answer
+
+
+@pytest.mark.parametrize("task", ["multiarith", "date_understanding"])
+def test_template_splits(task, shared_data):
+    split = split_indices(task, "template")
+    assert not set(split["train"]) & set(split["test"])
+    assert len(load_split(task, "train", "template")) == len(split["train"])
+
+
+def test_fcot_tasks_prints_every_task_with_sizes(shared_data):
+    out = run_fcot("tasks", check=True).stdout
+    for task, (train, test) in PAPER_SIZES.items():
+        line = next(l for l in out.splitlines() if l.startswith(task + " "))
+        assert re.search(rf"\s{train if train else '—'}\s+{test}\s", line), line
+
+
+def test_answers_are_normalised(shared_data):
+    multiarith = load_records("multiarith")
+    assert multiarith[0].answer == "39" and multiarith[0].index == 0  # lSolutions 39.0 -> "39"
+    gsm8k = {s.index: s for s in load_records("gsm8k")}
+    assert gsm8k[7473].answer == "18"  # first test question; answer after '####'
+    assert all("," not in s.answer for s in gsm8k.values())
+    assert {s.answer for s in load_records("strategy_qa")} == {"yes", "no"}
+    assert {s.answer for s in load_records("coin_flip")} == {"yes", "no"}
+
+
+def test_multiple_choice_is_verbalised(shared_data):
+    csqa = {s.index: s for s in load_records("commonsense_qa")}
+    assert csqa[9741].question == ("A revolving door is convenient for two direction travel, but it also serves as a "
+                                  "security measure at a what? Answer choices: (A) bank, (B) library, "
+                                  "(C) department store, (D) mall, (E) new york.")
+    assert csqa[9741].answer == "A" and csqa[9741].choices[0] == "bank"
+    objects = load_records("tracking_shuffled_objects")[0]
+    assert objects.question.endswith("At the end of the game, Alice has the \nWhich choice is true? "
+                                     "Answer choices: (A) orange ball, (B) white ball, (C) blue ball.")
+    assert objects.answer == "C"
+    aqua = load_records("aqua")[0]
+    assert aqua.index == 97467 and "Answer choices: (A) 5(√3 + 1), (B) 6(√3 + √2)," in aqua.question
+
+
+def test_date_choices_are_shuffled_deterministically(shared_data):
+    from fcot.tasks.loading import _load
+
+    first = load_records("date_understanding")
+    _load.cache_clear()
+    again = load_records("date_understanding")
+    assert [s.question for s in first] == [s.question for s in again]
+    # The source lists the right date first; after the shuffle the answers spread over the letters.
+    letters = {s.answer for s in first}
+    assert len(letters) == 6
+    assert first[0].question.startswith("Yesterday was April 30, 2021. What is the date today in MM/DD/YYYY?\n"
+                                        "Which choice is true? Answer choices: (A) ")
+    assert first[0].choices[ord(first[0].answer) - ord("A")] == "05/01/2021"
+
+
+def test_aqua_train_needs_its_file(shared_data):
+    from fcot.errors import FcotError
+
+    with pytest.raises(FcotError, match=r"aqua, train split needs datasets/AQuA/train.json .*fcot data download"):
+        load_split("aqua", "train")
+    assert len(load_split("aqua", "test")) == 254
