@@ -43,3 +43,25 @@ def run_fcot(*args, env=None, check=False, cwd=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"fcot {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, shared_data) -> Path:
+    """A randomly initialised Llama-family decoder with a BPE tokenizer trained on real task text."""
+    from fcot.models import make_tiny_model
+    from fcot.tasks import load_records
+
+    texts = [s.question for s in load_records("multiarith")] + ["Let's think step by step. Therefore, the answer is --> END ###"]
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama", vocab_texts=texts)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the in-process tests of a session."""
+    import ray
+
+    from fcot.ray_utils import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -1,0 +1,130 @@
+"""The teacher stage end to end on CPU with a tiny random model: records, cache, faults, formats."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from fcot.config import load_config
+from fcot.teacher.config import TeachConfig
+from fcot.teacher.pipeline import teach
+from fcot.teacher.store import RecordStore
+from tests.conftest import ROOT, run_fcot
+
+
+def _cfg(tmp_path, model, **over) -> TeachConfig:
+    base = {"tasks": "multiarith", "subset": 4, "output_dir": str(tmp_path / "teacher"), "progress": False,
+            "engine": {"kind": "hf", "model": str(model), "dtype": "float32", "replicas": 2, "samples_per_batch": 4},
+            "sampling": {"num_samples": 3, "max_new_tokens": 12, "answer_max_new_tokens": 6}}
+    for key, value in over.items():
+        node = base
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return load_config(TeachConfig, base=base)
+
+
+def _all_rows(out_dir):
+    return [r for shard in sorted((out_dir / "records").glob("*.parquet")) for r in pq.read_table(shard).to_pylist()]
+
+
+def test_teach_writes_n_x_d_records_and_a_rerun_generates_nothing(tmp_path, tiny_llama, ray_local):
+    cfg = _cfg(tmp_path, tiny_llama)
+    first = teach(cfg)
+    assert (first["planned"], first["records"], first["generated"]) == (12, 12, 12)
+    rows = _all_rows(tmp_path / "teacher")
+    assert len(rows) == 12 and len({r["key"] for r in rows}) == 12
+    assert {(r["index"], r["sample_index"]) for r in rows} == {(i, k) for i in {r["index"] for r in rows} for k in range(3)}
+    r = rows[0]
+    assert r["prompt"].startswith("Q: ") and r["prompt"].endswith("\nA: Let's think step by step.")
+    assert r["temperature"] == pytest.approx(0.7) and r["engine"] == "hf" and r["completion_tokens"] > 0
+    assert r["finish_reason"] in ("stop", "length") and r["model"] == str(tiny_llama)
+
+    again = teach(cfg)
+    assert (again["records"], again["generated"]) == (12, 0)
+    more = teach(_cfg(tmp_path, tiny_llama, **{"sampling.num_samples": 5}))
+    assert (more["records"], more["generated"]) == (20, 8)  # only the 2 new samples of each question
+    summary = json.loads((tmp_path / "teacher" / "summary.json").read_text())
+    assert summary["tasks"]["multiarith"]["samples"] == 20
+
+
+def test_records_are_readable_by_ray_data_and_datasets(tmp_path, tiny_llama, ray_local):
+    import datasets
+    import ray
+
+    cfg = _cfg(tmp_path, tiny_llama, **{"sampling.num_samples": 1, "engine.replicas": 1})
+    teach(cfg)
+    records = tmp_path / "teacher" / "records"
+    assert ray.data.read_parquet(str(records)).count() == 4
+    ds = datasets.load_dataset("parquet", data_files=str(records / "*.parquet"), split="train")
+    assert len(ds) == 4 and set(ds["temperature"]) == {0.0}  # D = 1 is greedy
+
+
+def test_chat_prompt_style_continues_the_assistant_turn(tmp_path, tiny_llama, ray_local):
+    summary = teach(_cfg(tmp_path, tiny_llama, prompt_style="chat", **{"sampling.num_samples": 1, "engine.replicas": 1}))
+    assert summary["generated"] == 4
+    row = _all_rows(tmp_path / "teacher")[0]
+    messages = json.loads(row["prompt"])
+    assert messages[-1] == {"role": "assistant", "content": "Let's think step by step."}
+    assert row["prompt_style"] == "chat"
+
+
+def test_a_killed_replica_is_replaced_and_the_run_completes_without_duplicates(tmp_path, tiny_llama, ray_local):
+    cfg = _cfg(tmp_path, tiny_llama, subset=12, **{"sampling.num_samples": 4, "sampling.max_new_tokens": 48,
+                                                  "engine.samples_per_batch": 4})
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(teach(cfg)))
+    runner.start()
+    records = tmp_path / "teacher" / "records"
+    deadline = time.time() + 300
+    while not list(records.glob("*.parquet")) and time.time() < deadline:
+        time.sleep(0.2)
+    # Ray titles each replica's process `ray::MapWorker(MapBatches(TeacherWorker))...`.
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "TeacherWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no engine replica alive mid-run"
+    workers[0].send_signal(signal.SIGKILL)
+    runner.join(timeout=600)
+    assert result["records"] == 48
+    rows = _all_rows(tmp_path / "teacher")
+    assert len(rows) == 48 and len({r["key"] for r in rows}) == 48  # exactly N x D, no duplicates
+
+
+def test_killed_driver_resumes_without_generating_finished_samples_again(tmp_path, tiny_llama):
+    config = tmp_path / "teach.yaml"
+    cfg = _cfg(tmp_path, tiny_llama, subset=12, **{"sampling.num_samples": 4, "sampling.max_new_tokens": 48,
+                                                  "engine.samples_per_batch": 4, "engine.replicas": 1})
+    config.write_text(yaml.safe_dump(cfg.model_dump()))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "fcot.cli", "teach", str(config)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    records = tmp_path / "teacher" / "records"
+    deadline = time.time() + 300
+    while len(list(records.glob("*.parquet"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    # Kill the driver and everything it started (its local Ray cluster: GCS, raylet, the replica).
+    tree = [proc_ for proc_ in psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+    done = len(RecordStore(records).keys())
+    assert 0 < done < 48
+
+    finished = run_fcot("teach", config, check=True)
+    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert summary["records"] == 48
+    assert summary["generated"] == 48 - done  # nothing finished before the kill was generated again
+    rows = _all_rows(tmp_path / "teacher")
+    assert len({r["key"] for r in rows}) == 48
