@@ -68,6 +68,39 @@ def _print_teacher_summary(summary: dict) -> None:
               file=sys.stderr)
 
 
+def cmd_curate(args) -> None:
+    from fcot.config import load_config
+    from fcot.curate import CurateConfig, curate
+
+    summary = curate(load_config(CurateConfig, args.config, args.overrides))
+    for task, st in summary["tasks"].items():
+        print(f"{task}: kept {st.get('kept', 0)} of {st.get('samples', 0)} samples; "
+              f"{st['questions_without_sample']} of {st['questions']} questions left with none", file=sys.stderr)
+    print(json.dumps(summary))
+
+
+def cmd_eval(args) -> None:
+    from fcot.config import load_config
+    from fcot.evaluate import EvalConfig, evaluate
+
+    metrics = evaluate(load_config(EvalConfig, args.config, args.overrides))
+    for task, m in metrics["tasks"].items():
+        print(f"{task} ({metrics['method']}, {m['n']} questions): accuracy {m['accuracy']:.3f}", file=sys.stderr)
+    print(json.dumps(metrics))
+
+
+def cmd_train(args) -> None:
+    from fcot.config import load_config
+    from fcot.train.config import TrainConfig
+    from fcot.train.trainer import train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    summary = train(cfg)
+    print(f"{summary['steps']} steps, {summary['epochs']} epochs, final loss {summary['final_loss']}, "
+          f"{summary['tokens_per_s']:.0f} tokens/s; student in {summary['model_dir']}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}))  # the curve: summary.json
+
+
 def cmd_models_prepare(args) -> None:
     from fcot.models import prepare
 
@@ -112,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (see experiments/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.num_samples=8")
     p.set_defaults(func=cmd_teach)
+
+    for name, func, text in [("curate", cmd_curate, "curation: teacher records -> student training pairs (Ray Data)"),
+                             ("eval", cmd_eval, "evaluate a student or baseline on a test split (Ray Data)")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="YAML config (see experiments/)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("train", help="student stage: fine-tune on curated rationales with Ray Train + DeepSpeed")
+    p.add_argument("config", help="YAML config (see experiments/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=3 deepspeed.stage=3")
+    p.set_defaults(func=cmd_train)
 
     models = sub.add_parser("models", help="bundled models").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("prepare", help="fetch and convert a bundled model once (e.g. smollm2-135m)")

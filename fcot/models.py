@@ -110,10 +110,13 @@ def prepare(name: str, source: str = "auto", log=print) -> Path:
 
 
 def make_tiny_model(dest: str | os.PathLike, arch: str = "llama", vocab_texts: list[str] | None = None,
-                    vocab_size: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+                    vocab_size: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0, heads: int = 4,
+                    kv_heads: int = 2) -> Path:
     """A randomly initialised model with a real BPE tokenizer trained on `vocab_texts` (for tests, benchmarks).
 
-    arch: "llama" (SmolLM2-like decoder), "gpt2", or "t5" (encoder-decoder).
+    arch: "llama" (SmolLM2-like decoder), "gpt2", or "t5" (encoder-decoder). The head size is hidden / heads
+    (llama: kv_heads key/value heads); vLLM's CPU attention needs a head size of 32, 64, 80, ... (e.g.
+    hidden=128, heads=2, kv_heads=1), the defaults give 16.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -140,15 +143,15 @@ def make_tiny_model(dest: str | os.PathLike, arch: str = "llama", vocab_texts: l
     if arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
         model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                             num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                                              tie_word_embeddings=True, **ids))
     elif arch == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
-        model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=2048, **ids))
+        model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=2048, **ids))
     elif arch == "t5":
         from transformers import T5Config, T5ForConditionalGeneration
-        model = T5ForConditionalGeneration(T5Config(d_model=hidden, d_ff=hidden * 2, d_kv=hidden // 4, num_layers=layers,
-                                                    num_heads=4, decoder_start_token_id=tokenizer.pad_token_id, **ids))
+        model = T5ForConditionalGeneration(T5Config(d_model=hidden, d_ff=hidden * 2, d_kv=hidden // heads, num_layers=layers,
+                                                    num_heads=heads, decoder_start_token_id=tokenizer.pad_token_id, **ids))
     else:
         raise FcotError(f"unknown tiny model architecture {arch!r}: llama, gpt2 or t5")
     model.save_pretrained(dest)

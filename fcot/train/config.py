@@ -1,0 +1,90 @@
+"""`fcot train` config: which curated data, which student, and how to fine-tune it on Ray Train."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from fcot.config import Config
+
+
+class DeepSpeedConfig(Config):
+    stage: int = Field(2, ge=0, le=3)  # ZeRO stage: 0 plain data parallel, 1 optimizer, 2 +gradients, 3 +weights
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on CPU (uses DeepSpeed's cpu_adam)
+
+
+class WandbConfig(Config):
+    project: str = "fcot"
+    # auto: online with WANDB_API_KEY set, else offline (sync later with `wandb sync`)
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    group: str | None = None
+    name: str | None = None
+
+
+class DevConfig(Config):
+    """Dev set evaluated by rank 0 after each epoch (model selection); needs fcot.evaluate."""
+
+    path: str | None = None  # JSONL or parquet with task, index, question, answer[, choices]
+    task: str | None = None  # or a task's split, loaded with fcot.tasks.load_split
+    split: Literal["train", "test"] = "test"
+    split_kind: str = "default"
+    size: int | None = Field(None, ge=1)  # the first N samples only
+    format: str = "fine_tune_cot"  # prompt format of the curated data (fcot.prompts.FORMATS)
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(32, ge=1)
+    every: int = Field(1, ge=1)  # evaluate every N epochs (and after the last)
+
+    @model_validator(mode="after")
+    def _source(self):
+        if (self.path is None) == (self.task is None):
+            raise ValueError("dev needs exactly one of dev.path or dev.task")
+        return self
+
+
+class TrainConfig(Config):
+    data: str  # folder (or file) of curated parquet: task, index, sample_index, prompt, completion
+    model: str = "smollm2-135m"  # an alias (`fcot models`), a local folder, or a hub id
+    output_dir: str = "runs/student"
+    epochs: int = Field(20, ge=1)  # the paper's default
+    max_steps: int | None = Field(None, ge=1)  # stop early after this many optimizer steps (tests, smoke runs)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)  # global: examples per optimizer step, over all workers
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step on each worker
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # of all optimizer steps
+    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
+    max_length: int = Field(512, ge=8)  # tokens per example (decoders: prompt + completion + EOS)
+    packing: bool = False  # decoders: pack each micro-batch's examples into rows of <= max_length tokens
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
+    cpus_per_worker: int = Field(1, ge=1)  # also each worker's torch threads
+    use_gpu: bool = False  # one GPU per worker
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    seed: int = 0
+    max_failures: int = Field(2, ge=-1)  # restarts of the worker group from the last checkpoint (-1: forever)
+    keep_checkpoints: int = Field(1, ge=1)  # epoch checkpoints kept in output_dir/checkpoints
+    wandb: WandbConfig = WandbConfig()
+    dev: DevConfig | None = None
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.batch_size % (self.num_workers * self.grad_accum):
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers x grad_accum "
+                             f"({self.num_workers} x {self.grad_accum})")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs use_gpu (CPUs train in fp32 or bf16)")
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Examples per forward/backward on one worker."""
+        return self.batch_size // (self.num_workers * self.grad_accum)
+
+    @property
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if self.use_gpu else "fp32"

