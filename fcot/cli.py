@@ -117,9 +117,29 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from fcot.report import build_report
+    from pathlib import Path
 
-    print(build_report(args.run_dir))
+    from fcot.report import build_report, build_sweep_report
+
+    is_sweep = (Path(args.run_dir) / "results.json").exists()
+    print((build_sweep_report if is_sweep else build_report)(args.run_dir))
+
+
+def cmd_sweep(args) -> None:
+    from fcot.config import load_config
+    from fcot.sweep import SweepConfig, sweep
+
+    cfg = load_config(SweepConfig, args.config, args.overrides)
+    if args.dry_run:
+        from fcot.sweep import dry_run_sweep
+
+        for note in dry_run_sweep(cfg):
+            print(note, file=sys.stderr)
+        print(json.dumps({"config": args.config, "valid": True}))
+        return
+    results = sweep(cfg, log=lambda m: print(m, file=sys.stderr))
+    print(f"report: {results['sweep_dir']}/report.md", file=sys.stderr)
+    print(json.dumps({"sweep_dir": results["sweep_dir"], "best": results["best"], "trials": len(results["trials"])}))
 
 
 def cmd_models_prepare(args) -> None:
@@ -184,9 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x train.epochs=2")
     p.add_argument("--dry-run", action="store_true", help="validate tasks, models, resources and paths; run nothing")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("report", help="rebuild report.md and its plots from a run directory")
+    p = sub.add_parser("sweep", help="Ray Tune sweep over run-config keys (D, lr, student, data size, teacher)")
+    p.add_argument("config", help="YAML sweep config (see experiments/sweeps/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/sweeps/x")
+    p.add_argument("--dry-run", action="store_true", help="validate every trial's config; run nothing")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("report", help="rebuild report.md and its plots from a run or sweep directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    from fcot.submit import add_parsers as add_submit_parsers  # `fcot submit`, `fcot jobs`: Ray Jobs on a cluster
+    add_submit_parsers(sub)
 
     models = sub.add_parser("models", help="bundled models").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("prepare", help="fetch and convert a bundled model once (e.g. smollm2-135m)")

@@ -34,6 +34,7 @@ class CurateConfig(Config):
     split_kind: str = "default"
     data_dir: str | None = None
     num_samples: int | None = Field(None, ge=1)  # D: the first D samples of each question (None: all)
+    teacher_temperature: float | None = None  # only records sampled at this temperature (0: greedy)
     dedupe: bool = False  # drop identical rationales of a question
     student: str  # model alias/path: its tokenizer counts lengths, its config says decoder or encoder-decoder
     max_length: int = Field(512, ge=8)
@@ -120,9 +121,11 @@ def curate(cfg: CurateConfig) -> dict:
                                    "gold": s.answer, "correct": True} for samples in split.values() for s in samples])
     else:
         ds = ray.data.read_parquet(str(_records_dir(cfg.teacher_dir)),
-                                   columns=["task", "index", "sample_index", "question", "gold", "rationale", "correct"])
-        tasks, limit = set(cfg.tasks), cfg.num_samples
-        ds = ds.filter(lambda r: r["task"] in tasks and (limit is None or r["sample_index"] < limit))
+                                   columns=["task", "index", "sample_index", "question", "gold", "rationale", "correct",
+                                            "temperature"])
+        tasks, limit, temp = set(cfg.tasks), cfg.num_samples, cfg.teacher_temperature
+        ds = ds.filter(lambda r: r["task"] in tasks and (limit is None or r["sample_index"] < limit)
+                       and (temp is None or abs(r["temperature"] - temp) < 1e-4))
     ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
                                                           "max_length": cfg.max_length},
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)

@@ -146,3 +146,47 @@ def build_report(run_dir: str | Path) -> Path:
         lines += ["", f"![cost]({_plot(run_dir / 'cost.png', draw_cost)})", ""]
     path = atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     return path
+
+
+def build_sweep_report(sweep_dir: str | Path) -> Path:
+    """report.md for a sweep: every trial in a table, accuracy against each swept axis, the best config."""
+    sweep_dir = Path(sweep_dir)
+    results = read_json(sweep_dir / "results.json")
+    metric, axes, trials = results["metric"], results["axes"], results["trials"]
+    lines = [f"# fcot sweep: {results['name']}", "",
+             f"{len(trials)} trials; metric: {metric} (test accuracy of the Fine-tune-CoT student); "
+             f"teacher runs: {results['teacher_runs']} (shared by every trial).", ""]
+    cols = axes + [metric] + sorted({k for t in trials for k in t if k.endswith("_kept")}) + ["status"]
+    lines += ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for t in sorted(trials, key=lambda t: [str(t.get(a)) for a in axes]):
+        lines.append("| " + " | ".join(_pct(t.get(c)) if c == metric else str(t.get(c, "—")) for c in cols) + " |")
+    if results.get("best"):
+        best = results["best"]
+        lines += ["", f"**Best**: " + ", ".join(f"`{a}={best[a]}`" for a in axes) + f" → {_pct(best[metric])}", ""]
+
+    log_axes = ("num_samples", "fraction", "subset", "lr")
+    for axis in axes:
+        others = [a for a in axes if a != axis]
+
+        def draw(plt, axis=axis, others=others):
+            fig, ax = plt.subplots(figsize=(5, 3.4))
+            groups: dict[tuple, list] = {}
+            for t in trials:
+                if t.get(metric) is not None:
+                    groups.setdefault(tuple(t.get(o) for o in others), []).append((t[axis], t[metric]))
+            for key, points in groups.items():
+                points.sort(key=lambda p: (isinstance(p[0], str), p[0]))
+                xs = [p[0] for p in points]
+                label = ", ".join(f"{o}={v}" for o, v in zip(others, key)) or None
+                ax.plot([str(x) for x in xs] if any(isinstance(x, str) for x in xs) else xs,
+                        [100 * p[1] for p in points], "o-", label=label)
+            if axis.endswith(log_axes) and all(isinstance(t.get(axis), (int, float)) for t in trials):
+                ax.set_xscale("log", base=2 if axis.endswith("num_samples") else 10)
+            ax.set(xlabel=axis, ylabel=f"{metric} (%)", title=f"{metric} vs {axis}")
+            if len(groups) > 1:
+                ax.legend(fontsize=7)
+            return fig
+
+        name = f"sweep_{axis.replace('.', '_')}.png"
+        lines += [f"![{axis}]({_plot(sweep_dir / name, draw)})", ""]
+    return atomic_write_text(sweep_dir / "report.md", "\n".join(lines) + "\n")

@@ -79,7 +79,12 @@ class RunConfig(Config):
 # Per-method stage configs: each method gets its own folders.
 
 def curate_config(cfg: RunConfig, method: str) -> CurateConfig:
-    return cfg.curate.model_copy(update={"method": method, "output_dir": str(cfg.run_dir / "curated" / method)})
+    from fcot.teacher.pipeline import sampling_params
+
+    update = {"method": method, "output_dir": str(cfg.run_dir / "curated" / method)}
+    if cfg.curate.teacher_temperature is None and cfg.teacher.engine.kind != "recorded":
+        update["teacher_temperature"] = sampling_params(cfg.teacher)["temperature"]  # greedy when D = 1
+    return cfg.curate.model_copy(update=update)
 
 
 def train_config(cfg: RunConfig, method: str) -> TrainConfig:

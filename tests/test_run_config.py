@@ -54,3 +54,13 @@ def test_yaml_errors_name_the_file(tmp_path):
     bad.write_text("tasks: [coin_flip\nteacher: {")
     proc = run_fcot("run", bad, "--dry-run")
     assert proc.returncode == 2 and f"{bad}: invalid YAML" in proc.stderr
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_config_dry_runs(config, shared_data, tmp_path, monkeypatch):
+    from fcot.config import load_config
+    from fcot.sweep import SweepConfig, dry_run_sweep
+
+    monkeypatch.chdir(ROOT)  # sweep configs name their base run config relative to the repository root
+    notes = dry_run_sweep(load_config(SweepConfig, config, [f"output_dir={tmp_path / 'sweep'}"]))
+    assert "trials, teacher at D = " in notes[0]
