@@ -144,6 +144,7 @@ def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_o
     require_vllm()
     cfg = _cfg(tmp_path / "a", vllm_tiny, _vllm_engine(vllm_tiny))
     first = teach(cfg)
+    print(f"teach with vllm (engine start included): {first['wall_s']} s")
     assert (first["planned"], first["records"], first["generated"]) == (12, 12, 12)
     rows = _rows(tmp_path / "a")
     assert len({r["key"] for r in rows}) == 12
@@ -266,7 +267,7 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
 def scripted_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
     server.script, server.seen, server.lock = [], [], threading.Lock()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield server
     server.shutdown()

@@ -61,6 +61,7 @@ class TeachConfig(Config):
     data_dir: str | None = None
     output_dir: str = "runs/teacher"
     prompt: Literal["zero_shot_cot", "few_shot_cot"] = "zero_shot_cot"
+    few_shot_exemplars: str | None = None  # JSON file of [question, rationale, answer] (default: the paper's)
     # completion: the paper's text prompts; chat: question in the user turn, "Let's think step by step."
     # opening the assistant turn, continued; chat_user_turn: both in the user turn (servers that cannot continue)
     prompt_style: Literal["completion", "chat", "chat_user_turn"] = "completion"

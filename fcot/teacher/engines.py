@@ -189,6 +189,9 @@ class VLLMEngine:
             os.environ["VLLM_CACHE_ROOT"] = os.path.join(cache_dir, "vllm")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir, "inductor")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no usage reports from cluster nodes
+        # vLLM logs to stdout by default; Ray forwards a replica's stdout to the driver's, where `fcot teach`
+        # prints its summary as the last line.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
             from vllm import LLM
             from vllm.platforms import current_platform

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -16,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fcot.errors import FcotError
-from fcot.io import atomic_write_json
+from fcot.io import atomic_write_json, read_json
 from fcot.prompts import ANSWER_TRIGGER, COT_TRIGGER, FEW_SHOT_ANSWER_PREFIX, few_shot_cot, zero_shot_cot_step1
 from fcot.scoring import predict, score
 from fcot.tasks import get_task, load_split
@@ -28,13 +29,24 @@ from fcot.teacher.store import RecordStore, sample_key, sample_seed
 def step1_prompt(cfg: TeachConfig, task: str, question: str) -> tuple[str | None, tuple | None]:
     """(text prompt, chat messages) of step 1; exactly one is set."""
     if cfg.prompt == "few_shot_cot":
-        return few_shot_cot(task, question), None
+        return few_shot_cot(task, question, _exemplars(cfg.few_shot_exemplars)), None
     if cfg.prompt_style == "completion":
         return zero_shot_cot_step1(question), None
     if cfg.prompt_style == "chat":
         return None, ({"role": "user", "content": f"Q: {question.strip()}"},
                       {"role": "assistant", "content": COT_TRIGGER})
     return None, ({"role": "user", "content": zero_shot_cot_step1(question)},)
+
+
+@functools.lru_cache(maxsize=8)
+def _exemplars(path: str | None):
+    if path is None:
+        return None
+    data = read_json(path)
+    if not isinstance(data, list) or not all(isinstance(e, list) and len(e) == 3 and all(isinstance(x, str) for x in e)
+                                             for e in data):
+        raise FcotError(f"{path}: expected a JSON list of [question, rationale, answer] exemplars")
+    return [tuple(e) for e in data]
 
 
 def step2_messages(messages: tuple, rationale: str) -> tuple:
