@@ -199,6 +199,17 @@ def dry_run(cfg: RunConfig) -> list[str]:
     return notes
 
 
+def _prepare_models(cfg: RunConfig, log) -> None:
+    """Bundled models named by alias are fetched and converted once, before the first stage needs them."""
+    from fcot.models import ALIASES, models_dir, prepare
+
+    names = {cfg.train.model, cfg.eval.model}
+    if cfg.teacher.engine.kind in ("hf", "vllm") and "fine_tune_cot" in cfg.methods:
+        names.add(cfg.teacher.engine.model)
+    for name in sorted(n for n in names if n in ALIASES and not (models_dir() / n / "config.json").exists()):
+        prepare(name, log=log)
+
+
 def run(cfg: RunConfig, log=print) -> dict:
     """Run (or resume) every stage; returns the run summary (also run_dir/summary.json)."""
     from fcot.curate import curate
@@ -208,6 +219,7 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     for note in dry_run(cfg):  # config errors stop here, before any work
         log(note)
+    _prepare_models(cfg, log)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", redacted(cfg.model_dump()))
