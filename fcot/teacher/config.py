@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from fcot.config import Config
 
@@ -15,7 +15,9 @@ class EngineConfig(Config):
     replicas: int = Field(1, ge=1)  # engine replicas, each a Ray actor
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)  # vllm on GPUs: = tensor_parallel_size
-    samples_per_batch: int = Field(32, ge=1)  # samples handed to a replica at a time
+    # samples handed to a replica at a time (default: 256 for vllm, whose continuous batching needs many
+    # sequences in flight, 32 otherwise)
+    samples_per_batch: int | None = Field(None, ge=1, validate_default=True)
     # hf / vllm
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     hf_batch_size: int = Field(32, ge=1)  # sequences per transformers `generate` call
@@ -33,6 +35,11 @@ class EngineConfig(Config):
     # recorded
     path: str | None = None
     format: Literal["zero_shot_cot_log", "openai_batch"] | None = None
+
+    @field_validator("samples_per_batch")
+    @classmethod
+    def _default_batch(cls, v, info: ValidationInfo):
+        return v if v is not None else 256 if info.data.get("kind") == "vllm" else 32
 
     @model_validator(mode="after")
     def _needs(self):

@@ -201,6 +201,10 @@ class VLLMEngine:
                       enforce_eager=enforce_eager, enable_prefix_caching=True, seed=0)
         if current_platform.is_cpu():
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+            # A prompt split by chunked prefill makes vLLM rewind its seeded generator with
+            # `Generator.set_offset`, which only CUDA generators have: on CPU the engine dies ("CPU Generator
+            # does not use offset") as soon as a step's prompts of seeded samples exceed the token budget.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if distributed_executor_backend:

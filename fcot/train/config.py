@@ -29,6 +29,7 @@ class DevConfig(Config):
     task: str | None = None  # or a task's split, loaded with fcot.tasks.load_split
     split: Literal["train", "test"] = "test"
     split_kind: str = "default"
+    data_dir: str | None = None  # task data (default: $FCOT_DATA_DIR)
     size: int | None = Field(None, ge=1)  # the first N samples only
     format: str = "fine_tune_cot"  # prompt format of the curated data (fcot.prompts.FORMATS)
     max_new_tokens: int = Field(128, ge=1)

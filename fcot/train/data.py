@@ -4,13 +4,13 @@ Curated data contract: parquet with columns task (str), index (int), sample_inde
 completion (str); one row per kept rationale.
 
 - decoders: input = prompt + completion + EOS, labels = input with the prompt tokens set to -100 (loss on
-  the completion only), truncated to max_length. Prompt and completion are tokenized apart, as at
-  inference (the prompt alone is tokenized and the model continues it).
+  the completion only), truncated to max_length. Prompt and completion are tokenized apart and without
+  special tokens, as fcot's engines tokenize a prompt at inference before the model continues it.
 - encoder-decoders (T5): encoder input = prompt, labels = completion + EOS.
 
 Labels are aligned with input_ids (the HF convention): the loss shifts them for decoders.
 A micro-batch is either padded to its longest example, or (decoders, `packing`) its examples are packed
-first-fit-decreasing into rows of at most max_length tokens, rows padded to the longest row; position_ids
+into as few rows of at most max_length tokens as fit, balanced, rows padded to the longest row; position_ids
 restart at 0 for each example and no attention_mask is passed, so transformers builds a block-diagonal
 causal mask from them (examples in a row do not attend to each other).
 """
@@ -18,10 +18,12 @@ causal mask from them (examples in a row do not attend to each other).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from fcot.errors import FcotError
 
@@ -56,7 +58,7 @@ def check_curated(path: str) -> int:
 
 
 def encode_decoder(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]  # BOS where the tokenizer adds one
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # as fcot's engines tokenize prompts
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt_ids + completion_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + completion_ids)[:max_length]
@@ -64,7 +66,7 @@ def encode_decoder(tokenizer, prompt: str, completion: str, max_length: int) -> 
 
 
 def encode_seq2seq(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    ids = tokenizer(prompt, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
     labels = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if not labels or labels[-1] != tokenizer.eos_token_id:  # T5 tokenizers add EOS themselves, others do not
         labels = labels + [tokenizer.eos_token_id]
@@ -84,20 +86,28 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _balanced_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Indices per row. Rows are padded to the longest one, so balance them: longest example first into the
+    least-filled row (LPT), starting from the fewest rows the tokens need, one more row when one does not fit."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n_rows = max(1, math.ceil(sum(lengths) / max_length))
+    while True:
+        rows, load = [[] for _ in range(n_rows)], [0] * n_rows
+        for i in order:
+            r = min(range(n_rows), key=load.__getitem__)
+            if load[r] + lengths[i] > max_length:
+                break
+            rows[r].append(i)
+            load[r] += lengths[i]
+        else:
+            return [members for members in rows if members]
+        n_rows += 1
+
+
 def pack_batch(examples: list[tuple[list[int], list[int]]], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Decoder examples packed first-fit-decreasing into rows of <= max_length tokens (see the module doc)."""
-    rows: list[list[int]] = []  # example indices per row
-    room: list[int] = []
-    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
-        n = len(examples[i][0])
-        row = next((r for r in range(len(rows)) if room[r] >= n), None)
-        if row is None:
-            rows.append([])
-            room.append(max_length)
-            row = len(rows) - 1
-        rows[row].append(i)
-        room[row] -= n
-    width = max(max_length - r for r in room)
+    """Decoder examples packed into as few rows of <= max_length tokens as fit (see the module doc)."""
+    rows = _balanced_rows([len(ids) for ids, _ in examples], max_length)
+    width = max(sum(len(examples[i][0]) for i in members) for members in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     # Padding gets positions 0.. too: a segment of its own, and its labels are ignored.
@@ -123,11 +133,12 @@ def pad_seq2seq(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dic
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-class Collator:
+class Collator(NumpyBatchCollateFn):
     """Ray Data batch (dict of numpy columns) -> model inputs, plus counts: `tokens` (real input tokens,
     padding excluded) and `label_tokens` (tokens with a loss)."""
 
     def __init__(self, tokenizer, max_length: int, encoder_decoder: bool, packing: bool):
+        super().__init__()
         if packing and encoder_decoder:
             raise FcotError("packing: works for decoder students only; set packing=false for encoder-decoders")
         self.tokenizer = tokenizer
@@ -158,7 +169,7 @@ def load_dev_samples(dev) -> list:
     from fcot.tasks import Sample, load_split
 
     if dev.task is not None:
-        samples = load_split(dev.task, dev.split, dev.split_kind)
+        samples = load_split(dev.task, dev.split, dev.split_kind, dev.data_dir)
     else:
         path = Path(dev.path)
         if not path.exists():

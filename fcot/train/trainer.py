@@ -20,12 +20,13 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from fcot.errors import FcotError
 from fcot.io import atomic_write_json
 from fcot.train.config import TrainConfig
-from fcot.train.data import IGNORE, check_curated, load_dev_samples
+from fcot.train.data import COLUMNS, IGNORE, check_curated, load_dev_samples
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_TAG = "deepspeed"
@@ -67,7 +68,7 @@ def _wandb_run(cfg: TrainConfig, state: dict):
         return None
     import wandb
 
-    state.setdefault("wandb_id", wandb.util.generate_id())
+    state.setdefault("wandb_id", uuid.uuid4().hex[:12])  # kept in checkpoints: a restarted group logs to the same run
     return wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, name=cfg.wandb.name, mode=mode,
                       id=state["wandb_id"], resume="allow", dir=str(Path(cfg.output_dir).resolve()),
                       config=cfg.model_dump(), settings=wandb.Settings(silent=True))
@@ -109,7 +110,7 @@ def _evaluate(cfg: TrainConfig, engine, tokenizer, model_cls, dev_samples, encod
     model = engine.module
     if state_dict is not None:  # ZeRO-3: rank 0's module holds only its partition; evaluate a full copy
         model = model_cls.from_config(engine.module.config)
-        model.load_state_dict(state_dict, strict=False)
+        model.load_state_dict(state_dict)
         model.to(engine.device)
     was_training = model.training
     model.eval()
@@ -135,6 +136,7 @@ def _save_student(engine, tokenizer, out: Path, stage: int, rank: int) -> None:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker."""
+    worker_started = time.time()
     cfg = TrainConfig.model_validate(config["cfg"])
     from fcot.train import ds_ops
 
@@ -179,7 +181,7 @@ def train_loop(config: dict) -> None:
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps))
 
     state = {"epoch": 0, "step": 0, "loss_curve": [], "epoch_loss": [], "dev": [], "tokens": 0,
-             "examples": 0, "train_s": 0.0, "resumed_from_step": None, "restarts": 0}
+             "examples": 0, "train_s": 0.0, "startup_s": None, "resumed_from_step": None, "restarts": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -190,6 +192,7 @@ def train_loop(config: dict) -> None:
     run = _wandb_run(cfg, state) if rank == 0 else None
     dev_samples = [Sample(**s) for s in config["dev_samples"]] if config["dev_samples"] else None
 
+    state["startup_s"] = round(time.time() - worker_started, 1)  # imports, model, deepspeed.initialize, resume
     shard = ray.train.get_dataset_shard("train")
     step = state["step"]
     for epoch in range(state["epoch"], cfg.epochs):
@@ -199,7 +202,7 @@ def train_loop(config: dict) -> None:
         window, epoch_losses, epoch_steps = [], [], 0
         started = time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=cfg.micro_batch_size, collate_fn=collate, prefetch_batches=2,
-                                           local_shuffle_buffer_size=4 * cfg.batch_size,
+                                           local_shuffle_buffer_size=config["shuffle_buffer"],
                                            local_shuffle_seed=cfg.seed + epoch)
         for batch in batches:
             if step >= total_steps:
@@ -237,41 +240,47 @@ def train_loop(config: dict) -> None:
         state["loss_curve"] += [round(x, 5) for x in epoch_losses]
         state["epoch_loss"].append(round(sum(epoch_losses) / max(len(epoch_losses), 1), 5))
         metrics = {"epoch": epoch + 1, "step": step, "loss": state["epoch_loss"][-1], "lr": engine.get_lr()[0],
-                   "tokens_per_s": state["tokens"] / max(state["train_s"], 1e-9)}
+                   "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1)}
 
         last = epoch + 1 == cfg.epochs or step >= total_steps
         if dev_samples and ((epoch + 1) % cfg.dev.every == 0 or last):
             result = _evaluate(cfg, engine, tokenizer, model_cls, dev_samples, encoder_decoder, rank)
             if result is not None:
-                state["dev"].append({"epoch": epoch + 1, "step": step, **result})
+                scalars = {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str, bool))}
+                state["dev"].append({"epoch": epoch + 1, "step": step, **scalars})
                 metrics["dev_accuracy"] = result["accuracy"]
+        if last:  # the student is saved before the last report: a restart after it has nothing left to do
+            model_dir = Path(cfg.output_dir).resolve() / "model"
+            _save_student(engine, tokenizer, model_dir, cfg.deepspeed.stage, rank)
+            metrics.update(_summary(state, total_steps, model_dir, encoder_decoder))
         if run is not None:
-            run.log({f"epoch/{k}": v for k, v in metrics.items()}, step=step)
+            run.log({f"epoch/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, save_latest=False)  # each rank writes its shards
             if rank == 0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+            # Result.metrics is the last checkpoint's metrics: the summary travels with the last one.
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+    if run is not None:
+        run.finish()
 
-    model_dir = Path(cfg.output_dir).resolve() / "model"
-    _save_student(engine, tokenizer, model_dir, cfg.deepspeed.stage, rank)
-    final = {"steps": state["step"], "planned_steps": total_steps, "epochs": state["epoch"],
-             "final_loss": state["loss_curve"][-1] if state["loss_curve"] else None,
-             "loss_curve": state["loss_curve"], "epoch_loss": state["epoch_loss"],
-             "tokens": state["tokens"], "train_s": round(state["train_s"], 3),
-             "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
-             "examples_per_s": round(state["examples"] / max(state["train_s"], 1e-9), 2),
-             "resumed_from_step": state["resumed_from_step"], "restarts": state["restarts"],
-             "model_dir": str(model_dir), "encoder_decoder": encoder_decoder, "dev": state["dev"]}
+
+def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bool) -> dict:
+    summary = {"steps": state["step"], "planned_steps": total_steps, "epochs": state["epoch"],
+               "final_loss": state["loss_curve"][-1] if state["loss_curve"] else None,
+               "loss_curve": state["loss_curve"], "epoch_loss": state["epoch_loss"],
+               "tokens": state["tokens"], "train_s": round(state["train_s"], 3),
+               "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
+               "examples_per_s": round(state["examples"] / max(state["train_s"], 1e-9), 2),
+               "startup_s": state["startup_s"], "resumed_from_step": state["resumed_from_step"],
+               "restarts": state["restarts"], "model_dir": str(model_dir), "encoder_decoder": encoder_decoder,
+               "dev": state["dev"]}
     if state["dev"]:
         best = max(state["dev"], key=lambda d: d["accuracy"])
-        final.update(best_dev_accuracy=best["accuracy"], best_epoch=best["epoch"])
-    if run is not None:
-        run.summary.update({k: v for k, v in final.items() if isinstance(v, (int, float))})
-        run.finish()
-    ray.train.report(final)
+        summary.update(best_dev_accuracy=best["accuracy"], best_epoch=best["epoch"])
+    return summary
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -304,14 +313,16 @@ def train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     init_ray(cfg.ray_address)
-    # Read before the workers take the CPUs: on a small machine Ray Data would wait for a free core.
-    dataset = ray.data.read_parquet(str(Path(cfg.data).resolve()), columns=["task", "index", "sample_index", "prompt",
-                                                                            "completion"]).materialize()
+    # Read and shuffle once (curated data comes grouped by task) before the workers take the CPUs: on a small
+    # machine Ray Data would wait for a free core. Each epoch then reshuffles each worker's shard locally.
+    dataset = (ray.data.read_parquet(str(Path(cfg.data).resolve())).select_columns(list(COLUMNS))
+               .random_shuffle(seed=cfg.seed).materialize())
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(), "model_path": model_path, "steps_per_epoch": per_epoch,
-                           "total_steps": total_steps, "dev_samples": dev_samples},
+                           "total_steps": total_steps, "dev_samples": dev_samples,
+                           "shuffle_buffer": min(rows, 10_000)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="train", storage_path=str(out / "checkpoints"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),

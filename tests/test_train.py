@@ -1,0 +1,245 @@
+"""Student training on Ray Train + DeepSpeed (CPU, tiny random models): ZeRO-2 and ZeRO-3 with 2 workers,
+an encoder-decoder, a worker SIGKILLed mid-epoch, and the packing collate."""
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fcot.config import load_config
+from fcot.errors import FcotError
+from fcot.prompts import FORMATS
+from fcot.train.config import TrainConfig
+from fcot.train.data import IGNORE, Collator, pad_batch
+from tests.conftest import run_fcot
+
+FMT = FORMATS["fine_tune_cot"]
+
+
+def curated(path: Path, samples, repeat: int, encoder_decoder: bool = False) -> Path:
+    """Curated parquet (the curation stage's contract) with a templated rationale per question."""
+    rows = []
+    for k in range(repeat):
+        for s in samples:
+            rationale = f"We add the numbers in the question. So the answer is {s.answer}."
+            rows.append({"task": s.task, "index": s.index, "sample_index": k,
+                         "prompt": FMT.render_prompt(s.question, encoder_decoder),
+                         "completion": FMT.render_target(s.answer, rationale, encoder_decoder)})
+    path.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), path / "part-0.parquet")
+    return path
+
+
+@pytest.fixture(scope="module")
+def samples(shared_data):
+    from fcot.tasks import load_split
+
+    return load_split("multiarith", "train")[:8]
+
+
+def config(tmp_path, data, model, *overrides) -> TrainConfig:
+    return load_config(TrainConfig, None, [f"data={data}", f"model={model}", f"output_dir={tmp_path / 'out'}",
+                                           "num_workers=2", "batch_size=8", "lr=3e-3", "wandb.mode=disabled",
+                                           *overrides])
+
+
+def tokenizer(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+# -- collate ------------------------------------------------------------------------------------------------
+
+def test_packing_masks_loss_and_attention(tiny_llama, samples):
+    """Labels are -100 exactly on prompt tokens and padding, positions restart per example, and a packed
+    micro-batch gives the same loss as the padded one (no attention across examples)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tokenizer(tiny_llama)
+    batch = {"prompt": [FMT.render_prompt(s.question) for s in samples[:5]],
+             "completion": [FMT.render_target(s.answer, "Add them up.") for s in samples[:5]]}
+    collate = Collator(tok, max_length=160, encoder_decoder=False, packing=True)
+    examples = collate.encode(batch["prompt"], batch["completion"])
+    prompt_lens = [len(tok(p, add_special_tokens=False).input_ids) for p in batch["prompt"]]
+    packed = collate(batch)
+    padded = pad_batch(examples, tok.pad_token_id)
+    assert packed["input_ids"].shape[0] < len(examples) and packed["input_ids"].shape[1] <= 160
+
+    # Walk each packed row: segments are examples (position_ids restart at 0), then padding.
+    seen = []
+    for row in range(packed["input_ids"].shape[0]):
+        ids, labels, pos = (packed[k][row].tolist() for k in ("input_ids", "labels", "position_ids"))
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        for a, b in zip(starts, starts[1:]):
+            match = [j for j, (e_ids, _) in enumerate(examples) if e_ids == ids[a:b]]
+            if not match:  # the row's padding tail
+                assert set(ids[a:b]) == {tok.pad_token_id} and set(labels[a:b]) == {IGNORE}
+                continue
+            j = match[0]
+            seen.append(j)
+            assert pos[a:b] == list(range(b - a))
+            n = prompt_lens[j]
+            assert labels[a:a + n] == [IGNORE] * n  # prompt: no loss
+            assert labels[a + n:b] == ids[a + n:b] and ids[b - 1] == tok.eos_token_id  # completion + EOS: loss
+    assert sorted(seen) == list(range(len(examples)))
+    assert int(packed["label_tokens"]) == sum(len(ids) - n for (ids, _), n in zip(examples, prompt_lens))
+    assert int(packed["tokens"]) == sum(len(ids) for ids, _ in examples)
+    # Padded batch: same rule, padding on the right.
+    for row, ((ids, _), n) in enumerate(zip(examples, prompt_lens)):
+        labels = padded["labels"][row].tolist()
+        assert labels[:n] == [IGNORE] * n and labels[n:len(ids)] == ids[n:] and set(labels[len(ids):]) <= {IGNORE}
+
+    from fcot.train.trainer import _loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    forward = lambda b: _loss_sum(model, {k: v for k, v in b.items() if k in ("input_ids", "attention_mask",
+                                                                            "position_ids", "labels")}, False)
+    with torch.no_grad():
+        assert torch.allclose(forward(packed), forward(padded), rtol=1e-5)  # without the mask: ~5e-4 off
+
+
+def test_truncation_and_bad_config(tiny_llama, tmp_path):
+    tok = tokenizer(tiny_llama)
+    out = Collator(tok, max_length=8, encoder_decoder=False, packing=False)(
+        {"prompt": ["a very long prompt that goes on and on ###"], "completion": [" short --> 1 END"]})
+    assert out["input_ids"].shape == (1, 8) and set(out["labels"][0].tolist()) == {IGNORE}
+    with pytest.raises(FcotError, match="divisible"):
+        load_config(TrainConfig, None, ["data=x", "batch_size=6", "num_workers=4"])
+    with pytest.raises(FcotError, match="missing column 'completion'"):
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        pq.write_table(pa.table({"task": ["t"], "index": [0], "sample_index": [0], "prompt": ["p"]}), bad / "x.parquet")
+        from fcot.train.data import check_curated
+        check_curated(str(bad))
+
+
+# -- Ray Train ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_zero2_two_workers_loss_decreases_and_model_loads(tmp_path, tiny_llama, samples, ray_local):
+    from transformers import AutoModelForCausalLM
+
+    from fcot.train.trainer import train
+
+    data = curated(tmp_path / "data", samples[:4], repeat=8)  # 32 rows: 4 steps per epoch
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in samples[:4]))
+    cfg = config(tmp_path, data, tiny_llama, "epochs=3", "deepspeed.stage=2", "packing=true",
+                 f"dev={{path: {dev}, max_new_tokens: 8}}")
+    summary = train(cfg)
+    assert summary["steps"] == summary["planned_steps"] == 12 and summary["epochs"] == 3
+    curve = summary["loss_curve"]
+    assert len(curve) == 12 and curve[-1] < curve[0] - 0.5, curve
+    assert summary["tokens_per_s"] > 0 and summary["restarts"] == 0
+    assert [d["epoch"] for d in summary["dev"]] == [1, 2, 3] and 0 <= summary["best_dev_accuracy"] <= 1
+    assert json.loads((Path(summary["output_dir"]) / "summary.json").read_text())["steps"] == 12
+
+    tok = tokenizer(summary["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(summary["model_dir"])
+    ids = tok(FMT.render_prompt(samples[0].question), return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+
+@pytest.mark.slow
+def test_zero3_saves_gathered_weights(tmp_path, tiny_llama, samples, ray_local):
+    from fcot.train import ds_ops
+    from fcot.train.trainer import CHECKPOINT_TAG, train
+
+    data = curated(tmp_path / "data", samples[:4], repeat=4)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in samples[:2]))
+    summary = train(config(tmp_path, data, tiny_llama, "epochs=1", "deepspeed.stage=3", "grad_accum=2",
+                           f"dev={{path: {dev}, max_new_tokens: 4}}"))
+    assert summary["steps"] == 2 and summary["dev"][0]["epoch"] == 1  # rank 0 evaluated a gathered copy
+
+    from safetensors.torch import load_file
+
+    saved = load_file(Path(summary["model_dir"]) / "model.safetensors")
+    initial = load_file(Path(tiny_llama) / "model.safetensors")
+    ds_ops.configure(use_gpu=False)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # The trainer's own fp32 weights, rebuilt from the ZeRO-3 shards of its last checkpoint.
+    trained = get_fp32_state_dict_from_zero_checkpoint(summary["checkpoint"], tag=CHECKPOINT_TAG)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert saved[name].shape == initial[name].shape == trained[name].shape  # gathered, not a [0] partition
+    assert torch.equal(saved[name], trained[name].to(saved[name].dtype))
+    assert not torch.equal(saved[name], initial[name])
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(summary["model_dir"])  # loads without missing/unexpected weights
+
+
+@pytest.mark.slow
+def test_t5_encoder_decoder_trains(tmp_path, samples, ray_local):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from fcot.models import make_tiny_model
+    from fcot.train.trainer import train
+
+    texts = [s.question for s in samples] + ["We add the numbers in the question. So the answer is --> END"]
+    t5 = make_tiny_model(tmp_path / "t5", "t5", vocab_texts=texts)
+    data = curated(tmp_path / "data", samples[:4], repeat=2, encoder_decoder=True)
+    summary = train(config(tmp_path, data, t5, "epochs=2", "num_workers=1", "deepspeed.stage=2"))
+    assert summary["encoder_decoder"] and summary["steps"] == 2
+    assert all(loss == loss and loss > 0 for loss in summary["loss_curve"])
+    assert isinstance(AutoModelForSeq2SeqLM.from_pretrained(summary["model_dir"]).config.is_encoder_decoder, bool)
+    with pytest.raises(FcotError, match="packing"):
+        Collator(tokenizer(t5), 64, encoder_decoder=True, packing=True)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_resumes_from_checkpoint(tmp_path, tiny_llama, samples, ray_local):
+    import psutil
+
+    from fcot.train.trainer import train
+
+    data = curated(tmp_path / "data", samples, repeat=12)  # 96 rows: 12 steps per epoch
+    cfg = config(tmp_path, data, tiny_llama, "epochs=3", "deepspeed.stage=2", "max_failures=2")
+    first_checkpoint = tmp_path / "out" / "checkpoints" / "train" / "epoch_001" / "trainer_state.json"
+    killed = []
+
+    def kill_a_worker():
+        deadline = time.time() + 300
+        while not first_checkpoint.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # into epoch 2
+        # Our own Ray Train workers: descendants of this test process (it started the local cluster).
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if "RayTrainWorker" in " ".join(_cmdline(p))]
+        if workers:
+            workers[-1].kill()
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    summary = train(cfg)
+    killer.join(timeout=10)
+    assert killed, "no training worker found to kill"
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] in (12, 24)
+    assert summary["steps"] == summary["planned_steps"] == 36 and len(summary["loss_curve"]) == 36
+    assert Path(summary["model_dir"], "model.safetensors").exists()
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:  # the process ended meanwhile
+        return []
+
+
+def test_cli_train_rejects_bad_config(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("data: nowhere\nbatch_size: 6\n")
+    proc = run_fcot("train", cfg, "num_workers=4")
+    assert proc.returncode == 2 and "must be divisible by num_workers" in proc.stderr, proc.stderr
+    proc = run_fcot("train", cfg, "batch_size=8", "num_workers=2")
+    assert proc.returncode == 2 and "data nowhere: not found" in proc.stderr, proc.stderr
