@@ -188,8 +188,8 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(grace_period=cfg.grace_period)
-    # The trial function holds no CPU itself: its TorchTrainer and evaluation actors ask for their own.
-    trainable = tune.with_resources(trial, {"CPU": 0})
+    # The trial function holds (almost) no CPU itself: its TorchTrainer and evaluation actors ask for their own.
+    trainable = tune.with_resources(trial, {"CPU": 0.01})
     path = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(path)):
         log(f"[sweep] resuming from {path}")

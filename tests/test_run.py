@@ -17,7 +17,7 @@ from tests.conftest import ROOT, run_fcot
 def _config(tmp_path, tiny_llama, shared_data):
     cfg = {
         "name": "tiny", "output_dir": str(tmp_path / "run"), "tasks": ["multiarith"],
-        "methods": ["fine_tune_cot", "vanilla"], "baselines": ["zero_shot"], "wandb_mode": "offline",
+        "methods": ["fine_tune_cot"], "baselines": ["zero_shot"], "wandb_mode": "offline",
         "teacher": {"subset": 40, "engine": {"kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
                                              "path": str(shared_data / "teacher_logs" / "multiarith_zero_shot_cot.log")}},
         "curate": {"max_length": 256, "dev_fraction": 0.1},
@@ -48,7 +48,7 @@ def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
     proc = subprocess.Popen([sys.executable, "-m", "fcot.cli", "run", str(config)], cwd=ROOT, env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = run_dir / "stages" / "curate-fine_tune_cot.json"
-    deadline = time.time() + 400
+    deadline = time.time() + 1200  # generous: CI machines are small and noisy
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)
     assert marker.exists(), "the run did not get through curation"
@@ -60,21 +60,20 @@ def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
     assert "[curate-fine_tune_cot] done before, skipped" in finished.stderr
     assert json.loads((run_dir / "stages" / "teacher.json").read_text()) == teacher_marker
     stages = {p.stem for p in (run_dir / "stages").glob("*.json")}
-    assert stages == {"teacher", "curate-fine_tune_cot", "train-fine_tune_cot", "eval-fine_tune_cot", "curate-vanilla",
-                      "train-vanilla", "eval-vanilla", "eval-zero_shot"}
-    for method in ("fine_tune_cot", "vanilla", "zero_shot"):
+    assert stages == {"teacher", "curate-fine_tune_cot", "train-fine_tune_cot", "eval-fine_tune_cot", "eval-zero_shot"}
+    for method in ("fine_tune_cot", "zero_shot"):
         metrics = json.loads((run_dir / "eval" / method / "metrics.json").read_text())
         assert metrics["tasks"]["multiarith"]["n"] == 6 and 0 <= metrics["tasks"]["multiarith"]["accuracy"] <= 1
     train = json.loads((run_dir / "stages" / "train-fine_tune_cot.json").read_text())["result"]
     assert train["steps"] == 4
     report = (run_dir / "report.md").read_text()
     assert "| multiarith |" in report and "Teacher tokens" in report
-    for png in ("accuracy.png", "curves.png", "kept.png", "cost.png"):
+    for png in ("accuracy.png", "curves.png", "kept.png", "cost.png"):  # vanilla runs in test_curate_eval/test_train
         assert (run_dir / png).stat().st_size > 1000
     config_written = json.loads((run_dir / "config.json").read_text())
     assert config_written["teacher"]["engine"]["api_key_env"] == "OPENAI_API_KEY"  # names stay, values never stored
 
     again = run_fcot("run", config, check=True)
-    assert again.stderr.count("done before, skipped") == 8
+    assert again.stderr.count("done before, skipped") == 5
     rebuilt = run_fcot("report", run_dir, check=True)
     assert rebuilt.stdout.strip().endswith("report.md")
