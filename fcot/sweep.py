@@ -171,7 +171,9 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
     teachers = prepare_teachers(cfg, base, sweep_dir, max_d)
 
     one = _run_config(_trial_dict(base, _grid(cfg.param_space)[0], max_d))
-    per_trial_cpus = max(one.train.num_workers * one.train.cpus_per_worker, one.eval.replicas * one.eval.cpus_per_replica)
+    # + 1: a trial's Ray Data curation needs a CPU for its read tasks beside its actor; without it two trials
+    # that each hold their actor's CPU wait on each other forever.
+    per_trial_cpus = max(one.train.num_workers * one.train.cpus_per_worker, one.eval.replicas * one.eval.cpus_per_replica) + 1
     max_concurrent = cfg.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpus))
     param_space = {"__base": base, "__sweep_dir": str(sweep_dir), "__max_d": max_d,
                    **{k: tune.grid_search(v) for k, v in cfg.param_space.items()}}

@@ -31,9 +31,25 @@ def torch_extensions_dir() -> Path:
     return cache / "fcot" / "torch_extensions" / f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
 
 
+def clear_stale_locks(root: Path) -> list[Path]:
+    """Remove build locks left by a process killed while it built or loaded an op.
+
+    torch waits forever while an op's `lock` file exists. With the op built, a live loader holds the lock
+    for a second or two; while building, for minutes. Older locks than that have no owner left.
+    """
+    removed = []
+    for lock in root.glob("*/lock"):
+        built = any(lock.parent.glob("*.so"))
+        if time.time() - lock.stat().st_mtime > (60 if built else 900):
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+    return removed
+
+
 def configure(use_gpu: bool) -> None:
     """Set DeepSpeed's environment; call before `import deepspeed` in the process that trains."""
     os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_dir())
+    clear_stale_locks(torch_extensions_dir())
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA and warn
 
