@@ -22,13 +22,18 @@ DEFAULT_CPU_OPS = ("shm_comm",)
 
 def torch_extensions_dir() -> Path:
     """Where JIT-built ops live: $FCOT_TORCH_EXTENSIONS_DIR, else the user cache, keyed by the torch build
-    (an op built against another torch must not be loaded)."""
+    (an op built against another torch must not be loaded) and the environment."""
     if os.environ.get("FCOT_TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["FCOT_TORCH_EXTENSIONS_DIR"]).expanduser()
     import torch
 
+    import hashlib
+
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "fcot" / "torch_extensions" / f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    # Keyed by the environment too: two venvs compile with different include paths, and sharing one folder
+    # makes each rebuild the op the other just built.
+    env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    return cache / "fcot" / "torch_extensions" / f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{env}"
 
 
 def clear_stale_locks(root: Path) -> list[Path]:
