@@ -197,6 +197,46 @@ def test_t5_encoder_decoder_trains(tmp_path, samples, ray_local):
 
 
 @pytest.mark.slow
+def test_worker_killed_mid_epoch_resumes_from_checkpoint(tmp_path, tiny_llama, samples, ray_local):
+    import psutil
+
+    from fcot.train.trainer import train
+
+    data = curated(tmp_path / "data", samples, repeat=12)  # 96 rows: 12 steps per epoch
+    # 6 epochs: the kill lands right after the first checkpoint with 60 steps of work left, on any machine.
+    cfg = config(tmp_path, data, tiny_llama, "epochs=6", "deepspeed.stage=2", "max_failures=2")
+    # Ray Train commits a checkpoint when its controller has collected every worker's report, and writes
+    # the snapshot below then: a worker killed before that would take the uncommitted checkpoint with it.
+    snapshot = tmp_path / "out" / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
+    killed = []
+
+    def committed() -> bool:
+        try:
+            return '"epoch_001"' in snapshot.read_text()
+        except OSError:
+            return False
+
+    def kill_a_worker():
+        deadline = time.time() + 300
+        while not committed() and time.time() < deadline:
+            time.sleep(0.1)
+        # Our own Ray Train workers: descendants of this test process (it started the local cluster).
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if "RayTrainWorker" in " ".join(_cmdline(p))]
+        if workers:
+            workers[-1].kill()
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    summary = train(cfg)
+    killer.join(timeout=10)
+    assert killed, "no training worker found to kill"
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] in (12, 24, 36, 48, 60)
+    assert summary["steps"] == summary["planned_steps"] == 72 and len(summary["loss_curve"]) == 72
+    assert Path(summary["model_dir"], "model.safetensors").exists()
+
+
 def _cmdline(p) -> list[str]:
     try:
         return p.cmdline()

@@ -57,20 +57,16 @@ def check_curated(path: str) -> int:
     return rows
 
 
-def encode_decoder(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # as fcot's engines tokenize prompts
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + completion_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + completion_ids)[:max_length]
+def decoder_example(prompt_ids: list[int], completion_ids: list[int], eos: int, max_length: int):
+    """(input_ids, labels): prompt + completion + EOS, loss on the completion and EOS only."""
+    ids = (prompt_ids + completion_ids + [eos])[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + completion_ids + [eos])[:max_length]
     return ids, labels
 
 
-def encode_seq2seq(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    ids = tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-    labels = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if not labels or labels[-1] != tokenizer.eos_token_id:  # T5 tokenizers add EOS themselves, others do not
-        labels = labels + [tokenizer.eos_token_id]
-    return ids, labels[:max_length]
+def seq2seq_example(prompt_ids: list[int], completion_ids: list[int], eos: int, max_length: int):
+    """(encoder input_ids, labels): the prompt, and completion + EOS."""
+    return prompt_ids[:max_length], (completion_ids + [eos])[:max_length]
 
 
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -148,8 +144,11 @@ class Collator(NumpyBatchCollateFn):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(self, prompts, completions) -> list[tuple[list[int], list[int]]]:
-        encode = encode_seq2seq if self.encoder_decoder else encode_decoder
-        return [encode(self.tokenizer, str(p), str(c), self.max_length) for p, c in zip(prompts, completions)]
+        # Prompt and completion apart and without special tokens: as fcot's engines tokenize a prompt.
+        p_ids = self.tokenizer([str(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        c_ids = self.tokenizer([str(c) for c in completions], add_special_tokens=False)["input_ids"]
+        example = seq2seq_example if self.encoder_decoder else decoder_example
+        return [example(p, c, self.tokenizer.eos_token_id, self.max_length) for p, c in zip(p_ids, c_ids)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         examples = self.encode(batch["prompt"], batch["completion"])

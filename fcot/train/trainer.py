@@ -10,6 +10,8 @@
 
 A worker that dies restarts the whole group (FailureConfig) from the last epoch checkpoint; the step
 counter, lr schedule and optimizer state come back with it, so the run ends after the planned steps.
+(A checkpoint counts once Ray Train's controller has collected every worker's report for it: a worker lost
+before that takes the run back to the previous one.)
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ def train_loop(config: dict) -> None:
         if step >= total_steps:
             break
         engine.train()
-        window, epoch_losses, epoch_steps = [], [], 0
+        window, loss_sums, label_counts, epoch_steps = [], [], [], 0
         started = time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=cfg.micro_batch_size, collate_fn=collate, prefetch_batches=2,
                                            local_shuffle_buffer_size=config["shuffle_buffer"],
@@ -225,17 +227,23 @@ def train_loop(config: dict) -> None:
                 engine.backward(loss * scale)
                 engine.step()  # steps the optimizer and lr schedule at the accumulation boundary only
                 loss_sum += loss.detach().double()
-            dist.all_reduce(loss_sum)
-            step_loss = loss_sum.item() / max(counts[0].item(), 1.0)
+            loss_sums.append(loss_sum)  # summed over ranks once per epoch: no extra sync point per step
+            label_counts.append(counts[0].item())
             window = []
             step += 1
             epoch_steps += 1
-            epoch_losses.append(step_loss)
             state["tokens"] += int(counts[1].item())
             state["examples"] += cfg.batch_size
-            if run is not None:
-                run.log({"train/loss": step_loss, "train/lr": engine.get_lr()[0], "train/epoch": epoch}, step=step)
         state["train_s"] += time.perf_counter() - started
+        if loss_sums:
+            totals = torch.stack(loss_sums)
+            dist.all_reduce(totals)
+            epoch_losses = [t / max(n, 1.0) for t, n in zip(totals.tolist(), label_counts)]
+        else:
+            epoch_losses = []
+        if run is not None:
+            for i, loss in enumerate(epoch_losses):
+                run.log({"train/loss": loss, "train/epoch": epoch}, step=step - len(epoch_losses) + i + 1)
         state["step"], state["epoch"] = step, epoch + 1
         state["loss_curve"] += [round(x, 5) for x in epoch_losses]
         state["epoch_loss"].append(round(sum(epoch_losses) / max(len(epoch_losses), 1), 5))
