@@ -103,30 +103,55 @@ def _grid(space: dict[str, list]) -> list[dict]:
     return grid
 
 
+def trial_name(params: dict) -> str:
+    """A trial's folder under SWEEP_DIR/trials: its swept values, readable and stable across restores."""
+    import hashlib
+    import re
+
+    text = ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(params.items()))
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_.=,-]', '_', text)[:80]}-{digest}"
+
+
 def trial(params: dict) -> None:
-    """One Tune trial: curate -> train (a TorchTrainer) -> evaluate; reports accuracy."""
+    """One Tune trial: curate -> train (a TorchTrainer) -> evaluate; reports accuracy.
+
+    Its run folder is named by its swept values and keeps fcot run's stage markers, so a trial that Tune
+    starts again (a restored sweep, a retried trial) skips the stages it already finished.
+    """
     import ray.tune
 
     from fcot.curate import curate
     from fcot.evaluate import evaluate
-    from fcot.run import curate_config, eval_config, train_config
+    from fcot.run import Ledger, _hash, curate_config, eval_config, train_config
     from fcot.train.trainer import train
 
     base, sweep_dir = params["__base"], Path(params["__sweep_dir"])
     swept = {k: v for k, v in params.items() if not k.startswith("__")}
-    trial_dir = Path(ray.tune.get_context().get_trial_dir())
     data = _trial_dict(base, swept, params["__max_d"])
-    data["output_dir"] = str(trial_dir / "run")
+    data["output_dir"] = str(sweep_dir / "trials" / trial_name(swept))
     data.setdefault("teacher", {})["output_dir"] = str(sweep_dir / "teacher")  # the shared store
     data.setdefault("curate", {})["teacher_dir"] = str(sweep_dir / "teacher")
     cfg = _run_config(data)
+    ledger = Ledger(cfg.run_dir)
+
+    def stage(name: str, configs: tuple, fn) -> dict:
+        h = _hash(*configs)
+        marker = ledger.done(name, h)
+        if marker is None:
+            started = time.time()
+            marker = ledger.finish(name, h, fn(), time.time() - started, cpus=0)
+        return marker
+
     started = time.time()
     result = {"tasks": {}}
     for method in cfg.methods:
-        curated = curate(curate_config(cfg, method))
-        trained = train(train_config(cfg, method))
-        metrics = evaluate(eval_config(cfg, method))
-        acc = {t: m["accuracy"] for t, m in metrics["tasks"].items()}
+        c, t, ev = curate_config(cfg, method), train_config(cfg, method), eval_config(cfg, method)
+        upstream = (cfg.teacher, c) if method == "fine_tune_cot" else (c,)
+        curated = stage(f"curate-{method}", upstream, lambda: curate(c))["result"]
+        trained = stage(f"train-{method}", (*upstream, t), lambda: train(t))["result"]
+        metrics = stage(f"eval-{method}", (*upstream, t, ev), lambda: evaluate(ev))["result"]
+        acc = {task: m["accuracy"] for task, m in metrics["tasks"].items()}
         result[f"{method}_accuracy"] = sum(acc.values()) / len(acc)
         result[f"{method}_kept"] = curated["kept"]
         result[f"{method}_final_loss"] = trained["final_loss"]
@@ -136,6 +161,7 @@ def trial(params: dict) -> None:
             result["tasks"][f"{method}/{task}"] = a
     result["accuracy"] = result.get("fine_tune_cot_accuracy", result.get(f"{cfg.methods[0]}_accuracy"))
     result["trial_s"] = round(time.time() - started, 1)
+    result["run_dir"] = str(cfg.run_dir)
     tasks = result.pop("tasks")
     ray.tune.report({**result, **{f"acc/{k}": v for k, v in tasks.items()}})
 
@@ -190,8 +216,11 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(grace_period=cfg.grace_period)
-    # The trial function holds (almost) no CPU itself: its TorchTrainer and evaluation actors ask for their own.
-    trainable = tune.with_resources(trial, {"CPU": 0.01})
+    # The trial function holds no CPU itself: its Ray Data, TorchTrainer and evaluation actors ask for their own
+    # (outside the trial's placement group). Even 0.01 CPU would leave 1.99 of 2 free, where a 1-CPU read task
+    # beside curation's 1-CPU actor never fits and the trial waits forever; a bundle must not be empty, so it
+    # holds a token amount of memory instead.
+    trainable = tune.with_resources(trial, {"memory": 2**20})
     path = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(path)):
         log(f"[sweep] resuming from {path}")
@@ -207,7 +236,7 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
     for r in grid:
         row = {k: r.config[k] for k in cfg.param_space}
         row.update({k: v for k, v in (r.metrics or {}).items() if k.endswith(("accuracy", "_kept", "_loss", "trial_s"))
-                    or k.startswith("acc/")})
+                    or k.startswith("acc/") or k == "run_dir"})
         row["status"] = "error" if r.error else "done"
         rows.append(row)
     done_rows = [r for r in rows if r.get(cfg.metric) is not None]
