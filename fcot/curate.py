@@ -6,14 +6,20 @@ format them (decoder: `{q} ###` -> ` {rationale} --> {answer} END`; encoder-deco
 `{rationale} --> {answer}`) and drop pairs longer than the student's max length. Vanilla fine-tuning
 pairs come from the gold answers. A dev split for model selection can be carved out of the training
 questions (by question, seeded), written as dev.jsonl.
+
+Formatting (tokenizing every rationale with the student's tokenizer) is done once per teacher shard and
+kept in OUTPUT_DIR/formatted/: `fcot run` formats each shard as the teacher writes it (ShardStreamer), and
+curation formats, on Ray Data, only the shards left, then selects (D, correctness, dedupe, length, dev).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Literal
@@ -22,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fcot.config import Config
 from fcot.errors import FcotError
-from fcot.io import atomic_write_json, atomic_write_jsonl
+from fcot.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from fcot.prompts import get_format
 
 
@@ -94,6 +100,76 @@ class Formatter:
         return batch
 
 
+RECORD_COLUMNS = ["task", "index", "sample_index", "question", "gold", "rationale", "correct", "temperature"]
+FORMATTED_COLUMNS = ["task", "index", "sample_index", "correct", "temperature", "prompt", "completion", "length",
+                     "too_long"]
+
+
+def formatted_dir(cfg: CurateConfig) -> Path:
+    """Formatted teacher shards for one formatting (method, student, max length): a part per teacher shard."""
+    key = hashlib.sha256(json.dumps([cfg.method, cfg.student, cfg.max_length]).encode()).hexdigest()[:12]
+    return Path(cfg.output_dir) / "formatted" / key
+
+
+def _write_part(path: Path, columns: dict) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({c: list(columns[c]) for c in FORMATTED_COLUMNS}), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class ShardStreamer:
+    """Formats each teacher shard in this process as the teacher writes it (streaming curation in `fcot run`).
+
+    A shard it cannot format is left to the curation stage, which formats whatever is missing."""
+
+    def __init__(self, cfg: CurateConfig):
+        self.cfg, self.out, self.formatter, self.formatted, self.failed = cfg, formatted_dir(cfg), None, 0, False
+
+    def __call__(self, shard: Path) -> None:
+        if self.failed or (self.out / shard.name).exists():
+            return
+        try:
+            import pyarrow.parquet as pq
+
+            if self.formatter is None:
+                self.formatter = Formatter(self.cfg.method, self.cfg.student, self.cfg.max_length)
+            table = pq.read_table(shard, columns=RECORD_COLUMNS)
+            _write_part(self.out / shard.name, self.formatter({c: table.column(c).to_pylist() for c in RECORD_COLUMNS}))
+            self.formatted += 1
+        except Exception as e:  # noqa: BLE001 - never stop the teacher; curation formats the shard later
+            self.failed = True
+            print(f"[curate] streaming stopped at {shard.name} ({e}); curation will format the rest", file=sys.stderr)
+
+
+def _format_shards(cfg: CurateConfig, shards: list[Path]) -> int:
+    """Format, on Ray Data, the teacher shards that have no formatted part yet; returns how many."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    out = formatted_dir(cfg)
+    missing = [s for s in shards if not (out / s.name).exists()]
+    if not missing:
+        return 0
+    ds = ray.data.read_parquet([str(s.resolve()) for s in missing], include_paths=True)
+    ds = ds.select_columns(RECORD_COLUMNS + ["path"])
+    ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
+                                                          "max_length": cfg.max_length},
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
+    tables = list(ds.select_columns(FORMATTED_COLUMNS + ["path"]).iter_batches(batch_size=None, batch_format="pyarrow"))
+    table = pa.concat_tables(tables)
+    names = pa.array([Path(p).name for p in table.column("path").to_pylist()])
+    for shard in missing:  # a part per shard, written whole: a killed curation keeps the parts it finished
+        part = table.filter(pc.equal(names, shard.name))
+        _write_part(out / shard.name, {c: part.column(c).to_pylist() for c in FORMATTED_COLUMNS})
+    return len(missing)
+
+
 def _dev_questions(questions: dict[str, list[int]], fraction: float, seed: int) -> set[tuple[str, int]]:
     dev = set()
     for task, indices in questions.items():
@@ -116,20 +192,24 @@ def curate(cfg: CurateConfig) -> dict:
     dev = _dev_questions(questions, cfg.dev_fraction, cfg.seed)
     in_split = {(t, i) for t, idx in questions.items() for i in idx}
 
+    formatted_now = 0
     if cfg.method == "vanilla":
         ds = ray.data.from_items([{"task": s.task, "index": s.index, "sample_index": 0, "question": s.question,
                                    "gold": s.answer, "correct": True} for samples in split.values() for s in samples])
+        ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
+                                                              "max_length": cfg.max_length},
+                            compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
+        rows = ds.take_all()
     else:
-        ds = ray.data.read_parquet(str(_records_dir(cfg.teacher_dir)),
-                                   columns=["task", "index", "sample_index", "question", "gold", "rationale", "correct",
-                                            "temperature"])
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        shards = sorted(_records_dir(cfg.teacher_dir).glob("*.parquet"))
+        formatted_now = _format_shards(cfg, shards)
+        table = pa.concat_tables([pq.read_table(formatted_dir(cfg) / s.name) for s in shards])
         tasks, limit, temp = set(cfg.tasks), cfg.num_samples, cfg.teacher_temperature
-        ds = ds.filter(lambda r: r["task"] in tasks and (limit is None or r["sample_index"] < limit)
-                       and (temp is None or abs(r["temperature"] - temp) < 1e-4))
-    ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
-                                                          "max_length": cfg.max_length},
-                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
-    rows = ds.take_all()  # small columns per sample; the heavy text goes to parquet below
+        rows = [r for r in table.to_pylist() if r["task"] in tasks and (limit is None or r["sample_index"] < limit)
+                and (temp is None or abs(r["temperature"] - temp) < 1e-4)]
 
     stats = {t: defaultdict(int) for t in cfg.tasks}
     kept, seen = [], set()
@@ -173,6 +253,7 @@ def curate(cfg: CurateConfig) -> dict:
     dev_rows = [s.to_dict() for samples in split.values() for s in samples if (s.task, s.index) in dev]
     atomic_write_jsonl(out / "dev.jsonl", dev_rows)
     summary = {"method": cfg.method, "num_samples": cfg.num_samples, "kept": len(kept),
+               "shards_formatted_at_curation": formatted_now,
                "train_dir": str(out / "train"), "dev": str(out / "dev.jsonl"),
                "tasks": {t: dict(s) for t, s in stats.items()}}
     atomic_write_json(out / "stats.json", summary)

@@ -42,6 +42,10 @@ class RunConfig(Config):
     train: TrainConfig
     eval: EvalConfig
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    # Curation formats each teacher shard as it lands (in the driver, beside the teacher's replicas), so the
+    # curation stage is left with selection only. Training starts when the teacher is done: a student's
+    # epochs run over the whole curated set.
+    stream: bool = True
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -242,8 +246,15 @@ def run(cfg: RunConfig, log=print) -> dict:
 
     e = cfg.teacher.engine
     if "fine_tune_cot" in cfg.methods:  # vanilla fine-tuning needs no teacher
-        stage("teacher", (cfg.teacher,), lambda: teach(cfg.teacher), e.replicas * e.cpus_per_replica,
+        streamer = None
+        if cfg.stream:
+            from fcot.curate import ShardStreamer
+
+            streamer = ShardStreamer(curate_config(cfg, "fine_tune_cot"))
+        stage("teacher", (cfg.teacher,), lambda: teach(cfg.teacher, on_shard=streamer), e.replicas * e.cpus_per_replica,
               e.replicas * e.gpus_per_replica)
+        if streamer is not None and streamer.formatted:
+            log(f"[curate-fine_tune_cot] {streamer.formatted} teacher shards formatted while the teacher ran")
     for method in cfg.methods:
         c = curate_config(cfg, method)
         upstream = (cfg.teacher, c) if method == "fine_tune_cot" else (c,)

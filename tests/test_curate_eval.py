@@ -6,10 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from fcot.config import load_config
-from fcot.curate import CurateConfig, curate
+from fcot.curate import CurateConfig, ShardStreamer, curate
 from fcot.evaluate import EvalConfig, evaluate, predict_samples
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
+from fcot.teacher.store import RecordStore
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,35 @@ def test_choosing_d_and_max_length_and_vanilla(tmp_path, recorded_teacher, tiny_
     assert vanilla["kept"] == 420
     r = _rows(tmp_path / "van" / "train")[0]
     assert r["prompt"].endswith(" ###") and "-->" not in r["completion"]
+
+
+def test_shards_formatted_while_the_teacher_runs_give_the_same_curation(tmp_path, recorded_teacher, tiny_llama,
+                                                                        ray_local):
+    """What `fcot run` streams (ShardStreamer, shard by shard) and what curation formats on Ray Data agree."""
+    records = RecordStore(recorded_teacher / "records").read().to_pylist()
+    store = RecordStore(tmp_path / "teacher" / "records")
+    for start in range(0, len(records), 150):  # three shards, as three replica batches would land
+        store.write(records[start:start + 150])
+    shards = store.shards()
+    assert len(shards) == 3
+
+    def config(name):
+        return load_config(CurateConfig, base={"tasks": "multiarith", "teacher_dir": str(tmp_path / "teacher"),
+                                               "student": str(tiny_llama), "output_dir": str(tmp_path / name),
+                                               "dev_fraction": 0.1, "max_length": 300})
+
+    streamer = ShardStreamer(config("streamed"))
+    for shard in shards[:2]:  # the third lands after the teacher was killed, say: curation formats it
+        streamer(shard)
+    assert streamer.formatted == 2 and not streamer.failed
+    streamed = curate(config("streamed"))
+    whole = curate(config("whole"))
+    assert streamed["shards_formatted_at_curation"] == 1 and whole["shards_formatted_at_curation"] == 3
+    assert streamed["tasks"] == whole["tasks"] and streamed["kept"] == whole["kept"] > 250
+    key = lambda r: (r["index"], r["sample_index"])  # noqa: E731
+    assert sorted(_rows(tmp_path / "streamed" / "train"), key=key) == sorted(_rows(tmp_path / "whole" / "train"), key=key)
+    again = curate(config("streamed"))  # formatted parts are reused
+    assert again["shards_formatted_at_curation"] == 0 and again["kept"] == streamed["kept"]
 
 
 def test_evaluate_on_ray_reports_accuracy(tmp_path, tiny_llama, ray_local):

@@ -40,8 +40,10 @@ def _all_rows(out_dir):
 
 def test_teach_writes_n_x_d_records_and_a_rerun_generates_nothing(tmp_path, tiny_llama, ray_local):
     cfg = _cfg(tmp_path, tiny_llama)
-    first = teach(cfg)
+    landed = []
+    first = teach(cfg, on_shard=landed.append)
     assert (first["planned"], first["records"], first["generated"]) == (12, 12, 12)
+    assert sorted(landed) == sorted((tmp_path / "teacher" / "records").glob("*.parquet")) and len(landed) == 3
     rows = _all_rows(tmp_path / "teacher")
     assert len(rows) == 12 and len({r["key"] for r in rows}) == 12
     assert {(r["index"], r["sample_index"]) for r in rows} == {(i, k) for i in {r["index"] for r in rows} for k in range(3)}

@@ -194,8 +194,11 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="sample", disable=not enabled or total == 0, dynamic_ncols=True, smoothing=0.1)
 
 
-def teach(cfg: TeachConfig) -> dict:
-    """Run the teacher stage; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+def teach(cfg: TeachConfig, on_shard=None) -> dict:
+    """Run the teacher stage; returns the summary (also written to OUTPUT_DIR/summary.json).
+
+    on_shard(path), if given, is called in this process with each shard as soon as it is written
+    (`fcot run` formats it for curation while the teacher goes on)."""
     out_dir = Path(cfg.output_dir)
     store = RecordStore(out_dir / "records")
     started = time.time()
@@ -208,13 +211,13 @@ def teach(cfg: TeachConfig) -> dict:
         items = plan(cfg)
         done = store.keys()
         todo = [it for it in items if it["key"] not in done]
-        generated = _run_pool(cfg, todo, store) if todo else 0
+        generated = _run_pool(cfg, todo, store, on_shard) if todo else 0
     summary = summarize(cfg, store, items, generated, time.time() - started)
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 
-def _run_pool(cfg: TeachConfig, todo: list[dict], store: RecordStore) -> int:
+def _run_pool(cfg: TeachConfig, todo: list[dict], store: RecordStore, on_shard=None) -> int:
     import ray
 
     from fcot.ray_utils import init_ray
@@ -235,6 +238,9 @@ def _run_pool(cfg: TeachConfig, todo: list[dict], store: RecordStore) -> int:
             tokens += int(batch["tokens"].sum())
             bar.update(len(batch["key"]))
             bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
+            shard = store.shard_path([str(k) for k in batch["key"]])  # a replica's batch comes back whole
+            if on_shard is not None and shard.exists():
+                on_shard(shard)
     return generated
 
 
