@@ -69,11 +69,19 @@ def _run_config(data: dict):
     return load_config(RunConfig, base=data)
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """`over` applied key by key into `base` (nested sections merge: `run.train.epochs` keeps the base's
+    other train keys)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
 def base_run(cfg: SweepConfig, sweep_dir: Path) -> dict:
     from fcot.config import _read_yaml
 
-    data = _read_yaml(Path(cfg.base)) if cfg.base else {}
-    data.update(copy.deepcopy(cfg.run))
+    data = _merge(_read_yaml(Path(cfg.base)) if cfg.base else {}, cfg.run)
     data.setdefault("name", cfg.name)
     data["output_dir"] = str(sweep_dir / "base")
     if cfg.ray_address:

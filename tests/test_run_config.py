@@ -64,3 +64,16 @@ def test_every_sweep_config_dry_runs(config, shared_data, tmp_path, monkeypatch)
     monkeypatch.chdir(ROOT)  # sweep configs name their base run config relative to the repository root
     notes = dry_run_sweep(load_config(SweepConfig, config, [f"output_dir={tmp_path / 'sweep'}"]))
     assert "trials, teacher at D = " in notes[0]
+
+
+def test_sweep_run_section_merges_into_its_base_config(shared_data, tmp_path, monkeypatch):
+    """`run.train.epochs` in a sweep changes that key only: the base's student, lr and teacher prompt stay."""
+    from fcot.config import load_config
+    from fcot.sweep import SweepConfig, _run_config, _trial_dict, base_run
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(SweepConfig, ROOT / "experiments" / "sweeps" / "cpu.yaml", [f"output_dir={tmp_path}"])
+    run = _run_config(_trial_dict(base_run(cfg, tmp_path), {"train.lr": 0.003}, 8))
+    assert run.train.model == "tiny-llama" and run.train.epochs == cfg.run["train"]["epochs"] and run.train.lr == 0.003
+    assert run.teacher.prompt == "few_shot_cot" and run.teacher.engine.cpus_per_replica == 2
+    assert run.teacher.subset == cfg.run["teacher"]["subset"] and run.teacher.sampling.num_samples == 8
