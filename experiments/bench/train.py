@@ -141,6 +141,9 @@ def main() -> None:
     bare_packing = results["bare_packed"]["tokens_per_s"] / results["bare_padded"]["tokens_per_s"]
     print(f"fcot / bare (padded): {ratio:.2f}   packing / padding: fcot {packing:.2f}, bare {bare_packing:.2f}",
           file=sys.stderr)
+    import ray
+
+    ray.shutdown()  # workers' buffered log lines reach stdout before this, so the JSON stays the last line
     print(json.dumps({"ratio_vs_bare": round(ratio, 3), "packing_speedup": round(packing, 3),
                       "bare_packing_speedup": round(bare_packing, 3), "batch_size": args.batch_size,
                       "steps": args.steps, "best_of": args.rounds, "results": results}))
