@@ -149,7 +149,6 @@ class ShardStreamer:
 def _format_shards(cfg: CurateConfig, shards: list[Path]) -> int:
     """Format, on Ray Data, the teacher shards that have no formatted part yet; returns how many."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import ray
 
     out = formatted_dir(cfg)
@@ -163,9 +162,11 @@ def _format_shards(cfg: CurateConfig, shards: list[Path]) -> int:
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
     tables = list(ds.select_columns(FORMATTED_COLUMNS + ["path"]).iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(tables)
-    names = pa.array([Path(p).name for p in table.column("path").to_pylist()])
+    rows_of = defaultdict(list)  # shard name -> its rows, in one pass (thousands of shards in a large run)
+    for i, p in enumerate(table.column("path").to_pylist()):
+        rows_of[Path(p).name].append(i)
     for shard in missing:  # a part per shard, written whole: a killed curation keeps the parts it finished
-        part = table.filter(pc.equal(names, shard.name))
+        part = table.take(rows_of[shard.name])
         _write_part(out / shard.name, {c: part.column(c).to_pylist() for c in FORMATTED_COLUMNS})
     return len(missing)
 

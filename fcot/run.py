@@ -135,6 +135,16 @@ class Ledger:
         atomic_write_json(self.dir / f"{stage}.json", marker)
         return marker
 
+    def run(self, stage: str, configs: tuple, fn, cpus: float, gpus: float = 0.0) -> tuple[dict, bool]:
+        """(marker, ran): the stage's finished marker, running fn() first unless it is done for these configs."""
+        h = _hash(*configs)
+        marker = self.done(stage, h)
+        if marker:
+            return marker, False
+        started = time.time()
+        result = fn()
+        return self.finish(stage, h, result, time.time() - started, cpus, gpus), True
+
 
 def _wandb_log(cfg: RunConfig, job_type: str, metrics: dict) -> None:
     """One W&B group per run, each stage a job type; offline where no key exists."""
@@ -231,16 +241,15 @@ def run(cfg: RunConfig, log=print) -> dict:
     stages: dict[str, dict] = {}
 
     def stage(name: str, configs: tuple, fn, cpus: float, gpus: float = 0.0) -> dict:
-        h = _hash(*configs)
-        marker = ledger.done(name, h)
-        if marker:
-            log(f"[{name}] done before, skipped")
-        else:
+        def logged():
             log(f"[{name}] running")
-            started = time.time()
-            result = fn()
-            marker = ledger.finish(name, h, result, time.time() - started, cpus, gpus)
-            _wandb_log(cfg, name, result)
+            return fn()
+
+        marker, ran = ledger.run(name, configs, logged, cpus, gpus)
+        if ran:
+            _wandb_log(cfg, name, marker["result"])
+        else:
+            log(f"[{name}] done before, skipped")
         stages[name] = marker
         return marker["result"]
 

@@ -131,7 +131,7 @@ def trial(params: dict) -> None:
 
     from fcot.curate import curate
     from fcot.evaluate import evaluate
-    from fcot.run import Ledger, _hash, curate_config, eval_config, train_config
+    from fcot.run import Ledger, curate_config, eval_config, train_config
     from fcot.train.trainer import train
 
     base, sweep_dir = params["__base"], Path(params["__sweep_dir"])
@@ -144,21 +144,16 @@ def trial(params: dict) -> None:
     ledger = Ledger(cfg.run_dir)
 
     def stage(name: str, configs: tuple, fn) -> dict:
-        h = _hash(*configs)
-        marker = ledger.done(name, h)
-        if marker is None:
-            started = time.time()
-            marker = ledger.finish(name, h, fn(), time.time() - started, cpus=0)
-        return marker
+        return ledger.run(name, configs, fn, cpus=0)[0]["result"]
 
     started = time.time()
     result = {"tasks": {}}
     for method in cfg.methods:
         c, t, ev = curate_config(cfg, method), train_config(cfg, method), eval_config(cfg, method)
         upstream = (cfg.teacher, c) if method == "fine_tune_cot" else (c,)
-        curated = stage(f"curate-{method}", upstream, lambda: curate(c))["result"]
-        trained = stage(f"train-{method}", (*upstream, t), lambda: train(t))["result"]
-        metrics = stage(f"eval-{method}", (*upstream, t, ev), lambda: evaluate(ev))["result"]
+        curated = stage(f"curate-{method}", upstream, lambda: curate(c))
+        trained = stage(f"train-{method}", (*upstream, t), lambda: train(t))
+        metrics = stage(f"eval-{method}", (*upstream, t, ev), lambda: evaluate(ev))
         acc = {task: m["accuracy"] for task, m in metrics["tasks"].items()}
         result[f"{method}_accuracy"] = sum(acc.values()) / len(acc)
         result[f"{method}_kept"] = curated["kept"]
