@@ -1,15 +1,39 @@
-"""`fcot` command line: a thin layer over the Python API. User errors print one line and exit 2."""
+"""`fcot` command line: a thin layer over the Python API. User errors print one line and exit 2, also when
+they happen inside a Ray worker (the message, not Ray's traceback)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
+
+from fcot.bundled import prepare
+from fcot.config import load_config
+from fcot.curate import CurateConfig, curate
+from fcot.errors import user_error
+from fcot.evaluate import EvalConfig, evaluate
+from fcot.io import atomic_write_jsonl
+from fcot.prompts import PREDICTION_PREFIX
+from fcot.report import build_report, build_study_report, build_sweep_report
+from fcot.run import RunConfig, dry_run, run
+from fcot.scoring import score_jsonl
+from fcot.submit import add_parsers as add_submit_parsers
+from fcot.sweep import SweepConfig, dry_run_sweep, sweep
+from fcot.tasks import TASKS, data_dir, read_task_file, task_sizes
+from fcot.tasks.download import download
+from fcot.tasks.synthetic import generate_coin_flip, generate_last_letters
+from fcot.teacher.config import TeachConfig
+from fcot.teacher.pipeline import teach
+from fcot.train.config import TrainConfig
+from fcot.train.trainer import train
+
+# Paths in these variables mean the directory the command started in; Ray workers start elsewhere.
+PATH_VARIABLES = ("FCOT_DATA_DIR", "FCOT_MODELS_DIR", "FCOT_TORCH_EXTENSIONS_DIR")
 
 
 def cmd_tasks(args) -> None:
-    from fcot.tasks import TASKS, data_dir, task_sizes
-
     print(f"data dir: {data_dir(args.data_dir)}")
     print(f"{'task':<28}{'answer':<8}{'train':>7}{'test':>7}  description")
     for name, spec in TASKS.items():
@@ -19,17 +43,12 @@ def cmd_tasks(args) -> None:
 
 
 def cmd_data_download(args) -> None:
-    from fcot.tasks.download import download
-
     status = download(args.task or None, args.data_dir, mirror=args.mirror, log=lambda m: print(m, file=sys.stderr))
     for path, what in status.items():
         print(f"{what:<12} {path}")
 
 
 def cmd_data_generate(args) -> None:
-    from fcot.io import atomic_write_jsonl
-    from fcot.tasks.synthetic import generate_coin_flip, generate_last_letters
-
     make = {"coin_flip": generate_coin_flip, "last_letter_concatenation": generate_last_letters}[args.task]
     path = atomic_write_jsonl(args.output, make(args.n, seed=args.seed))
     answer_type = "yes_no" if args.task == "coin_flip" else "text"
@@ -38,19 +57,14 @@ def cmd_data_generate(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from fcot.prompts import PREDICTION_PREFIX
-    from fcot.scoring import score_jsonl
-
+    if args.task_file:
+        read_task_file(args.task_file)  # user tasks, defined as in a config's `tasks`
     prefix = args.prefix if args.prefix is not None else PREDICTION_PREFIX[args.method] if args.method else None
     summary = score_jsonl(args.task, args.input, prefix=prefix, output_path=args.output, root=args.data_dir)
     print(json.dumps(summary))
 
 
 def cmd_teach(args) -> None:
-    from fcot.config import load_config
-    from fcot.teacher.config import TeachConfig
-    from fcot.teacher.pipeline import teach
-
     cfg = load_config(TeachConfig, args.config, args.overrides)
     summary = teach(cfg)
     _print_teacher_summary(summary)
@@ -69,9 +83,6 @@ def _print_teacher_summary(summary: dict) -> None:
 
 
 def cmd_curate(args) -> None:
-    from fcot.config import load_config
-    from fcot.curate import CurateConfig, curate
-
     summary = curate(load_config(CurateConfig, args.config, args.overrides))
     for task, st in summary["tasks"].items():
         print(f"{task}: kept {st.get('kept', 0)} of {st.get('samples', 0)} samples; "
@@ -80,9 +91,6 @@ def cmd_curate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from fcot.config import load_config
-    from fcot.evaluate import EvalConfig, evaluate
-
     metrics = evaluate(load_config(EvalConfig, args.config, args.overrides))
     for task, m in metrics["tasks"].items():
         print(f"{task} ({metrics['method']}, {m['n']} questions): accuracy {m['accuracy']:.3f}", file=sys.stderr)
@@ -90,10 +98,6 @@ def cmd_eval(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from fcot.config import load_config
-    from fcot.train.config import TrainConfig
-    from fcot.train.trainer import train
-
     cfg = load_config(TrainConfig, args.config, args.overrides)
     summary = train(cfg)
     print(f"{summary['steps']} steps, {summary['epochs']} epochs, final loss {summary['final_loss']}, "
@@ -102,14 +106,11 @@ def cmd_train(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from fcot.config import load_config
-    from fcot.run import RunConfig, dry_run, run
-
     cfg = load_config(RunConfig, args.config, args.overrides)
     if args.dry_run:
         for note in dry_run(cfg):
             print(note, file=sys.stderr)
-        print(json.dumps({"config": args.config, "valid": True, "run_dir": str(cfg.run_dir)}))
+        print(json.dumps({"config": args.config, "valid": True, "run_dir": cfg.output_dir}))
         return
     summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
     print(f"report: {summary['run_dir']}/report.md", file=sys.stderr)
@@ -117,22 +118,16 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from pathlib import Path
-
-    from fcot.report import build_report, build_sweep_report
-
-    is_sweep = (Path(args.run_dir) / "results.json").exists()
-    print((build_sweep_report if is_sweep else build_report)(args.run_dir))
+    if len(args.run_dir) > 1 or args.output:
+        print(build_study_report(args.run_dir, args.output or Path(args.run_dir[0]).parent / "study"))
+        return
+    is_sweep = (Path(args.run_dir[0]) / "results.json").exists()
+    print((build_sweep_report if is_sweep else build_report)(args.run_dir[0]))
 
 
 def cmd_sweep(args) -> None:
-    from fcot.config import load_config
-    from fcot.sweep import SweepConfig, sweep
-
     cfg = load_config(SweepConfig, args.config, args.overrides)
     if args.dry_run:
-        from fcot.sweep import dry_run_sweep
-
         for note in dry_run_sweep(cfg):
             print(note, file=sys.stderr)
         print(json.dumps({"config": args.config, "valid": True}))
@@ -143,15 +138,12 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_models_prepare(args) -> None:
-    from fcot.models import prepare
-
     prepare(args.name, source=args.source, log=lambda m: print(m, file=sys.stderr))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fcot.prompts import PREDICTION_PREFIX
-
-    parser = argparse.ArgumentParser(prog="fcot", description="Fine-tune-CoT: large models as reasoning teachers, on Ray.")
+    parser = argparse.ArgumentParser(prog="fcot",
+                                     description="Fine-tune-CoT: large models as reasoning teachers, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_data_dir(p):
@@ -177,9 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--input", required=True, help="JSONL: index, completion[, answer][, finish_reason]")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--prefix", help="the answer is the first candidate after this text (write --prefix=--> for students)")
+    group.add_argument("--prefix", help="the answer is the first candidate after this text "
+                                        "(write --prefix=--> for students)")
     group.add_argument("--method", choices=sorted(PREDICTION_PREFIX), help="use this method's prefix")
     p.add_argument("--output", help="per-line results (default: <input>.scored.jsonl)")
+    p.add_argument("--task-file", help="YAML with user task definitions (a list, or a config's `tasks`)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("teach", help="teacher stage: zero-shot-CoT rationales, D samples per question, on Ray")
@@ -209,12 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/sweeps/x")
     p.add_argument("--dry-run", action="store_true", help="validate every trial's config; run nothing")
     p.set_defaults(func=cmd_sweep)
-    p = sub.add_parser("report", help="rebuild report.md and its plots from a run or sweep directory")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="rebuild report.md and its plots from a run or sweep directory; several "
+                                      "sweep directories: one study figure across them")
+    p.add_argument("run_dir", nargs="+")
+    p.add_argument("--output", help="folder of the study report over several sweeps (default: beside the first)")
     p.set_defaults(func=cmd_report)
 
-    from fcot.submit import add_parsers as add_submit_parsers  # `fcot submit`, `fcot jobs`: Ray Jobs on a cluster
-    add_submit_parsers(sub)
+    add_submit_parsers(sub)  # `fcot submit`, `fcot jobs`: Ray Jobs on a cluster
 
     models = sub.add_parser("models", help="bundled models").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("prepare", help="fetch and convert a bundled model once (e.g. smollm2-135m)")
@@ -225,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fcot.errors import FcotError
-
+    for name in PATH_VARIABLES:
+        if os.environ.get(name) and "://" not in os.environ[name]:
+            os.environ[name] = os.path.abspath(os.path.expanduser(os.environ[name]))
     parser = build_parser()
     # Overrides may come after options (`fcot run CONFIG --dry-run key=value`): collect them here.
     args, extra = parser.parse_known_args(argv)
@@ -236,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
-    except FcotError as e:
-        print(f"fcot: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a user error raised here or in a Ray worker: its message, in one line
+        found = user_error(e)
+        if found is None:
+            raise
+        print(f"fcot: error: {found}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,29 +3,60 @@
     cfg = load_config(TeachConfig, "experiments/teach.yaml", ["sampling.num_samples=8"])
 
 Every error names the file and key and says what was expected; nothing runs before the config is valid.
+
+Paths: every path a config holds (`output_dir`, `data_dir`, `engine.path`, model folders, ...) is made absolute
+when the config is validated, against the directory the command was started in (for paths written in a YAML
+file too: the repository's configs are written for commands run from its root). The driver and every Ray
+worker, which runs in a working directory of its own, then see the same file.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from fcot.errors import FcotError
+from fcot.models import ALIASES
 
 T = TypeVar("T", bound=BaseModel)
+WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
 class Config(BaseModel):
-    """Base for fcot's configs: unknown keys are errors, values are checked on assignment too."""
+    """Base for fcot's configs: unknown keys are errors; values, defaults included, are checked (and paths made
+    absolute) on validation and on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
-def _read_yaml(path: Path) -> dict:
+def absolute_path(value: str) -> str:
+    """`value` as an absolute path against the current directory (`~` expanded); URIs (s3://...) unchanged."""
+    if "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def model_ref(value: str) -> str:
+    """A model name: an alias of `fcot models` or a hub id stays as it is; a local folder becomes absolute."""
+    if value in ALIASES or "://" in value:
+        return value
+    if value.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(value)):
+        return absolute_path(value)
+    return value
+
+
+PathStr = Annotated[str, AfterValidator(absolute_path)]
+ModelRef = Annotated[str, AfterValidator(model_ref)]
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping from `path`; FcotError naming the file otherwise."""
+    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -64,6 +95,16 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def merge(base: dict, over: dict) -> dict:
+    """`over` applied key by key into a copy of `base`: nested sections merge (`train.epochs` keeps the other
+    train keys), everything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both else copy.deepcopy(value)
+    return out
+
+
 def _format_validation_error(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
@@ -82,10 +123,10 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> T:
     """Build `cls` from `base`, then the YAML file, then overrides; raise FcotError naming the key."""
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = copy.deepcopy(base or {})
     source = "config"
     if path is not None:
-        data.update(_read_yaml(Path(path)))
+        data.update(read_yaml(path))
         source = str(path)
     for override in overrides or []:
         apply_override(data, override)
@@ -95,6 +136,13 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         return cls.model_validate(data)
     except ValidationError as e:
         raise FcotError(_format_validation_error(e, source)) from None
+
+
+def wandb_mode(mode: WandbMode) -> str:
+    """The W&B mode a config's `auto` means: WANDB_MODE if set, else online with WANDB_API_KEY, else offline."""
+    if mode != "auto":
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
 SECRET_WORDS = ("key", "token", "secret", "password")

@@ -1,21 +1,26 @@
-"""Curation on Ray Data: teacher records -> the student's fine-tuning pairs, with stats per task.
+"""Curation on Ray Data: the run's teacher records -> the student's fine-tuning pairs, with stats per task.
 
-Fine-tune-CoT: keep the first D samples of each question (so one teacher run at the largest D serves a
-whole D sweep), keep those whose extracted answer is correct, optionally drop identical rationales,
-format them (decoder: `{q} ###` -> ` {rationale} --> {answer} END`; encoder-decoder: `{q}` ->
-`{rationale} --> {answer}`) and drop pairs longer than the student's max length. Vanilla fine-tuning
-pairs come from the gold answers. A dev split for model selection can be carved out of the training
-questions (by question, seeded), written as dev.jsonl.
+Rule: a student is trained only on records of the run's own teacher (its teacher_id), for the run's own
+questions. The questions are the teacher's (its split and subset); a dev split for model selection is carved
+from them first (seeded, by question, the same for every method and data size), then `train_questions` takes
+a seeded, nested subset of the rest (a smaller set is a subset of every larger one): the paper's data-size
+study, with the teacher run once on the whole split. Fine-tune-CoT keeps the first D samples of each question
+(or those an adaptive teacher spent), those whose answer is correct, optionally one of identical rationales,
+formats them (decoder: `{q} ###` -> ` {rationale} --> {answer} END`; encoder-decoder: `{q}` ->
+`{rationale} --> {answer}`) and drops pairs longer than the student's max length. Vanilla pairs come from the
+gold answers of the same questions.
 
-Formatting (tokenizing every rationale with the student's tokenizer) is done once per teacher shard and
-kept in OUTPUT_DIR/formatted/: `fcot run` formats each shard as the teacher writes it (ShardStreamer), and
-curation formats, on Ray Data, only the shards left, then selects (D, correctness, dedupe, length, dev).
+Formatting (tokenizing every rationale with the student's tokenizer) is done once per teacher shard and kept in
+OUTPUT_DIR/formatted/: `fcot run` formats each shard as the teacher writes it (ShardStreamer), and curation
+formats, on Ray Data, only the shards left, then selects.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 import random
 import shutil
@@ -24,59 +29,81 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
 
-from fcot.config import Config
+from fcot.config import Config, ModelRef, PathStr, read_yaml
 from fcot.errors import FcotError
 from fcot.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from fcot.models import resolve_model
 from fcot.prompts import get_format
+from fcot.ray_utils import init_ray
+from fcot.resources import Demand
+from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
+from fcot.teacher.config import TeachConfig
+from fcot.teacher.pipeline import SLIM, spent
+from fcot.teacher.plan import questions as teacher_questions
+from fcot.teacher.plan import teacher_id
+from fcot.teacher.store import RecordStore
+
+DEV_MIN_QUESTIONS = 20  # dev_fraction "auto": a dev split only when the teacher has at least this many questions
+
+
+def auto_dev_size(n: int) -> int:
+    """dev_fraction "auto": 10% of the questions, at least 10 and at most 500; none below 20 questions."""
+    return 0 if n < DEV_MIN_QUESTIONS else min(500, max(10, round(0.1 * n)))
 
 
 class CurateConfig(Config):
     method: Literal["fine_tune_cot", "vanilla"] = "fine_tune_cot"
-    teacher_dir: str | None = None  # the teacher's output_dir (records/ inside) or a records folder
-    tasks: list[str]
-    split: Literal["train", "test"] = "train"
+    # The teacher whose records are curated (a mapping, or the path of its YAML); its questions are the run's.
+    # Vanilla fine-tuning reads no records, but takes the same questions (and dev split) when a teacher is given.
+    teacher: TeachConfig | None = None
+    tasks: TaskNames
+    user_tasks: list[UserTask] = []
+    split: Literal["train", "test"] = "train"  # without a teacher
     split_kind: str = "default"
-    data_dir: str | None = None
-    num_samples: int | None = Field(None, ge=1)  # D: the first D samples of each question (None: all)
-    teacher_temperature: float | None = None  # only records sampled at this temperature (0: greedy)
+    data_dir: DataDir = Field(None, validate_default=True)
+    num_samples: int | None = Field(None, ge=1)  # D: the first D samples of each question (None: all it spent)
+    train_questions: float | None = None  # a count (>= 1) or a fraction (< 1) of the training questions
     dedupe: bool = False  # drop identical rationales of a question
-    student: str  # model alias/path: its tokenizer counts lengths, its config says decoder or encoder-decoder
+    student: ModelRef  # its tokenizer counts lengths, its config says decoder or encoder-decoder
     max_length: int = Field(512, ge=8)
-    dev_fraction: float = Field(0.0, ge=0, lt=1)  # questions held out for model selection
+    dev_fraction: float | Literal["auto"] = "auto"  # questions held out for model selection (see auto_dev_size)
     seed: int = 0
-    output_dir: str = "runs/curated"
+    output_dir: PathStr = "runs/curated"
     ray_address: str | None = None
 
-    @field_validator("tasks", mode="before")
+    tasks_and_definitions = model_validator(mode="before")(split_user_tasks)
+
+    @model_validator(mode="before")
     @classmethod
-    def _one_task(cls, v):
-        return [v] if isinstance(v, str) else v
+    def _teacher_file(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("teacher"), str):
+            data = {**data, "teacher": read_yaml(data["teacher"])}
+        return data
 
     @model_validator(mode="after")
-    def _needs_teacher(self):
-        if self.method == "fine_tune_cot" and not self.teacher_dir:
-            raise ValueError("method fine_tune_cot needs teacher_dir")
+    def _checks(self):
+        if self.method == "fine_tune_cot" and self.teacher is None:
+            raise ValueError("method fine_tune_cot needs the teacher (a mapping, or the path of its config)")
+        if isinstance(self.dev_fraction, float) and not 0 <= self.dev_fraction < 1:
+            raise ValueError("dev_fraction must be in [0, 1) or auto")
+        q = self.train_questions
+        if q is not None and (q <= 0 or (q >= 1 and q != int(q))):
+            raise ValueError("train_questions must be a count >= 1 or a fraction in (0, 1)")
         return self
 
-
-def _records_dir(teacher_dir: str) -> Path:
-    path = Path(teacher_dir)
-    if (path / "records").is_dir():
-        path = path / "records"
-    if not path.is_dir() or not list(path.glob("*.parquet")):
-        raise FcotError(f"teacher_dir {teacher_dir}: no teacher records (*.parquet) found")
-    return path
+    def demands(self, prefix: str = "") -> list[Demand]:
+        return [Demand(f"{prefix}method", "curation formatter actors", 1, {"CPU": 1.0})]
 
 
 class Formatter:
     """Formats and measures pairs with the student's tokenizer (one per Ray Data actor)."""
 
     def __init__(self, method: str, student: str, max_length: int):
-        from transformers import AutoConfig, AutoTokenizer
-
-        from fcot.models import resolve_model
+        from transformers import AutoConfig, AutoTokenizer  # heavy: in the Ray Data actor only
 
         path = resolve_model(student)
         self.encoder_decoder = bool(AutoConfig.from_pretrained(path).is_encoder_decoder)
@@ -86,7 +113,7 @@ class Formatter:
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["question"])
-        prompts, completions, lengths = [], [], []
+        prompts, completions, lengths, completion_lengths = [], [], [], []
         for i in range(n):
             rationale = str(batch["rationale"][i]) if "rationale" in batch else ""
             prompts.append(self.format.render_prompt(str(batch["question"][i]), self.encoder_decoder))
@@ -95,28 +122,31 @@ class Formatter:
         c_ids = self.tokenizer(completions, add_special_tokens=False).input_ids
         for p, c in zip(p_ids, c_ids):  # + 1 for the EOS the trainer appends
             lengths.append(max(len(p), len(c) + 1) if self.encoder_decoder else len(p) + len(c) + 1)
+            completion_lengths.append(len(c) + 1)
         batch["prompt"], batch["completion"], batch["length"] = prompts, completions, lengths
+        batch["completion_length"] = completion_lengths
         batch["too_long"] = [length > self.max_length for length in lengths]
         return batch
 
 
-RECORD_COLUMNS = ["task", "index", "sample_index", "question", "gold", "rationale", "correct", "temperature"]
-FORMATTED_COLUMNS = ["task", "index", "sample_index", "correct", "temperature", "prompt", "completion", "length",
-                     "too_long"]
+RECORD_COLUMNS = ["key", "task", "index", "sample_index", "question", "gold", "rationale"]
+FORMATTED_COLUMNS = ["key", "prompt", "completion", "length", "completion_length", "too_long"]
 
 
 def formatted_dir(cfg: CurateConfig) -> Path:
     """Formatted teacher shards for one formatting (method, student, max length): a part per teacher shard."""
-    key = hashlib.sha256(json.dumps([cfg.method, cfg.student, cfg.max_length]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([2, cfg.method, cfg.student, cfg.max_length]).encode()).hexdigest()[:12]
     return Path(cfg.output_dir) / "formatted" / key
 
 
+def records_dir(cfg: CurateConfig) -> Path:
+    path = Path(cfg.teacher.output_dir) / "records"
+    if not path.is_dir() or not list(path.glob("*.parquet")):
+        raise FcotError(f"teacher.output_dir {cfg.teacher.output_dir}: no teacher records (records/*.parquet)")
+    return path
+
+
 def _write_part(path: Path, columns: dict) -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     buf = io.BytesIO()
     pq.write_table(pa.table({c: list(columns[c]) for c in FORMATTED_COLUMNS}), buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -134,8 +164,6 @@ class ShardStreamer:
         if self.failed or (self.out / shard.name).exists():
             return
         try:
-            import pyarrow.parquet as pq
-
             if self.formatter is None:
                 self.formatter = Formatter(self.cfg.method, self.cfg.student, self.cfg.max_length)
             table = pq.read_table(shard, columns=RECORD_COLUMNS)
@@ -148,19 +176,20 @@ class ShardStreamer:
 
 def _format_shards(cfg: CurateConfig, shards: list[Path]) -> int:
     """Format, on Ray Data, the teacher shards that have no formatted part yet; returns how many."""
-    import pyarrow as pa
-    import ray
+    import ray  # heavy: only when there is something to format
 
     out = formatted_dir(cfg)
     missing = [s for s in shards if not (out / s.name).exists()]
     if not missing:
         return 0
+    init_ray(cfg.ray_address)
     ds = ray.data.read_parquet([str(s.resolve()) for s in missing], include_paths=True)
     ds = ds.select_columns(RECORD_COLUMNS + ["path"])
     ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
                                                           "max_length": cfg.max_length},
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
-    tables = list(ds.select_columns(FORMATTED_COLUMNS + ["path"]).iter_batches(batch_size=None, batch_format="pyarrow"))
+    tables = list(ds.select_columns(FORMATTED_COLUMNS + ["path"]).iter_batches(batch_size=None,
+                                                                               batch_format="pyarrow"))
     table = pa.concat_tables(tables)
     rows_of = defaultdict(list)  # shard name -> its rows, in one pass (thousands of shards in a large run)
     for i, p in enumerate(table.column("path").to_pylist()):
@@ -171,58 +200,62 @@ def _format_shards(cfg: CurateConfig, shards: list[Path]) -> int:
     return len(missing)
 
 
-def _dev_questions(questions: dict[str, list[int]], fraction: float, seed: int) -> set[tuple[str, int]]:
-    dev = set()
-    for task, indices in questions.items():
-        indices = sorted(indices)
-        random.Random(f"{seed}:{task}").shuffle(indices)
-        dev.update((task, i) for i in indices[: round(len(indices) * fraction)])
-    return dev
+def split_questions(cfg: CurateConfig) -> tuple[list, set, set]:
+    """(the questions, the dev questions, the training questions) as (task, index) sets; see the module doc."""
+    if cfg.teacher is not None:
+        qs = teacher_questions(cfg.teacher)
+    else:
+        qs = [s for t in cfg.tasks for s in load_split(t, cfg.split, cfg.split_kind, cfg.data_dir)]
+    dev, train = set(), set()
+    for task in cfg.tasks:
+        indices = sorted(q.index for q in qs if q.task == task)
+        n_dev = auto_dev_size(len(indices)) if cfg.dev_fraction == "auto" else round(len(indices) * cfg.dev_fraction)
+        random.Random(f"{cfg.seed}:{task}").shuffle(indices)
+        dev.update((task, i) for i in indices[:n_dev])
+        pool = indices[n_dev:]
+        random.Random(f"{cfg.seed}:{task}:train").shuffle(pool)  # a prefix of one order: nested subsets
+        q = cfg.train_questions
+        n = len(pool) if q is None else min(len(pool), int(q) if q >= 1 else max(1, math.floor(q * len(pool))))
+        train.update((task, i) for i in pool[:n])
+    return qs, dev, train
 
 
 def curate(cfg: CurateConfig) -> dict:
     """Write OUTPUT_DIR/train/*.parquet (task, index, sample_index, prompt, completion), dev.jsonl, stats.json."""
-    import ray
-
-    from fcot.ray_utils import init_ray
-    from fcot.tasks import load_split
+    import ray  # heavy: Ray Data formats and writes
 
     init_ray(cfg.ray_address)
-    split = {t: load_split(t, cfg.split, cfg.split_kind, cfg.data_dir) for t in cfg.tasks}
-    questions = {t: [s.index for s in samples] for t, samples in split.items()}
-    dev = _dev_questions(questions, cfg.dev_fraction, cfg.seed)
-    in_split = {(t, i) for t, idx in questions.items() for i in idx}
-
+    qs, dev, train_q = split_questions(cfg)
+    stats = {t: defaultdict(int) for t in cfg.tasks}
     formatted_now = 0
     if cfg.method == "vanilla":
-        ds = ray.data.from_items([{"task": s.task, "index": s.index, "sample_index": 0, "question": s.question,
-                                   "gold": s.answer, "correct": True} for samples in split.values() for s in samples])
+        ds = ray.data.from_items([{"key": f"{s.task}/{s.index}", "task": s.task, "index": s.index, "sample_index": 0,
+                                   "question": s.question, "gold": s.answer}
+                                  for s in qs if (s.task, s.index) in train_q])
         ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
                                                               "max_length": cfg.max_length},
                             compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
-        rows = ds.take_all()
+        rows = [{**r, "correct": True} for r in ds.take_all()]
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        shards = sorted(_records_dir(cfg.teacher_dir).glob("*.parquet"))
+        store = RecordStore(records_dir(cfg))
+        shards = store.shards()
         formatted_now = _format_shards(cfg, shards)
-        table = pa.concat_tables([pq.read_table(formatted_dir(cfg) / s.name) for s in shards])
-        tasks, limit, temp = set(cfg.tasks), cfg.num_samples, cfg.teacher_temperature
-        rows = [r for r in table.to_pylist() if r["task"] in tasks and (limit is None or r["sample_index"] < limit)
-                and (temp is None or abs(r["temperature"] - temp) < 1e-4)]
+        records = store.read(teacher_id=teacher_id(cfg.teacher), columns=SLIM).to_pylist()
+        mine = [r for r in records if (r["task"], r["index"]) in train_q or (r["task"], r["index"]) in dev]
+        chosen = [r for r in spent(cfg.teacher, mine) if cfg.num_samples is None or r["sample_index"] < cfg.num_samples]
+        parts = pa.concat_tables([pq.read_table(formatted_dir(cfg) / s.name) for s in shards])
+        formatted = {k: i for i, k in enumerate(parts.column("key").to_pylist())}
+        take = parts.take([formatted[r["key"]] for r in chosen]).to_pylist()
+        rows = [{**r, **f} for r, f in zip(chosen, take)]
 
-    stats = {t: defaultdict(int) for t in cfg.tasks}
     kept, seen = [], set()
     for r in sorted(rows, key=lambda r: (r["task"], r["index"], r["sample_index"])):
         task, index = str(r["task"]), int(r["index"])
-        if (task, index) not in in_split:
-            continue  # a record of another split (e.g. a teacher run on test questions)
         st = stats[task]
-        st["samples"] += 1
         if (task, index) in dev:
             st["dev_samples"] += 1
             continue
+        st["samples"] += 1
         if not r["correct"]:
             st["dropped_incorrect"] += 1
             continue
@@ -235,12 +268,15 @@ def curate(cfg: CurateConfig) -> dict:
             continue
         st["kept"] += 1
         kept.append({"task": task, "index": index, "sample_index": int(r["sample_index"]),
-                     "prompt": str(r["prompt"]), "completion": str(r["completion"]), "length": int(r["length"])})
+                     "prompt": str(r["prompt"]), "completion": str(r["completion"]), "length": int(r["length"]),
+                     "completion_length": int(r["completion_length"])})
     for task in cfg.tasks:
-        train_q = [i for i in questions[task] if (task, i) not in dev]
+        train_t = {i for t, i in train_q if t == task}
         with_sample = {r["index"] for r in kept if r["task"] == task}
-        stats[task].update(questions=len(train_q), dev_questions=len(questions[task]) - len(train_q),
-                           questions_without_sample=len(set(train_q) - with_sample))
+        lengths = sorted(r["completion_length"] for r in kept if r["task"] == task)
+        stats[task].update(questions=len(train_t), dev_questions=sum(t == task for t, _ in dev),
+                           questions_without_sample=len(train_t - with_sample),
+                           completion_length_max=lengths[-1] if lengths else 0)
     if not kept:
         raise FcotError(f"curation kept no sample for {', '.join(cfg.tasks)} (see the stats: "
                         f"{json.dumps({t: dict(s) for t, s in stats.items()})})")
@@ -251,11 +287,13 @@ def curate(cfg: CurateConfig) -> dict:
     ray.data.from_items(kept).repartition(max(1, len(kept) // 5000)).write_parquet(str(tmp))
     shutil.rmtree(out / "train", ignore_errors=True)
     os.replace(tmp, out / "train")  # the curated set appears whole or not at all
-    dev_rows = [s.to_dict() for samples in split.values() for s in samples if (s.task, s.index) in dev]
+    dev_rows = [s.to_dict() for s in qs if (s.task, s.index) in dev]
     atomic_write_jsonl(out / "dev.jsonl", dev_rows)
-    summary = {"method": cfg.method, "num_samples": cfg.num_samples, "kept": len(kept),
-               "shards_formatted_at_curation": formatted_now,
-               "train_dir": str(out / "train"), "dev": str(out / "dev.jsonl"),
+    summary = {"method": cfg.method, "num_samples": cfg.num_samples, "train_questions": cfg.train_questions,
+               "teacher_id": teacher_id(cfg.teacher) if cfg.teacher else None, "kept": len(kept),
+               "completion_length_max": max(r["completion_length"] for r in kept),
+               "shards_formatted_at_curation": formatted_now, "train_dir": str(out / "train"),
+               "dev": str(out / "dev.jsonl"), "dev_questions": len(dev),
                "tasks": {t: dict(s) for t, s in stats.items()}}
     atomic_write_json(out / "stats.json", summary)
     return summary

@@ -1,5 +1,7 @@
 """One error type for everything a user can fix: bad input, bad config, missing files."""
 
+from __future__ import annotations
+
 
 class FcotError(Exception):
     """A problem with the user's input, stated so that it names the file, record and key.
@@ -18,3 +20,28 @@ def where(path=None, record=None, key=None) -> str:
     if key is not None:
         parts.append(f"key {key!r}")
     return ", ".join(parts)
+
+
+def user_error(exc: BaseException) -> FcotError | None:
+    """The FcotError behind `exc`, if any, found through the wrappers Ray puts around a worker's error.
+
+    Ray re-raises a task's or actor's exception as `RayTaskError(FcotError)` (an FcotError whose text is the
+    remote traceback; the original is its `cause`), Ray Data chains it, Ray Train collects each worker's
+    error in `worker_failures`, and Tune keeps a trial's. The one returned is the original, with its message."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, FcotError) and not isinstance(cause, BaseException):
+            return e
+        stack += [e.__context__, e.__cause__, cause if isinstance(cause, BaseException) else None]
+        for attr in ("worker_failures", "errors"):
+            more = getattr(e, attr, None)
+            if isinstance(more, dict):
+                stack += [v for v in more.values() if isinstance(v, BaseException)]
+            elif isinstance(more, (list, tuple)):
+                stack += [v for v in more if isinstance(v, BaseException)]
+    return None

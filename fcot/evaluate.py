@@ -2,8 +2,10 @@
 
 Methods: `fine_tune_cot` and `vanilla` (fine-tuned students), and the baselines `zero_shot`,
 `zero_shot_cot` (two steps) and `few_shot_cot`. Inference runs as Ray Data `map_batches` over an actor pool
-of engine replicas (vLLM where installed and asked for, transformers otherwise). Self-consistency (k samples
-at a temperature, majority vote over the extracted answers) is an option.
+of engine replicas, on the teacher's engines and `EngineConfig` (hf or vLLM; replicas, GPUs, tensor parallel,
+context length). Self-consistency (k samples at a temperature, majority vote over the extracted answers) is an
+option. Every accuracy comes with its 95% bootstrap interval, the split's majority-answer and random-guess
+rates, and whether the model's answers collapsed to one (fcot.stats).
 """
 
 from __future__ import annotations
@@ -13,44 +15,75 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
-from fcot.config import Config
+from fcot.config import Config, PathStr
+from fcot.engines import Completion, EngineConfig, HFEngine, Request, build_engine
 from fcot.errors import FcotError
-from fcot.io import atomic_write_json, atomic_write_jsonl
-from fcot.prompts import ANSWER_TRIGGER, PREDICTION_PREFIX, few_shot_cot, few_shot_excluded_indices, get_format, zero_shot_cot_step1
-from fcot.scoring import score, summarize
-from fcot.tasks import Sample, get_task, load_split
-from fcot.teacher.engines import Request
+from fcot.io import atomic_write_json, atomic_write_jsonl, read_json
+from fcot.models import resolve_model
+from fcot.prompts import (
+    PREDICTION_PREFIX,
+    few_shot_cot,
+    few_shot_excluded_indices,
+    get_format,
+    zero_shot_cot_step1,
+    zero_shot_cot_step2,
+)
+from fcot.ray_utils import Usage, cpu_seconds, init_ray
+from fcot.resources import Demand
+from fcot.scoring import format_prediction, score, summarize
+from fcot.stats import COLLAPSE_SHARE, accuracy_interval, majority, random_guess, top_prediction
+from fcot.tasks import DataDir, Sample, TaskNames, UserTask, get_task, load_split, split_user_tasks
 
 Method = Literal["fine_tune_cot", "vanilla", "zero_shot", "zero_shot_cot", "few_shot_cot"]
+AUTO_MARGIN = 8  # "auto" generation length: the longest curated completion plus this many tokens
+AUTO_BASELINE = {"zero_shot": 64, "vanilla": 64, "zero_shot_cot": 256, "few_shot_cot": 256, "fine_tune_cot": 256}
 
 
 class EvalConfig(Config):
-    model: str
-    tasks: list[str]
+    engine: EngineConfig  # engine.model: the model evaluated
+    tasks: TaskNames
+    user_tasks: list[UserTask] = []
     method: Method = "fine_tune_cot"
     split: Literal["train", "test"] = "test"
     split_kind: str = "default"
     subset: int | None = Field(None, ge=1)  # the first N questions of the split
-    data_dir: str | None = None
-    output_dir: str = "runs/eval"
-    engine: Literal["hf", "vllm"] = "hf"
-    dtype: Literal["bfloat16", "float16", "float32"] = "float32"
-    replicas: int = Field(1, ge=1)
-    cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)
-    batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
+    data_dir: DataDir = Field(None, validate_default=True)
+    output_dir: PathStr = "runs/eval"
+    # "auto": the longest completion curation kept (`curated`: its stats.json) plus a margin; else a default
+    max_new_tokens: int | Literal["auto"] = "auto"
+    curated: PathStr | None = None
     self_consistency: int = Field(1, ge=1)  # k > 1: k samples at `temperature`, majority vote
     temperature: float = Field(0.7, gt=0)
     seed: int = 0
     ray_address: str | None = None
 
-    @field_validator("tasks", mode="before")
+    tasks_and_definitions = model_validator(mode="before")(split_user_tasks)
+
+    @model_validator(mode="before")
     @classmethod
-    def _one_task(cls, v):
-        return [v] if isinstance(v, str) else v
+    def _engine_defaults(cls, data):
+        """Students train in fp32 on CPU: evaluation decodes in fp32 unless told otherwise."""
+        if isinstance(data, dict) and isinstance(data.get("engine"), dict):
+            data = {**data, "engine": {"dtype": "float32", **data["engine"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _generates(self):
+        if self.engine.kind == "recorded":
+            raise ValueError("eval.engine.kind recorded cannot generate: use hf, vllm or openai")
+        return self
+
+    def demands(self, prefix: str = "") -> list[Demand]:
+        return self.engine.demands(f"{prefix}engine.", "evaluation engine replicas")
+
+    def generation_length(self) -> int:
+        if self.max_new_tokens != "auto":
+            return self.max_new_tokens
+        if self.curated and Path(self.curated).exists():
+            return int(read_json(self.curated)["completion_length_max"]) + AUTO_MARGIN
+        return AUTO_BASELINE[self.method]
 
 
 def _requests(method: str, samples: list[dict], max_new_tokens: int, k: int, temperature: float, seed: int,
@@ -78,15 +111,15 @@ def predict_samples(engine, samples: list[dict], method: str, max_new_tokens: in
     reqs = _requests(method, samples, max_new_tokens, k, temperature, seed, encoder_decoder)
     outs = engine.generate(reqs)
     if method == "zero_shot_cot":  # step 2: greedy answer extraction after the trigger
-        outs2 = engine.generate([Request(prompt=f"{r.prompt}{o.text}\n{ANSWER_TRIGGER}", max_new_tokens=32)
+        outs2 = engine.generate([Request(prompt=zero_shot_cot_step2(r.prompt, o.text), max_new_tokens=32)
                                  for r, o in zip(reqs, outs)])
     prefix = PREDICTION_PREFIX[method]
     rows = []
     for i, s in enumerate(samples):
         spec = get_task(s["task"])
-        scored = []
+        scored: list[tuple] = []
         for j in range(k):
-            o = outs[i * k + j]
+            o: Completion = outs[i * k + j]
             text = outs2[i * k + j].text if method == "zero_shot_cot" else o.text
             scored.append((score(spec, text, s["answer"], prefix=prefix, finish_reason=o.finish_reason), o))
         if k == 1:
@@ -96,21 +129,20 @@ def predict_samples(engine, samples: list[dict], method: str, max_new_tokens: in
             winner = votes.most_common(1)[0][0] if votes else None
             result, out = next(((r, o) for r, o in scored if r.prediction == winner), scored[0])
         rows.append({"task": s["task"], "index": int(s["index"]), "answer": s["answer"], "completion": out.text,
-                     **result.to_dict(), "prediction": None if result.prediction is None else str(result.prediction),
-                     "votes": k})
+                     **result.to_dict(), "prediction": format_prediction(result.prediction), "votes": k,
+                     "completion_tokens": out.completion_tokens})
     return rows
 
 
 def evaluate_model(model, tokenizer, samples: list[Sample], format_name: str = "fine_tune_cot",
-                   encoder_decoder: bool | None = None, max_new_tokens: int = 256, batch_size: int = 32) -> dict:
-    """Greedy accuracy of an in-memory model on `samples` (used between epochs for model selection)."""
-    from fcot.teacher.engines import HFEngine
-
+                   max_new_tokens: int = 256, batch_size: int = 32) -> dict:
+    """Greedy accuracy of an in-memory model on `samples` (the trainer's dev evaluation between epochs)."""
     engine = HFEngine.from_model(model, tokenizer, batch_size=batch_size)
     was_training = model.training
     rows = predict_samples(engine, [s.to_dict() for s in samples], format_name, max_new_tokens)
     model.train(was_training)
-    scores = [score(get_task(r["task"]), r["completion"], r["answer"], prefix=PREDICTION_PREFIX[format_name]) for r in rows]
+    scores = [score(get_task(r["task"]), r["completion"], r["answer"], prefix=PREDICTION_PREFIX[format_name])
+              for r in rows]
     return summarize(",".join(sorted({s.task for s in samples})), scores)
 
 
@@ -118,33 +150,44 @@ class EvalWorker:
     """One inference replica in Ray Data's actor pool."""
 
     def __init__(self, cfg: dict):
-        from transformers.utils import logging as hf_logging
-
-        from fcot.models import resolve_model
-        from fcot.teacher.engines import HFEngine, VLLMEngine
+        from transformers.utils import logging as hf_logging  # heavy; a replica loads a model anyway
 
         hf_logging.disable_progress_bar()
-        self.cfg = EvalConfig.model_validate(cfg)
-        path = resolve_model(self.cfg.model)
-        if self.cfg.engine == "vllm":
-            self.engine = VLLMEngine(path, dtype=self.cfg.dtype)
-        else:
-            self.engine = HFEngine(path, dtype=self.cfg.dtype, batch_size=self.cfg.batch_size,
-                                   num_threads=max(1, int(self.cfg.cpus_per_replica)))
+        self.usage = Usage()
+        self.cfg = EvalConfig.model_validate(cfg)  # registers the config's user tasks in this worker
+        self.engine = build_engine(self.cfg.engine, cache_dir=str(Path(self.cfg.output_dir) / ".engine_cache"))
+        self.max_new_tokens = self.cfg.generation_length()
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["index"])
         samples = [{name: batch[name][i] for name in ("task", "index", "question", "answer")} for i in range(n)]
         c = self.cfg
-        rows = predict_samples(self.engine, samples, c.method, c.max_new_tokens, c.self_consistency, c.temperature, c.seed)
-        return {key: [r[key] for r in rows] for key in rows[0]}
+        rows = predict_samples(self.engine, samples, c.method, self.max_new_tokens, c.self_consistency,
+                               c.temperature, c.seed)
+        used = self.usage.take()
+        out = {key: [r[key] for r in rows] for key in rows[0]}
+        out["_cpu_s"], out["_gpu_s"] = [used["cpu_s"] / n] * n, [used["gpu_s"] / n] * n
+        return out
+
+
+def task_metrics(task: str, rows: list[dict], samples: list[Sample]) -> dict:
+    """Accuracy with its interval, the rates it must beat, and the student's answer spread, for one task."""
+    n = len(rows)
+    correct = [bool(r["correct"]) for r in rows]
+    spec = get_task(task)
+    top, share = top_prediction([r["prediction"] for r in rows])
+    answer, majority_rate = majority([s.answer for s in samples])
+    return {"n": n, "accuracy": sum(correct) / n, "accuracy_ci": accuracy_interval(correct),
+            "correct_format": sum(r["correct_format"] for r in rows) / n,
+            "contains_answer": sum(r["contains_answer"] for r in rows) / n,
+            "majority_answer": answer, "majority": majority_rate,
+            "random": random_guess(spec.answer_type, [s.choices for s in samples]),
+            "top_prediction": top, "top_prediction_share": share, "collapsed": share >= COLLAPSE_SHARE}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate on Ray; writes predictions.jsonl and metrics.json under output_dir, returns the metrics."""
-    import ray
-
-    from fcot.ray_utils import init_ray
+    import ray  # heavy: only where Ray work starts
 
     samples = []
     for task in cfg.tasks:
@@ -156,25 +199,28 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not samples:
         raise FcotError(f"no questions to evaluate for tasks {cfg.tasks}")
     init_ray(cfg.ray_address)
-    started = time.time()
+    started, cpu_started = time.time(), cpu_seconds()
+    # The model resolved here: workers run elsewhere (another directory, another node's environment).
+    engine = cfg.engine.model_copy(update={"model": resolve_model(cfg.engine.model)})
+    resolved = cfg.model_copy(update={"engine": engine})
     items = [{**s.to_dict(), "choices": None} for s in samples]
+    e = cfg.engine
     ds = ray.data.from_items(items).map_batches(
-        EvalWorker, fn_constructor_kwargs={"cfg": cfg.model_dump()}, batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.replicas), num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica or None,
-        batch_format="numpy")
+        EvalWorker, fn_constructor_kwargs={"cfg": resolved.model_dump()}, batch_size=e.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=e.replicas), num_cpus=e.cpus_per_replica,
+        num_gpus=e.gpus_per_replica or None, batch_format="numpy")
     rows = sorted(ds.take_all(), key=lambda r: (r["task"], r["index"]))
     rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows]
+    cpu_s = sum(r.pop("_cpu_s") for r in rows) + cpu_seconds() - cpu_started
+    gpu_s = sum(r.pop("_gpu_s") for r in rows)
     out = Path(cfg.output_dir)
     atomic_write_jsonl(out / "predictions.jsonl", rows)
-    metrics = {"model": cfg.model, "method": cfg.method, "split": cfg.split, "self_consistency": cfg.self_consistency,
-               "wall_s": round(time.time() - started, 2), "tasks": {}}
+    metrics = {"model": cfg.engine.model, "method": cfg.method, "split": cfg.split,
+               "self_consistency": cfg.self_consistency, "max_new_tokens": cfg.generation_length(),
+               "wall_s": round(time.time() - started, 2), "cpu_s": round(cpu_s, 1), "gpu_s": round(gpu_s, 1),
+               "tasks": {}}
     for task in cfg.tasks:
-        task_rows = [r for r in rows if r["task"] == task]
-        n = len(task_rows)
-        metrics["tasks"][task] = {
-            "n": n, "accuracy": sum(r["correct"] for r in task_rows) / n,
-            "correct_format": sum(r["correct_format"] for r in task_rows) / n,
-            "contains_answer": sum(r["contains_answer"] for r in task_rows) / n,
-        }
+        metrics["tasks"][task] = task_metrics(task, [r for r in rows if r["task"] == task],
+                                              [s for s in samples if s.task == task])
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -29,6 +29,14 @@ def zero_shot_cot_step2(step1_prompt: str, rationale: str) -> str:
     return f"{step1_prompt}{rationale}\n{ANSWER_TRIGGER}"
 
 
+def zero_shot_cot_step2_messages(messages: tuple, rationale: str) -> tuple:
+    """Step 2 of a chat prompt: the assistant's turn continued with the rationale and the answer trigger (or,
+    when step 1 was all in the user turn, the rationale as the answer and the trigger as the next user turn)."""
+    if messages[-1]["role"] == "assistant":
+        return messages[:-1] + ({"role": "assistant", "content": f"{COT_TRIGGER}{rationale}\n{ANSWER_TRIGGER}"},)
+    return messages + ({"role": "assistant", "content": rationale}, {"role": "user", "content": ANSWER_TRIGGER})
+
+
 @functools.lru_cache(maxsize=1)
 def _few_shot_table() -> dict:
     text = resources.files("fcot.data").joinpath("few_shot_cot.json").read_text(encoding="utf-8")

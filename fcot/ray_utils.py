@@ -1,18 +1,30 @@
-"""Start or join Ray: a local cluster started by the program itself, or RAY_ADDRESS / a configured address."""
+"""Start or join Ray, Ray's token auth, and what a Ray process measures of itself.
+
+`init_ray`: a local cluster started by the program itself, or RAY_ADDRESS / a configured address.
+`auth_token`: Ray 2.60's token authentication (on by default) wants `Authorization: Bearer TOKEN` on the
+dashboard; Ray's own client adds it only with RAY_AUTH_MODE=token, fcot sends it whenever a token is found.
+`Usage`: the CPU-seconds of this process and its children (a vLLM replica's engine process included) and the
+GPU-seconds of the GPUs Ray gave it, measured by the process that did the work and reported with its results.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from pathlib import Path
+
+import psutil
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    import ray
+    import ray  # heavy (~1 s): only where Ray work starts
     from ray.data import DataContext
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        quiet = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+        quiet = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                 "TOKENIZERS_PARALLELISM": "false"}
         kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env={"env_vars": quiet})
         if address:
             ray.init(address=address, **kwargs)
@@ -23,3 +35,56 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # fcot prints its own progress with samples/s and tokens/s
     ctx.print_on_execution_start = False
+
+
+def auth_token() -> str | None:
+    """The Ray auth token the way Ray finds it: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def auth_headers() -> dict[str, str]:
+    token = auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its live children (user + system)."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def gpus_held() -> int:
+    """GPUs Ray assigned to this worker (0 outside Ray or on CPU)."""
+    try:
+        import ray  # heavy, and already imported in any Ray worker
+
+        return len(ray.get_gpu_ids()) if ray.is_initialized() else 0
+    except Exception:  # noqa: BLE001 - a driver without a GPU resource
+        return 0
+
+
+class Usage:
+    """Measures a worker from its creation: `take()` returns the CPU-s and GPU-s spent since the last take."""
+
+    def __init__(self):
+        self.cpu, self.wall, self.gpus = cpu_seconds(), time.time(), gpus_held()
+
+    def take(self) -> dict[str, float]:
+        cpu, wall = cpu_seconds(), time.time()
+        out = {"cpu_s": cpu - self.cpu, "gpu_s": self.gpus * (wall - self.wall)}
+        self.cpu, self.wall = cpu, wall
+        return out

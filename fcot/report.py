@@ -1,33 +1,32 @@
-"""`fcot report RUN_DIR`: report.md with PNG plots, rebuilt from a run directory's stage markers.
+"""`fcot report DIR [DIR ...]`: report.md with PNG plots, rebuilt from a run's or a sweep's folder.
 
-A person should rather look at it than read logs: accuracy of teacher, students and baselines; training
-and dev curves; the teacher's kept fraction per task; time and tokens per stage; and the cost ledger.
+Rule: no accuracy without its noise. Every accuracy is written `55.3% [47.3, 63.3]` (95% bootstrap interval over
+questions), beside the rates it must beat (the test split's majority answer, random guessing on multiple
+choice); a student that gives one answer to >= 90% of the questions is marked collapsed; "X over Y" is written
+only with the paired-bootstrap interval of the difference, and the first lines say whether Fine-tune-CoT beat
+vanilla fine-tuning beyond the noise. Sweeps: mean over seeds with an interval that resamples seeds and
+questions; student size on a log axis of parameter counts, D and data size on log axes.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fcot.errors import FcotError
 from fcot.io import atomic_write_text, read_json
+from fcot.layout import RunLayout
+from fcot.stats import fmt_acc, fmt_diff, paired_difference, seeds_interval
 
-
-def _load_stages(run_dir: Path) -> dict[str, dict]:
-    folder = run_dir / "stages"
-    if not folder.is_dir():
-        raise FcotError(f"{run_dir}: not a run directory (no stages/ folder)")
-    return {p.stem: read_json(p) for p in sorted(folder.glob("*.json"))}
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
+LOG_AXES = ("num_samples", "train_questions", "lr", "max_samples", "min_correct", "model")
+CORRECT_COLUMNS = ("task", "index", "correct", "prediction")
 
 
 def _plot(path: Path, draw) -> str:
-    import matplotlib
+    import matplotlib  # heavy: only when drawing
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy, as above
 
     fig = draw(plt)
     fig.tight_layout()
@@ -36,104 +35,184 @@ def _plot(path: Path, draw) -> str:
     return path.name
 
 
-def build_report(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    stages = _load_stages(run_dir)
-    teacher = stages.get("teacher", {}).get("result", {})
-    tasks = list((teacher.get("tasks") or {}).keys())
-    evals = {name[len("eval-"):]: m["result"] for name, m in stages.items() if name.startswith("eval-")}
-    trains = {name[len("train-"):]: m["result"] for name, m in stages.items() if name.startswith("train-")}
-    curates = {name[len("curate-"):]: m["result"] for name, m in stages.items() if name.startswith("curate-")}
-    lines = [f"# fcot run: {run_dir.name}", ""]
+def _outcomes(predictions: Path) -> dict[tuple, bool]:
+    """(task, index) -> correct, from an evaluation's predictions.jsonl."""
+    out = {}
+    for line in predictions.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out[(r["task"], int(r["index"]))] = bool(r["correct"])
+    return out
 
-    # Accuracy table: teacher, trained students, baselines.
-    lines += ["## Accuracy (test split unless noted)", "", "| task | teacher (train, greedy) | teacher (train, all samples) | "
-              + " | ".join(evals) + " |", "| --- | --- | --- | " + " | ".join("---" for _ in evals) + " |"]
+
+def comparison(layout: RunLayout, task: str, a: str, b: str) -> tuple[float, float, float] | None:
+    """Paired bootstrap of accuracy(a) - accuracy(b) on the questions both answered."""
+    pa, pb = layout.eval(a) / "predictions.jsonl", layout.eval(b) / "predictions.jsonl"
+    if not (pa.exists() and pb.exists()):
+        return None
+    oa, ob = _outcomes(pa), _outcomes(pb)
+    keys = sorted(k for k in oa if k in ob and k[0] == task)
+    return paired_difference([oa[k] for k in keys], [ob[k] for k in keys]) if keys else None
+
+
+def _verdict(task: str, diff) -> str:
+    d, lo, hi = diff
+    if lo > 0:
+        return f"**{task}: Fine-tune-CoT beats vanilla fine-tuning by {fmt_diff(d, lo, hi)}**: the interval excludes 0."
+    if hi < 0:
+        return f"**{task}: Fine-tune-CoT is worse than vanilla fine-tuning by {fmt_diff(d, lo, hi)}**."
+    return (f"**{task}: no significant difference between Fine-tune-CoT and vanilla fine-tuning** "
+            f"({fmt_diff(d, lo, hi)}; the interval includes 0).")
+
+
+def build_report(run_dir: str | Path) -> Path:
+    layout = RunLayout(Path(run_dir))
+    if not layout.stages.is_dir():
+        raise FcotError(f"{run_dir}: not a run directory (no stages/ folder)")
+    found = {p.stem: read_json(p) for p in sorted(layout.stages.glob("*.json"))}
+    order = read_json(layout.summary).get("order", []) if layout.summary.exists() else []
+    stages = {name: found[name] for name in [*order, *sorted(found)] if name in found}  # the chain's order
+    teacher = stages.get("teacher", {}).get("result", {})
+    evals = {n[len("eval-"):]: m["result"] for n, m in stages.items() if n.startswith("eval-")}
+    trains = {n[len("train-"):]: m["result"] for n, m in stages.items() if n.startswith("train-")}
+    curates = {n[len("curate-"):]: m["result"] for n, m in stages.items() if n.startswith("curate-")}
+    tasks = list(dict.fromkeys(t for e in evals.values() for t in e["tasks"])) or list(teacher.get("tasks", {}))
+    lines = [f"# fcot run: {layout.root.name}", ""]
+
+    # The verdict first: Fine-tune-CoT against vanilla fine-tuning, beyond the noise or not.
+    if "fine_tune_cot" in evals and "vanilla" in evals:
+        for task in tasks:
+            diff = comparison(layout, task, "fine_tune_cot", "vanilla")
+            if diff is not None:
+                lines.append(_verdict(task, diff) + " (paired bootstrap over the test questions, 95%)")
+                lines.append("")
+    collapsed = [f"{m} on {t}" for m, e in evals.items() for t, x in e["tasks"].items() if x.get("collapsed")]
+    if collapsed:
+        lines += [f"Collapsed (one answer for ≥ 90% of the questions): {', '.join(collapsed)}.", ""]
+
+    lines += ["## Accuracy on the test split", "",
+              "95% bootstrap intervals over questions. `majority`: always the test split's most frequent answer; "
+              "`random`: a uniform guess among the choices.", "",
+              "| task | method | accuracy | n | correct format | most frequent prediction | |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for task in tasks:
-        t = teacher["tasks"][task]
-        row = [_pct(t.get("accuracy_greedy")), _pct(t.get("accuracy_all_samples"))]
-        row += [_pct(e["tasks"].get(task, {}).get("accuracy")) for e in evals.values()]
-        lines.append(f"| {task} | " + " | ".join(row) + " |")
-    lines += ["", "Teacher accuracy is measured on the training questions it labels; students and baselines on "
-              "the test split with greedy decoding and the paper's answer cleansing. `zero_shot` and other baselines "
-              "run the untrained student.", ""]
+        ref = next((e["tasks"][task] for e in evals.values() if task in e["tasks"]), None)
+        for method, e in evals.items():
+            m = e["tasks"].get(task)
+            if m is None:
+                continue
+            mark = "**collapsed**" if m.get("collapsed") else ""
+            top = f"{m.get('top_prediction')} ({100 * m.get('top_prediction_share', 0):.0f}%)"
+            lines.append(f"| {task} | {method} | {fmt_acc(m['accuracy'], m.get('accuracy_ci'))} | {m['n']} | "
+                         f"{100 * m['correct_format']:.0f}% | {top} | {mark} |")
+        if ref is not None:
+            lines.append(f"| {task} | majority (`{ref['majority_answer']}`) | {fmt_acc(ref['majority'])} | {ref['n']} "
+                         f"| | | |")
+            if ref.get("random") is not None:
+                lines.append(f"| {task} | random guess | {fmt_acc(ref['random'])} | {ref['n']} | | | |")
+    if teacher.get("tasks"):
+        lines += ["", "Teacher on the training questions it labels:", "",
+                  "| task | teacher | samples | correct (all samples) | questions with a correct sample | "
+                  "samples per question |", "| --- | --- | --- | --- | --- | --- |"]
+        ident = teacher.get("teacher", {})
+        for task, t in teacher["tasks"].items():
+            spread = ", ".join(f"{k}: {v}" for k, v in (t.get("samples_per_question") or {}).items())
+            lines.append(f"| {task} | {ident.get('engine', '')} {ident.get('model', '')} | {t['samples']} | "
+                         f"{fmt_acc(t.get('accuracy_all_samples'))} | {t['questions_with_a_correct_sample']} of "
+                         f"{t['questions']} | {spread} |")
+    lines.append("")
 
     def draw_accuracy(plt):
-        fig, ax = plt.subplots(figsize=(max(5, 1.6 * (len(evals) + 1) * max(1, len(tasks))), 3.6))
-        names = ["teacher"] + list(evals)
-        width = 0.8 / len(names)
-        for j, name in enumerate(names):
-            values = [(teacher["tasks"][t].get("accuracy_greedy") or teacher["tasks"][t].get("accuracy_all_samples") or 0)
-                      if name == "teacher" else (evals[name]["tasks"].get(t, {}).get("accuracy") or 0) for t in tasks]
-            bars = ax.bar([i + j * width for i in range(len(tasks))], [100 * v for v in values], width, label=name)
-            ax.bar_label(bars, fmt="%.0f", fontsize=8)
-        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(tasks))], tasks)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 105)
-        ax.legend(fontsize=8, ncol=len(names))
-        ax.set_title("Teacher, students and baselines")
+        fig, ax = plt.subplots(figsize=(max(5, 1.4 * (len(evals) + 1) * max(1, len(tasks))), 3.6))
+        width = 0.8 / max(1, len(evals))
+        for j, (method, e) in enumerate(evals.items()):
+            xs, ys, err = [], [], [[], []]
+            for i, task in enumerate(tasks):
+                m = e["tasks"].get(task)
+                if m is None:
+                    continue
+                lo, hi = m.get("accuracy_ci") or (m["accuracy"], m["accuracy"])
+                xs.append(i + j * width)
+                ys.append(100 * m["accuracy"])
+                err[0].append(100 * (m["accuracy"] - lo))
+                err[1].append(100 * (hi - m["accuracy"]))
+            ax.bar(xs, ys, width, yerr=err, capsize=3, label=method)
+        for i, task in enumerate(tasks):
+            ref = next((e["tasks"][task] for e in evals.values() if task in e["tasks"]), None)
+            if ref is not None:
+                ax.hlines(100 * ref["majority"], i - width / 2, i + width * (len(evals) - 0.5), colors="k",
+                          linestyles="--", label="majority" if i == 0 else None)
+        ax.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(tasks))], tasks)
+        ax.set(ylabel="test accuracy (%)", ylim=(0, 105), title="Students and baselines (95% intervals)")
+        ax.legend(fontsize=8, ncol=3)
         return fig
 
-    if tasks:
-        lines += [f"![accuracy]({_plot(run_dir / 'accuracy.png', draw_accuracy)})", ""]
+    if tasks and evals:
+        lines += [f"![accuracy]({_plot(layout.root / 'accuracy.png', draw_accuracy)})", ""]
 
     if trains:
-        lines += ["## Training", "", "| student | steps | final loss | tokens/s | best dev accuracy (epoch) |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["## Training and model selection", "",
+                  "The student is the epoch with the best dev accuracy (`selection: best_dev`; dev questions are "
+                  "carved from the training questions) or the last epoch; the test split never chooses.", "",
+                  "| student | parameters | steps | final loss | tokens/s | selected epoch | dev accuracy by epoch |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for method, r in trains.items():
-            best = f"{_pct(r.get('best_dev_accuracy'))} ({r.get('best_epoch')})" if r.get("dev") else "—"
-            lines.append(f"| {method} | {r['steps']} | {r['final_loss']:.3f} | {r['tokens_per_s']:.0f} | {best} |")
+            curve = ", ".join(f"{d['epoch']}: {100 * d['accuracy']:.0f}%" for d in r.get("dev") or []) or "—"
+            params = f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "—"
+            loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "—"
+            lines.append(f"| {method} | {params} | {r['steps']} | {loss} | {r['tokens_per_s']:.0f} | "
+                         f"{r.get('selected_epoch', '—')} | {curve} |")
 
         def draw_curves(plt):
             fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
             for method, r in trains.items():
                 axes[0].plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], label=method)
                 if r.get("dev"):
-                    axes[1].plot([d["epoch"] for d in r["dev"]], [100 * d["accuracy"] for d in r["dev"]], "o-", label=method)
+                    line, = axes[1].plot([d["epoch"] for d in r["dev"]], [100 * d["accuracy"] for d in r["dev"]],
+                                         "o-", label=method)
+                    sel = next((d for d in r["dev"] if d["epoch"] == r.get("selected_epoch")), None)
+                    if sel:
+                        axes[1].plot([sel["epoch"]], [100 * sel["accuracy"]], "*", ms=14, color=line.get_color())
             axes[0].set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
-            axes[1].set(xlabel="epoch", ylabel="dev accuracy (%)", title="Dev accuracy (model selection)")
+            axes[1].set(xlabel="epoch", ylabel="dev accuracy (%)", title="Dev accuracy (★ selected)")
             for ax in axes:
                 ax.legend(fontsize=8)
             return fig
 
-        lines += ["", f"![curves]({_plot(run_dir / 'curves.png', draw_curves)})", ""]
+        lines += ["", f"![curves]({_plot(layout.root / 'curves.png', draw_curves)})", ""]
 
     if curates:
-        lines += ["## Curation", "", "| method | task | samples | kept | incorrect | too long | duplicates | questions without a sample |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["## Curation", "", "| method | task | samples | kept | incorrect | too long | duplicates | "
+                  "questions without a sample | dev questions |", "|" + " --- |" * 9]
         for method, c in curates.items():
             for task, s in c["tasks"].items():
-                lines.append(f"| {method} | {task} | {s.get('samples', 0)} | {s.get('kept', 0)} | {s.get('dropped_incorrect', 0)} | "
-                             f"{s.get('dropped_too_long', 0)} | {s.get('dropped_duplicate', 0)} | "
-                             f"{s.get('questions_without_sample', 0)} of {s.get('questions', 0)} |")
+                lines.append(f"| {method} | {task} | {s.get('samples', 0)} | {s.get('kept', 0)} | "
+                             f"{s.get('dropped_incorrect', 0)} | {s.get('dropped_too_long', 0)} | "
+                             f"{s.get('dropped_duplicate', 0)} | {s.get('questions_without_sample', 0)} of "
+                             f"{s.get('questions', 0)} | {s.get('dev_questions', 0)} |")
         if "fine_tune_cot" in curates:
             c = curates["fine_tune_cot"]["tasks"]
 
             def draw_kept(plt):
                 fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(c)), 3))
-                names = list(c)
-                values = [100 * s.get("kept", 0) / max(1, s.get("samples", 0) - s.get("dev_samples", 0)) for s in c.values()]
-                ax.bar_label(ax.bar(names, values), fmt="%.0f")
+                values = [100 * s.get("kept", 0) / max(1, s.get("samples", 0)) for s in c.values()]
+                ax.bar_label(ax.bar(list(c), values), fmt="%.0f")
                 ax.set(ylabel="kept (%)", ylim=(0, 105), title="Teacher samples kept by curation")
                 return fig
 
-            lines += ["", f"![kept]({_plot(run_dir / 'kept.png', draw_kept)})", ""]
+            lines += ["", f"![kept]({_plot(layout.root / 'kept.png', draw_kept)})"]
+        lines.append("")
 
-    # Cost ledger.
-    lines += ["## Time, tokens and cost", "", "| stage | wall s | CPU s | GPU s |", "| --- | --- | --- | --- |"]
+    lines += ["## Time, tokens and cost", "",
+              "CPU-seconds are the CPU time of every process that worked for a stage (driver, Ray actors, training "
+              "workers); GPU-seconds the time each stage's workers held their GPUs; `reserved` what the stage asked "
+              "Ray for.", "", "| stage | wall s | CPU s | GPU s | reserved |", "| --- | --- | --- | --- | --- |"]
     for name, m in stages.items():
-        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.0f} | {m['gpu_s']:.0f} |")
-    teacher_tokens = sum(t.get("prompt_tokens", 0) + t.get("completion_tokens", 0) for t in (teacher.get("tasks") or {}).values())
-    lines += ["", f"Teacher tokens (prompt + completion, both steps): {teacher_tokens:,}."]
-    if "fine_tune_cot" in evals and "vanilla" in evals:
-        cot_cost = sum(m["cpu_s"] + m["gpu_s"] for n, m in stages.items()
-                       if n == "teacher" or n.endswith("-fine_tune_cot"))
-        for task in tasks:
-            gain = 100 * ((evals["fine_tune_cot"]["tasks"].get(task, {}).get("accuracy") or 0)
-                          - (evals["vanilla"]["tasks"].get(task, {}).get("accuracy") or 0))
-            per_point = f"{cot_cost / gain:.0f} CPU/GPU-seconds per point" if gain > 0 else "no gain over vanilla"
-            lines.append(f"Fine-tune-CoT over vanilla on {task}: {gain:+.1f} points; {per_point} (teacher + curation + "
-                         f"training + evaluation of the Fine-tune-CoT student: {cot_cost:.0f} s).")
+        reserved = ", ".join(f"{v:g} {r}" for r, v in (m.get("reserved") or {}).items() if v) or "—"
+        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.0f} | {m['gpu_s']:.0f} | {reserved} |")
+    tokens = sum(t.get("prompt_tokens", 0) + t.get("completion_tokens", 0)
+                 for t in (teacher.get("tasks") or {}).values())
+    lines += ["", f"Teacher tokens (prompt + completion, both steps): {tokens:,}."]
 
     def draw_cost(plt):
         fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(stages)), 3))
@@ -143,50 +222,170 @@ def build_report(run_dir: str | Path) -> Path:
         return fig
 
     if stages:
-        lines += ["", f"![cost]({_plot(run_dir / 'cost.png', draw_cost)})", ""]
-    path = atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
-    return path
+        lines += ["", f"![cost]({_plot(layout.root / 'cost.png', draw_cost)})", ""]
+    return atomic_write_text(layout.report, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+def _trial_outcomes(row: dict, method: str, task: str) -> dict[int, bool] | None:
+    if not row.get("run_dir"):
+        return None
+    path = RunLayout(Path(row["run_dir"])).eval(method) / "predictions.jsonl"
+    if not path.exists():
+        return None
+    return {i: c for (t, i), c in _outcomes(path).items() if t == task}
+
+
+def sweep_points(results: dict) -> list[dict]:
+    """One entry per grid point (its seeds together): per method and task, the mean test accuracy with an
+    interval resampling seeds and questions, and Fine-tune-CoT minus vanilla, paired the same way."""
+    axes, methods, tasks = results["axes"], results.get("methods", []), results.get("tasks", [])
+    points: dict[str, list[dict]] = {}
+    for r in results["trials"]:
+        points.setdefault(json.dumps([r.get(a) for a in axes]), []).append(r)
+    out = []
+    for key, rows in points.items():
+        done = [r for r in rows if r["status"] == "done"]
+        p = {a: v for a, v in zip(axes, json.loads(key))}
+        p.update(seeds=len(done), trials=len(rows), stopped=sum(r["status"].startswith("stopped") for r in rows),
+                 parameters=next((r.get("parameters") for r in rows if r.get("parameters")), None))
+        devs = [r["dev_accuracy"] for r in done if r.get("dev_accuracy") is not None]
+        p["dev_accuracy"] = sum(devs) / len(devs) if devs else None
+        for task in tasks:
+            per_method = {}
+            for method in methods:
+                vectors = [_trial_outcomes(r, method, task) for r in done]
+                vectors = [v for v in vectors if v]
+                if not vectors:
+                    continue
+                common = sorted(set.intersection(*(set(v) for v in vectors)))
+                per_method[method] = [[v[i] for i in common] for v in vectors]
+                mean, lo, hi = seeds_interval(per_method[method])
+                p[f"{method}/{task}"] = {"mean": mean, "ci": [lo, hi],
+                                         "collapsed": any(r.get(f"{method}/{task}/collapsed") for r in done),
+                                         "kept": [r.get(f"{method}/kept") for r in done]}
+            if "fine_tune_cot" in per_method and "vanilla" in per_method:
+                a, b = per_method["fine_tune_cot"], per_method["vanilla"]
+                if len(a) == len(b) and a and len(a[0]) == len(b[0]):
+                    diff = [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+                    mean, lo, hi = seeds_interval(diff)
+                    p[f"difference/{task}"] = {"mean": mean, "ci": [lo, hi]}
+        out.append(p)
+    return out
+
+
+def _x(point: dict, axis: str):
+    """An axis value to plot: a student's parameter count for `train.model`, else the value."""
+    if axis == "train.model" and point.get("parameters"):
+        return point["parameters"]
+    return point.get(axis)
 
 
 def build_sweep_report(sweep_dir: str | Path) -> Path:
-    """report.md for a sweep: every trial in a table, accuracy against each swept axis, the best config."""
+    """report.md for a sweep: every grid point with intervals, the best point by dev accuracy, plots per axis."""
     sweep_dir = Path(sweep_dir)
     results = read_json(sweep_dir / "results.json")
-    metric, axes, trials = results["metric"], results["axes"], results["trials"]
-    lines = [f"# fcot sweep: {results['name']}", "",
-             f"{len(trials)} trials; metric: {metric} (test accuracy of the Fine-tune-CoT student); "
-             f"teacher runs: {results['teacher_runs']} (shared by every trial).", ""]
-    cols = axes + [metric] + sorted({k for t in trials for k in t if k.endswith("_kept")}) + ["status"]
+    axes, methods, tasks = results["axes"], results.get("methods", []), results.get("tasks", [])
+    points = sweep_points(results)
+    atomic_write_text(sweep_dir / "points.json", json.dumps(points, indent=2) + "\n")
+    lines = [f"# fcot sweep: {results['name']}", ""]
+    significant = [p for p in points for t in tasks if (p.get(f"difference/{t}") or {}).get("ci", [0])[0] > 0]
+    if any(f"difference/{t}" in p for p in points for t in tasks):
+        lines += [f"**Fine-tune-CoT beats vanilla fine-tuning beyond the noise at {len(significant)} of {len(points)} "
+                  f"grid points** (mean over seeds, 95% interval resampling seeds and questions excludes 0)"
+                  + (": " + "; ".join(", ".join(f"{a}={p[a]}" for a in axes) for p in significant) if significant
+                     else ". Nowhere else is a difference established."), ""]
+    lines += [f"{len(results['trials'])} trials ({len(points)} grid points x {len(results.get('seeds', [0]))} seeds); "
+              f"teacher runs: {results['teacher_runs']} (shared by every trial, "
+              f"{results.get('teacher_tokens', 0):,} tokens). Model selection: `{results['metric']}` (dev split "
+              f"carved from the training questions); the test split never chooses.", ""]
+    cols = [*axes, "dev accuracy", *[f"{m} test" for m in methods]]
+    if "fine_tune_cot" in methods and "vanilla" in methods:
+        cols.append("Fine-tune-CoT − vanilla")
+    cols += ["kept", "seeds", "stopped"]
     lines += ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for t in sorted(trials, key=lambda t: [str(t.get(a)) for a in axes]):
-        lines.append("| " + " | ".join(_pct(t.get(c)) if c == metric else str(t.get(c, "—")) for c in cols) + " |")
-    if results.get("best"):
-        best = results["best"]
-        lines += ["", f"**Best**: " + ", ".join(f"`{a}={best[a]}`" for a in axes) + f" → {_pct(best[metric])}", ""]
+    for p in points:
+        for task in tasks:
+            cells = [str(p.get(a)) for a in axes] + [fmt_acc(p.get("dev_accuracy"))]
+            for m in methods:
+                x = p.get(f"{m}/{task}")
+                cells.append("—" if x is None else fmt_acc(x["mean"], x["ci"]) + (" **collapsed**" if x["collapsed"]
+                                                                                   else ""))
+            if "Fine-tune-CoT − vanilla" in cols:
+                d = p.get(f"difference/{task}")
+                cells.append("—" if d is None else fmt_diff(d["mean"], *d["ci"]))
+            kept = p.get(f"{methods[0]}/{task}", {}).get("kept") if methods else None
+            cells += [", ".join(str(k) for k in kept) if kept else "—", str(p["seeds"]), str(p["stopped"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    best = results.get("best")
+    if best:
+        tests = ", ".join(f"{k.split('/')[0]} {fmt_acc(v)}" for k, v in best.items() if k.endswith("/test_accuracy"))
+        lines += ["", "**Best by dev accuracy**: " + ", ".join(f"`{a}={best[a]}`" for a in axes)
+                  + f" → dev {fmt_acc(best[results['metric']])} (mean of {best['seeds']} seed(s)); test: {tests}.", ""]
+    stopped = [t for t in results["trials"] if t["status"].startswith("stopped")]
+    if stopped:
+        lines += ["Stopped early by the scheduler: " + "; ".join(
+            ", ".join(f"{a}={t.get(a)}" for a in [*axes, "train.seed"]) + f" ({t['status']})" for t in stopped), ""]
+    errors = [t for t in results["trials"] if t["status"] == "error"]
+    if errors:
+        lines += ["Failed trials: " + "; ".join(f"{t.get('error', '')}" for t in errors), ""]
 
-    log_axes = ("num_samples", "fraction", "subset", "lr")
     for axis in axes:
-        others = [a for a in axes if a != axis]
-
-        def draw(plt, axis=axis, others=others):
-            fig, ax = plt.subplots(figsize=(5, 3.4))
-            groups: dict[tuple, list] = {}
-            for t in trials:
-                if t.get(metric) is not None:
-                    groups.setdefault(tuple(t.get(o) for o in others), []).append((t[axis], t[metric]))
-            for key, points in groups.items():
-                points.sort(key=lambda p: (isinstance(p[0], str), p[0]))
-                xs = [p[0] for p in points]
-                label = ", ".join(f"{o}={v}" for o, v in zip(others, key)) or None
-                ax.plot([str(x) for x in xs] if any(isinstance(x, str) for x in xs) else xs,
-                        [100 * p[1] for p in points], "o-", label=label)
-            if axis.endswith(log_axes) and all(isinstance(t.get(axis), (int, float)) for t in trials):
-                ax.set_xscale("log", base=2 if axis.endswith("num_samples") else 10)
-            ax.set(xlabel=axis, ylabel=f"{metric} (%)", title=f"{metric} vs {axis}")
-            if len(groups) > 1:
-                ax.legend(fontsize=7)
-            return fig
-
         name = f"sweep_{axis.replace('.', '_')}.png"
-        lines += [f"![{axis}]({_plot(sweep_dir / name, draw)})", ""]
+        drawn = _plot(sweep_dir / name, lambda plt, axis=axis: _draw_axis(plt, [(results, points)], axis))
+        lines += [f"![{axis}]({drawn})", ""]
     return atomic_write_text(sweep_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _draw_axis(plt, studies: list[tuple[dict, list[dict]]], axis: str, ax=None):
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    numeric = True
+    for results, points in studies:
+        others = [a for a in results["axes"] if a != axis]
+        for task in results.get("tasks", []):
+            for method in results.get("methods", []):
+                groups: dict[tuple, list] = {}
+                for p in points:
+                    x = p.get(f"{method}/{task}")
+                    if x is not None and axis in p:
+                        groups.setdefault(tuple(str(p.get(o)) for o in others), []).append((_x(p, axis), x))
+                for key, pts in groups.items():
+                    numeric &= all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in pts)
+                    pts.sort(key=lambda q: (isinstance(q[0], str), q[0]))
+                    xs = [v if numeric else str(v) for v, _ in pts]
+                    ys = [100 * m["mean"] for _, m in pts]
+                    err = [[100 * (m["mean"] - m["ci"][0]) for _, m in pts],
+                           [100 * (m["ci"][1] - m["mean"]) for _, m in pts]]
+                    label = ", ".join([f"{task} {method}", *[f"{o.split('.')[-1]}={v}" for o, v in zip(others, key)]])
+                    ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=label)
+    if numeric and axis.endswith(LOG_AXES):
+        ax.set_xscale("log", base=2 if axis.endswith(("num_samples", "max_samples", "min_correct")) else 10)
+    xlabel = "student parameters" if axis == "train.model" else axis
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"test accuracy vs {axis} (mean, 95% interval)")
+    ax.legend(fontsize=6)
+    return fig
+
+
+def build_study_report(sweep_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """One figure across several sweeps (tasks): each axis they share, every sweep's curves on it."""
+    studies = []
+    for d in sweep_dirs:
+        results = read_json(Path(d) / "results.json")
+        studies.append((results, sweep_points(results)))
+    axes = list(dict.fromkeys(a for r, _ in studies for a in r["axes"]))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def draw(plt):
+        fig, grid = plt.subplots(1, len(axes), figsize=(5.5 * len(axes), 3.8), squeeze=False)
+        for ax, axis in zip(grid[0], axes):
+            _draw_axis(plt, [s for s in studies if axis in s[0]["axes"]], axis, ax)
+        return fig
+
+    name = _plot(out / "study.png", draw)
+    lines = ["# fcot study", "", "Sweeps: " + ", ".join(f"`{r['name']}` ({', '.join(r.get('tasks', []))})"
+                                                        for r, _ in studies), "", f"![study]({name})", ""]
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Union
 
-from fcot.tasks import get_task
-from fcot.tasks.registry import TaskSpec
+from fcot.errors import FcotError
+from fcot.io import atomic_write_jsonl, iter_jsonl, require
+from fcot.tasks import TaskSpec, get_task, load_records
 
 Prediction = Union[str, float, None]
 
@@ -62,6 +64,15 @@ def predict(spec: TaskSpec, completion: str, prefix: str | None = None) -> tuple
     if not found:
         return None, found
     return (found[0] if first else found[-1]), found
+
+
+def format_prediction(prediction: Prediction) -> str | None:
+    """A prediction as records and reports store it: floats without a trailing `.0`, None kept."""
+    if prediction is None:
+        return None
+    if isinstance(prediction, float):
+        return str(int(prediction)) if prediction.is_integer() else repr(prediction)
+    return str(prediction)
 
 
 def is_correct(spec: TaskSpec, prediction: Prediction, answer) -> bool:
@@ -123,12 +134,6 @@ def score_jsonl(task: str, input_path, prefix: str | None = None, output_path=No
     `index` points into the task's records (file order, `Sample.index`); `answer` overrides the gold.
     Writes one result per line to `output_path` (default: `<input>.scored.jsonl`) and returns the summary.
     """
-    from pathlib import Path
-
-    from fcot.errors import FcotError
-    from fcot.io import atomic_write_jsonl, iter_jsonl, require
-    from fcot.tasks import load_records
-
     spec = get_task(task)
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path else input_path.with_name(input_path.stem + ".scored.jsonl")

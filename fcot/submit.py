@@ -20,27 +20,37 @@ Ray's own client adds it only when RAY_AUTH_MODE=token is set in the client's en
 itself whenever a token is found ($RAY_AUTH_TOKEN, the file at $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token),
 unless RAY_AUTH_MODE=disabled.
 
-Inside the job, `python -m fcot.submit COMMAND CONFIG ...` prints which secrets arrived (set / not set,
+Inside the job, `python -m fcot.job COMMAND CONFIG ...` prints which secrets arrived (set / not set,
 never a value) and then runs `fcot COMMAND CONFIG ...`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import math
+import logging
 import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from fcot.config import SECRET_WORDS, apply_override
-from fcot.errors import FcotError
+import yaml
 
-COMMANDS = ("run", "teach", "curate", "train", "eval")
+from fcot.config import SECRET_WORDS, apply_override, load_config, read_yaml
+from fcot.curate import CurateConfig
+from fcot.errors import FcotError
+from fcot.evaluate import EvalConfig
+from fcot.ray_utils import auth_headers, auth_token
+from fcot.resources import AUTH_HELP, check_resources
+from fcot.run import RunConfig
+from fcot.sweep import SweepConfig
+from fcot.teacher.config import TeachConfig
+from fcot.train.config import TrainConfig
+
+COMMANDS = ("run", "teach", "curate", "train", "eval", "sweep")
 # Forwarded from the submitter's environment when set, plus the teacher's `engine.api_key_env`.
 SECRET_ENV = ("WANDB_API_KEY", "OPENAI_API_KEY", "HF_TOKEN")
 # fcot.ray_utils.init_ray passes these to ray.init(runtime_env=...) inside the job; Ray refuses to merge a
@@ -50,193 +60,11 @@ RESERVED_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TOKEN
 DEFAULT_EXCLUDES = ["/.venv", "/venv", "/runs", "/.git", "/wandb", "/build", "/.cache", "/.whl", "/.pytest_cache",
                     "__pycache__", "*.egg-info", "*.pyc"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-AUTH_HELP = ("the cluster uses Ray token authentication: put the head's token (`ray get-auth-token` on the head) "
-             "in ~/.ray/auth_token or $RAY_AUTH_TOKEN")
-
-
-# ---------------------------------------------------------------------------------------------- resources
-
-@dataclass
-class Demand:
-    """`count` units of `unit` resources ({"CPU": 1, "GPU": 2}) that must all be placed at once."""
-
-    key: str  # the config key that sets the count
-    what: str  # e.g. "teacher engine replicas"
-    count: int
-    unit: dict[str, float]
-    unit_keys: dict[str, str] = field(default_factory=dict)  # resource -> the config key that sets it
-
-
-def _default(module: str, cls: str, name: str, fallback: Any) -> Any:
-    """A field's default from a stage config class, or `fallback` where that stage isn't importable."""
-    try:
-        import importlib
-
-        f = getattr(importlib.import_module(module), cls).model_fields[name]
-        return fallback if f.is_required() else f.default
-    except Exception:
-        return fallback
-
-
-def guess_command(cfg: dict) -> str:
-    """Which stage a config dict is for, from its keys."""
-    if isinstance(cfg.get("teacher"), dict) or isinstance(cfg.get("train"), dict):
-        return "run"
-    if "engine" in cfg and isinstance(cfg.get("engine"), dict):
-        return "teach"
-    if "num_workers" in cfg or ("data" in cfg and "epochs" in cfg):
-        return "train"
-    if "replicas" in cfg or ("method" in cfg and "model" in cfg):
-        return "eval"
-    return "curate" if "teacher_dir" in cfg or "student" in cfg else "run"
-
-
-def resource_demands(cfg: dict, command: str | None = None, prefix: str = "") -> list[Demand]:
-    """What a stage config asks of the cluster: one Demand per group of actors that must run together.
-
-    Reads the known keys of the stage configs (teacher EngineConfig, TrainConfig, EvalConfig; a run config's
-    `teacher`, `train` and `eval` sections); missing keys take the stage's defaults, unknown keys and stages
-    are ignored. Stages run one after another, so each Demand is checked on its own.
-    """
-    command = command or guess_command(cfg)
-    if command == "run":
-        out = []
-        for section, stage in (("teacher", "teach"), ("train", "train"), ("eval", "eval")):
-            if isinstance(cfg.get(section), dict):
-                out += resource_demands(cfg[section], stage, prefix=f"{prefix}{section}.")
-        return out
-    if command == "teach":
-        e = cfg.get("engine") or {}
-        d = lambda name, fb: e.get(name, _default("fcot.teacher.config", "EngineConfig", name, fb))  # noqa: E731
-        kind = d("kind", "hf")
-        if kind == "recorded":
-            return []  # imported from files, no engine actors
-        k = f"{prefix}engine."
-        gpus, tp = float(d("gpus_per_replica", 0.0)), int(d("tensor_parallel_size", 1))
-        unit = {"CPU": float(d("cpus_per_replica", 1.0)), "GPU": gpus}
-        keys = {"CPU": k + "cpus_per_replica", "GPU": k + "gpus_per_replica"}
-        if kind == "vllm" and gpus > 0 and tp > gpus:  # vLLM shards one replica over tensor_parallel_size GPUs
-            unit["GPU"], keys["GPU"] = float(tp), k + "tensor_parallel_size"
-        return [Demand(k + "replicas", "teacher engine replicas", int(d("replicas", 1)), unit, keys)]
-    if command == "eval":
-        d = lambda name, fb: cfg.get(name, _default("fcot.evaluate", "EvalConfig", name, fb))  # noqa: E731
-        return [Demand(f"{prefix}replicas", "evaluation engine replicas", int(d("replicas", 1)),
-                       {"CPU": float(d("cpus_per_replica", 1.0)), "GPU": float(d("gpus_per_replica", 0.0))},
-                       {"CPU": f"{prefix}cpus_per_replica", "GPU": f"{prefix}gpus_per_replica"})]
-    if command == "train":
-        d = lambda name, fb: cfg.get(name, _default("fcot.train.config", "TrainConfig", name, fb))  # noqa: E731
-        return [Demand(f"{prefix}num_workers", "training workers", int(d("num_workers", 1)),
-                       {"CPU": float(d("cpus_per_worker", 1)), "GPU": 1.0 if d("use_gpu", False) else 0.0},
-                       {"CPU": f"{prefix}cpus_per_worker", "GPU": f"{prefix}use_gpu"})]
-    return []  # curate: Ray Data tasks, any CPU
-
-
-def cluster_nodes(address: str, headers: dict | None = None) -> list[dict[str, float]]:
-    """Total resources of each alive node: from the dashboard's state API (http address) or a short-lived
-    Ray connection (a GCS address such as `auto` or `HOST:6379`)."""
-    if address.startswith(("http://", "https://")):
-        import requests
-
-        url = address.rstrip("/") + "/api/v0/nodes"
-        deadline = time.time() + 20  # a head that just started may not have registered its own node yet
-        while True:
-            try:
-                r = requests.get(url, params={"detail": "1", "limit": "10000"}, headers=headers or {}, timeout=30)
-            except requests.RequestException as e:
-                raise FcotError(f"cannot reach the Ray dashboard at {address} ({type(e).__name__})") from None
-            if r.status_code in (401, 403):
-                raise FcotError(f"{address}: {r.status_code} {r.text.strip()[:80]}; {AUTH_HELP}")
-            if r.status_code != 200:
-                raise FcotError(f"{address}: listing nodes failed ({r.status_code} {r.text.strip()[:200]})")
-            rows = r.json()["data"]["result"]["result"]
-            nodes = [dict(n.get("resources_total") or {}) for n in rows if n.get("state") == "ALIVE"]
-            if nodes or time.time() > deadline:
-                return nodes
-            time.sleep(1)
-    import ray
-
-    connected_here = not ray.is_initialized()
-    if connected_here:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
-    finally:
-        if connected_here:
-            ray.shutdown()
-
-
-def _fit(unit: dict[str, float], node: dict[str, float]) -> float:
-    """How many units fit on one node."""
-    counts = [math.floor(node.get(r, 0.0) / need + 1e-9) for r, need in unit.items() if need > 0]
-    return min(counts) if counts else math.inf
-
-
-def check_demands(demands: list[Demand], nodes: list[dict[str, float]], where: str = "the cluster") -> list[str]:
-    """Raise FcotError (naming the config key) for a demand no placement on these nodes can satisfy."""
-    notes = []
-    hint = (" (an autoscaling cluster that has not scaled up yet counts only its nodes now: submit with "
-            "--skip-resource-check)")
-    totals: dict[str, float] = {}
-    for n in nodes:
-        for r, v in n.items():
-            totals[r] = totals.get(r, 0.0) + v
-    for d in demands:
-        if d.count <= 0:
-            continue
-        for r, need in d.unit.items():
-            if need <= 0:
-                continue
-            largest = max((n.get(r, 0.0) for n in nodes), default=0.0)
-            if largest < need:
-                key = d.unit_keys.get(r, d.key)
-                raise FcotError(f"key {key!r}: each of the {d.what} asks for {need:g} {r}, but no node of {where} has "
-                                f"that many (largest: {largest:g} {r}; {totals.get(r, 0.0):g} {r} over {len(nodes)} "
-                                f"node(s)){hint}")
-        fits = sum(min(_fit(d.unit, n), d.count) for n in nodes)
-        if fits < d.count:
-            asked = ", ".join(f"{d.count * v:g} {r}" for r, v in d.unit.items() if v > 0)
-            have = ", ".join(f"{totals.get(r, 0.0):g} {r}" for r, v in d.unit.items() if v > 0)
-            raise FcotError(f"key {d.key!r}: {d.count} {d.what} x {_fmt(d.unit)} need {asked} at once, but {where} has "
-                            f"{have} over {len(nodes)} node(s): at most {int(fits)} fit{hint}")
-        notes.append(f"{d.key}: {d.count} x {_fmt(d.unit)} fits")
-    return notes
-
-
-def _fmt(unit: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{r}: {v:g}" for r, v in unit.items() if v > 0) + "}" if any(unit.values()) else "{}"
-
-
-def check_resources(cfg: dict, address: str, command: str | None = None, headers: dict | None = None) -> list[str]:
-    """Compare what config dict `cfg` asks for with the cluster at `address`; FcotError if it can never run.
-
-    `address`: the dashboard (`http://HOST:8265`) or a Ray address (`auto`, `HOST:6379`, `ray://...`)."""
-    demands = resource_demands(cfg, command)
-    if not demands:
-        return []
-    if headers is None and address.startswith(("http://", "https://")):
-        headers = auth_headers()
-    return check_demands(demands, cluster_nodes(address, headers), where=f"the cluster at {address}")
+CONFIGS = {"run": RunConfig, "teach": TeachConfig, "curate": CurateConfig, "train": TrainConfig, "eval": EvalConfig,
+           "sweep": SweepConfig}
 
 
 # ---------------------------------------------------------------------------------------------- auth, client
-
-def auth_token() -> str | None:
-    """The Ray auth token the way Ray finds it: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return None
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def auth_headers() -> dict[str, str]:
-    token = auth_token()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
 
 def resolve_address(address: str | None) -> str:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or (
@@ -250,9 +78,7 @@ def resolve_address(address: str | None) -> str:
 
 def make_client(address: str):
     """A JobSubmissionClient that carries the auth token; connection and auth errors become FcotError."""
-    import logging
-
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError  # heavy: only where a cluster is asked
     from ray.job_submission import JobSubmissionClient
 
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..." noise
@@ -267,7 +93,7 @@ def make_client(address: str):
 
 
 def _call(fn, *args, what: str):
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError  # heavy: only where a cluster is asked
 
     try:
         return fn(*args)
@@ -334,29 +160,9 @@ def _secret_values(names) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- submit
 
-def _config_class(command: str):
-    import importlib
-
-    where = {"teach": ("fcot.teacher.config", "TeachConfig"), "curate": ("fcot.curate", "CurateConfig"),
-             "train": ("fcot.train.config", "TrainConfig"), "eval": ("fcot.evaluate", "EvalConfig"),
-             "run": ("fcot.run", "RunConfig")}[command]
-    try:
-        return getattr(importlib.import_module(where[0]), where[1])
-    except (ImportError, AttributeError):
-        return None  # a stage not written yet: its config goes to the job unchecked
-
-
-def load_job_config(command: str, path: Path, overrides: list[str]) -> dict:
-    """The config as the job will see it: validated where the stage's config class exists, as a dict."""
-    from fcot.config import _read_yaml, load_config
-
-    cls = _config_class(command)
-    if cls is not None:
-        return load_config(cls, path, overrides).model_dump(mode="json")
-    data = _read_yaml(path)
-    for o in overrides:
-        apply_override(data, o)
-    return data
+def load_job_config(command: str, path: Path, overrides: list[str]):
+    """The config as the job will see it, validated here (its paths resolved against this directory)."""
+    return load_config(CONFIGS[command], path, overrides)
 
 
 def _relative_output_dirs(cfg: dict, prefix: str = "") -> list[str]:
@@ -372,8 +178,6 @@ def _relative_output_dirs(cfg: dict, prefix: str = "") -> list[str]:
 def build_runtime_env(working_dir: Path, runtime_env_file: str | None, env: list[str], secrets: list[str],
                       forward_secrets: bool = True) -> tuple[dict, list[str]]:
     """The job's runtime env (working dir, excludes, env vars incl. secrets) and the secret names sent."""
-    import yaml
-
     base: dict[str, Any] = {}
     if runtime_env_file:
         try:
@@ -440,16 +244,19 @@ def submit(config: str, address: str | None = None, command: str = "run", overri
             raise FcotError(f"{config}: inside {parts[0]}/, which is not uploaded with the job; put it elsewhere "
                             f"in the working dir (e.g. experiments/)")
     cfg = load_job_config(command, cfg_path, overrides)
-    for item in _relative_output_dirs(cfg):
+    raw = read_yaml(cfg_path)
+    for o in overrides:
+        apply_override(raw, o)
+    for item in _relative_output_dirs(raw):
         log(f"note: {item} is relative: the job writes it inside its copy of the working dir on the cluster "
             f"(deleted with the job's runtime env); use a path on shared storage, e.g. output_dir=/mnt/fcot/runs/NAME")
     client = make_client(address)
     if not skip_resource_check:
-        for note in check_resources(cfg, address, command, headers=auth_headers()):
+        for note in check_resources(cfg.demands(), address):
             log(f"resources: {note}")
-    names = secret_names(cfg, secrets or [])
+    names = secret_names(cfg.model_dump(), secrets or [])
     runtime_env, sent = build_runtime_env(wd, runtime_env_file, list(env or []), names, forward_secrets)
-    entrypoint = " ".join([python, "-m", "fcot.submit", command, shlex.quote(rel), *map(shlex.quote, overrides)])
+    entrypoint = " ".join([python, "-m", "fcot.job", command, shlex.quote(rel), *map(shlex.quote, overrides)])
     log(f"submitting to {address}: {entrypoint}")
     log(f"runtime env: {json.dumps(redact_runtime_env(runtime_env, set(names)), sort_keys=True)}")
     if forward_secrets:
@@ -475,8 +282,6 @@ def submit(config: str, address: str | None = None, command: str = "run", overri
 
 def follow_job(client, job_id: str, secret_env: list[str] | None = None, out=None, log=None) -> str:
     """Stream the job's logs (secrets redacted) until it ends; FcotError unless it SUCCEEDED."""
-    import asyncio
-
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     out = out or sys.stdout
     redactor = Redactor(_secret_values(list(secret_env or SECRET_ENV)))
@@ -584,20 +389,3 @@ def add_parsers(sub) -> None:
         if name == "logs":
             q.add_argument("--follow", action="store_true")
         q.set_defaults(func=cmd_jobs)
-
-
-# ---------------------------------------------------------------------------------------------- in the job
-
-def job_main(argv: list[str]) -> int:
-    """The job's entrypoint: report which secrets arrived (never their values), then run `fcot ARGV`."""
-    names = [n for n in os.environ.get("FCOT_JOB_SECRETS", "").split(",") if n]
-    state = ", ".join(f"{n} {'set' if os.environ.get(n) else 'not set'}" for n in names) or "none expected"
-    print(f"fcot job: fcot {' '.join(shlex.quote(a) for a in argv[:2])} in {os.getcwd()}; secrets: {state}",
-          file=sys.stderr, flush=True)
-    from fcot.cli import main
-
-    return main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(job_main(sys.argv[1:]))

@@ -1,40 +1,64 @@
-"""`fcot sweep`: Ray Tune over any run-config keys (D, learning rate, batch size, student, data fraction, teacher).
+"""`fcot sweep`: Ray Tune over any run-config keys (D, data size, learning rate, student, teacher), with seeds.
 
-The teacher is shared: before Tune starts, the driver runs each distinct teacher config once at the largest D
-of the sweep. Sample k of a question has the same cache key whatever D is, so every trial's curation simply
-reads the first D samples from that one store: no trial generates. Each trial then curates, fine-tunes (a
-Tune function that runs a TorchTrainer, the Ray 2.60 way) and evaluates, and reports test accuracy.
-An interrupted sweep resumes with `Tuner.restore` without rerunning finished trials.
+The teacher is shared: before Tune starts, the driver runs each distinct teacher config once, at the largest D
+of the sweep, into one store. Sample k of a question has the same key whatever D is and every record names its
+teacher, so a trial's curation reads exactly its own teacher's first D samples of its own questions, and its
+teacher stage finds everything generated. Each trial then runs the run's stage chain (`fcot.run.stages`:
+curate -> train (a TorchTrainer inside the Tune function, the Ray 2.60 way) -> evaluate), in a folder named by
+its values, so a restored sweep skips what it finished.
+
+Model selection never reads the test split: the primary method's training reports its dev accuracy to Tune
+every epoch (ASHA and any Tune scheduler stop weak trials on it), the trial's final `dev_accuracy` is the
+selected epoch's, and the sweep's best grid point is the best mean dev accuracy over seeds; test accuracy (with
+its interval) is reported beside it. `seeds: [0, 1, 2]` repeats every grid point with those training seeds.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
-import os
+import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from fcot.config import Config, apply_override, load_config, redacted
+from fcot.config import Config, PathStr, WandbMode, apply_override, load_config, merge, read_yaml, redacted, wandb_mode
+from fcot.curate import auto_dev_size
 from fcot.errors import FcotError
-from fcot.io import atomic_write_json, read_json
+from fcot.io import atomic_write_json
+from fcot.ray_utils import init_ray
+from fcot.report import build_sweep_report
+from fcot.resources import Demand, largest
+from fcot.run import RunConfig, config_hash, dry_run, run_stages
+from fcot.teacher.pipeline import teach
+from fcot.teacher.plan import questions
 
 
 class SweepConfig(Config):
     name: str = "sweep"
-    output_dir: str | None = None  # default runs/sweeps/{name}
-    base: str | None = None  # a run config (YAML) the trials start from
-    run: dict = {}  # or inline run config keys (applied over `base`)
+    output_dir: PathStr = Field(None)  # default runs/sweeps/{name}
+    base: PathStr | None = None  # a run config (YAML) the trials start from
+    run: dict = {}  # or inline run config keys (merged into `base`)
     param_space: dict[str, list]  # dotted run-config key -> values (a grid over all of them)
-    metric: str = "accuracy"  # test accuracy of the Fine-tune-CoT student, averaged over tasks
+    seeds: list[int] = [0]  # training seeds (train.seed): every grid point runs once per seed
+    # dev_accuracy: the primary (first) method's dev accuracy at its selected epoch. Never test accuracy.
+    metric: Literal["dev_accuracy"] = "dev_accuracy"
     max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster's CPUs/GPUs fit
-    scheduler: Literal["none", "asha"] = "none"  # ASHA stops weak trials early (on dev accuracy per epoch)
-    grace_period: int = Field(1, ge=1)
-    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    scheduler: Literal["none", "asha"] = "none"  # ASHA stops weak trials early, on dev accuracy per epoch
+    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    reduction_factor: float = Field(2, gt=1)
+    wandb_mode: WandbMode = "auto"
     ray_address: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_dir(cls, data):
+        if isinstance(data, dict) and not data.get("output_dir"):
+            data = {**data, "output_dir": f"runs/sweeps/{data.get('name', 'sweep')}"}
+        return data
 
     @field_validator("param_space")
     @classmethod
@@ -42,212 +66,261 @@ class SweepConfig(Config):
         for key, values in v.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"param_space.{key}: expected a non-empty list of values")
+            if key == "train.seed":
+                raise ValueError("param_space.train.seed: use `seeds` (repeats of every grid point)")
         return v
 
 
-def _trial_dict(base: dict, params: dict, max_d: int | None = None) -> dict:
-    """The run config of one trial. D is chosen at curation time: the teacher is set to the sweep's largest
-    D (so its sampling temperature and cache keys are those of the shared run) and curation to the trial's D."""
-    data = copy.deepcopy(base)
-    for key, value in params.items():
-        apply_override(data, f"{key}={json.dumps(value)}")
-    teacher_d = ((data.get("teacher") or {}).get("sampling") or {}).get("num_samples", 1)
-    d = (data.get("curate") or {}).get("num_samples") or teacher_d
-    data.setdefault("curate", {})["num_samples"] = d
-    if max_d is not None:
-        data.setdefault("teacher", {}).setdefault("sampling", {})["num_samples"] = max_d
-    return data
+    def demands(self, prefix: str = "") -> list[Demand]:
+        """What the trials' stages ask of the cluster (each trial's stages run one after another)."""
+        base = base_run(self)
+        max_d = max_budget(self, base)
+        seen: dict = {}
+        for params in _grid(self):
+            for d in _trial_config(base, params, max_d, Path(self.output_dir)).demands():
+                seen.setdefault((d.key, d.count, tuple(sorted(d.unit.items()))), d)
+        return list(seen.values())
 
 
-def max_samples(cfg: SweepConfig, base: dict) -> int:
-    return max(_trial_dict(base, p)["curate"]["num_samples"] for p in _grid(cfg.param_space))
+def _grid(cfg: SweepConfig) -> list[dict]:
+    """Every trial's swept values: the grid over param_space, once per seed."""
+    grid = [{}]
+    for key, values in cfg.param_space.items():
+        grid = [{**g, key: v} for g in grid for v in values]
+    return [{**g, "train.seed": seed} for g in grid for seed in cfg.seeds]
 
 
-def _run_config(data: dict):
-    from fcot.run import RunConfig
-
-    return load_config(RunConfig, base=data)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    """`over` applied key by key into `base` (nested sections merge: `run.train.epochs` keeps the base's
-    other train keys)."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
-    return out
-
-
-def base_run(cfg: SweepConfig, sweep_dir: Path) -> dict:
-    from fcot.config import _read_yaml
-
-    data = _merge(_read_yaml(Path(cfg.base)) if cfg.base else {}, cfg.run)
+def base_run(cfg: SweepConfig) -> dict:
+    data = merge(read_yaml(cfg.base) if cfg.base else {}, cfg.run)
     data.setdefault("name", cfg.name)
-    data["output_dir"] = str(sweep_dir / "base")
+    data["output_dir"] = str(Path(cfg.output_dir) / "base")
     if cfg.ray_address:
         data["ray_address"] = cfg.ray_address
     return data
 
 
-def prepare_teachers(cfg: SweepConfig, base: dict, sweep_dir: Path, max_d: int) -> list[dict]:
-    """Run each distinct teacher of the grid once, at the sweep's largest D, into the shared store."""
-    from fcot.run import _hash
-    from fcot.teacher.pipeline import teach
-
-    teachers = {}
-    for params in _grid(cfg.param_space):
-        run_cfg = _run_config(_trial_dict(base, params, max_d))
-        teacher = run_cfg.teacher.model_copy(update={"output_dir": str(sweep_dir / "teacher")})
-        teachers[_hash(teacher)] = teacher
-    summaries = [teach(t) for t in teachers.values()]
-    atomic_write_json(sweep_dir / "teachers.json", summaries)
-    return summaries
+def _budget(data: dict) -> int:
+    """The teacher samples a trial's config asks for (adaptive: max_samples; else curation's D or the teacher's)."""
+    sampling = (data.get("teacher") or {}).get("sampling") or {}
+    if sampling.get("adaptive"):
+        return int(sampling["adaptive"]["max_samples"])
+    return int((data.get("curate") or {}).get("num_samples") or sampling.get("num_samples") or 1)
 
 
-def _grid(space: dict[str, list]) -> list[dict]:
-    grid = [{}]
-    for key, values in space.items():
-        grid = [{**g, key: v} for g in grid for v in values]
-    return grid
+def trial_dict(base: dict, params: dict, max_d: int, sweep_dir: Path | None = None) -> dict:
+    """The run config of one trial. D is chosen at curation: the teacher is set to the sweep's largest D (so its
+    sampling temperature is that of the shared run) and curation to the trial's D."""
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        apply_override(data, f"{key}={json.dumps(value)}")
+    sampling = data.setdefault("teacher", {}).setdefault("sampling", {})
+    if not sampling.get("adaptive"):
+        data.setdefault("curate", {})["num_samples"] = _budget(data)
+        sampling["num_samples"] = max_d
+    data.setdefault("train", {})["report_to_tune"] = True
+    if sweep_dir is not None:
+        data["output_dir"] = str(sweep_dir / "trials" / trial_name(params))
+        data["teacher"]["output_dir"] = str(sweep_dir / "teacher")  # the shared store
+    return data
 
 
 def trial_name(params: dict) -> str:
     """A trial's folder under SWEEP_DIR/trials: its swept values, readable and stable across restores."""
-    import hashlib
-    import re
-
     text = ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(params.items()))
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     return f"{re.sub(r'[^A-Za-z0-9_.=,-]', '_', text)[:80]}-{digest}"
 
 
+def max_budget(cfg: SweepConfig, base: dict) -> int:
+    return max(_budget(trial_dict(base, p, 1)) for p in _grid(cfg))
+
+
+def _trial_config(base: dict, params: dict, max_d: int, sweep_dir: Path) -> RunConfig:
+    return load_config(RunConfig, base=trial_dict(base, params, max_d, sweep_dir))
+
+
+def prepare_teachers(cfg: SweepConfig, base: dict, max_d: int, log=print) -> list[dict]:
+    """Run each distinct teacher of the grid once, at the sweep's largest D, into the shared store."""
+    sweep_dir = Path(cfg.output_dir)
+    teachers = {}
+    for params in _grid(cfg):
+        trial_cfg = _trial_config(base, params, max_d, sweep_dir)
+        if "fine_tune_cot" in trial_cfg.methods:  # vanilla fine-tuning asks the teacher nothing
+            teachers.setdefault(config_hash(trial_cfg.teacher), trial_cfg.teacher)
+    # The largest adaptive budgets first: smaller ones then find their samples in the store.
+    ordered = sorted(teachers.values(), key=lambda t: -t.sampling.budget)
+    summaries = []
+    for t in ordered:
+        log(f"[sweep] teacher {len(summaries) + 1} of {len(ordered)}: {t.engine.kind} {t.engine.model}, "
+            f"{t.sampling.budget} samples per question")
+        summaries.append(teach(t))
+    atomic_write_json(sweep_dir / "teachers.json", summaries)
+    return summaries
+
+
 def trial(params: dict) -> None:
-    """One Tune trial: curate -> train (a TorchTrainer) -> evaluate; reports accuracy.
+    """One Tune trial: the run's stage chain in the trial's own folder; reports dev and test metrics."""
+    import ray.tune  # heavy: inside the Tune trial only
 
-    Its run folder is named by its swept values and keeps fcot run's stage markers, so a trial that Tune
-    starts again (a restored sweep, a retried trial) skips the stages it already finished.
-    """
-    import ray.tune
-
-    from fcot.curate import curate
-    from fcot.evaluate import evaluate
-    from fcot.run import Ledger, curate_config, eval_config, train_config
-    from fcot.train.trainer import train
-
-    base, sweep_dir = params["__base"], Path(params["__sweep_dir"])
+    base, sweep_dir, max_d = params["__base"], Path(params["__sweep_dir"]), params["__max_d"]
     swept = {k: v for k, v in params.items() if not k.startswith("__")}
-    data = _trial_dict(base, swept, params["__max_d"])
-    data["output_dir"] = str(sweep_dir / "trials" / trial_name(swept))
-    data.setdefault("teacher", {})["output_dir"] = str(sweep_dir / "teacher")  # the shared store
-    data.setdefault("curate", {})["teacher_dir"] = str(sweep_dir / "teacher")
-    cfg = _run_config(data)
-    ledger = Ledger(cfg.run_dir)
-
-    def stage(name: str, configs: tuple, fn) -> dict:
-        return ledger.run(name, configs, fn, cpus=0)[0]["result"]
-
+    cfg = _trial_config(base, swept, max_d, sweep_dir)
     started = time.time()
-    result = {"tasks": {}}
+    markers = run_stages(cfg, log=lambda m: None)
+    # "finished": the whole chain ran (Tune's own `done` is also set on trials a scheduler stopped)
+    ray.tune.report({**trial_result(cfg, markers), "trial_s": round(time.time() - started, 1), "finished": True})
+
+
+def trial_result(cfg: RunConfig, markers: dict) -> dict:
+    """A trial's row: the primary method's selected dev accuracy (the sweep's metric) and, per method and task,
+    test accuracy with its interval, the majority rate, collapse, data kept; and the trial's measured cost."""
+    primary = cfg.methods[0]
+    trained = markers[f"train-{primary}"]["result"]
+    out = {"dev_accuracy": trained.get("selected_dev_accuracy"), "selected_epoch": trained.get("selected_epoch"),
+           "epochs": trained.get("epochs"), "run_dir": cfg.output_dir,
+           "parameters": trained.get("parameters"),
+           "cpu_s": round(sum(m["cpu_s"] for m in markers.values()), 1),
+           "gpu_s": round(sum(m["gpu_s"] for m in markers.values()), 1)}
     for method in cfg.methods:
-        c, t, ev = curate_config(cfg, method), train_config(cfg, method), eval_config(cfg, method)
-        upstream = (cfg.teacher, c) if method == "fine_tune_cot" else (c,)
-        curated = stage(f"curate-{method}", upstream, lambda: curate(c))
-        trained = stage(f"train-{method}", (*upstream, t), lambda: train(t))
-        metrics = stage(f"eval-{method}", (*upstream, t, ev), lambda: evaluate(ev))
-        acc = {task: m["accuracy"] for task, m in metrics["tasks"].items()}
-        result[f"{method}_accuracy"] = sum(acc.values()) / len(acc)
-        result[f"{method}_kept"] = curated["kept"]
-        result[f"{method}_final_loss"] = trained["final_loss"]
-        if trained.get("best_dev_accuracy") is not None:
-            result[f"{method}_best_dev_accuracy"] = trained["best_dev_accuracy"]
-        for task, a in acc.items():
-            result["tasks"][f"{method}/{task}"] = a
-    result["accuracy"] = result.get("fine_tune_cot_accuracy", result.get(f"{cfg.methods[0]}_accuracy"))
-    result["trial_s"] = round(time.time() - started, 1)
-    result["run_dir"] = str(cfg.run_dir)
-    tasks = result.pop("tasks")
-    ray.tune.report({**result, **{f"acc/{k}": v for k, v in tasks.items()}})
+        metrics = markers[f"eval-{method}"]["result"]["tasks"]
+        out[f"{method}/kept"] = markers[f"curate-{method}"]["result"]["kept"]
+        out[f"{method}/dev_accuracy"] = markers[f"train-{method}"]["result"].get("selected_dev_accuracy")
+        for task, m in metrics.items():
+            for k in ("accuracy", "accuracy_ci", "majority", "collapsed"):
+                out[f"{method}/{task}/{k}"] = m[k]
+        out[f"{method}/test_accuracy"] = sum(m["accuracy"] for m in metrics.values()) / len(metrics)
+    if "teacher" in markers:
+        out["teacher_tokens"] = sum(t["completion_tokens"] + t["prompt_tokens"]
+                                    for t in markers["teacher"]["result"]["tasks"].values())
+    return out
 
 
 def dry_run_sweep(cfg: SweepConfig) -> list[str]:
     """Validate every trial's run config (tasks, models, resources, paths) without running anything."""
-    from fcot.run import dry_run
-
-    sweep_dir = Path(cfg.output_dir or f"runs/sweeps/{cfg.name}").resolve()
-    base = base_run(cfg, sweep_dir)
-    max_d = max_samples(cfg, base)
-    notes = []
-    for params in _grid(cfg.param_space):
-        notes = dry_run(_run_config(_trial_dict(base, params, max_d)))
-    return [f"{len(_grid(cfg.param_space))} trials, teacher at D = {max_d}"] + notes
+    base = base_run(cfg)
+    max_d = max_budget(cfg, base)
+    sweep_dir = Path(cfg.output_dir)
+    notes, seen = [], set()
+    for params in _grid(cfg):
+        run_cfg = _trial_config(base, params, max_d, sweep_dir)
+        if cfg.metric == "dev_accuracy" and run_cfg.train.dev is None and run_cfg.curate.dev_fraction == "auto":
+            n = len([q for q in questions(run_cfg.teacher)]) if Path(run_cfg.data_dir).exists() else None
+            if n is not None and auto_dev_size(n) == 0:
+                raise FcotError(f"metric dev_accuracy needs a dev split: {n} questions are too few for "
+                                f"curate.dev_fraction auto; set curate.dev_fraction")
+        if run_cfg.curate.dev_fraction == 0 and run_cfg.train.dev is None:
+            raise FcotError("metric dev_accuracy needs a dev split: curate.dev_fraction is 0")
+        if cfg.scheduler == "asha" and run_cfg.train.dev is not None and run_cfg.train.dev.every != 1:
+            raise FcotError("scheduler asha needs dev accuracy every epoch: set train.dev.every to 1")
+        key = config_hash(run_cfg.teacher, run_cfg.train)
+        if key not in seen:  # the same checks for trials that differ only in curation or seed
+            seen.add(key)
+            notes = dry_run(run_cfg)
+    return [f"{len(_grid(cfg))} trials ({len(cfg.seeds)} seed(s) each), teacher at D = {max_d}"] + notes
 
 
 def sweep(cfg: SweepConfig, log=print) -> dict:
-    """Run (or resume) a sweep; writes results.json and returns it."""
-    import ray
+    """Run (or resume) a sweep; writes results.json and report.md, and returns the results."""
+    import ray  # heavy: only where Ray work starts
     from ray import tune
 
-    from fcot.ray_utils import init_ray
-
-    sweep_dir = Path(cfg.output_dir or f"runs/sweeps/{cfg.name}").resolve()
-    base = base_run(cfg, sweep_dir)
-    dry_run_sweep(cfg)  # every trial's config is valid before anything runs
+    sweep_dir = Path(cfg.output_dir)
+    base = base_run(cfg)
+    for note in dry_run_sweep(cfg):  # every trial's config is valid before anything runs
+        log(note)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(sweep_dir / "sweep.json", redacted(cfg.model_dump()))
     init_ray(cfg.ray_address)
-    max_d = max_samples(cfg, base)
-    log(f"[sweep] teacher: generating once, at the largest D ({max_d})")
-    teachers = prepare_teachers(cfg, base, sweep_dir, max_d)
+    max_d = max_budget(cfg, base)
+    teachers = prepare_teachers(cfg, base, max_d, log)
 
-    one = _run_config(_trial_dict(base, _grid(cfg.param_space)[0], max_d))
+    grid = _grid(cfg)
+    one = _trial_config(base, grid[0], max_d, sweep_dir)
+    demands = one.demands()
     # + 1: a trial's Ray Data curation needs a CPU for its read tasks beside its actor; without it two trials
     # that each hold their actor's CPU wait on each other forever.
-    per_trial_cpus = max(one.train.num_workers * one.train.cpus_per_worker, one.eval.replicas * one.eval.cpus_per_replica) + 1
+    per_trial_cpus = largest(demands, "CPU") + 1
     max_concurrent = cfg.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpus))
+    keys = list(grid[0])
+    # Values JSON-encoded: a swept value may be a list or a mapping (`methods`, a teacher engine), which Tune would
+    # otherwise read as a search space of its own. Per-key grids cross into exactly fcot's grid.
     param_space = {"__base": base, "__sweep_dir": str(sweep_dir), "__max_d": max_d,
-                   **{k: tune.grid_search(v) for k, v in cfg.param_space.items()}}
+                   **{k: tune.grid_search(list(dict.fromkeys(json.dumps(p[k]) for p in grid))) for k in keys}}
     callbacks = []
-    mode = cfg.wandb_mode if cfg.wandb_mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    mode = wandb_mode(cfg.wandb_mode)
     if mode != "disabled":
-        from ray.air.integrations.wandb import WandbLoggerCallback
+        from ray.air.integrations.wandb import WandbLoggerCallback  # heavy: with W&B only
 
-        os.environ["WANDB_MODE"] = mode
-        callbacks.append(WandbLoggerCallback(project="fcot", group=cfg.name, excludes=["__base", "__sweep_dir", "__max_d"], mode=mode,
-                                             dir=str(sweep_dir)))
+        callbacks.append(WandbLoggerCallback(project="fcot", group=cfg.name, mode=mode, dir=str(sweep_dir),
+                                             excludes=["__base", "__sweep_dir", "__max_d"]))
     scheduler = None
     if cfg.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.schedulers import ASHAScheduler  # heavy, as ray above
 
-        scheduler = ASHAScheduler(grace_period=cfg.grace_period)
+        # One result per epoch, then the trial's final one: a trial that reached max_t must go on to its evaluation.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(2, one.train.epochs),
+                                  grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
+                                  stop_last_trials=False)
     # The trial function holds no CPU itself: its Ray Data, TorchTrainer and evaluation actors ask for their own
     # (outside the trial's placement group). Even 0.01 CPU would leave 1.99 of 2 free, where a 1-CPU read task
     # beside curation's 1-CPU actor never fits and the trial waits forever; a bundle must not be empty, so it
     # holds a token amount of memory instead.
-    trainable = tune.with_resources(trial, {"memory": 2**20})
+    trainable = tune.with_resources(_decoded, {"memory": 2**20})
     path = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(path)):
         log(f"[sweep] resuming from {path}")
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, param_space=param_space)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space,
-                           tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", max_concurrent_trials=max_concurrent,
-                                                       scheduler=scheduler),
+                           tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", scheduler=scheduler,
+                                                       max_concurrent_trials=max_concurrent),
                            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=callbacks,
                                                      verbose=0))
-    grid = tuner.fit()
+    results = tuner.fit()
     rows = []
-    for r in grid:
-        row = {k: r.config[k] for k in cfg.param_space}
-        row.update({k: v for k, v in (r.metrics or {}).items() if k.endswith(("accuracy", "_kept", "_loss", "trial_s"))
-                    or k.startswith("acc/") or k == "run_dir"})
-        row["status"] = "error" if r.error else "done"
+    for r in results:
+        params = {k: json.loads(r.config[k]) for k in keys}
+        metrics = dict(r.metrics or {})
+        status = "error" if r.error else "done" if metrics.get("finished") else (
+            f"stopped at epoch {metrics.get('epoch', '?')} of {one.train.epochs}")
+        row = {**params, "status": status, **{k: v for k, v in metrics.items() if _kept_metric(k)}}
+        if r.error:
+            row["error"] = str(r.error).splitlines()[0][:300]
         rows.append(row)
-    done_rows = [r for r in rows if r.get(cfg.metric) is not None]
-    best = max(done_rows, key=lambda r: r[cfg.metric]) if done_rows else None
-    results = {"name": cfg.name, "sweep_dir": str(sweep_dir), "metric": cfg.metric, "axes": list(cfg.param_space),
-               "trials": rows, "best": best, "teacher_runs": len(teachers)}
-    atomic_write_json(sweep_dir / "results.json", results)
-    from fcot.report import build_sweep_report
-
+    results_doc = {"name": cfg.name, "sweep_dir": str(sweep_dir), "metric": cfg.metric, "axes": list(cfg.param_space),
+                   "seeds": cfg.seeds, "methods": one.methods, "tasks": one.tasks, "trials": rows,
+                   "best": best_point(rows, list(cfg.param_space), cfg.metric), "teacher_runs": len(teachers),
+                   "teacher_tokens": sum(t["tasks"][k]["completion_tokens"] + t["tasks"][k]["prompt_tokens"]
+                                         for t in teachers for k in t["tasks"])}
+    atomic_write_json(sweep_dir / "results.json", results_doc)
     build_sweep_report(sweep_dir)
-    return results
+    return results_doc
+
+
+def _decoded(params: dict) -> None:
+    """Tune's grid holds each swept value JSON-encoded (lists and dicts are values too); decode, then run."""
+    trial({k: (v if k.startswith("__") else json.loads(v)) for k, v in params.items()})
+
+
+def _kept_metric(key: str) -> bool:
+    return key not in ("done", "loss_curve", "dev") and not key.startswith((
+        "config", "time_", "timestamp", "date", "hostname", "node_ip", "pid", "checkpoint", "iterations_since_restore",
+        "experiment_tag"))
+
+
+def best_point(rows: list[dict], axes: list[str], metric: str) -> dict | None:
+    """The grid point with the best mean `metric` over its seeds (finished trials only); its test accuracies
+    are carried beside it, never used to choose."""
+    points: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "done" and r.get(metric) is not None:
+            points.setdefault(json.dumps([r[a] for a in axes]), []).append(r)
+    if not points:
+        return None
+    key, chosen = max(points.items(), key=lambda kv: sum(r[metric] for r in kv[1]) / len(kv[1]))
+    best = {a: v for a, v in zip(axes, json.loads(key))}
+    best[metric] = sum(r[metric] for r in chosen) / len(chosen)
+    best["seeds"] = len(chosen)
+    for k in {k for r in chosen for k in r if k.endswith("/test_accuracy")}:
+        best[k] = sum(r[k] for r in chosen) / len(chosen)
+    return best

@@ -41,17 +41,19 @@ def run_fcot(*args, env=None, check=False, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "fcot.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd or ROOT, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"fcot {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"fcot {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, shared_data) -> Path:
     """A randomly initialised Llama-family decoder with a BPE tokenizer trained on real task text."""
-    from fcot.models import make_tiny_model
+    from fcot.bundled import make_tiny_model
     from fcot.tasks import load_records
 
-    texts = [s.question for s in load_records("multiarith")] + ["Let's think step by step. Therefore, the answer is --> END ###"]
+    texts = [s.question for s in load_records("multiarith")]
+    texts.append("Let's think step by step. Therefore, the answer is --> END ###")
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama", vocab_texts=texts)
 
 

@@ -97,7 +97,8 @@ def test_data_dir_that_is_a_file(tmp_path):
 
 def test_missing_task_file(data_copy):
     (data_copy / "datasets" / "SVAMP" / "SVAMP.json").unlink()
-    with pytest.raises(FcotError, match=r"SVAMP/SVAMP.json: file not found \(task svamp\); run `fcot data download --task svamp`"):
+    message = r"SVAMP/SVAMP.json: file not found \(task svamp\); run `fcot data download --task svamp`"
+    with pytest.raises(FcotError, match=message):
         load_records("svamp", data_copy)
 
 

@@ -21,9 +21,19 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from fcot.config import load_config
 from fcot.errors import FcotError
-from fcot.submit import (DEFAULT_EXCLUDES, RESERVED_ENV, SECRET_ENV, Redactor, build_runtime_env, check_demands,
-                         load_job_config, redact_runtime_env, resource_demands)
+from fcot.resources import check_demands
+from fcot.submit import (
+    DEFAULT_EXCLUDES,
+    RESERVED_ENV,
+    SECRET_ENV,
+    Redactor,
+    build_runtime_env,
+    load_job_config,
+    redact_runtime_env,
+)
+from fcot.teacher.config import TeachConfig
 from tests.conftest import ROOT, SHARED_DATA, run_fcot
 
 CLUSTER = ROOT / "cluster"
@@ -132,24 +142,29 @@ def test_redactor_catches_a_secret_split_across_chunks():
     assert "s3cr3t" not in out and out.count("***") == 2
 
 
-def test_resource_mapping_reads_each_stage_and_names_the_key():
+def test_each_stage_config_states_its_demand_and_the_check_names_the_key(tmp_path):
     cfg = load_job_config("run", ROOT / "experiments" / "quickstart.yaml",
                           ["teacher.engine.kind=vllm", "teacher.engine.gpus_per_replica=4",
-                           "teacher.engine.tensor_parallel_size=4", "teacher.engine.replicas=2", "train.use_gpu=true"])
-    demands = {d.key: d for d in resource_demands(cfg)}
+                           "teacher.engine.tensor_parallel_size=4", "teacher.engine.replicas=2", "train.use_gpu=true",
+                           "eval.engine.gpus_per_replica=1", "eval.engine.replicas=3"])
+    demands = {d.key: d for d in cfg.demands()}  # the run's stage chain: teacher, curation, training, evaluations
     assert demands["teacher.engine.replicas"].count == 2 and demands["teacher.engine.replicas"].unit["GPU"] == 4
     assert demands["train.num_workers"].unit == {"CPU": 1.0, "GPU": 1.0}
+    assert demands["eval.engine.replicas"].count == 3 and demands["eval.engine.replicas"].unit["GPU"] == 1
     two_gpu_nodes = [{"CPU": 8}, {"CPU": 48, "GPU": 4}, {"CPU": 48, "GPU": 4}]
     check_demands(list(demands.values()), two_gpu_nodes)
     with pytest.raises(FcotError, match="key 'teacher.engine.replicas': 2 teacher engine replicas.*at most 1 fit"):
         check_demands(list(demands.values()), two_gpu_nodes[:2])
+    teach = load_config(TeachConfig, base={"tasks": "multiarith", "engine": {"kind": "vllm", "gpus_per_replica": 1,
+                                                                             "tensor_parallel_size": 8}})
     with pytest.raises(FcotError, match="key 'engine.tensor_parallel_size'"):  # TP larger than a node
-        check_demands(resource_demands({"engine": {"kind": "vllm", "gpus_per_replica": 1, "tensor_parallel_size": 8}}),
-                      two_gpu_nodes)
-    # tolerant: partial dicts take the stages' defaults; unknown stages and keys ask for nothing
-    assert resource_demands({"engine": {}})[0].unit == {"CPU": 1.0, "GPU": 0.0}
-    assert resource_demands({"something": {"new": 1}}, "run") == []
-    assert resource_demands({"engine": {"kind": "recorded"}}, "teach") == []
+        check_demands(teach.demands(), two_gpu_nodes)
+    assert load_config(TeachConfig, base={"tasks": "multiarith"}).demands()[0].unit == {"CPU": 1.0, "GPU": 0.0}
+    recorded = {"kind": "recorded", "path": str(tmp_path / "log"), "format": "zero_shot_cot_log"}
+    assert load_config(TeachConfig, base={"tasks": "multiarith", "engine": recorded}).demands() == []
+    # A sweep states what its trials ask: every trial's stages.
+    sweep = load_job_config("sweep", ROOT / "experiments" / "sweeps" / "gpu.yaml", [])
+    assert {d.key for d in sweep.demands()} >= {"teacher.engine.replicas", "train.num_workers", "eval.engine.replicas"}
 
 
 # ------------------------------------------------------------------------------------ a real head
@@ -264,7 +279,7 @@ def job_workdir(tmp_path_factory, tiny_llama):
     out_dir = tmp_path_factory.mktemp("job-out") / "teacher"
     cfg = {"tasks": "multiarith", "subset": 2, "output_dir": str(out_dir), "progress": False,
            "engine": {"kind": "hf", "model": str(tiny_llama), "dtype": "float32", "replicas": 1,
-                      "samples_per_batch": 4, "hf_batch_size": 4, "api_key_env": "FCOT_TEST_TEACHER_KEY"},
+                      "batch_size": 4, "hf_batch_size": 4, "api_key_env": "FCOT_TEST_TEACHER_KEY"},
            "sampling": {"num_samples": 2, "max_new_tokens": 8, "answer_max_new_tokens": 4}}
     (wd / "experiments").mkdir()
     (wd / "experiments" / "teach-tiny.yaml").write_text(yaml.safe_dump(cfg))

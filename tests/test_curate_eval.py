@@ -7,20 +7,25 @@ import pytest
 
 from fcot.config import load_config
 from fcot.curate import CurateConfig, ShardStreamer, curate
+from fcot.errors import FcotError
 from fcot.evaluate import EvalConfig, evaluate, predict_samples
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from fcot.teacher.store import RecordStore
 
 
+def recorded(out, shared_data, task="multiarith", log="multiarith") -> dict:
+    """The config of the recorded 175B teacher (its zero-shot-CoT log) writing into `out`."""
+    return {"tasks": task, "output_dir": str(out), "progress": False,
+            "engine": {"kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
+                       "path": str(shared_data / "teacher_logs" / f"{log}_zero_shot_cot.log")}}
+
+
 @pytest.fixture(scope="module")
 def recorded_teacher(tmp_path_factory, shared_data):
-    out = tmp_path_factory.mktemp("teacher")
-    teach(load_config(TeachConfig, base={
-        "tasks": "multiarith", "output_dir": str(out), "progress": False,
-        "engine": {"kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
-                   "path": str(shared_data / "teacher_logs" / "multiarith_zero_shot_cot.log")}}))
-    return out
+    cfg = recorded(tmp_path_factory.mktemp("teacher"), shared_data)
+    teach(load_config(TeachConfig, base=cfg))
+    return cfg
 
 
 def _rows(folder):
@@ -29,11 +34,11 @@ def _rows(folder):
 
 def test_curation_keeps_correct_formatted_pairs_with_stats(tmp_path, recorded_teacher, tiny_llama, ray_local):
     summary = curate(load_config(CurateConfig, base={
-        "tasks": "multiarith", "teacher_dir": str(recorded_teacher), "student": str(tiny_llama),
+        "tasks": "multiarith", "teacher": recorded_teacher, "student": str(tiny_llama),
         "output_dir": str(tmp_path / "cur"), "dev_fraction": 0.1, "max_length": 512}))
     st = summary["tasks"]["multiarith"]
-    assert st["samples"] == 420 and st["dev_questions"] == 42 and st["questions"] == 378
-    assert st["kept"] + st["dropped_incorrect"] + st.get("dropped_too_long", 0) + st["dev_samples"] == 420
+    assert st["samples"] == 378 and st["dev_samples"] == 42 and st["dev_questions"] == 42 and st["questions"] == 378
+    assert st["kept"] + st["dropped_incorrect"] + st.get("dropped_too_long", 0) == 378
     rows = _rows(tmp_path / "cur" / "train")
     assert len(rows) == st["kept"] > 250
     r = rows[0]
@@ -45,12 +50,13 @@ def test_curation_keeps_correct_formatted_pairs_with_stats(tmp_path, recorded_te
 
 def test_choosing_d_and_max_length_and_vanilla(tmp_path, recorded_teacher, tiny_llama, ray_local):
     short = curate(load_config(CurateConfig, base={
-        "tasks": "multiarith", "teacher_dir": str(recorded_teacher), "student": str(tiny_llama),
+        "tasks": "multiarith", "teacher": recorded_teacher, "student": str(tiny_llama), "dev_fraction": 0,
         "output_dir": str(tmp_path / "short"), "max_length": 150, "num_samples": 1}))
     st = short["tasks"]["multiarith"]
     assert st["dropped_too_long"] > 0 and max(r["length"] for r in _rows(tmp_path / "short" / "train")) <= 150
     vanilla = curate(load_config(CurateConfig, base={
-        "method": "vanilla", "tasks": "multiarith", "student": str(tiny_llama), "output_dir": str(tmp_path / "van")}))
+        "method": "vanilla", "tasks": "multiarith", "student": str(tiny_llama), "output_dir": str(tmp_path / "van"),
+        "dev_fraction": 0}))
     assert vanilla["kept"] == 420
     r = _rows(tmp_path / "van" / "train")[0]
     assert r["prompt"].endswith(" ###") and "-->" not in r["completion"]
@@ -59,7 +65,7 @@ def test_choosing_d_and_max_length_and_vanilla(tmp_path, recorded_teacher, tiny_
 def test_shards_formatted_while_the_teacher_runs_give_the_same_curation(tmp_path, recorded_teacher, tiny_llama,
                                                                         ray_local):
     """What `fcot run` streams (ShardStreamer, shard by shard) and what curation formats on Ray Data agree."""
-    records = RecordStore(recorded_teacher / "records").read().to_pylist()
+    records = RecordStore(f"{recorded_teacher['output_dir']}/records").read().to_pylist()
     store = RecordStore(tmp_path / "teacher" / "records")
     for start in range(0, len(records), 150):  # three shards, as three replica batches would land
         store.write(records[start:start + 150])
@@ -67,7 +73,8 @@ def test_shards_formatted_while_the_teacher_runs_give_the_same_curation(tmp_path
     assert len(shards) == 3
 
     def config(name):
-        return load_config(CurateConfig, base={"tasks": "multiarith", "teacher_dir": str(tmp_path / "teacher"),
+        teacher = {**recorded_teacher, "output_dir": str(tmp_path / "teacher")}
+        return load_config(CurateConfig, base={"tasks": "multiarith", "teacher": teacher,
                                                "student": str(tiny_llama), "output_dir": str(tmp_path / name),
                                                "dev_fraction": 0.1, "max_length": 300})
 
@@ -80,24 +87,28 @@ def test_shards_formatted_while_the_teacher_runs_give_the_same_curation(tmp_path
     assert streamed["shards_formatted_at_curation"] == 1 and whole["shards_formatted_at_curation"] == 3
     assert streamed["tasks"] == whole["tasks"] and streamed["kept"] == whole["kept"] > 250
     key = lambda r: (r["index"], r["sample_index"])  # noqa: E731
-    assert sorted(_rows(tmp_path / "streamed" / "train"), key=key) == sorted(_rows(tmp_path / "whole" / "train"), key=key)
+    streamed_rows, whole_rows = _rows(tmp_path / "streamed" / "train"), _rows(tmp_path / "whole" / "train")
+    assert sorted(streamed_rows, key=key) == sorted(whole_rows, key=key)
     again = curate(config("streamed"))  # formatted parts are reused
     assert again["shards_formatted_at_curation"] == 0 and again["kept"] == streamed["kept"]
 
 
 def test_evaluate_on_ray_reports_accuracy(tmp_path, tiny_llama, ray_local):
     metrics = evaluate(load_config(EvalConfig, base={
-        "model": str(tiny_llama), "tasks": "multiarith", "subset": 6, "max_new_tokens": 8, "replicas": 2,
+        "engine": {"model": str(tiny_llama), "replicas": 2}, "tasks": "multiarith", "subset": 6, "max_new_tokens": 8,
         "output_dir": str(tmp_path / "eval")}))
     m = metrics["tasks"]["multiarith"]
     assert m["n"] == 6 and 0.0 <= m["accuracy"] <= 1.0
-    preds = [json.loads(l) for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    lo, hi = m["accuracy_ci"]
+    assert lo <= m["accuracy"] <= hi and 0 <= m["majority"] <= 1 and m["random"] is None  # open numeric answers
+    assert metrics["cpu_s"] > 0 and metrics["gpu_s"] == 0
+    preds = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and all("completion" in p and "correct" in p for p in preds)
 
 
 def test_baseline_methods_and_self_consistency(tiny_llama):
+    from fcot.engines import HFEngine
     from fcot.tasks import load_split
-    from fcot.teacher.engines import HFEngine
 
     engine = HFEngine(str(tiny_llama), dtype="float32")
     samples = [s.to_dict() for s in load_split("multiarith", "test")[:2]]
@@ -110,8 +121,8 @@ def test_baseline_methods_and_self_consistency(tiny_llama):
 
 def test_scoring_a_perfect_student_is_100_percent(shared_data):
     """Evaluation is not bent: an engine that writes the gold answer in the Fine-tune-CoT format scores 1.0."""
+    from fcot.engines import Completion
     from fcot.tasks import load_split
-    from fcot.teacher.engines import Completion
 
     samples = [s.to_dict() for s in load_split("svamp", "test")[:20]]
     gold = {s["question"]: s["answer"] for s in samples}
@@ -122,3 +133,51 @@ def test_scoring_a_perfect_student_is_100_percent(shared_data):
 
     rows = predict_samples(Oracle(), samples, "fine_tune_cot")
     assert all(r["correct"] for r in rows)
+
+
+def test_one_store_of_two_teachers_curates_what_separate_stores_would(tmp_path, recorded_teacher, tiny_llama,
+                                                                      shared_data, ray_local):
+    """The recorded 175B teacher and a tiny local model write into one store; each run's curation reads only its
+    own teacher's records, exactly as from a store of its own."""
+    big = recorded(tmp_path / "shared", shared_data)
+    small = {"tasks": "multiarith", "subset": 8, "output_dir": str(tmp_path / "shared"), "progress": False,
+             "engine": {"kind": "hf", "model": str(tiny_llama), "dtype": "float32", "batch_size": 8},
+             "sampling": {"num_samples": 2, "max_new_tokens": 8, "answer_max_new_tokens": 4}}
+    teach(load_config(TeachConfig, base=big))
+    teach(load_config(TeachConfig, base=small))
+    alone = {**small, "output_dir": str(tmp_path / "alone")}
+    teach(load_config(TeachConfig, base=alone))
+    shared_rows = RecordStore(tmp_path / "shared" / "records").read().to_pylist()
+    assert len({r["teacher_id"] for r in shared_rows}) == 2 and len(shared_rows) == 420 + 16
+
+    def run(teacher, name):
+        cfg = load_config(CurateConfig, base={"tasks": "multiarith", "teacher": teacher, "student": str(tiny_llama),
+                                              "output_dir": str(tmp_path / name), "max_length": 512})
+        try:
+            return curate(cfg), sorted((r["index"], r["completion"]) for r in _rows(tmp_path / name / "train"))
+        except FcotError as e:  # the tiny random teacher is never right: curation keeps nothing, and says so
+            return str(e), None
+
+    shared_big, separate_big = run(big, "big-shared"), run(recorded_teacher, "big-alone")
+    assert shared_big[1] == separate_big[1] and len(shared_big[1]) == shared_big[0]["kept"] > 250
+    assert shared_big[0]["tasks"] == separate_big[0]["tasks"]
+    shared_small, separate_small = run(small, "small-shared"), run(alone, "small-alone")
+    assert shared_small == separate_small and '"samples": 16' in shared_small[0]  # 8 questions x D = 2 only
+
+
+def test_data_size_is_a_nested_seeded_subset_applied_at_curation(tmp_path, recorded_teacher, tiny_llama, ray_local):
+    def kept(n, seed=0):
+        summary = curate(load_config(CurateConfig, base={
+            "tasks": "multiarith", "teacher": recorded_teacher, "student": str(tiny_llama), "seed": seed,
+            "output_dir": str(tmp_path / f"n{n}-{seed}"), "train_questions": n, "max_length": 512}))
+        rows = _rows(tmp_path / f"n{n}-{seed}" / "train")
+        dev = {json.loads(line)["index"] for line in (tmp_path / f"n{n}-{seed}" / "dev.jsonl").read_text().splitlines()}
+        return summary, {r["index"] for r in rows}, dev
+
+    small, large, half = kept(40), kept(200), kept(0.5)
+    assert small[0]["tasks"]["multiarith"]["questions"] == 40 and half[0]["tasks"]["multiarith"]["questions"] == 189
+    assert small[1] <= large[1] and small[1] <= half[1]  # a smaller set is a subset of every larger one
+    assert small[2] == large[2] == half[2] and len(small[2]) == 42  # the same dev split at every size
+    assert not small[2] & large[1]
+    other = kept(40, seed=1)
+    assert other[1] != small[1]  # seeded

@@ -2,7 +2,12 @@ import pytest
 
 from fcot.errors import FcotError
 from fcot.prompts import (
-    FORMATS, PREDICTION_PREFIX, few_shot_cot, few_shot_excluded_indices, get_format, zero_shot_cot_step1,
+    FORMATS,
+    PREDICTION_PREFIX,
+    few_shot_cot,
+    few_shot_excluded_indices,
+    get_format,
+    zero_shot_cot_step1,
     zero_shot_cot_step2,
 )
 from fcot.scoring import predict, score

@@ -14,7 +14,8 @@ from fcot.teacher.store import RecordStore
 
 def _cfg(tmp_path, **engine):
     return load_config(TeachConfig, base={"tasks": "multiarith", "subset": 3, "output_dir": str(tmp_path / "t"),
-                                          "progress": False, "engine": {"kind": "recorded", "model": "gpt-x", **engine}})
+                                          "progress": False,
+                                          "engine": {"kind": "recorded", "model": "gpt-x", **engine}})
 
 
 def test_zero_shot_cot_log_import_matches_questions_and_gold(tmp_path, shared_data):
@@ -32,7 +33,7 @@ def test_zero_shot_cot_log_import_matches_questions_and_gold(tmp_path, shared_da
 
 def test_openai_batch_round_trip(tmp_path, shared_data):
     step1_in = write_batch_requests(_cfg(tmp_path, format="openai_batch", path="unused"), tmp_path / "step1.jsonl")
-    requests = [json.loads(l) for l in step1_in.read_text().splitlines()]
+    requests = [json.loads(line) for line in step1_in.read_text().splitlines()]
     assert len(requests) == 3 and requests[0]["url"] == "/v1/completions"
     assert requests[0]["body"]["prompt"].endswith("\nA: Let's think step by step.")
     # What the Batch API returns for those requests (written here as the service would):
@@ -45,7 +46,7 @@ def test_openai_batch_round_trip(tmp_path, shared_data):
     out1.write_text("".join(json.dumps(o) + "\n" for o in outputs))
     step2_in = write_batch_requests(_cfg(tmp_path, format="openai_batch", path="unused"), tmp_path / "step2.jsonl",
                                     step1_output=out1)
-    step2 = [json.loads(l) for l in step2_in.read_text().splitlines()]
+    step2 = [json.loads(line) for line in step2_in.read_text().splitlines()]
     assert step2[0]["body"]["prompt"].endswith("so 15.\nTherefore, the answer is")
     for r in step2:
         outputs.append({"custom_id": r["custom_id"], "error": None, "response": {"status_code": 200, "body": {

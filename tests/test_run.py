@@ -18,8 +18,9 @@ def _config(tmp_path, tiny_llama, shared_data):
     cfg = {
         "name": "tiny", "output_dir": str(tmp_path / "run"), "tasks": ["multiarith"],
         "methods": ["fine_tune_cot"], "baselines": ["zero_shot"], "wandb_mode": "offline",
-        "teacher": {"subset": 40, "engine": {"kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
-                                             "path": str(shared_data / "teacher_logs" / "multiarith_zero_shot_cot.log")}},
+        "teacher": {"subset": 40, "engine": {
+            "kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
+            "path": str(shared_data / "teacher_logs" / "multiarith_zero_shot_cot.log")}},
         "curate": {"max_length": 256, "dev_fraction": 0.1},
         "train": {"model": str(tiny_llama), "epochs": 2, "batch_size": 4, "num_workers": 2, "max_steps": 4,
                   "deepspeed": {"stage": 2}, "dev": None},

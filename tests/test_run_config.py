@@ -1,9 +1,7 @@
 """`fcot run --dry-run` on every run config in experiments/, and config errors that name the key."""
 
-from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import ROOT, run_fcot
 
@@ -37,11 +35,12 @@ def test_dry_run_from_the_cli(shared_data, tmp_path):
     ("train.epochs=many", "key 'train.epochs': input should be a valid integer"),
     ("teacher.engine.kind=gpt", "key 'teacher.engine.kind': input should be 'hf', 'vllm', 'openai' or 'recorded'"),
     ("train.model=./no/such/model", "key 'train.model': model folder"),
-    ("train.num_workers=4", "key 'train.num_workers': 4 workers"),
+    ("train.num_workers=4", "key 'train.num_workers': 4 training workers x 1 CPUs > 2 CPUs"),
     ("tasks=[multiarithmetic]", "unknown task 'multiarithmetic'"),
 ])
 def test_config_errors_stop_before_any_work_and_name_the_key(override, message, tmp_path, shared_data):
-    proc = run_fcot("run", ROOT / "experiments" / "quickstart.yaml", "--dry-run", f"output_dir={tmp_path / 'run'}", override)
+    quickstart = ROOT / "experiments" / "quickstart.yaml"
+    proc = run_fcot("run", quickstart, "--dry-run", f"output_dir={tmp_path / 'run'}", override)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     proc = run_fcot("run", ROOT / "experiments" / "quickstart.yaml", f"output_dir={tmp_path / 'run'}", override)
@@ -63,17 +62,19 @@ def test_every_sweep_config_dry_runs(config, shared_data, tmp_path, monkeypatch)
 
     monkeypatch.chdir(ROOT)  # sweep configs name their base run config relative to the repository root
     notes = dry_run_sweep(load_config(SweepConfig, config, [f"output_dir={tmp_path / 'sweep'}"]))
-    assert "trials, teacher at D = " in notes[0]
+    assert "teacher at D = " in notes[0]
 
 
 def test_sweep_run_section_merges_into_its_base_config(shared_data, tmp_path, monkeypatch):
-    """`run.train.epochs` in a sweep changes that key only: the base's student, lr and teacher prompt stay."""
-    from fcot.config import load_config
-    from fcot.sweep import SweepConfig, _run_config, _trial_dict, base_run
+    """`run.train.num_workers` in a sweep changes that key only: the base's student, epochs and lr stay."""
+    from fcot.config import load_config, read_yaml
+    from fcot.run import RunConfig
+    from fcot.sweep import SweepConfig, base_run, trial_dict
 
     monkeypatch.chdir(ROOT)
     cfg = load_config(SweepConfig, ROOT / "experiments" / "sweeps" / "cpu.yaml", [f"output_dir={tmp_path}"])
-    run = _run_config(_trial_dict(base_run(cfg, tmp_path), {"train.lr": 0.003}, 8))
-    assert run.train.model == "tiny-llama" and run.train.epochs == cfg.run["train"]["epochs"] and run.train.lr == 0.003
-    assert run.teacher.prompt == "few_shot_cot" and run.teacher.engine.cpus_per_replica == 2
-    assert run.teacher.subset == cfg.run["teacher"]["subset"] and run.teacher.sampling.num_samples == 8
+    quickstart = read_yaml(ROOT / "experiments" / "quickstart.yaml")
+    run = load_config(RunConfig, base=trial_dict(base_run(cfg), {"train.lr": 0.003, "train.seed": 2}, 1))
+    assert run.train.model == quickstart["train"]["model"] and run.train.epochs == quickstart["train"]["epochs"]
+    assert run.train.num_workers == cfg.run["train"]["num_workers"] and run.train.lr == 0.003 and run.train.seed == 2
+    assert run.teacher.engine.kind == "recorded" and run.curate.max_length == quickstart["curate"]["max_length"]

@@ -57,12 +57,12 @@ def test_fcot_score_command(tmp_path, shared_data):
         {"index": 2, "completion": "I am not sure"},
     ]
     src = tmp_path / "completions.jsonl"
-    src.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
     proc = run_fcot("score", "--task", "multiarith", "--input", src, "--prefix=-->", check=True)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["task"] == "multiarith" and summary["n"] == 4
     assert summary["accuracy"] == 0.5 and summary["correct_format"] == 0.75
-    results = [json.loads(l) for l in (tmp_path / "completions.scored.jsonl").read_text().splitlines()]
+    results = [json.loads(line) for line in (tmp_path / "completions.scored.jsonl").read_text().splitlines()]
     assert [r["correct"] for r in results] == [True, False, True, False]
     assert results[0]["complete"] is True and results[1]["complete"] is None
 

@@ -1,5 +1,6 @@
-"""A two-trial sweep on CPU: one shared teacher run, a results table and report plots; killed after its first
-trial and restored, it finishes the second without redoing the first."""
+"""Sweeps on CPU with the real 175B teacher's records: two data sizes in one store (each trial trains on exactly
+its own questions), killed after its first trial and restored; ASHA stopping a trial whose learning rate is
+absurd; model selection that never reads the test split."""
 
 import json
 import os
@@ -11,67 +12,108 @@ import pyarrow.parquet as pq
 import yaml
 
 from fcot.config import load_config
-from fcot.sweep import SweepConfig, base_run, max_samples, prepare_teachers, trial_name
-from fcot.teacher.store import RecordStore
+from fcot.sweep import SweepConfig, best_point, trial_name
 from tests.conftest import ROOT, run_fcot
 from tests.test_run import _kill_tree
 
 
-def test_two_trial_sweep_shares_one_teacher_run_and_resumes(tmp_path, tiny_llama, ray_local):
+def _recorded(shared_data, task, log, subset):
+    return {"subset": subset, "progress": False,
+            "engine": {"kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
+                       "path": str(shared_data / "teacher_logs" / f"{log}_zero_shot_cot.log")}}
+
+
+def _train_indices(run_dir, method):
+    folder = run_dir / "curated" / method / "train"
+    return {r["index"] for f in folder.glob("*.parquet") for r in pq.read_table(f).to_pylist()}
+
+
+def test_data_size_sweep_in_one_store_trains_each_trial_on_its_own_questions_and_resumes(tmp_path, tiny_llama,
+                                                                                          shared_data):
     run = {
         "tasks": ["multiarith"], "methods": ["fine_tune_cot"], "baselines": [],
-        "teacher": {"subset": 4, "progress": False,
-                    "engine": {"kind": "hf", "model": str(tiny_llama), "dtype": "float32", "samples_per_batch": 8},
-                    "sampling": {"num_samples": 2, "max_new_tokens": 12, "answer_max_new_tokens": 6}},
-        "curate": {"max_length": 128},
+        "teacher": _recorded(shared_data, "multiarith", "multiarith", 40),  # 40 questions: 10 dev, 30 to train on
+        "curate": {"max_length": 256},
         "train": {"model": str(tiny_llama), "epochs": 1, "batch_size": 2, "num_workers": 1, "max_steps": 2,
                   "wandb": {"mode": "disabled"}},
         "eval": {"subset": 4, "max_new_tokens": 8},
         "wandb_mode": "disabled",
     }
     sweep_dir = tmp_path / "sweep"
-    spec = {"name": "t", "output_dir": str(sweep_dir), "run": run, "param_space": {"curate.num_samples": [1, 2]},
+    spec = {"name": "t", "output_dir": str(sweep_dir), "run": run, "param_space": {"curate.train_questions": [6, 12]},
             "wandb_mode": "disabled", "max_concurrent_trials": 1}
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(spec))
 
-    # The teacher, run here first: the tiny random teacher is never right, so its records are rewritten
-    # with correct=True to give the students data. The sweep must then generate nothing.
-    cfg = load_config(SweepConfig, base=spec)
-    base = base_run(cfg, sweep_dir)
-    prepare_teachers(cfg, base, sweep_dir, max_samples(cfg, base))
-    store = RecordStore(sweep_dir / "teacher" / "records")
-    for shard in store.shards():
-        table = pq.read_table(shard)
-        pq.write_table(table.set_column(table.schema.get_field_index("correct"), "correct",
-                                        [[True] * table.num_rows]), shard)
-    assert len(store.keys()) == 8  # 4 questions x the largest D
-
     # Kill the sweep (its whole process tree) once the first trial has finished.
-    first = sweep_dir / "trials" / trial_name({"curate.num_samples": 1}) / "stages"
+    first = sweep_dir / "trials" / trial_name({"curate.train_questions": 6, "train.seed": 0})
     proc = subprocess.Popen([sys.executable, "-m", "fcot.cli", "sweep", str(config)], cwd=ROOT, env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
-    while not (first / "eval-fine_tune_cot.json").exists() and time.time() < deadline and proc.poll() is None:
+    finished = first / "stages" / "eval-fine_tune_cot.json"
+    while not finished.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)
-    assert (first / "eval-fine_tune_cot.json").exists(), "the first trial did not finish"
+    assert (first / "stages" / "eval-fine_tune_cot.json").exists(), "the first trial did not finish"
     _kill_tree(proc)
-    first_markers = {p.name: p.read_text() for p in first.glob("*.json")}
-    assert len(first_markers) == 3
+    first_markers = {p.name: p.read_text() for p in (first / "stages").glob("*.json")}
+    assert len(first_markers) == 4  # teacher (found in the shared store), curate, train, eval
 
     out = run_fcot("sweep", config, check=True)
     assert "resuming" in out.stderr
     results = json.loads((sweep_dir / "results.json").read_text())
-    trials = results["trials"]
-    assert len(trials) == 2 and all(t["status"] == "done" for t in trials)
-    assert sorted(t["curate.num_samples"] for t in trials) == [1, 2]
-    assert sorted(t["fine_tune_cot_kept"] for t in trials) == [4, 8]  # D chosen at curation
-    assert all(0 <= t["accuracy"] <= 1 for t in trials)
+    trials = {t["curate.train_questions"]: t for t in results["trials"]}
+    assert set(trials) == {6, 12} and all(t["status"] == "done" for t in trials.values())
+    # Each trial trained on its own questions, a nested subset of the larger one's, and never on a dev question.
+    small = _train_indices(first, "fine_tune_cot")
+    large = _train_indices(sweep_dir / "trials" / trial_name({"curate.train_questions": 12, "train.seed": 0}),
+                           "fine_tune_cot")
+    assert len(small) <= 6 and len(large) <= 12 and small < large
+    assert trials[6]["fine_tune_cot/kept"] == len(small) < trials[12]["fine_tune_cot/kept"]
+    dev = {json.loads(line)["index"] for line in (first / "curated" / "fine_tune_cot" / "dev.jsonl").open()}
+    assert len(dev) == 10 and not dev & large
     # The finished trial was not redone: its stage markers (with their finish times) are untouched.
-    assert {p.name: p.read_text() for p in first.glob("*.json")} == first_markers
-    teachers = json.loads((sweep_dir / "teachers.json").read_text())
-    assert len(teachers) == 1 and teachers[0]["generated"] == 0  # the teacher ran once, before the sweep
-    assert len(store.keys()) == 8
-    assert not list(sweep_dir.glob("trials/*/teacher"))  # no trial has a teacher of its own
+    assert {p.name: p.read_text() for p in (first / "stages").glob("*.json")} == first_markers
+    assert results["teacher_runs"] == 1 and not list(sweep_dir.glob("trials/*/teacher"))
+    for t in trials.values():
+        assert 0 <= t["fine_tune_cot/multiarith/accuracy"] <= 1 and len(t["fine_tune_cot/multiarith/accuracy_ci"]) == 2
+        assert t["cpu_s"] > 0 and t["dev_accuracy"] is not None
     report = (sweep_dir / "report.md").read_text()
-    assert "| curate.num_samples |" in report and (sweep_dir / "sweep_curate_num_samples.png").stat().st_size > 1000
+    assert "| curate.train_questions |" in report and "%" in report and "[" in report  # accuracies with intervals
+    assert (sweep_dir / "sweep_curate_train_questions.png").stat().st_size > 1000
+
+
+def test_asha_stops_the_trial_whose_learning_rate_is_absurd(tmp_path, tiny_llama, shared_data):
+    run = {
+        "tasks": ["coin_flip"], "methods": ["vanilla"], "baselines": [],  # vanilla: answers in a few steps
+        "teacher": {"subset": 60},  # the questions (60: 10 dev, 50 to train on); vanilla reads no records
+        "train": {"model": str(tiny_llama), "epochs": 4, "batch_size": 5, "num_workers": 1,
+                  "wandb": {"mode": "disabled"}},
+        "eval": {"subset": 20},
+        "wandb_mode": "disabled",
+    }
+    spec = {"name": "asha", "output_dir": str(tmp_path / "sweep"), "run": run, "scheduler": "asha",
+            "grace_period": 1, "param_space": {"train.lr": [0.003, 1.0e5]}, "wandb_mode": "disabled",
+            "max_concurrent_trials": 1}
+    config = tmp_path / "asha.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    run_fcot("sweep", config, check=True)
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    trials = {t["train.lr"]: t for t in results["trials"]}
+    assert trials[0.003]["status"] == "done", trials[0.003]
+    assert trials[1.0e5]["status"].startswith("stopped at epoch ") and trials[1.0e5]["epoch"] < 4, trials[1.0e5]
+    assert "Stopped early by the scheduler" in (tmp_path / "sweep" / "report.md").read_text()
+    assert results["best"]["train.lr"] == 0.003
+
+
+def test_the_best_grid_point_is_chosen_on_dev_never_on_test():
+    rows = [  # dev and test disagree: the choice follows dev, averaged over seeds
+        {"train.lr": 0.1, "train.seed": 0, "status": "done", "dev_accuracy": 0.6, "fine_tune_cot/test_accuracy": 0.2},
+        {"train.lr": 0.1, "train.seed": 1, "status": "done", "dev_accuracy": 0.4, "fine_tune_cot/test_accuracy": 0.2},
+        {"train.lr": 0.2, "train.seed": 0, "status": "done", "dev_accuracy": 0.45, "fine_tune_cot/test_accuracy": 0.9},
+        {"train.lr": 0.2, "train.seed": 1, "status": "done", "dev_accuracy": 0.5, "fine_tune_cot/test_accuracy": 0.9},
+        {"train.lr": 0.3, "train.seed": 0, "status": "stopped at epoch 1 of 4", "dev_accuracy": 0.99},
+    ]
+    best = best_point(rows, ["train.lr"], "dev_accuracy")
+    assert best["train.lr"] == 0.1 and best["dev_accuracy"] == 0.5 and best["seeds"] == 2
+    assert best["fine_tune_cot/test_accuracy"] == 0.2  # reported beside the choice, not used for it
+    assert load_config(SweepConfig, base={"param_space": {"train.lr": [1]}}).metric == "dev_accuracy"

@@ -36,7 +36,7 @@ def test_template_splits(task, shared_data):
 def test_fcot_tasks_prints_every_task_with_sizes(shared_data):
     out = run_fcot("tasks", check=True).stdout
     for task, (train, test) in PAPER_SIZES.items():
-        line = next(l for l in out.splitlines() if l.startswith(task + " "))
+        line = next(ln for ln in out.splitlines() if ln.startswith(task + " "))
         assert re.search(rf"\s{train if train else '—'}\s+{test}\s", line), line
 
 

@@ -23,7 +23,7 @@ from tests.conftest import ROOT, run_fcot
 
 def _cfg(tmp_path, model, **over) -> TeachConfig:
     base = {"tasks": "multiarith", "subset": 4, "output_dir": str(tmp_path / "teacher"), "progress": False,
-            "engine": {"kind": "hf", "model": str(model), "dtype": "float32", "replicas": 2, "samples_per_batch": 4},
+            "engine": {"kind": "hf", "model": str(model), "dtype": "float32", "replicas": 2, "batch_size": 4},
             "sampling": {"num_samples": 3, "max_new_tokens": 12, "answer_max_new_tokens": 6}}
     for key, value in over.items():
         node = base
@@ -46,11 +46,12 @@ def test_teach_writes_n_x_d_records_and_a_rerun_generates_nothing(tmp_path, tiny
     assert sorted(landed) == sorted((tmp_path / "teacher" / "records").glob("*.parquet")) and len(landed) == 3
     rows = _all_rows(tmp_path / "teacher")
     assert len(rows) == 12 and len({r["key"] for r in rows}) == 12
-    assert {(r["index"], r["sample_index"]) for r in rows} == {(i, k) for i in {r["index"] for r in rows} for k in range(3)}
+    questions = {r["index"] for r in rows}
+    assert {(r["index"], r["sample_index"]) for r in rows} == {(i, k) for i in questions for k in range(3)}
     r = rows[0]
     assert r["prompt"].startswith("Q: ") and r["prompt"].endswith("\nA: Let's think step by step.")
     assert r["temperature"] == pytest.approx(0.7) and r["engine"] == "hf" and r["completion_tokens"] > 0
-    assert r["finish_reason"] in ("stop", "length") and r["model"] == str(tiny_llama)
+    assert r["finish_reason"] in ("stop", "length") and r["model"] == tiny_llama.name and len(r["teacher_id"]) == 16
 
     again = teach(cfg)
     assert (again["records"], again["generated"]) == (12, 0)
@@ -73,7 +74,8 @@ def test_records_are_readable_by_ray_data_and_datasets(tmp_path, tiny_llama, ray
 
 
 def test_chat_prompt_style_continues_the_assistant_turn(tmp_path, tiny_llama, ray_local):
-    summary = teach(_cfg(tmp_path, tiny_llama, prompt_style="chat", **{"sampling.num_samples": 1, "engine.replicas": 1}))
+    summary = teach(_cfg(tmp_path, tiny_llama, prompt_style="chat",
+                         **{"sampling.num_samples": 1, "engine.replicas": 1}))
     assert summary["generated"] == 4
     row = _all_rows(tmp_path / "teacher")[0]
     messages = json.loads(row["prompt"])
@@ -83,7 +85,7 @@ def test_chat_prompt_style_continues_the_assistant_turn(tmp_path, tiny_llama, ra
 
 def test_a_killed_replica_is_replaced_and_the_run_completes_without_duplicates(tmp_path, tiny_llama, ray_local):
     cfg = _cfg(tmp_path, tiny_llama, subset=12, **{"sampling.num_samples": 4, "sampling.max_new_tokens": 48,
-                                                  "engine.samples_per_batch": 4})
+                                                  "engine.batch_size": 4})
     result = {}
     runner = threading.Thread(target=lambda: result.update(teach(cfg)))
     runner.start()
@@ -104,7 +106,7 @@ def test_a_killed_replica_is_replaced_and_the_run_completes_without_duplicates(t
 def test_killed_driver_resumes_without_generating_finished_samples_again(tmp_path, tiny_llama):
     config = tmp_path / "teach.yaml"
     cfg = _cfg(tmp_path, tiny_llama, subset=12, **{"sampling.num_samples": 4, "sampling.max_new_tokens": 48,
-                                                  "engine.samples_per_batch": 4, "engine.replicas": 1})
+                                                  "engine.batch_size": 4, "engine.replicas": 1})
     config.write_text(yaml.safe_dump(cfg.model_dump()))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "fcot.cli", "teach", str(config)], cwd=ROOT, env=env,

@@ -2,7 +2,6 @@
 an encoder-decoder, a worker SIGKILLed mid-epoch, and the packing collate."""
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from fcot.errors import FcotError
 from fcot.prompts import FORMATS
 from fcot.train.config import TrainConfig
 from fcot.train.data import IGNORE, Collator, pad_batch
-from tests.conftest import run_fcot
+from tests.conftest import ROOT, run_fcot
 
 FMT = FORMATS["fine_tune_cot"]
 
@@ -57,10 +56,15 @@ def tokenizer(model):
 
 # -- collate ------------------------------------------------------------------------------------------------
 
-def test_packing_masks_loss_and_attention(tiny_llama, samples):
+def test_packing_masks_loss_and_attention(tiny_llama, samples, tmp_path):
     """Labels are -100 exactly on prompt tokens and padding, positions restart per example, and a packed
-    micro-batch gives the same loss as the padded one (no attention across examples)."""
+    micro-batch gives the same loss and gradients as the padded one (no attention across examples), for
+    Llama (rotary positions) and GPT-2 (learned positions)."""
     from transformers import AutoModelForCausalLM
+
+    from fcot.bundled import make_tiny_model
+    from fcot.train import attention
+    from fcot.train.trainer import _loss_sum
 
     tok = tokenizer(tiny_llama)
     batch = {"prompt": [FMT.render_prompt(s.question) for s in samples[:5]],
@@ -70,39 +74,46 @@ def test_packing_masks_loss_and_attention(tiny_llama, samples):
     prompt_lens = [len(tok(p, add_special_tokens=False).input_ids) for p in batch["prompt"]]
     packed = collate(batch)
     padded = pad_batch(examples, tok.pad_token_id)
-    assert packed["input_ids"].shape[0] < len(examples) and packed["input_ids"].shape[1] <= 160
+    total = sum(len(ids) for ids, _ in examples)
+    assert packed["input_ids"].shape == (1, total)  # one row, no padding
 
-    # Walk each packed row: segments are examples (position_ids restart at 0), then padding.
-    seen = []
-    for row in range(packed["input_ids"].shape[0]):
-        ids, labels, pos = (packed[k][row].tolist() for k in ("input_ids", "labels", "position_ids"))
-        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-        for a, b in zip(starts, starts[1:]):
-            match = [j for j, (e_ids, _) in enumerate(examples) if e_ids == ids[a:b]]
-            if not match:  # the row's padding tail
-                assert set(ids[a:b]) == {tok.pad_token_id} and set(labels[a:b]) == {IGNORE}
-                continue
-            j = match[0]
-            seen.append(j)
-            assert pos[a:b] == list(range(b - a))
-            n = prompt_lens[j]
-            assert labels[a:a + n] == [IGNORE] * n  # prompt: no loss
-            assert labels[a + n:b] == ids[a + n:b] and ids[b - 1] == tok.eos_token_id  # completion + EOS: loss
-    assert sorted(seen) == list(range(len(examples)))
+    ids, labels, pos = (packed[k][0].tolist() for k in ("input_ids", "labels", "position_ids"))
+    bounds = packed["cu_seq_lens_q"].tolist()
+    assert bounds[0] == 0 and bounds[-1] == total and packed["max_length_q"] == max(len(e) for e, _ in examples)
+    for j, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        assert ids[a:b] == examples[j][0] and pos[a:b] == list(range(b - a))
+        n = prompt_lens[j]
+        assert labels[a:a + n] == [IGNORE] * n  # prompt: no loss
+        assert labels[a + n:b] == ids[a + n:b] and ids[b - 1] == tok.eos_token_id  # completion + EOS: loss
     assert int(packed["label_tokens"]) == sum(len(ids) - n for (ids, _), n in zip(examples, prompt_lens))
-    assert int(packed["tokens"]) == sum(len(ids) for ids, _ in examples)
+    assert int(packed["tokens"]) == total
     # Padded batch: same rule, padding on the right.
     for row, ((ids, _), n) in enumerate(zip(examples, prompt_lens)):
         labels = padded["labels"][row].tolist()
         assert labels[:n] == [IGNORE] * n and labels[n:len(ids)] == ids[n:] and set(labels[len(ids):]) <= {IGNORE}
 
-    from fcot.train.trainer import _loss_sum
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    forward = lambda b: _loss_sum(model, {k: v for k, v in b.items() if k in ("input_ids", "attention_mask",
-                                                                            "position_ids", "labels")}, False)
-    with torch.no_grad():
-        assert torch.allclose(forward(packed), forward(padded), rtol=1e-5)  # without the mask: ~5e-4 off
+    gpt2 = make_tiny_model(tmp_path / "gpt2", "gpt2", vocab_texts=batch["prompt"] + batch["completion"])
+    for path in (tiny_llama, gpt2):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        c = Collator(tokenizer(path), 160, encoder_decoder=False, packing=True)
+        encoded = c.encode(batch["prompt"], batch["completion"])
+        losses, grads = [], []
+        for b, impl in ((pad_batch(encoded, c.pad_id), "sdpa"), (c.collate(encoded), attention.NAME)):
+            model.set_attn_implementation(impl)
+            model.zero_grad()
+            loss = _loss_sum(model, b, False)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert torch.allclose(losses[0], losses[1], rtol=1e-5), (path, losses)
+        assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6), path
+        # The check can fail: the same row attended as one sequence (examples see each other) gives another loss.
+        model.set_attn_implementation("sdpa")
+        row = c.collate(encoded)
+        one = {"input_ids": row["input_ids"], "labels": row["labels"], "position_ids": row["position_ids"],
+               "attention_mask": torch.ones_like(row["input_ids"])}
+        with torch.no_grad():
+            assert not torch.allclose(_loss_sum(model, one, False), losses[1], rtol=1e-5)
 
 
 def test_truncation_and_bad_config(tiny_llama, tmp_path):
@@ -139,6 +150,12 @@ def test_zero2_two_workers_loss_decreases_and_model_loads(tmp_path, tiny_llama, 
     assert len(curve) == 12 and curve[-1] < curve[0] - 0.5, curve
     assert summary["tokens_per_s"] > 0 and summary["restarts"] == 0
     assert [d["epoch"] for d in summary["dev"]] == [1, 2, 3] and 0 <= summary["best_dev_accuracy"] <= 1
+    # The student is the best dev epoch (the earliest of equals), saved with a note of which it is.
+    accuracies = [d["accuracy"] for d in summary["dev"]]
+    assert summary["selected_epoch"] == summary["best_epoch"] == 1 + accuracies.index(max(accuracies))
+    selection = json.loads((Path(summary["model_dir"]) / "fcot_selection.json").read_text())
+    assert selection["epoch"] == summary["best_epoch"]
+    assert not (Path(summary["output_dir"]) / "candidates").exists()
     assert json.loads((Path(summary["output_dir"]) / "summary.json").read_text())["steps"] == 12
 
     tok = tokenizer(summary["model_dir"])
@@ -182,7 +199,7 @@ def test_zero3_saves_gathered_weights(tmp_path, tiny_llama, samples, ray_local):
 def test_t5_encoder_decoder_trains(tmp_path, samples, ray_local):
     from transformers import AutoModelForSeq2SeqLM
 
-    from fcot.models import make_tiny_model
+    from fcot.bundled import make_tiny_model
     from fcot.train.trainer import train
 
     texts = [s.question for s in samples] + ["We add the numbers in the question. So the answer is --> END"]
@@ -250,4 +267,5 @@ def test_cli_train_rejects_bad_config(tmp_path):
     proc = run_fcot("train", cfg, "num_workers=4")
     assert proc.returncode == 2 and "must be divisible by num_workers" in proc.stderr, proc.stderr
     proc = run_fcot("train", cfg, "batch_size=8", "num_workers=2")
-    assert proc.returncode == 2 and "data nowhere: not found" in proc.stderr, proc.stderr
+    # paths resolve against the directory the command ran in (run_fcot: the repository root)
+    assert proc.returncode == 2 and f"data {ROOT / 'nowhere'}: not found" in proc.stderr, proc.stderr

@@ -3,6 +3,7 @@ OpenAI-compatible server behind the `openai` engine, and the `openai` engine's r
 scripted HTTP server. CI installs vLLM, so a missing vLLM fails these tests instead of skipping them."""
 
 import contextlib
+import email.utils
 import http.server
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,11 +23,11 @@ import requests
 import yaml
 
 from fcot.config import load_config
+from fcot.engines import OpenAIEngine, Request, render_chat, retry_after_s
 from fcot.errors import FcotError
 from fcot.teacher.config import TeachConfig
-from fcot.teacher.engines import OpenAIEngine, Request, render_chat
 from fcot.teacher.pipeline import teach
-from tests.conftest import ROOT, run_fcot
+from tests.conftest import run_fcot
 
 SERVED_NAME = "tiny-vllm"
 API_KEY = "fcot-test-key-5f3a"  # the server's key; the engine must get it from the variable named in the config
@@ -41,10 +43,11 @@ def require_vllm():
 @pytest.fixture(scope="module")
 def vllm_tiny(tmp_path_factory, shared_data) -> Path:
     """A tiny random Llama whose head size (128 / 2 = 64) vLLM's CPU attention supports."""
-    from fcot.models import make_tiny_model
+    from fcot.bundled import make_tiny_model
     from fcot.tasks import load_records
 
-    texts = [s.question for s in load_records("multiarith")] + ["Let's think step by step. Therefore, the answer is --> END ###"]
+    texts = [s.question for s in load_records("multiarith")]
+    texts.append("Let's think step by step. Therefore, the answer is --> END ###")
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-vllm", "llama", vocab_texts=texts,
                            hidden=128, heads=2, kv_heads=1)
 
@@ -101,7 +104,7 @@ def vllm_server(vllm_tiny, tmp_path_factory):
 
 def _cfg(out_dir, model, engine: dict, **over) -> TeachConfig:
     base = {"tasks": "multiarith", "subset": 4, "output_dir": str(out_dir), "progress": False,
-            "engine": {"replicas": 1, "samples_per_batch": 4, **engine},
+            "engine": {"replicas": 1, "batch_size": 4, **engine},
             "sampling": {"num_samples": 3, "max_new_tokens": 12, "answer_max_new_tokens": 6}}
     for key, value in over.items():
         node = base
@@ -117,7 +120,8 @@ def _vllm_engine(model) -> dict:
 
 
 def _rows(out_dir) -> list[dict]:
-    return [r for shard in sorted((Path(out_dir) / "records").glob("*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    shards = sorted((Path(out_dir) / "records").glob("*.parquet"))
+    return [r for shard in shards for r in pq.read_table(shard).to_pylist()]
 
 
 def _step1_tokens(model, row) -> int:
@@ -140,7 +144,8 @@ def _teach_cli(tmp_path, cfg: TeachConfig, env: dict | None = None) -> dict:
 # --- the offline engine in the Ray Data pool ---------------------------------------------------------------
 
 
-def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_on_batching(tmp_path, vllm_tiny, ray_local):
+def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_on_batching(tmp_path, vllm_tiny,
+                                                                                            ray_local):
     require_vllm()
     cfg = _cfg(tmp_path / "a", vllm_tiny, _vllm_engine(vllm_tiny))
     first = teach(cfg)
@@ -148,8 +153,10 @@ def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_o
     assert (first["planned"], first["records"], first["generated"]) == (12, 12, 12)
     rows = _rows(tmp_path / "a")
     assert len({r["key"] for r in rows}) == 12
-    assert {(r["index"], r["sample_index"]) for r in rows} == {(i, k) for i in {r["index"] for r in rows} for k in range(3)}
-    assert all(r["engine"] == "vllm" and r["completion_tokens"] > 0 and r["temperature"] == pytest.approx(0.7) for r in rows)
+    questions = {r["index"] for r in rows}
+    assert {(r["index"], r["sample_index"]) for r in rows} == {(i, k) for i in questions for k in range(3)}
+    assert all(r["engine"] == "vllm" and r["completion_tokens"] > 0 and r["temperature"] == pytest.approx(0.7)
+               for r in rows)
     assert len({r["rationale"] for r in rows}) > 1  # per-sample seeds: the D samples of a question differ
     assert (tmp_path / "a" / ".engine_cache" / "vllm").is_dir()  # vLLM's caches stay under the run's folder
 
@@ -157,7 +164,7 @@ def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_o
     assert (again["records"], again["generated"]) == (12, 0)
 
     # The same samples through `fcot teach` (a fresh driver and Ray), batched 12 at a time instead of 4.
-    other = _cfg(tmp_path / "b", vllm_tiny, _vllm_engine(vllm_tiny), **{"engine.samples_per_batch": 12})
+    other = _cfg(tmp_path / "b", vllm_tiny, _vllm_engine(vllm_tiny), **{"engine.batch_size": 12})
     summary = _teach_cli(tmp_path, other)
     assert (summary["records"], summary["generated"]) == (12, 12)
     by_key = {r["key"]: r for r in _rows(tmp_path / "b")}
@@ -183,7 +190,7 @@ def test_vllm_chat_prompt_continues_the_assistant_turn(tmp_path, vllm_tiny, ray_
 
 def _openai_engine(server, key_env="FCOT_TEST_API_KEY") -> dict:
     return {"kind": "openai", "model": SERVED_NAME, "base_url": server["base_url"], "api_key_env": key_env,
-            "max_concurrency": 4, "samples_per_batch": 12}
+            "max_concurrency": 4, "batch_size": 12}
 
 
 def _no_secret_in(folder):
@@ -238,7 +245,8 @@ def test_openai_engine_reads_the_key_only_from_the_named_variable(vllm_server, m
 
 # --- retries against a real scripted HTTP server --------------------------------------------------------------
 
-COMPLETION = {"choices": [{"text": " 3 + 2 = 5.", "finish_reason": "stop"}], "usage": {"prompt_tokens": 7, "completion_tokens": 6}}
+COMPLETION = {"choices": [{"text": " 3 + 2 = 5.", "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 7, "completion_tokens": 6}}
 
 
 class _Scripted(http.server.BaseHTTPRequestHandler):
@@ -308,3 +316,28 @@ def test_openai_engine_fails_at_once_on_400(scripted_server):
     with pytest.raises(FcotError, match=r"/v1/completions: HTTP 400: .*max_tokens is too large"):
         engine.generate([Request(prompt="Q?", max_new_tokens=4)])
     assert len(scripted_server.seen) == 1 and engine.calls == 1 and time.monotonic() - started < 2
+
+
+def test_openai_engine_429_with_retry_after_on_the_last_attempt_gives_up_clearly(scripted_server):
+    """A 429 that says when to come back, on the last attempt: the engine gives up naming it (it used to end in
+    AssertionError("unreachable"))."""
+    scripted_server.script += [(429, {"error": "slow down"}, {"Retry-After": "0"})] * 3
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}"
+    engine = OpenAIEngine("m", url, max_retries=2, timeout_s=10)
+    with pytest.raises(FcotError, match=r"gave up after 3 attempts \(HTTP 429"):
+        engine.generate([Request(prompt="Q?", max_new_tokens=4)])
+    assert len(scripted_server.seen) == 3
+
+
+def test_openai_engine_honours_retry_after_in_seconds_and_as_an_http_date(scripted_server):
+    when = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=4), usegmt=True)
+    scripted_server.script += [(429, {"error": "slow down"}, {"Retry-After": "1"}),
+                               (429, {"error": "slow down"}, {"Retry-After": when})]  # RFC 9110: both forms
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}"
+    engine = OpenAIEngine("m", url, max_retries=3, timeout_s=10)
+    [c] = engine.generate([Request(prompt="Q?", max_new_tokens=4)])
+    assert c.text == " 3 + 2 = 5." and len(scripted_server.seen) == 3
+    gaps = [b["t"] - a["t"] for a, b in zip(scripted_server.seen, scripted_server.seen[1:])]
+    # the date: 4 s from when it was written, to the second (so 3-4 s), less the ~1 s already waited
+    assert 0.9 <= gaps[0] < 1.6 and 1.5 <= gaps[1] < 3.5
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0 and retry_after_s("soon") is None

@@ -1,17 +1,18 @@
 """Teacher throughput: one request per sample (the seed code's API loop) vs the engine called once with the
-whole batch vs fcot's Ray Data pool (`fcot.teacher.pipeline.teach`), on the same CPU model and prompts.
+whole batch vs fcot's pool of replicas (`fcot.teacher.pipeline.teach`), on the same CPU model and prompts.
 
     .venv/bin/python experiments/bench/teacher.py [--questions 32] [--samples 8] [--max-new-tokens 128]
         [--engine vllm|hf] [--naive-samples 16] [--samples-per-batch N] [--kv-cache-gib 2]
 
 Workload, the same for all three: both zero-shot-CoT steps of N = --questions multiarith train questions
-(FCOT_DATA_DIR, default ../shared/data; which ones: see (c)) x D = --samples. Step 1 is `Q: {question}\nA: Let's think step by
-step.` sampled at temperature 0.7 with fcot's per-sample seeds and --max-new-tokens; step 2 appends the
-rationale and `\nTherefore, the answer is` and decodes greedily (answer_max_new_tokens 32). All three go
-through fcot's own `plan` (prompts, seeds) and `generate_records` (step-1 requests, step-2 requests, scoring):
-only how `engine.generate` is fed differs. Model: SmolLM2-135M-Instruct (`smollm2-135m`), bf16; vllm:
-enforce_eager, prefix caching, the same KV cache size (--kv-cache-gib) everywhere. Throughput counts generated
-tokens of both steps (completion_tokens + answer_completion_tokens of the records), over wall time.
+(FCOT_DATA_DIR, default ../shared/data; which ones: see (c)) x D = --samples. Step 1 is
+`Q: {question}\nA: Let's think step by step.` sampled at temperature 0.7 with fcot's per-sample seeds and
+--max-new-tokens; step 2 appends the rationale and `\nTherefore, the answer is` and decodes greedily
+(answer_max_new_tokens 32). All three go through fcot's own `plan` (prompts, seeds) and `generate_records`
+(step-1 requests, step-2 requests, scoring): only how `engine.generate` is fed differs. Model:
+SmolLM2-135M-Instruct (`smollm2-135m`), bf16; vllm: enforce_eager, prefix caching, the same KV cache size
+(--kv-cache-gib) everywhere. Throughput counts generated tokens of both steps (completion_tokens +
+answer_completion_tokens of the records), over wall time.
 
 (a) naive: one engine.generate call per sample and step, in a Python loop (step 1 of a sample, then its
     step 2), on the same engine instance as (b). Timed on the first --naive-samples samples only (a subset, to
@@ -19,7 +20,7 @@ tokens of both steps (completion_tokens + answer_completion_tokens of the record
 (b) engine direct: one engine.generate with all N x D step-1 requests, then one with all N x D step-2
     requests (VLLMEngine.generate is one `LLM.generate` call; HFEngine.generate micro-batches by hf_batch_size).
     After a warm-up call on an unrelated prompt; the prefix cache is reset before (b) and before (a).
-(c) fcot's pool: `teach` with engine.kind = --engine, replicas=1, fcot's default samples_per_batch (or
+(c) fcot's pool: `teach` with engine.kind = --engine, replicas=1, fcot's default engine.batch_size (or
     --samples-per-batch), into a fresh temporary output dir (nothing cached). `teach` starts its replica (and
     vLLM) inside the call, and a second `teach` starts a new replica, so start-up cannot be excluded by running
     it twice. Instead the same `teach` call first runs W warm-up questions (whole batches: W x D is a multiple
@@ -27,11 +28,11 @@ tokens of both steps (completion_tokens + answer_completion_tokens of the record
     and (c) is read from the records' `created_at` (stamped when a batch's two steps finish, before its shard
     is written). With one replica, batches run one after another, so tok/s = tokens of the measured questions
     / (last created_at - last created_at of the warm-up batches): start-up and the first batch are out, and
-    everything after (shard writes, Ray Data scheduling, the driver) is in. The script checks that every
+    everything after (shard writes, the pool's scheduling, the driver) is in. The script checks that every
     measured record was stamped after every warm-up record. The wall-clock figure of the whole `teach` call
     (start-up and warm-up included) is printed too, for information.
 (b') only with samples_per_batch < N x D: the engine called directly in chunks of samples_per_batch, to tell
-    the cost of batch granularity from that of Ray Data.
+    the cost of batch granularity from that of the pool.
 
 The measured questions are multiarith train questions W .. W+N-1 for all three (W = 32 with vllm's default
 samples_per_batch 256 and D = 8), so that (a), (b) and (c) time exactly the same samples (same keys).
@@ -68,7 +69,7 @@ def make_cfg(args, output_dir: str, questions: int):
     engine = {"kind": args.engine, "model": args.model, "dtype": "bfloat16", "replicas": 1,
               "cpus_per_replica": args.cpus_per_replica, "kv_cache_gib": args.kv_cache_gib, "enforce_eager": True}
     if args.samples_per_batch:
-        engine["samples_per_batch"] = args.samples_per_batch
+        engine["batch_size"] = args.samples_per_batch
     return load_config(TeachConfig, base={
         "tasks": "multiarith", "split": "train", "subset": questions, "output_dir": output_dir,
         "progress": False, "engine": engine,
@@ -78,7 +79,7 @@ def make_cfg(args, output_dir: str, questions: int):
 
 def layout(args, output_dir: str):
     """(config of the pool's run, W warm-up questions): W x D is a whole number of batches."""
-    spb = make_cfg(args, output_dir, 1).engine.samples_per_batch
+    spb = make_cfg(args, output_dir, 1).engine.batch_size
     warmup = math.lcm(spb, args.samples) // args.samples
     return make_cfg(args, output_dir, warmup + args.questions), warmup
 
@@ -104,13 +105,15 @@ class OnePerSample:
 
 def phase_direct(args) -> dict:
     """(b), (b') and (a) on one engine instance, built with the pool's own `build_engine`."""
-    from fcot.teacher.engines import Request
-    from fcot.teacher.pipeline import build_engine, generate_records, plan
+    from fcot.engines import Request, build_engine
+    from fcot.teacher.pipeline import generate_records
+    from fcot.teacher.plan import plan, teacher_id, teacher_identity
 
     cfg, warmup = layout(args, tempfile.mkdtemp(prefix="fcot-bench-teacher-direct-"))
     items = plan(cfg)[warmup * args.samples:]  # the measured questions, as in (c)
+    teacher = (teacher_id(cfg), json.dumps(teacher_identity(cfg), sort_keys=True))
     started = time.perf_counter()
-    engine = build_engine(cfg)
+    engine = build_engine(cfg.engine)
     out = {"startup_s": round(time.perf_counter() - started, 2)}
     reset = getattr(getattr(engine, "llm", None), "reset_prefix_cache", lambda: None)
     warm = Request(prompt="Q: Tom has 3 red balls and 4 blue balls. How many balls does he have?\nA:",
@@ -119,21 +122,21 @@ def phase_direct(args) -> dict:
 
     reset()
     t = time.perf_counter()
-    direct = generate_records(cfg, engine, items)
+    direct = generate_records(cfg, engine, items, teacher)
     out["engine"] = figures(direct, time.perf_counter() - t)
     out["per_key"] = {r["key"]: r["rationale"] for r in direct}
 
-    spb = cfg.engine.samples_per_batch
+    spb = cfg.engine.batch_size
     if spb < len(items):
         reset()
         t, chunked = time.perf_counter(), []
         for i in range(0, len(items), spb):
-            chunked += generate_records(cfg, engine, items[i:i + spb])
+            chunked += generate_records(cfg, engine, items[i:i + spb], teacher)
         out["engine_chunked"] = figures(chunked, time.perf_counter() - t)
 
     reset()
     t = time.perf_counter()
-    naive = generate_records(cfg, OnePerSample(engine), items[:args.naive_samples])
+    naive = generate_records(cfg, OnePerSample(engine), items[:args.naive_samples], teacher)
     out["naive"] = figures(naive, time.perf_counter() - t)
     return out
 
@@ -141,7 +144,8 @@ def phase_direct(args) -> dict:
 def phase_pool(args) -> dict:
     """(c): fcot's teach into a fresh folder, warm-up batches first; timed from the records' created_at."""
     from fcot.ray_utils import init_ray
-    from fcot.teacher.pipeline import plan, teach
+    from fcot.teacher.pipeline import teach
+    from fcot.teacher.plan import plan
     from fcot.teacher.store import RecordStore
 
     work = tempfile.mkdtemp(prefix="fcot-bench-teacher-pool-")
@@ -155,13 +159,14 @@ def phase_pool(args) -> dict:
     measured = [r for r in rows if r["key"] in measured_keys]
     warm = [r for r in rows if r["key"] not in measured_keys]
     if len(measured) != len(measured_keys) or not warm:
-        raise SystemExit(f"expected {len(measured_keys)} measured records and warm-up ones, got {len(measured)}, {len(warm)}")
+        raise SystemExit(f"expected {len(measured_keys)} measured records and warm-up ones, "
+                         f"got {len(measured)}, {len(warm)}")
     t0, t1 = max(r["created_at"] for r in warm), max(r["created_at"] for r in measured)
     if min(r["created_at"] for r in measured) <= t0:
         raise SystemExit("a measured batch finished before the warm-up batches: cannot time the pool this way")
     stamps = sorted({r["created_at"] for r in rows})
     return {
-        "samples_per_batch": cfg.engine.samples_per_batch, "warmup_questions": warmup, "batches": len(stamps),
+        "samples_per_batch": cfg.engine.batch_size, "warmup_questions": warmup, "batches": len(stamps),
         "batch_gaps_s": [round(b - a, 2) for a, b in zip(stamps, stamps[1:])],
         "pool": figures(measured, t1 - t0),
         "teach_wall": {**figures(rows, wall), "summary_wall_s": summary["wall_s"]},
@@ -218,8 +223,8 @@ def main() -> None:
     rows += [("(c) fcot pool (after warm-up batch)", c), ("(c') teach wall, start-up+warm-up", pool["teach_wall"])]
     print(f"{'':<38} {'samples':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'load':>5}", file=sys.stderr)
     for name, r in rows:
-        print(f"{name:<38} {r['samples']:>7} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tok_s']:>8.1f} {r['load']:>5.1f}",
-              file=sys.stderr)
+        print(f"{name:<38} {r['samples']:>7} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tok_s']:>8.1f} "
+              f"{r['load']:>5.1f}", file=sys.stderr)
     print(f"load: the 1-minute load average when the row's timing ended ({os.cpu_count()} CPUs); other jobs on the "
           "machine skew the ratios", file=sys.stderr)
     print(f"questions {pool['warmup_questions']}..{pool['warmup_questions'] + args.questions - 1} measured; engine "

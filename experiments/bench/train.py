@@ -1,14 +1,19 @@
-"""Training throughput: fcot's trainer (Ray Train, 2 workers, ZeRO-2) vs a bare single-process PyTorch loop,
-and sequence packing vs padding, on real chain-of-thought lengths.
+"""Training throughput: fcot's trainer (Ray Train + DeepSpeed) vs a bare one-process PyTorch loop, and sequence
+packing vs padding, on real chain-of-thought lengths, on the CPU or a GPU.
 
-    .venv/bin/python experiments/bench/train.py [--steps 40] [--hidden 256] [--layers 4] [--model PATH]
+    .venv/bin/python experiments/bench/train.py [--gpu] [--steps 40] [--batch-size 8] [--precision fp32|bf16]
+                                                [--workers N] [--stage auto|0|1|2|3] [--hidden 256] [--layers 4]
 
 Data: the 175B teacher's zero-shot-CoT rationales that reached the gold answer (the Zero-shot-CoT authors'
 logs in ../shared/data/teacher_logs), in the Fine-tune-CoT format. Model: a random Llama-family decoder
 with a BPE tokenizer trained on those texts (or --model). Every number is tokens/s over real tokens
-(prompt + completion + EOS, padding excluded), over the same number of optimizer steps of batch_size 8.
+(prompt + completion + EOS, padding excluded), over the same number of optimizer steps of --batch-size
+examples, after --warmup steps. The bare loop is the best plain loop we could write: the data tokenized once,
+plain torch AdamW, the same loss and precision, all of the machine's cores (CPU) or the GPU. fcot runs
+--workers Ray Train workers (CPU: one per core, each with one thread; GPU: one per GPU).
 Setups run in interleaved rounds and keep their best round (other jobs on a shared machine skew single runs).
-The last line is JSON: {"ratio_vs_bare": fcot padded / bare padded, "packing_speedup": fcot packed / fcot padded}.
+The last line is JSON: {"ratio_vs_bare": fcot padded / bare padded, "packing_speedup": fcot packed / fcot padded,
+"mfu": model-FLOPs utilisation of fcot packed (GPU only: 6 x parameters x tokens/s over the GPU's bf16 peak)}.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16 FLOP/s
 
 
 def teacher_rows(logs: Path) -> list[dict]:
@@ -35,37 +41,54 @@ def teacher_rows(logs: Path) -> list[dict]:
         for r in parse_zero_shot_cot_log(path):
             if r.pred_after and r.pred_after == r.gold and r.rationale.strip():  # kept by curation: correct
                 rows.append({"task": r.task, "index": r.position, "sample_index": 0,
-                             "prompt": fmt.render_prompt(r.question), "completion": fmt.render_target(r.gold, r.rationale)})
+                             "prompt": fmt.render_prompt(r.question),
+                             "completion": fmt.render_target(r.gold, r.rationale)})
     if not rows:
         sys.exit(f"no teacher logs in {logs} (known: {', '.join(KOJIMA_DATASETS)})")
     return rows
 
 
-def bare_loop(model_path: str, rows: list[dict], steps: int, batch_size: int, packing: bool, threads: int) -> dict:
-    """The baseline: one process, all cores, plain torch AdamW, the same tokenization and loss."""
+def bare_loop(model_path: str, rows: list[dict], args, packing: bool, device: str) -> dict:
+    """The baseline: one process, plain torch AdamW, the data tokenized once, the same loss and precision."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fcot.train.data import Collator
     from fcot.train.trainer import _loss_sum
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).train()
+    if packing:  # the same attention over packed rows as fcot's trainer
+        from fcot.train import attention
+
+        model.set_attn_implementation(attention.NAME)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device == "cuda")
     collate = Collator(tokenizer, 512, encoder_decoder=False, packing=packing)
     order = random.Random(0).sample(rows, len(rows))
-    tokens, started = 0, time.perf_counter()
-    for step in range(steps):
-        chunk = order[step * batch_size:(step + 1) * batch_size]
-        batch = collate({"prompt": [r["prompt"] for r in chunk], "completion": [r["completion"] for r in chunk]})
-        loss = _loss_sum(model, batch, False) / batch["label_tokens"]
+    examples = collate.encode([r["prompt"] for r in order], [r["completion"] for r in order])
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    tokens, started = 0, None
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        chunk = [examples[i % len(examples)] for i in range(step * args.batch_size, (step + 1) * args.batch_size)]
+        batch = collate.collate(chunk)
+        b = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()
+             if k not in ("tokens", "label_tokens")}
+        with autocast:
+            loss = _loss_sum(model, b, False) / batch["label_tokens"].to(device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["tokens"])
+        if step >= args.warmup:
+            tokens += int(batch["tokens"])
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return {"tokens_per_s": round(tokens / seconds, 1), "tokens": tokens, "seconds": round(seconds, 2)}
 
@@ -76,21 +99,29 @@ def fcot_trainer(work: Path, model_path: str, args, packing: bool, name: str) ->
     from fcot.train.trainer import train
 
     cfg = load_config(TrainConfig, None, [
-        f"data={work / 'data'}", f"model={model_path}", f"output_dir={work / name}", "num_workers=2",
-        "cpus_per_worker=1", "deepspeed.stage=2", f"batch_size={args.batch_size}", f"max_steps={args.steps}",
-        f"packing={str(packing).lower()}", "wandb.mode=disabled", "lr=3e-4"])
+        f"data={work / 'data'}", f"model={model_path}", f"output_dir={work / name}", f"num_workers={args.workers}",
+        f"cpus_per_worker={args.cpus_per_worker}", f"deepspeed.stage={args.stage}", f"batch_size={args.batch_size}",
+        f"max_steps={args.warmup + args.steps}", f"packing={str(packing).lower()}", "wandb.mode=disabled", "lr=3e-4",
+        f"use_gpu={str(args.gpu).lower()}", f"precision={args.precision}", "epochs=1", "keep_checkpoints=1"])
     s = train(cfg)
-    return {"tokens_per_s": s["tokens_per_s"], "tokens": s["tokens"], "seconds": s["train_s"],
-            "startup_s": s["startup_s"], "wall_s": s["wall_s"], "steps": s["steps"]}
+    steady = s["steady"]  # the trainer's own count after its first --warmup steps
+    return {"tokens_per_s": steady["tokens_per_s"], "tokens": steady["tokens"], "seconds": steady["seconds"],
+            "startup_s": s["startup_s"], "wall_s": s["wall_s"], "steps": s["steps"], "stage": s.get("zero_stage")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--gpu", action="store_true", help="train on the GPU(s) (fcot: one worker per GPU)")
+    parser.add_argument("--steps", type=int, default=40, help="measured optimizer steps")
+    parser.add_argument("--warmup", type=int, default=5, help="optimizer steps before measuring")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (the paper: 8)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--workers", type=int, default=None, help="fcot's workers (default: CPUs, or GPUs)")
+    parser.add_argument("--stage", default="auto", help="fcot's ZeRO stage (default auto)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each setup keeps its best")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--model", help="a local model folder instead of the random Llama")
     parser.add_argument("--logs", default=str(ROOT.parent / "shared" / "data" / "teacher_logs"))
     parser.add_argument("--work", help="keep data, model and runs here (default: a temporary folder)")
@@ -98,33 +129,42 @@ def main() -> None:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
-    from fcot.models import make_tiny_model
+    from fcot.bundled import make_tiny_model
     from fcot.ray_utils import init_ray
 
+    cpus = os.cpu_count() or 2
+    gpus = torch.cuda.device_count() if args.gpu else 0
+    if args.gpu and not gpus:
+        sys.exit("--gpu: no CUDA device here")
+    args.precision = args.precision or ("bf16" if args.gpu else "fp32")
+    args.workers = args.workers or (gpus if args.gpu else cpus)
+    args.cpus_per_worker = max(1, cpus // args.workers) if not args.gpu else max(1, cpus // max(1, gpus) - 1)
     work = Path(args.work or tempfile.mkdtemp(prefix="fcot-bench-train-"))
     rows = teacher_rows(Path(args.logs))
     (work / "data").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), work / "data" / "part-0.parquet")
     model_path = args.model or str(make_tiny_model(
         work / "model", "llama", vocab_texts=[r["prompt"] + r["completion"] for r in rows], vocab_size=4096,
-        hidden=args.hidden, layers=args.layers, heads=4, kv_heads=2))
+        hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=max(1, args.heads // 2)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters())
     tok = AutoTokenizer.from_pretrained(model_path)
     lengths = [len(tok(r["prompt"] + r["completion"]).input_ids) + 1 for r in rows]
+    device = "cuda" if args.gpu else "cpu"
+    where = torch.cuda.get_device_name(0) if args.gpu else f"{cpus} CPUs"
     print(f"data: {len(rows)} correct teacher rationales, {sum(lengths) / len(lengths):.0f} tokens on average "
           f"({min(lengths)}-{max(lengths)}); model: {params / 1e6:.1f}M parameters; {args.steps} steps of "
-          f"{args.batch_size} examples; "
-          f"{os.cpu_count()} CPUs", file=sys.stderr)
+          f"{args.batch_size} examples after {args.warmup}; {args.precision}; {where}; fcot: {args.workers} "
+          f"worker(s), ZeRO {args.stage}", file=sys.stderr)
 
-    cpus = os.cpu_count() or 2
     init_ray(num_cpus=cpus)
     # Rounds interleave the four setups and each keeps its best round: on a shared machine other jobs
     # come and go, and a run that shared the cores with them says little about the code.
-    runs = {"bare_padded": lambda r: bare_loop(model_path, rows, args.steps, args.batch_size, False, cpus),
-            "bare_packed": lambda r: bare_loop(model_path, rows, args.steps, args.batch_size, True, cpus),
+    runs = {"bare_padded": lambda r: bare_loop(model_path, rows, args, False, device),
+            "bare_packed": lambda r: bare_loop(model_path, rows, args, True, device),
             "fcot_padded": lambda r: fcot_trainer(work, model_path, args, False, f"padded-{r}"),
             "fcot_packed": lambda r: fcot_trainer(work, model_path, args, True, f"packed-{r}")}
     rounds = {name: [] for name in runs}
@@ -139,14 +179,23 @@ def main() -> None:
     ratio = results["fcot_padded"]["tokens_per_s"] / results["bare_padded"]["tokens_per_s"]
     packing = results["fcot_packed"]["tokens_per_s"] / results["fcot_padded"]["tokens_per_s"]
     bare_packing = results["bare_packed"]["tokens_per_s"] / results["bare_padded"]["tokens_per_s"]
-    print(f"fcot / bare (padded): {ratio:.2f}   packing / padding: fcot {packing:.2f}, bare {bare_packing:.2f}",
-          file=sys.stderr)
+    out = {"ratio_vs_bare": round(ratio, 3), "packing_speedup": round(packing, 3),
+           "bare_packing_speedup": round(bare_packing, 3)}
+    if args.gpu:
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        if peak:
+            best = max(results["fcot_packed"]["tokens_per_s"], results["fcot_padded"]["tokens_per_s"])
+            out["mfu"] = round(6 * params * best / (peak * args.workers), 4)
+            out["bare_mfu"] = round(6 * params * results["bare_packed"]["tokens_per_s"] / peak, 4)
+    print(f"fcot / bare (padded): {ratio:.2f}   packing / padding: fcot {packing:.2f}, bare {bare_packing:.2f}"
+          + (f"   MFU {out['mfu']:.1%}" if "mfu" in out else ""), file=sys.stderr)
     import ray
 
     ray.shutdown()  # workers' buffered log lines reach stdout before this, so the JSON stays the last line
-    print(json.dumps({"ratio_vs_bare": round(ratio, 3), "packing_speedup": round(packing, 3),
-                      "bare_packing_speedup": round(bare_packing, 3), "batch_size": args.batch_size,
-                      "steps": args.steps, "best_of": args.rounds, "results": results}))
+    print(json.dumps({**out, "parameters": params, "batch_size": args.batch_size, "steps": args.steps,
+                      "precision": args.precision, "workers": args.workers, "device": where, "best_of": args.rounds,
+                      "results": results}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Write the paper's configs: 12 tasks x {vanilla, Fine-tune-CoT, diverse reasoning} for GPU clusters.
 
-Hyper-parameters as in the paper (Ho et al. 2023): 20 epochs, lr 3e-4, batch 8, inputs <= 512 tokens;
+Hyper-parameters as in the paper (Ho et al. 2023): 20 epochs, lr 3e-4, batch 8, inputs <= 512 tokens (the student
+is the best epoch on a dev split carved from the training questions, where the paper picked on test);
 diverse reasoning with D = 64 on multiarith and svamp and D = 8 elsewhere, temperature 0.7.
 The teacher here is an open model on vLLM (tensor parallel across 4 GPUs per replica); the student GPT-2 large.
 Run:  python experiments/paper/generate.py   (rewrites the YAML files next to it)
@@ -16,12 +17,13 @@ DIVERSE_D = {"multiarith": 64, "svamp": 64}
 
 TEACHER = {"engine": {"kind": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "replicas": 2,
                       "tensor_parallel_size": 4, "gpus_per_replica": 4, "cpus_per_replica": 8,
-                      "samples_per_batch": 1024, "dtype": "bfloat16", "enforce_eager": False, "max_model_len": 4096},
+                      "batch_size": 1024, "dtype": "bfloat16", "enforce_eager": False, "max_model_len": 4096},
            "sampling": {"max_new_tokens": 128, "answer_max_new_tokens": 32}}
 TRAIN = {"model": "openai-community/gpt2-large", "epochs": 20, "lr": 3e-4, "batch_size": 8, "max_length": 512,
          "num_workers": 8, "use_gpu": True, "cpus_per_worker": 4, "deepspeed": {"stage": 2}}
-EVAL = {"engine": "vllm", "dtype": "bfloat16", "replicas": 4, "gpus_per_replica": 1, "cpus_per_replica": 4,
-        "batch_size": 256, "max_new_tokens": 256}
+# Evaluation on the teacher's engines: vLLM replicas of one GPU each; generation length from the curated completions.
+EVAL = {"engine": {"kind": "vllm", "dtype": "bfloat16", "replicas": 4, "gpus_per_replica": 1, "cpus_per_replica": 4,
+                   "batch_size": 256, "max_model_len": 1024, "enforce_eager": False}}
 
 
 def config(task: str, variant: str) -> dict:

@@ -4,7 +4,10 @@
     train = load_split("multiarith", "train")          # list[Sample], the paper's split
 """
 
+from fcot.tasks.custom import UserTask, jsonl_task, read_task_file, split_user_tasks
 from fcot.tasks.loading import (
+    DataDir,
+    TaskNames,
     data_dir,
     get_task,
     load_records,
@@ -14,10 +17,10 @@ from fcot.tasks.loading import (
     task_sizes,
 )
 from fcot.tasks.registry import TASKS, Sample, TaskSpec
-from fcot.tasks.custom import jsonl_task
 from fcot.tasks.synthetic import generate_coin_flip, generate_last_letters
 
 __all__ = [
-    "TASKS", "Sample", "TaskSpec", "data_dir", "get_task", "load_records", "load_split", "split_indices",
-    "task_names", "task_sizes", "jsonl_task", "generate_coin_flip", "generate_last_letters",
+    "TASKS", "DataDir", "Sample", "TaskNames", "TaskSpec", "UserTask", "data_dir", "get_task", "load_records",
+    "load_split", "split_indices", "task_names", "task_sizes", "jsonl_task", "read_task_file", "split_user_tasks",
+    "generate_coin_flip", "generate_last_letters",
 ]

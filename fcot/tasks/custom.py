@@ -1,18 +1,54 @@
-"""A user task from any JSONL file: a field mapping and an answer type."""
+"""User tasks: any JSONL file as a task, by a field mapping and an answer type.
+
+In Python, `jsonl_task(name, path, ...)` registers a task in this process. In configs, an entry of `tasks`
+may be a definition instead of a name, with the same options:
+
+    tasks:
+      - {name: units, path: data/units.jsonl, question_key: problem, answer_key: solution, answer_type: number}
+
+A config keeps the definitions of its user tasks in `user_tasks` (names stay in `tasks`), also for tasks
+registered with `jsonl_task` in the process that built the config. Validating a config registers them, so the
+definition travels with the config to every Ray worker (actors, Train workers, Tune trials, a cluster job),
+and a user task runs wherever a paper task does. Registering reads nothing; the file is read (and checked,
+record by record) when a split is loaded, which the driver does before any Ray work starts.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from pathlib import Path
+from typing import Literal
 
+import yaml
+from pydantic import Field, ValidationError
+
+from fcot.config import Config, PathStr
 from fcot.errors import FcotError
 from fcot.io import iter_jsonl, read_json
-from fcot.tasks.loading import register_task
-from fcot.tasks.registry import AnswerType, Sample, SourceFile, TaskSpec, _number_string, _verbalise
+from fcot.tasks.loading import get_task, register_task, user_task_definition
+from fcot.tasks.registry import TASKS, AnswerType, Sample, SourceFile, TaskSpec, number_string, verbalise
 
 LETTERS = "ABCDEFGHIJ"
 ANSWER_TYPES = ("number", "letter", "yes_no", "text")
+
+
+class UserTask(Config):
+    """A task from a JSONL file (the options of `jsonl_task`)."""
+
+    name: str = Field(min_length=1)
+    path: PathStr
+    question_key: str = "question"  # dotted keys reach into objects: question.stem
+    answer_key: str = "answer"
+    answer_type: Literal["number", "letter", "yes_no", "text"] = "text"
+    choices_key: str | None = None  # a list of choice texts (answer_type letter)
+    split_file: PathStr | None = None  # {"train": [indices], "test": [indices]}; default: a seeded random split
+    test_fraction: float = Field(0.3, gt=0, lt=1)
+    seed: int = 0
+
+    def register(self, check: bool = False) -> TaskSpec:
+        return jsonl_task(**self.model_dump(), check=check)
 
 
 def _get(obj: dict, dotted: str, path: Path, record: int):
@@ -26,18 +62,22 @@ def _get(obj: dict, dotted: str, path: Path, record: int):
 
 def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "question", answer_key: str = "answer",
                answer_type: AnswerType = "text", choices_key: str | None = None, split_file: str | None = None,
-               test_fraction: float = 0.3, seed: int = 0, register: bool = True) -> TaskSpec:
+               test_fraction: float = 0.3, seed: int = 0, register: bool = True, check: bool = True) -> TaskSpec:
     """Make a task from a JSONL file. Keys may be dotted (`question.stem`).
 
     `choices_key` names a list of choice texts: they are verbalised like the paper's multiple choice
     tasks and the answer must be a letter (or the text of one choice, turned into its letter).
     The split comes from `split_file` ({"train": [...], "test": [...]}) or a seeded random split.
+    `check` reads the whole file now (a bad record raises FcotError naming file, record and key).
     """
     if answer_type not in ANSWER_TYPES:
-        raise FcotError(f"task {name}, key 'answer_type': expected one of {', '.join(ANSWER_TYPES)}, got {answer_type!r}")
+        raise FcotError(f"task {name}, key 'answer_type': expected one of {', '.join(ANSWER_TYPES)}, "
+                        f"got {answer_type!r}")
     path = Path(path).expanduser().resolve()
     if choices_key and answer_type != "letter":
         raise FcotError(f"task {name}: 'choices_key' needs answer_type 'letter', got {answer_type!r}")
+    if name in TASKS:
+        raise FcotError(f"task name {name!r} is taken by a built-in task")
 
     def reader(spec: TaskSpec, file: Path, first: int) -> list[Sample]:
         out = []
@@ -50,19 +90,22 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
                 raise FcotError(f"{file}, record {i}, key {question_key!r}: empty")
             a = _get(rec, answer_key, file, i)
             if not isinstance(a, (str, int, float)) or isinstance(a, bool):
-                raise FcotError(f"{file}, record {i}, key {answer_key!r}: expected a string or number, got {type(a).__name__}")
+                raise FcotError(f"{file}, record {i}, key {answer_key!r}: expected a string or number, "
+                                f"got {type(a).__name__}")
             a = str(a).strip()
             choices = None
             if choices_key:
                 choices = _get(rec, choices_key, file, i)
-                if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or not 2 <= len(choices) <= len(LETTERS):
-                    raise FcotError(f"{file}, record {i}, key {choices_key!r}: expected a list of 2–{len(LETTERS)} strings")
+                if (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
+                        or not 2 <= len(choices) <= len(LETTERS)):
+                    raise FcotError(f"{file}, record {i}, key {choices_key!r}: expected a list of 2–{len(LETTERS)} "
+                                    f"strings")
                 if a in choices and a not in LETTERS[: len(choices)]:
                     a = LETTERS[choices.index(a)]
-                q = q.strip() + " " + _verbalise(choices, LETTERS)
+                q = q.strip() + " " + verbalise(choices, LETTERS)
                 choices = tuple(choices)
             if answer_type == "number":
-                a = _number_string(a, path=file, record=i, key=answer_key)
+                a = number_string(a, path=file, record=i, key=answer_key)
             elif answer_type == "yes_no":
                 a = a.lower().rstrip(".")
                 if a not in ("yes", "no"):
@@ -74,17 +117,80 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
             out.append(Sample(name, first + i, q.strip(), a, choices))
         return out
 
-    spec = TaskSpec(name, answer_type, (SourceFile(str(path), "", None),), reader,
-                    letters=LETTERS, float_compare=answer_type == "number", description=f"user task from {path}")
-    n = len(reader(spec, path, 0))
-    if split_file:
-        split = read_json(split_file)
-        if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "test")):
-            raise FcotError(f"{split_file}: expected an object with 'train' and 'test' index lists")
-    else:
-        order = list(range(n))
+    @functools.cache
+    def split() -> dict[str, list[int]]:
+        if split_file:
+            given = read_json(split_file)
+            if not isinstance(given, dict) or not all(isinstance(given.get(k), list) for k in ("train", "test")):
+                raise FcotError(f"{split_file}: expected an object with 'train' and 'test' index lists")
+            return {"train": list(given["train"]), "test": list(given["test"])}
+        order = list(range(len(reader(spec, path, 0))))
         random.Random(seed).shuffle(order)
-        n_test = round(n * test_fraction)
-        split = {"train": sorted(order[n_test:]), "test": sorted(order[:n_test])}
-    spec.extra["split"] = {"train": list(split["train"]), "test": list(split["test"])}
+        n_test = round(len(order) * test_fraction)
+        return {"train": sorted(order[n_test:]), "test": sorted(order[:n_test])}
+
+    definition = {"name": name, "path": str(path), "question_key": question_key, "answer_key": answer_key,
+                  "answer_type": answer_type, "choices_key": choices_key,
+                  "split_file": str(Path(split_file).expanduser().resolve()) if split_file else None,
+                  "test_fraction": test_fraction, "seed": seed}
+    spec = TaskSpec(name, answer_type, (SourceFile(str(path), "", None),), reader, letters=LETTERS,
+                    float_compare=answer_type == "number", description=f"user task from {path}",
+                    extra={"split": split, "definition": definition})
+    if check:
+        reader(spec, path, 0)
     return register_task(spec) if register else spec
+
+
+def split_user_tasks(cls, data):
+    """Model validator (mode="before") of configs with `tasks` and `user_tasks`: a definition in `tasks` moves
+    to `user_tasks` (its name stays), a name registered in this process by `jsonl_task` gets its definition
+    added, every definition is registered, and every name must be a known task."""
+    if not isinstance(data, dict) or data.get("tasks") is None:
+        return data
+    data = dict(data)
+    tasks = data["tasks"] if isinstance(data["tasks"], list) else [data["tasks"]]
+    defs: dict[str, UserTask] = {}
+    given = [("user_tasks", i, d) for i, d in enumerate(data.get("user_tasks") or [])]
+    for field, i, d in given + [("tasks", i, d) for i, d in enumerate(tasks)]:
+        if isinstance(d, str):
+            continue
+        try:
+            d = d if isinstance(d, UserTask) else UserTask.model_validate(d)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise FcotError(f"key '{field}.{i}.{key}': {err['msg'].lower()}") from None
+        defs[d.name] = d
+    names = [t if isinstance(t, str) else t["name"] if isinstance(t, dict) else t.name for t in tasks]
+    for name in names:
+        if name in TASKS and name in defs:
+            raise FcotError(f"key 'tasks': task name {name!r} is taken by a built-in task")
+        if name not in TASKS and name not in defs and user_task_definition(name):
+            defs[name] = UserTask.model_validate(user_task_definition(name))  # registered with jsonl_task here
+    for d in defs.values():
+        d.register()
+    for name in names:
+        try:
+            get_task(name)
+        except FcotError as e:
+            raise FcotError(f"key 'tasks': {e}") from None
+    data["tasks"] = names
+    data["user_tasks"] = [defs[n] for n in dict.fromkeys(names) if n in defs]
+    return data
+
+
+def read_task_file(path: str | os.PathLike) -> list[str]:
+    """Register the user tasks of a YAML file (a list of definitions, or a config with `tasks`); their names."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise FcotError(f"{path}: cannot read ({e})") from None
+    except yaml.YAMLError as e:
+        raise FcotError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    entries = data.get("tasks") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise FcotError(f"{path}: expected a list of task definitions (or a mapping with 'tasks')")
+    try:
+        return split_user_tasks(None, {"tasks": entries})["tasks"]
+    except FcotError as e:
+        raise FcotError(f"{path}, {e}") from None

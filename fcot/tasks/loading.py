@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BeforeValidator
 
 from fcot.errors import FcotError
 from fcot.io import read_json
@@ -25,6 +28,12 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     return path.resolve()
 
 
+# Config field types: a task list (one name may be given as a string), and the data directory, absolute and
+# filled from $FCOT_DATA_DIR (or the user cache) when the config is validated, so Ray workers read the same one.
+TaskNames = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+DataDir = Annotated[str | None, AfterValidator(lambda v: str(data_dir(v)))]
+
+
 def _check_data_dir(root: Path) -> None:
     if not root.exists():
         raise FcotError(f"data dir {root} does not exist: run `fcot data download` or set FCOT_DATA_DIR")
@@ -33,11 +42,23 @@ def _check_data_dir(root: Path) -> None:
 
 
 def register_task(spec: TaskSpec) -> TaskSpec:
-    """Make a user task (see `jsonl_task`) loadable by name, like the built-in ones."""
+    """Make a user task (see `jsonl_task`) loadable by name, like the built-in ones. Registering the same
+    definition again keeps the first registration (and what it has read); a new definition replaces it."""
     if spec.name in TASKS:
         raise FcotError(f"task name {spec.name!r} is taken by a built-in task")
+    old = _CUSTOM.get(spec.name)
+    if old is not None and old.extra.get("definition") == spec.extra.get("definition"):
+        return old
     _CUSTOM[spec.name] = spec
+    if old is not None:
+        _load.cache_clear()
     return spec
+
+
+def user_task_definition(name: str) -> dict | None:
+    """The definition (`UserTask` fields) of a user task registered in this process, if any."""
+    spec = _CUSTOM.get(name)
+    return dict(spec.extra["definition"]) if spec is not None and "definition" in spec.extra else None
 
 
 def task_names() -> list[str]:
@@ -88,8 +109,8 @@ def load_records(name: str, root: str | os.PathLike | None = None) -> list[Sampl
 def split_indices(name: str, kind: str = "default", root: str | os.PathLike | None = None) -> dict[str, list[int]]:
     spec = get_task(name)
     root = data_dir(root)
-    if spec.extra.get("split"):  # user task: a split computed or given at registration
-        return spec.extra["split"]
+    if "split" in spec.extra:  # user task: a split file, or a seeded random split computed on first use
+        return spec.extra["split"]()
     if kind not in spec.split_kinds:
         raise FcotError(f"task {name} has no {kind!r} split; it has: {', '.join(spec.split_kinds)}")
     _check_data_dir(root)
@@ -98,7 +119,8 @@ def split_indices(name: str, kind: str = "default", root: str | os.PathLike | No
     if not isinstance(split, dict):
         raise FcotError(f"{path}: expected an object with 'train' and 'test' lists")
     for key in ("train", "test"):
-        if not isinstance(split.get(key), list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in split[key]):
+        values = split.get(key)
+        if not isinstance(values, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
             raise FcotError(f"{path}, key {key!r}: expected a list of integer indices")
     return {"train": split["train"], "test": split["test"]}
 

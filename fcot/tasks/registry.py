@@ -60,7 +60,7 @@ KOJIMA = "https://raw.githubusercontent.com/kojima-takeshi188/zero_shot_cot/main
 SPLITS = "https://raw.githubusercontent.com/itsnamgyu/reasoning-teacher/main/data/split"
 
 
-def _number_string(value, *, path, record, key) -> str:
+def number_string(value, *, path, record, key) -> str:
     text = str(value).strip().replace(",", "")
     if text.endswith(".0"):
         text = text[:-2]
@@ -78,7 +78,7 @@ def _nonempty(text: str, *, path, record, key) -> str:
     return text
 
 
-def _verbalise(choices: list[str], letters: str) -> str:
+def verbalise(choices: list[str], letters: str) -> str:
     return "Answer choices: " + ", ".join(f"({letters[i]}) {c}" for i, c in enumerate(choices)) + "."
 
 
@@ -111,7 +111,7 @@ def read_solutions_json(spec: TaskSpec, path: Path, first: int) -> list[Sample]:
         sols = require(rec, "lSolutions", list, path=path, record=i)
         if not sols:
             raise FcotError(f"{path}, record {i}, key 'lSolutions': empty list")
-        a = _number_string(sols[0], path=path, record=i, key="lSolutions")
+        a = number_string(sols[0], path=path, record=i, key="lSolutions")
         out.append(Sample(spec.name, first + i, q, a))
     return out
 
@@ -123,7 +123,7 @@ def read_svamp(spec: TaskSpec, path: Path, first: int) -> list[Sample]:
         body = require(rec, "Body", str, path=path, record=i)
         question = require(rec, "Question", str, path=path, record=i)
         q = _nonempty(body.strip() + " " + question.strip(), path=path, record=i, key="Question")
-        a = _number_string(require(rec, "Answer", (int, float, str), path=path, record=i),
+        a = number_string(require(rec, "Answer", (int, float, str), path=path, record=i),
                            path=path, record=i, key="Answer")
         out.append(Sample(spec.name, first + i, q, a))
     return out
@@ -137,7 +137,7 @@ def read_gsm8k(spec: TaskSpec, path: Path, first: int) -> list[Sample]:
         answer = require(rec, "answer", str, path=path, record=i)
         if "####" not in answer:
             raise FcotError(f"{path}, record {i}, key 'answer': no final answer after '####'")
-        a = _number_string(answer.split("####")[-1], path=path, record=i, key="answer")
+        a = number_string(answer.split("####")[-1], path=path, record=i, key="answer")
         out.append(Sample(spec.name, first + i, q, a))
     return out
 
@@ -156,7 +156,7 @@ def read_aqua(spec: TaskSpec, path: Path, first: int) -> list[Sample]:
         a = require(rec, "correct", str, path=path, record=i).strip()
         if a not in spec.letters[: len(choices)]:
             raise FcotError(f"{path}, record {i}, key 'correct': {a!r} is not one of the option letters")
-        out.append(Sample(spec.name, first + i, q + " " + _verbalise(choices, spec.letters), a, tuple(choices)))
+        out.append(Sample(spec.name, first + i, q + " " + verbalise(choices, spec.letters), a, tuple(choices)))
     return out
 
 
@@ -174,7 +174,7 @@ def read_commonsense_qa(spec: TaskSpec, path: Path, first: int) -> list[Sample]:
         a = require(rec, "answerKey", str, path=path, record=i)
         if a not in labels:
             raise FcotError(f"{path}, record {i}, key 'answerKey': {a!r} is not one of {labels}")
-        out.append(Sample(spec.name, first + i, q + " " + _verbalise(choices, spec.letters), a, tuple(choices)))
+        out.append(Sample(spec.name, first + i, q + " " + verbalise(choices, spec.letters), a, tuple(choices)))
     return out
 
 
@@ -193,12 +193,13 @@ def read_bigbench_choice(spec: TaskSpec, path: Path, first: int) -> list[Sample]
             seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
             random.Random(seed).shuffle(keys)
         if not 2 <= len(keys) <= len(spec.letters):
-            raise FcotError(f"{path}, record {i}, key 'target_scores': {len(keys)} choices, expected 2–{len(spec.letters)}")
+            raise FcotError(f"{path}, record {i}, key 'target_scores': {len(keys)} choices, "
+                            f"expected 2–{len(spec.letters)}")
         correct = [k for k in keys if scores[k] == 1]
         if len(correct) != 1:
             raise FcotError(f"{path}, record {i}, key 'target_scores': expected exactly one choice scored 1")
         choices = [k.strip().rstrip(".") for k in keys]
-        q = text + "\nWhich choice is true? " + _verbalise(choices, spec.letters)
+        q = text + "\nWhich choice is true? " + verbalise(choices, spec.letters)
         out.append(Sample(spec.name, first + i, q.strip(), spec.letters[keys.index(correct[0])], tuple(choices)))
     return out
 
@@ -230,43 +231,64 @@ def read_question_answer_examples(spec: TaskSpec, path: Path, first: int) -> lis
     return out
 
 
-def _src(path, sha, records=None, url=None):
-    return SourceFile(path, url or f"{KOJIMA}/{path}", sha, records)
+def _src(path, records=None, url=None):
+    return SourceFile(path, url or f"{KOJIMA}/{path}", FILE_SHA256[path], records)
+
+
+# sha256 of each source file (None: not pinned, recorded on first download)
+FILE_SHA256 = {
+    "SingleEq/questions.json": "051507bd2b489c257057b485774a83d2710c23a4bc0f4a58e1822ae2773ef05e",
+    "AddSub/AddSub.json": "21930fa90385c72b5a15f4b9a4dda27276b889ae9ff44285505cdd9fa0a20df8",
+    "MultiArith/MultiArith.json": "dc9db1b6cc68b1ecc2dec830d15aaf8c9a0932aa31d5ffce88ef3628179d36f4",
+    "grade-school-math/train.jsonl": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+    "grade-school-math/test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+    "AQuA/test.json": "de41581881ef95c5588c44ddc701c77fd480839241dd422a0d181262af24520c",
+    "SVAMP/SVAMP.json": "5be77703a6d891ae476d7c082787ad361392aa02453b132516cdd5f4e7934e3e",
+    "Bigbench_Date/task.json": "ff716f0e399109146db3a998281c39954907b78268a9b633a95582d63847822f",
+    "Bigbench_object_tracking/task.json": "74b74d3c8827c0387a3f24ee9efa7edd90b2d53af3daacb9961341af66f750a0",
+    "last_letters/last_letters.json": "60e8d092d0a6423d3256e87e0c249b69aefea4cd27985082095fa4e93931fb02",
+    "coin_flip/coin_flip.json": "68cf201737a1463ef6bed5419622805a8934d92bff6a28a9dfbf83be3135ba5a",
+    "CommonsenseQA/train_rand_split.jsonl": "58ffa3c8472410e24b8c43f423d89c8a003d8284698a6ed7874355dedd09a2fb",
+    "CommonsenseQA/dev_rand_split.jsonl": "3210497fdaae614ac085d9eb873dd7f4d49b6f965a93adadc803e1229fd8a02a",
+    "StrategyQA/task.json": "60af9081fed20102fd8bb1e02dc7d9f12238efcba33e4c1a56b4d61cb6409803",
+    "AQuA/train.json": None,
+}
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("single_eq", "number", (_src("SingleEq/questions.json", "051507bd2b489c257057b485774a83d2710c23a4bc0f4a58e1822ae2773ef05e", 508),),
+    TaskSpec("single_eq", "number", (_src("SingleEq/questions.json", 508),),
              read_solutions_json, float_compare=True, description="SingleEq arithmetic word problems"),
-    TaskSpec("addsub", "number", (_src("AddSub/AddSub.json", "21930fa90385c72b5a15f4b9a4dda27276b889ae9ff44285505cdd9fa0a20df8", 395),),
+    TaskSpec("addsub", "number", (_src("AddSub/AddSub.json", 395),),
              read_solutions_json, float_compare=True, description="AddSub addition/subtraction word problems"),
-    TaskSpec("multiarith", "number", (_src("MultiArith/MultiArith.json", "dc9db1b6cc68b1ecc2dec830d15aaf8c9a0932aa31d5ffce88ef3628179d36f4", 600),),
+    TaskSpec("multiarith", "number", (_src("MultiArith/MultiArith.json", 600),),
              read_solutions_json, split_kinds=("default", "template"), description="MultiArith multi-step arithmetic"),
     TaskSpec("gsm8k", "number", (
-        _src("grade-school-math/train.jsonl", "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465", 7473,
+        _src("grade-school-math/train.jsonl", 7473,
              url="https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl"),
-        _src("grade-school-math/test.jsonl", "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14", 1319)),
+        _src("grade-school-math/test.jsonl", 1319)),
              read_gsm8k, description="GSM8K grade-school math"),
     TaskSpec("aqua", "letter", (
-        _src("AQuA/train.json", None, 97467, url="https://raw.githubusercontent.com/google-deepmind/AQuA/master/train.json"),
-        _src("AQuA/test.json", "de41581881ef95c5588c44ddc701c77fd480839241dd422a0d181262af24520c", 254)),
-             read_aqua, letters="ABCDE", optional_files=("AQuA/train.json",), description="AQuA-RAT algebra, 5 choices"),
-    TaskSpec("svamp", "number", (_src("SVAMP/SVAMP.json", "5be77703a6d891ae476d7c082787ad361392aa02453b132516cdd5f4e7934e3e", 1000),),
+        _src("AQuA/train.json", 97467, url="https://raw.githubusercontent.com/google-deepmind/AQuA/master/train.json"),
+        _src("AQuA/test.json", 254)),
+             read_aqua, letters="ABCDE", optional_files=("AQuA/train.json",),
+             description="AQuA-RAT algebra, 5 choices"),
+    TaskSpec("svamp", "number", (_src("SVAMP/SVAMP.json", 1000),),
              read_svamp, float_compare=True, description="SVAMP arithmetic with perturbations"),
-    TaskSpec("date_understanding", "letter", (_src("Bigbench_Date/task.json", "ff716f0e399109146db3a998281c39954907b78268a9b633a95582d63847822f", 369),),
+    TaskSpec("date_understanding", "letter", (_src("Bigbench_Date/task.json", 369),),
              read_bigbench_choice, letters="ABCDEF", split_kinds=("default", "template"),
              description="BIG-bench date understanding, up to 6 choices", extra={"shuffle_choices": True}),
-    TaskSpec("tracking_shuffled_objects", "letter", (_src("Bigbench_object_tracking/task.json", "74b74d3c8827c0387a3f24ee9efa7edd90b2d53af3daacb9961341af66f750a0", 750),),
+    TaskSpec("tracking_shuffled_objects", "letter", (_src("Bigbench_object_tracking/task.json", 750),),
              read_bigbench_choice, letters="ABC", description="BIG-bench tracking shuffled objects (3 objects)"),
-    TaskSpec("last_letter_concatenation", "text", (_src("last_letters/last_letters.json", "60e8d092d0a6423d3256e87e0c249b69aefea4cd27985082095fa4e93931fb02", 500),),
+    TaskSpec("last_letter_concatenation", "text", (_src("last_letters/last_letters.json", 500),),
              read_question_answer_examples, description="Concatenate the last letters of 4 names"),
-    TaskSpec("coin_flip", "yes_no", (_src("coin_flip/coin_flip.json", "68cf201737a1463ef6bed5419622805a8934d92bff6a28a9dfbf83be3135ba5a", 500),),
+    TaskSpec("coin_flip", "yes_no", (_src("coin_flip/coin_flip.json", 500),),
              read_question_answer_examples, description="Is the coin still heads up after 4 people flip or not"),
     TaskSpec("commonsense_qa", "letter", (
-        _src("CommonsenseQA/train_rand_split.jsonl", "58ffa3c8472410e24b8c43f423d89c8a003d8284698a6ed7874355dedd09a2fb", 9741,
+        _src("CommonsenseQA/train_rand_split.jsonl", 9741,
              url="https://s3.amazonaws.com/commensenseqa/train_rand_split.jsonl"),
-        _src("CommonsenseQA/dev_rand_split.jsonl", "3210497fdaae614ac085d9eb873dd7f4d49b6f965a93adadc803e1229fd8a02a", 1221)),
+        _src("CommonsenseQA/dev_rand_split.jsonl", 1221)),
              read_commonsense_qa, letters="ABCDE", description="CommonsenseQA, 5 choices"),
-    TaskSpec("strategy_qa", "yes_no", (_src("StrategyQA/task.json", "60af9081fed20102fd8bb1e02dc7d9f12238efcba33e4c1a56b4d61cb6409803", 2290),),
+    TaskSpec("strategy_qa", "yes_no", (_src("StrategyQA/task.json", 2290),),
              read_strategy_qa, description="StrategyQA implicit multi-hop yes/no questions"),
 ]}
 

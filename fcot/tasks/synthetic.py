@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 
-
 # Common first names (US census style), as in the original tasks' construction.
 NAMES = """Aaron Abby Adam Adrian Aisha Alan Albert Alex Alice Alisa Allen Alma Amber Amy Andre Andrea Andy Angela
 Anita Ann Anna Annie Anthony April Arthur Ashley Audrey Barbara Barry Ben Benito Bernard Beth Betty Bianca Bill Billy

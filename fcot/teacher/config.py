@@ -1,74 +1,68 @@
-"""`fcot teach` config: which questions, which teacher, how many samples."""
+"""`fcot teach` config: which questions, which teacher, how many samples (a fixed D, or adaptive)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from fcot.config import Config
+from fcot.config import Config, PathStr
+from fcot.engines import EngineConfig
+from fcot.resources import Demand
+from fcot.tasks import DataDir, TaskNames, UserTask, split_user_tasks
 
 
-class EngineConfig(Config):
-    kind: Literal["hf", "vllm", "openai", "recorded"] = "hf"
-    model: str = "smollm2-135m"  # an alias (`fcot models`), a local folder, or a hub id / server model name
-    replicas: int = Field(1, ge=1)  # engine replicas, each a Ray actor
-    cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)  # vllm on GPUs: = tensor_parallel_size
-    # samples handed to a replica at a time (default: 256 for vllm, whose continuous batching needs many
-    # sequences in flight, 32 otherwise)
-    samples_per_batch: int | None = Field(None, ge=1, validate_default=True)
-    # hf / vllm
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    hf_batch_size: int = Field(32, ge=1)  # sequences per transformers `generate` call
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_model_len: int = Field(2048, ge=64)
-    enforce_eager: bool = True  # skip vLLM's graph capture / compilation (minutes on CPU)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    kv_cache_gib: float = Field(1.0, gt=0)  # vllm on CPU: KV cache per replica (GPUs use gpu_memory_utilization)
-    # openai
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from a file
-    max_concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(6, ge=0)
-    # recorded
-    path: str | None = None
-    format: Literal["zero_shot_cot_log", "openai_batch"] | None = None
+class AdaptiveConfig(Config):
+    """Sample each question in rounds of `round_size` until it has `min_correct` correct rationales (distinct
+    texts) or `max_samples` samples; a question's next round starts once its current round has landed."""
 
-    @field_validator("samples_per_batch")
-    @classmethod
-    def _default_batch(cls, v, info: ValidationInfo):
-        return v if v is not None else 256 if info.data.get("kind") == "vllm" else 32
+    min_correct: int = Field(ge=1)
+    max_samples: int = Field(ge=1)
+    round_size: int = Field(4, ge=1)
 
     @model_validator(mode="after")
-    def _needs(self):
-        if self.kind == "openai" and not self.base_url:
-            raise ValueError("engine.kind openai needs engine.base_url")
-        if self.kind == "recorded" and not (self.path and self.format):
-            raise ValueError("engine.kind recorded needs engine.path and engine.format")
+    def _sizes(self):
+        if self.round_size > self.max_samples:
+            raise ValueError(f"round_size ({self.round_size}) > max_samples ({self.max_samples})")
         return self
 
 
 class SamplingConfig(Config):
     num_samples: int = Field(1, ge=1)  # D: greedy when 1, temperature sampling when > 1
-    temperature: float = Field(0.7, gt=0)  # used when num_samples > 1
+    temperature: float = Field(0.7, gt=0)  # used when num_samples > 1 or adaptive
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1)  # step 1 (the rationale)
     answer_max_new_tokens: int = Field(32, ge=1)  # step 2 (the answer)
     seed: int = 0
     stop: list[str] = []  # step-1 stop strings (the paper uses none)
+    adaptive: AdaptiveConfig | None = None  # instead of a fixed D (num_samples then stays 1)
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.adaptive is not None and self.num_samples != 1:
+            raise ValueError("set either sampling.num_samples (a fixed D) or sampling.adaptive.max_samples, not both")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.num_samples == 1 and self.adaptive is None
+
+    @property
+    def budget(self) -> int:
+        """The most samples any question gets."""
+        return self.adaptive.max_samples if self.adaptive else self.num_samples
 
 
 class TeachConfig(Config):
-    tasks: list[str]
+    tasks: TaskNames
+    user_tasks: list[UserTask] = []  # definitions of the user tasks in `tasks` (fcot.tasks.custom)
     split: Literal["train", "test"] = "train"
     split_kind: str = "default"
     subset: float | None = None  # a count (>= 1) or a fraction (< 1) of the split, from its start
-    data_dir: str | None = None
-    output_dir: str = "runs/teacher"
+    data_dir: DataDir = Field(None, validate_default=True)
+    output_dir: PathStr = "runs/teacher"
     prompt: Literal["zero_shot_cot", "few_shot_cot"] = "zero_shot_cot"
-    few_shot_exemplars: str | None = None  # JSON file of [question, rationale, answer] (default: the paper's)
+    few_shot_exemplars: PathStr | None = None  # JSON file of [question, rationale, answer] (default: the paper's)
     # completion: the paper's text prompts; chat: question in the user turn, "Let's think step by step."
     # opening the assistant turn, continued; chat_user_turn: both in the user turn (servers that cannot continue)
     prompt_style: Literal["completion", "chat", "chat_user_turn"] = "completion"
@@ -77,10 +71,7 @@ class TeachConfig(Config):
     ray_address: str | None = None
     progress: bool = True
 
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _one_task(cls, v):
-        return [v] if isinstance(v, str) else v
+    tasks_and_definitions = model_validator(mode="before")(split_user_tasks)
 
     @model_validator(mode="after")
     def _checks(self):
@@ -89,3 +80,6 @@ class TeachConfig(Config):
         if self.prompt == "few_shot_cot" and self.prompt_style != "completion":
             raise ValueError("prompt few_shot_cot works with prompt_style completion")
         return self
+
+    def demands(self, prefix: str = "") -> list[Demand]:
+        return self.engine.demands(f"{prefix}engine.", "teacher engine replicas")

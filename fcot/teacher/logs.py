@@ -97,7 +97,8 @@ def parse_zero_shot_cot_log(path: str | Path) -> list[LogRecord]:
         cut = head.index(opening)
         records.append(LogRecord(
             task=task, position=n, question=head[3:cut], rationale=head[cut + len(opening):], trigger=trigger,
-            step2=step2, pred_before=pred_before, pred_after=lines[after][len("pred_after : "):], gold=lines[gt][len("GT : "):].strip(),
+            step2=step2, pred_before=pred_before, pred_after=lines[after][len("pred_after : "):],
+            gold=lines[gt][len("GT : "):].strip(),
         ))
     if not records:
         raise FcotError(f"{path}: no records found")

@@ -1,144 +1,69 @@
 """The teacher stage on Ray: plan samples, skip cached ones, generate the rest on a pool of engine replicas.
 
-    plan (task, question, sample index, seed, key)  ->  drop keys already in the record store
-      -> Ray Data map_batches over an actor pool of engine replicas (streaming, backpressure, and
-         retries: a replica that dies is restarted and its batch runs again)
-      -> each replica writes its batch as one parquet shard, atomically, before returning
+    driver: questions -> the samples each still needs (a fixed D, or adaptive rounds) minus those in the store
+      -> batches to a pool of Ray actors, each an engine replica (hf, vLLM, or an OpenAI-compatible server),
+         two batches in flight per replica so none waits between batches; a replica that dies is restarted
+         and its batch rerun
+      -> each replica writes its batch as one parquet shard, atomically, before returning its records
+      -> as batches land: a question's next adaptive round is queued once its round is in (other questions keep
+         the replicas busy meanwhile), `on_shard` gets each new shard (`fcot run` formats it for curation)
       -> summary per task from the store.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 
-from fcot.errors import FcotError
-from fcot.io import atomic_write_json, read_json
-from fcot.prompts import ANSWER_TRIGGER, COT_TRIGGER, FEW_SHOT_ANSWER_PREFIX, few_shot_cot, zero_shot_cot_step1
-from fcot.scoring import predict, score
-from fcot.tasks import get_task, load_split
+from fcot.engines import Request, build_engine
+from fcot.io import atomic_write_json
+from fcot.models import resolve_model
+from fcot.prompts import FEW_SHOT_ANSWER_PREFIX, zero_shot_cot_step2, zero_shot_cot_step2_messages
+from fcot.ray_utils import Usage, cpu_seconds, init_ray
+from fcot.scoring import format_prediction, score
+from fcot.tasks import get_task
 from fcot.teacher.config import TeachConfig
-from fcot.teacher.engines import Request
-from fcot.teacher.store import RecordStore, sample_key, sample_seed
+from fcot.teacher.plan import (
+    item,
+    model_name,
+    prompt_repr,
+    questions,
+    samples_used,
+    step1_prompt,
+    teacher_id,
+    teacher_identity,
+)
+from fcot.teacher.recorded import import_recorded
+from fcot.teacher.store import RecordStore
+
+IN_FLIGHT = 2  # batches queued at each replica: the next one starts the moment the last one ends
+SLIM = ["task", "index", "sample_index", "correct", "rationale", "completion_tokens", "answer_completion_tokens"]
 
 
-def step1_prompt(cfg: TeachConfig, task: str, question: str) -> tuple[str | None, tuple | None]:
-    """(text prompt, chat messages) of step 1; exactly one is set."""
-    if cfg.prompt == "few_shot_cot":
-        return few_shot_cot(task, question, _exemplars(cfg.few_shot_exemplars)), None
-    if cfg.prompt_style == "completion":
-        return zero_shot_cot_step1(question), None
-    if cfg.prompt_style == "chat":
-        return None, ({"role": "user", "content": f"Q: {question.strip()}"},
-                      {"role": "assistant", "content": COT_TRIGGER})
-    return None, ({"role": "user", "content": zero_shot_cot_step1(question)},)
-
-
-@functools.lru_cache(maxsize=8)
-def _exemplars(path: str | None):
-    if path is None:
-        return None
-    data = read_json(path)
-    if not isinstance(data, list) or not all(isinstance(e, list) and len(e) == 3 and all(isinstance(x, str) for x in e)
-                                             for e in data):
-        raise FcotError(f"{path}: expected a JSON list of [question, rationale, answer] exemplars")
-    return [tuple(e) for e in data]
-
-
-def step2_messages(messages: tuple, rationale: str) -> tuple:
-    if messages[-1]["role"] == "assistant":  # continue the same assistant turn
-        return messages[:-1] + ({"role": "assistant", "content": f"{COT_TRIGGER}{rationale}\n{ANSWER_TRIGGER}"},)
-    return messages + ({"role": "assistant", "content": rationale}, {"role": "user", "content": ANSWER_TRIGGER})
-
-
-def sampling_params(cfg: TeachConfig) -> dict:
+def generate_records(cfg: TeachConfig, engine, items: list[dict], teacher: tuple[str, str]) -> list[dict]:
+    """Both zero-shot-CoT steps for a batch of work items; returns finished records of `teacher` (its id and
+    identity as JSON, computed once by the driver)."""
     s = cfg.sampling
-    greedy = s.num_samples == 1
-    return {"temperature": 0.0 if greedy else s.temperature, "top_p": 1.0 if greedy else s.top_p,
-            "max_new_tokens": s.max_new_tokens, "answer_max_new_tokens": s.answer_max_new_tokens,
-            "stop": list(s.stop), "prompt": cfg.prompt, "prompt_style": cfg.prompt_style}
-
-
-def model_name(cfg: TeachConfig) -> str:
-    from fcot.models import ALIASES, resolve_model
-
-    if cfg.engine.kind in ("hf", "vllm"):
-        return cfg.engine.model if cfg.engine.model in ALIASES else resolve_model(cfg.engine.model)
-    return cfg.engine.model
-
-
-def questions(cfg: TeachConfig) -> list:
-    out = []
-    for task in cfg.tasks:
-        samples = load_split(task, cfg.split, cfg.split_kind, cfg.data_dir)
-        if cfg.subset is not None:
-            n = int(cfg.subset) if cfg.subset >= 1 else max(1, round(cfg.subset * len(samples)))
-            samples = samples[:n]
-        out.extend(samples)
-    return out
-
-
-def plan(cfg: TeachConfig) -> list[dict]:
-    """One work item per (question, sample index), with its seed and cache key."""
-    model, params = model_name(cfg), sampling_params(cfg)
-    items = []
-    for s in questions(cfg):
-        prompt, messages = step1_prompt(cfg, s.task, s.question)
-        prompt_repr = prompt if prompt is not None else json.dumps(messages, ensure_ascii=False)
-        for k in range(cfg.sampling.num_samples):
-            seed = sample_seed(cfg.sampling.seed, s.task, s.index, k)
-            items.append({"task": s.task, "index": s.index, "sample_index": k, "seed": seed,
-                          "key": sample_key(model, prompt_repr, params, k, seed), "question": s.question,
-                          "gold": s.answer, "prompt": prompt_repr})
-    return items
-
-
-def build_engine(cfg: TeachConfig):
-    from fcot.models import resolve_model
-    from fcot.teacher.engines import HFEngine, OpenAIEngine, VLLMEngine
-
-    e = cfg.engine
-    if e.kind == "hf":
-        return HFEngine(resolve_model(e.model), dtype=e.dtype, batch_size=e.hf_batch_size,
-                        num_threads=max(1, int(e.cpus_per_replica)))
-    if e.kind == "vllm":
-        return VLLMEngine(resolve_model(e.model), dtype=e.dtype, tensor_parallel_size=e.tensor_parallel_size,
-                          max_model_len=e.max_model_len, enforce_eager=e.enforce_eager,
-                          gpu_memory_utilization=e.gpu_memory_utilization, kv_cache_gib=e.kv_cache_gib,
-                          cache_dir=str(Path(cfg.output_dir).resolve() / ".engine_cache"))
-    if e.kind == "openai":
-        return OpenAIEngine(e.model, e.base_url, api_key_env=e.api_key_env, max_concurrency=e.max_concurrency,
-                            timeout_s=e.timeout_s, max_retries=e.max_retries,
-                            continue_assistant=cfg.prompt_style == "chat")
-    raise FcotError(f"engine {e.kind!r} does not generate")
-
-
-def generate_records(cfg: TeachConfig, engine, items: list[dict]) -> list[dict]:
-    """Both zero-shot-CoT steps for a batch of work items; returns finished records."""
-    params = sampling_params(cfg)
-    s = cfg.sampling
+    temperature, top_p = (0.0, 1.0) if s.greedy else (s.temperature, s.top_p)
     step1 = []
     for it in items:
         prompt, messages = step1_prompt(cfg, it["task"], it["question"])
         step1.append(Request(prompt=prompt, messages=messages, max_new_tokens=s.max_new_tokens,
-                             temperature=params["temperature"], top_p=params["top_p"], seed=int(it["seed"]),
+                             temperature=temperature, top_p=top_p, seed=int(it["seed"]),
                              stop=tuple(s.stop) or (("\nQ:",) if cfg.prompt == "few_shot_cot" else ())))
     first = engine.generate(step1)
     if cfg.prompt == "few_shot_cot":  # the answer is in the completion, after "The answer is"
         second = [None] * len(items)
     else:
-        step2 = []
-        for req, out in zip(step1, first):
-            if req.messages is None:
-                step2.append(Request(prompt=f"{req.prompt}{out.text}\n{ANSWER_TRIGGER}", max_new_tokens=s.answer_max_new_tokens))
-            else:
-                step2.append(Request(messages=step2_messages(req.messages, out.text), max_new_tokens=s.answer_max_new_tokens))
-        second = engine.generate(step2)
+        n = s.answer_max_new_tokens
+        second = engine.generate([
+            Request(prompt=zero_shot_cot_step2(req.prompt, out.text), max_new_tokens=n) if req.messages is None
+            else Request(messages=zero_shot_cot_step2_messages(req.messages, out.text), max_new_tokens=n)
+            for req, out in zip(step1, first)])
     now = time.time()
+    tid, identity = teacher
     records = []
     for it, out, ans in zip(items, first, second):
         spec = get_task(it["task"])
@@ -148,48 +73,45 @@ def generate_records(cfg: TeachConfig, engine, items: list[dict]) -> list[dict]:
             result = score(spec, ans.text, it["gold"], prefix=None)  # the paper: first candidate of step 2
         records.append({
             "task": it["task"], "index": int(it["index"]), "sample_index": int(it["sample_index"]), "key": it["key"],
-            "question": it["question"], "gold": it["gold"], "prompt": it["prompt"], "rationale": out.text,
-            "answer_text": ans.text if ans else "", "prediction": None if result.prediction is None else _fmt(result.prediction),
-            "correct": result.correct, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+            "teacher_id": tid, "teacher": identity, "question": it["question"], "gold": it["gold"],
+            "prompt": it["prompt"], "rationale": out.text, "answer_text": ans.text if ans else "",
+            "prediction": format_prediction(result.prediction), "correct": result.correct,
+            "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens, "answer_prompt_tokens": ans.prompt_tokens if ans else 0,
             "answer_completion_tokens": ans.completion_tokens if ans else 0, "engine": cfg.engine.kind,
-            "model": model_name(cfg), "prompt_style": cfg.prompt_style, "temperature": params["temperature"],
-            "top_p": params["top_p"], "max_new_tokens": s.max_new_tokens, "seed": int(it["seed"]), "created_at": now,
+            "model": model_name(cfg), "prompt_style": cfg.prompt_style, "temperature": temperature, "top_p": top_p,
+            "max_new_tokens": s.max_new_tokens, "seed": int(it["seed"]), "created_at": now,
         })
     return records
 
 
-def _fmt(prediction) -> str:
-    if isinstance(prediction, float):
-        return str(int(prediction)) if prediction.is_integer() else repr(prediction)
-    return str(prediction)
-
-
 class TeacherWorker:
-    """One engine replica (a Ray actor in Ray Data's pool): generates a batch, writes it as a shard."""
+    """One engine replica (a Ray actor): generates a batch, writes it as a shard, returns what the driver needs."""
 
-    def __init__(self, cfg: dict, records_dir: str):
-        from transformers.utils import logging as hf_logging
+    def __init__(self, cfg: dict, records_dir: str, teacher: tuple[str, str]):
+        from transformers.utils import logging as hf_logging  # heavy; a replica loads a model anyway
 
         hf_logging.disable_progress_bar()
-        self.cfg = TeachConfig.model_validate(cfg)
+        self.usage = Usage()
+        self.cfg = TeachConfig.model_validate(cfg)  # registers the config's user tasks in this worker
+        self.teacher = teacher
         self.store = RecordStore(records_dir)
-        self.engine = build_engine(self.cfg)
+        cache = str(Path(self.cfg.output_dir) / ".engine_cache")
+        self.engine = build_engine(self.cfg.engine, cache_dir=cache, continue_assistant=self.cfg.prompt_style == "chat")
 
-    def __call__(self, batch: dict) -> dict:
-        keys = [str(k) for k in batch["key"]]
-        n = len(keys)
-        if self.store.shard_path(keys).exists():  # this batch finished before (e.g. a retried task)
-            return {"key": keys, "generated": [False] * n, "tokens": [0] * n}
-        items = [{name: batch[name][i] for name in batch} for i in range(n)]
-        records = generate_records(self.cfg, self.engine, items)
-        self.store.write(records)
-        return {"key": keys, "generated": [True] * n,
-                "tokens": [r["completion_tokens"] + r["answer_completion_tokens"] for r in records]}
+    def run(self, items: list[dict]) -> dict:
+        shard = self.store.shard_path([it["key"] for it in items])
+        if shard.exists():  # this batch finished before (a retried task)
+            records, generated = self.store.read(shards=[shard], columns=SLIM).to_pylist(), 0
+        else:
+            records, generated = generate_records(self.cfg, self.engine, items, self.teacher), len(items)
+            self.store.write(records)
+        return {"shard": str(shard), "generated": generated, "records": [{k: r[k] for k in SLIM} for r in records],
+                **self.usage.take()}
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+    from tqdm import tqdm  # only with a progress bar
 
     return tqdm(total=total, unit="sample", disable=not enabled or total == 0, dynamic_ncols=True, smoothing=0.1)
 
@@ -197,69 +119,130 @@ def _progress(total: int, enabled: bool):
 def teach(cfg: TeachConfig, on_shard=None) -> dict:
     """Run the teacher stage; returns the summary (also written to OUTPUT_DIR/summary.json).
 
-    on_shard(path), if given, is called in this process with each shard as soon as it is written
+    on_shard(path), if given, is called in this process with each new shard as soon as it is written
     (`fcot run` formats it for curation while the teacher goes on)."""
     out_dir = Path(cfg.output_dir)
     store = RecordStore(out_dir / "records")
-    started = time.time()
+    started, cpu_started = time.time(), cpu_seconds()
+    qs = questions(cfg)
+    tid = teacher_id(cfg)
+    cost = {"generated": 0, "cpu_s": 0.0, "gpu_s": 0.0}
     if cfg.engine.kind == "recorded":
-        from fcot.teacher.recorded import import_recorded
-
-        items = import_recorded(cfg, store)
-        generated = 0
+        import_recorded(cfg, store, qs)
     else:
-        items = plan(cfg)
-        done = store.keys()
-        todo = [it for it in items if it["key"] not in done]
-        generated = _run_pool(cfg, todo, store, on_shard) if todo else 0
-    summary = summarize(cfg, store, items, generated, time.time() - started)
+        have = store.read(teacher_id=tid, columns=SLIM).to_pylist()
+        cost = _run_pool(cfg, qs, have, store, on_shard)
+    cost["cpu_s"] += cpu_seconds() - cpu_started
+    summary = summarize(cfg, store, qs, time.time() - started, cost)
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 
-def _run_pool(cfg: TeachConfig, todo: list[dict], store: RecordStore, on_shard=None) -> int:
-    import ray
+def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, on_shard=None) -> dict:
+    """Generate what the questions still need on a pool of replicas; returns generated count and usage."""
+    s = cfg.sampling
+    known: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in have:
+        known[(r["task"], r["index"])][r["sample_index"]] = r
+    by_q = {(q.task, q.index): q for q in qs}
+    prompts = {key: prompt_repr(cfg, q) for key, q in by_q.items()}
+    tid = teacher_id(cfg)
+    flying: dict[tuple, set[int]] = defaultdict(set)
+    queue: deque = deque()
 
-    from fcot.ray_utils import init_ray
+    def schedule(key) -> int:
+        """Queue the samples question `key` needs now (its current round's missing ones); returns how many."""
+        want = samples_used(known[key], s.adaptive, s.budget)
+        todo = [k for k in range(want) if k not in known[key] and k not in flying[key]]
+        flying[key].update(todo)
+        queue.extend(item(cfg, tid, by_q[key], k, prompts[key]) for k in todo)
+        return len(todo)
+
+    total = sum(schedule(key) for key in by_q)
+    cost = {"generated": 0, "cpu_s": 0.0, "gpu_s": 0.0}
+    if not queue:
+        return cost
+    import ray  # heavy: only when there is something to generate
 
     init_ray(cfg.ray_address)
     e = cfg.engine
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / e.samples_per_batch)))
-    ds = ds.map_batches(
-        TeacherWorker, fn_constructor_kwargs={"cfg": cfg.model_dump(), "records_dir": str(store.root.resolve())},
-        batch_size=e.samples_per_batch, compute=ray.data.ActorPoolStrategy(size=e.replicas), num_cpus=e.cpus_per_replica,
-        num_gpus=e.gpus_per_replica or None, batch_format="numpy",
-    )
-    generated = tokens = 0
-    started = time.time()
-    with _progress(len(todo), cfg.progress) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            generated += int(batch["generated"].sum())
-            tokens += int(batch["tokens"].sum())
-            bar.update(len(batch["key"]))
-            bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
-            shard = store.shard_path([str(k) for k in batch["key"]])  # a replica's batch comes back whole
-            if on_shard is not None and shard.exists():
-                on_shard(shard)
-    return generated
+    replica = ray.remote(TeacherWorker).options(num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica,
+                                                max_restarts=3, max_task_retries=3)
+    # The model resolved here (a user error stops the driver, not a replica) and the teacher's identity computed
+    # once: replicas run elsewhere (another directory, another node's environment).
+    resolved = cfg.model_copy(update={"engine": e.model_copy(update={"model": resolve_model(e.model)})})
+    teacher = (tid, json.dumps(teacher_identity(cfg), sort_keys=True))
+    actors = [replica.remote(resolved.model_dump(), str(store.root.resolve()), teacher) for _ in range(e.replicas)]
+    load = [0] * len(actors)
+    inflight: dict = {}
+    tokens, started = 0, time.time()
+    with _progress(total, cfg.progress) as bar:
+        while queue or inflight:
+            for a in sorted(range(len(actors)), key=load.__getitem__):
+                # A full batch, or whatever is queued when the replica has nothing else to do.
+                while load[a] < IN_FLIGHT and queue and (len(queue) >= e.batch_size or load[a] == 0):
+                    batch = [queue.popleft() for _ in range(min(e.batch_size, len(queue)))]
+                    inflight[actors[a].run.remote(batch)] = a
+                    load[a] += 1
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                load[inflight.pop(ref)] -= 1
+                result = ray.get(ref)
+                cost["generated"] += result["generated"]
+                cost["cpu_s"] += result["cpu_s"]
+                cost["gpu_s"] += result["gpu_s"]
+                landed = set()
+                for r in result["records"]:
+                    key = (r["task"], r["index"])
+                    known[key][r["sample_index"]] = r
+                    flying[key].discard(r["sample_index"])
+                    landed.add(key)
+                    tokens += r["completion_tokens"] + r["answer_completion_tokens"]
+                more = sum(schedule(key) for key in landed if not flying[key])
+                bar.total += more
+                bar.update(len(result["records"]))
+                bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
+                if on_shard is not None:
+                    on_shard(Path(result["shard"]))
+    for actor in actors:
+        ray.kill(actor)
+    return cost
 
 
-def summarize(cfg: TeachConfig, store: RecordStore, items: list[dict], generated: int, wall_s: float) -> dict:
-    table = store.read({it["key"] for it in items}).to_pylist()
+def spent(cfg: TeachConfig, records: list[dict]) -> list[dict]:
+    """The records the teacher spent on its questions: the first D of each, or its adaptive rounds."""
+    by_q: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in records:
+        by_q[(r["task"], r["index"])][r["sample_index"]] = r
+    out = []
+    for key, recs in by_q.items():
+        n = samples_used(recs, cfg.sampling.adaptive, cfg.sampling.budget)
+        out += [recs[k] for k in sorted(recs) if k < n]
+    return out
+
+
+def summarize(cfg: TeachConfig, store: RecordStore, qs: list, wall_s: float, cost: dict) -> dict:
+    wanted = {(q.task, q.index) for q in qs}
+    table = store.read(teacher_id=teacher_id(cfg)).to_pylist()
+    rows = spent(cfg, [r for r in table if (r["task"], r["index"]) in wanted])
     by_task = defaultdict(list)
-    for r in table:
+    for r in rows:
         by_task[r["task"]].append(r)
     tasks = {}
     for task in cfg.tasks:
-        rows = by_task.get(task, [])
-        greedy = [r for r in rows if r["temperature"] == 0]
+        rs = by_task.get(task, [])
+        greedy = [r for r in rs if r["temperature"] == 0]
+        per_q = Counter(r["index"] for r in rs)
         tasks[task] = {
-            "questions": len({r["index"] for r in rows}), "samples": len(rows),
+            "questions": len(per_q), "samples": len(rs),
             "accuracy_greedy": sum(r["correct"] for r in greedy) / len(greedy) if greedy else None,
-            "accuracy_all_samples": sum(r["correct"] for r in rows) / len(rows) if rows else None,
-            "questions_with_a_correct_sample": len({r["index"] for r in rows if r["correct"]}),
-            "prompt_tokens": sum(r["prompt_tokens"] + r["answer_prompt_tokens"] for r in rows),
-            "completion_tokens": sum(r["completion_tokens"] + r["answer_completion_tokens"] for r in rows),
+            "accuracy_all_samples": sum(r["correct"] for r in rs) / len(rs) if rs else None,
+            "questions_with_a_correct_sample": len({r["index"] for r in rs if r["correct"]}),
+            "prompt_tokens": sum(r["prompt_tokens"] + r["answer_prompt_tokens"] for r in rs),
+            "completion_tokens": sum(r["completion_tokens"] + r["answer_completion_tokens"] for r in rs),
+            "samples_per_question": dict(sorted(Counter(per_q.values()).items())),  # samples -> questions
         }
-    return {"output_dir": str(Path(cfg.output_dir)), "records_dir": str(store.root), "planned": len(items),
-            "records": len(table), "generated": generated, "wall_s": round(wall_s, 2), "tasks": tasks}
+    return {"output_dir": cfg.output_dir, "records_dir": str(store.root), "teacher_id": teacher_id(cfg),
+            "teacher": teacher_identity(cfg), "planned": sum(t["samples"] for t in tasks.values()),
+            "records": len(rows), "generated": cost["generated"], "wall_s": round(wall_s, 2),
+            "cpu_s": round(cost["cpu_s"], 1), "gpu_s": round(cost["gpu_s"], 1), "tasks": tasks}

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from fcot.errors import FcotError
 from fcot.io import atomic_write_jsonl, iter_jsonl
-from fcot.prompts import ANSWER_TRIGGER, zero_shot_cot_step1
-from fcot.scoring import predict, score
+from fcot.prompts import ANSWER_TRIGGER, zero_shot_cot_step1, zero_shot_cot_step2
+from fcot.scoring import format_prediction, predict, score
 from fcot.tasks import get_task
 from fcot.teacher.config import TeachConfig
-from fcot.teacher.store import RecordStore, sample_key, sample_seed
-
-LOG_MODEL = "text-davinci-002"
+from fcot.teacher.logs import parse_zero_shot_cot_log
+from fcot.teacher.plan import plan, sample_key, sample_seed, sampling_params, teacher_id, teacher_identity
+from fcot.teacher.store import RecordStore
 
 
 def _stem(question: str) -> str:
@@ -35,12 +35,13 @@ def _stem(question: str) -> str:
 
 def _record(cfg, sample, sample_index, prompt, rationale, answer_text, prediction, correct, finish_reason,
             model, temperature=0.0, tokens=(0, 0, 0, 0)) -> dict:
-    params = {"temperature": temperature, "max_new_tokens": cfg.sampling.max_new_tokens, "recorded": True}
     # Repeated questions (MultiArith has some) are distinct records: the seed tells them apart, as in generation.
     seed = sample_seed(cfg.sampling.seed, sample.task, sample.index, sample_index)
     return {
         "task": sample.task, "index": sample.index, "sample_index": sample_index,
-        "key": sample_key(model, prompt, params, sample_index, seed), "question": sample.question, "gold": sample.answer,
+        "key": sample_key(teacher_id(cfg), prompt, sample_index, seed),
+        "teacher_id": teacher_id(cfg), "teacher": json.dumps(teacher_identity(cfg), sort_keys=True),
+        "question": sample.question, "gold": sample.answer,
         "prompt": prompt, "rationale": rationale, "answer_text": answer_text, "prediction": prediction,
         "correct": correct, "finish_reason": finish_reason, "prompt_tokens": tokens[0], "completion_tokens": tokens[1],
         "answer_prompt_tokens": tokens[2], "answer_completion_tokens": tokens[3], "engine": "recorded", "model": model,
@@ -50,8 +51,6 @@ def _record(cfg, sample, sample_index, prompt, rationale, answer_text, predictio
 
 
 def from_zero_shot_cot_log(cfg: TeachConfig, path: Path, wanted: list) -> list[dict]:
-    from fcot.teacher.logs import parse_zero_shot_cot_log
-
     logged = parse_zero_shot_cot_log(path)
     task = logged[0].task
     spec = get_task(task)
@@ -75,10 +74,8 @@ def from_zero_shot_cot_log(cfg: TeachConfig, path: Path, wanted: list) -> list[d
             ours = [c.rstrip(".") for c in sample.choices]
             prediction = spec.letters[ours.index(text)] if text in ours else None
         correct = prediction is not None and score(spec, str(prediction), sample.answer).correct
-        if isinstance(prediction, float) and prediction.is_integer():
-            prediction = int(prediction)
         out.append(_record(cfg, sample, 0, zero_shot_cot_step1(r.question), r.rationale, r.step2,
-                           None if prediction is None else str(prediction), correct, "unknown", LOG_MODEL))
+                           format_prediction(prediction), correct, "unknown", cfg.engine.model))
     return out
 
 
@@ -93,10 +90,12 @@ def from_openai_batch(cfg: TeachConfig, path: Path, wanted: list) -> list[dict]:
         cid = rec.get("custom_id")
         m = re.fullmatch(r"fcot/([^/]+)/(\d+)/(\d+)/step([12])", cid or "")
         if not m:
-            raise FcotError(f"{path}, line {lineno}, key 'custom_id': expected fcot/TASK/INDEX/SAMPLE/step1|2, got {cid!r}")
+            raise FcotError(f"{path}, line {lineno}, key 'custom_id': expected fcot/TASK/INDEX/SAMPLE/step1|2, "
+                            f"got {cid!r}")
         response = rec.get("response") or {}
         if rec.get("error") or response.get("status_code") != 200:
-            raise FcotError(f"{path}, line {lineno}: request {cid} failed ({rec.get('error') or response.get('status_code')})")
+            why = rec.get("error") or response.get("status_code")
+            raise FcotError(f"{path}, line {lineno}: request {cid} failed ({why})")
         body = response.get("body") or {}
         try:
             choice = body["choices"][0]
@@ -122,9 +121,8 @@ def from_openai_batch(cfg: TeachConfig, path: Path, wanted: list) -> list[dict]:
         else:  # no step 2: the paper's rule on the rationale with the answer trigger as prefix
             answer_text, p2, c2 = "", 0, 0
             result = score(spec, rationale, sample.answer, prefix=ANSWER_TRIGGER)
-        pred = result.prediction
-        pred = None if pred is None else (str(int(pred)) if isinstance(pred, float) and pred.is_integer() else str(pred))
-        out.append(_record(cfg, sample, k, zero_shot_cot_step1(sample.question), rationale, answer_text, pred,
+        out.append(_record(cfg, sample, k, zero_shot_cot_step1(sample.question), rationale, answer_text,
+                           format_prediction(result.prediction),
                            result.correct, "stop" if finish == "stop" else "length", model, tokens=(p1, c1, p2, c2)))
     return out
 
@@ -132,16 +130,15 @@ def from_openai_batch(cfg: TeachConfig, path: Path, wanted: list) -> list[dict]:
 def write_batch_requests(cfg: TeachConfig, path: str | Path, step1_output: str | Path | None = None,
                          chat: bool = False) -> Path:
     """Write an OpenAI Batch API input file: step 1 for the config's questions, or step 2 from step 1's output."""
-    from fcot.teacher.pipeline import plan, sampling_params
-
     params = sampling_params(cfg)
-    items = {(it["task"], it["index"], it["sample_index"]): it for it in plan(cfg)}
+    # Requests for a service whose output is not written yet: their items need no teacher id.
+    items = {(it["task"], it["index"], it["sample_index"]): it for it in plan(cfg, tid="batch-requests")}
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
     rows = []
     if step1_output is None:
         for (task, index, k), it in items.items():
-            body = {"model": cfg.engine.model, "max_tokens": cfg.sampling.max_new_tokens, "temperature": params["temperature"],
-                    "top_p": params["top_p"], "seed": int(it["seed"])}
+            body = {"model": cfg.engine.model, "max_tokens": cfg.sampling.max_new_tokens,
+                    "temperature": params["temperature"], "top_p": params["top_p"], "seed": int(it["seed"])}
             prompt = zero_shot_cot_step1(it["question"])
             body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
             rows.append({"custom_id": _custom_id(task, index, k, 1), "method": "POST", "url": endpoint, "body": body})
@@ -153,7 +150,7 @@ def write_batch_requests(cfg: TeachConfig, path: str | Path, step1_output: str |
             choice = rec["response"]["body"]["choices"][0]
             rationale = choice.get("text") if "text" in choice else choice["message"]["content"]
             it = items[(m.group(1), int(m.group(2)), int(m.group(3)))]
-            prompt = f"{zero_shot_cot_step1(it['question'])}{rationale}\n{ANSWER_TRIGGER}"
+            prompt = zero_shot_cot_step2(zero_shot_cot_step1(it["question"]), rationale)
             body = {"model": cfg.engine.model, "max_tokens": cfg.sampling.answer_max_new_tokens, "temperature": 0.0}
             body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
             rows.append({"custom_id": _custom_id(m.group(1), int(m.group(2)), int(m.group(3)), 2), "method": "POST",
@@ -161,14 +158,11 @@ def write_batch_requests(cfg: TeachConfig, path: str | Path, step1_output: str |
     return atomic_write_jsonl(path, rows)
 
 
-def import_recorded(cfg: TeachConfig, store: RecordStore) -> list[dict]:
-    """Import into the store (skipping keys already there); returns the imported items (with keys)."""
-    from fcot.teacher.pipeline import questions
-
+def import_recorded(cfg: TeachConfig, store: RecordStore, wanted: list) -> list[dict]:
+    """Import the records of the `wanted` questions into the store (skipping keys already there); returns them."""
     path = Path(cfg.engine.path)
     if not path.exists():
         raise FcotError(f"{path}: file not found (engine.path)")
-    wanted = questions(cfg)
     if cfg.engine.format == "zero_shot_cot_log":
         records = from_zero_shot_cot_log(cfg, path, wanted)
     else:

@@ -1,8 +1,9 @@
 """Teacher records as parquet shards, content-addressed by sample key.
 
-A key is sha256(model, prompt, sampling params, sample index, seed): the same sample is never generated
-twice. Each shard is written atomically and named by the keys it holds, so a retried batch rewrites the
-same file instead of adding duplicates. Ray Data (`ray.data.read_parquet`) and `datasets`
+Rule: a sample is generated once. Its key is sha256(teacher_id, prompt, sample index, seed) (fcot.teacher.plan)
+and every record carries its teacher's id and identity, so one store holds many teachers without mixing them.
+Each shard is written atomically and named by the keys it holds, so a retried batch rewrites the same file
+instead of adding duplicates. Ray Data (`ray.data.read_parquet`) and `datasets`
 (`load_dataset("parquet", data_files=...)`) read the folder directly.
 """
 
@@ -10,16 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fcot.io import atomic_write_bytes
 
 SCHEMA = pa.schema([
     ("task", pa.string()), ("index", pa.int64()), ("sample_index", pa.int32()), ("key", pa.string()),
+    ("teacher_id", pa.string()), ("teacher", pa.string()),  # the identity as JSON (fcot.teacher.plan)
     ("question", pa.string()), ("gold", pa.string()), ("prompt", pa.string()), ("rationale", pa.string()),
     ("answer_text", pa.string()), ("prediction", pa.string()), ("correct", pa.bool_()),
     ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
@@ -27,16 +29,6 @@ SCHEMA = pa.schema([
     ("engine", pa.string()), ("model", pa.string()), ("prompt_style", pa.string()), ("temperature", pa.float32()),
     ("top_p", pa.float32()), ("max_new_tokens", pa.int32()), ("seed", pa.int64()), ("created_at", pa.float64()),
 ])
-
-
-def sample_key(model: str, prompt: str, sampling: dict, sample_index: int, seed: int) -> str:
-    blob = json.dumps([model, prompt, sampling, sample_index, seed], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def sample_seed(base_seed: int, task: str, index: int, sample_index: int) -> int:
-    digest = hashlib.sha256(f"{base_seed}:{task}:{index}:{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 class RecordStore:
@@ -55,17 +47,32 @@ class RecordStore:
         pq.write_table(table, buf)
         return atomic_write_bytes(self.shard_path([r["key"] for r in rows]), buf.getvalue())
 
+    @staticmethod
+    def _fits(path: Path) -> bool:
+        return "teacher_id" in pq.read_schema(path).names  # shards of an older fcot have no teacher identity
+
     def keys(self) -> set[str]:
         keys: set[str] = set()
         for shard in self.shards():
-            keys.update(pq.read_table(shard, columns=["key"]).column("key").to_pylist())
+            if self._fits(shard):
+                keys.update(pq.read_table(shard, columns=["key"]).column("key").to_pylist())
         return keys
 
-    def read(self, keys: set[str] | None = None) -> pa.Table:
-        """All records (or those with `keys`), one row per key."""
-        tables = [pq.read_table(s, schema=SCHEMA) for s in self.shards()]
+    def read(self, keys: set[str] | None = None, teacher_id: str | None = None, shards: list[Path] | None = None,
+             columns: list[str] | None = None) -> pa.Table:
+        """Records (of `teacher_id`, with `keys`, in `shards`), one row per key."""
+        tables = []
+        for s in shards if shards is not None else self.shards():
+            if not self._fits(s):
+                continue
+            wanted = columns and list(dict.fromkeys(["key", "teacher_id", *columns]))
+            t = pq.read_table(s, schema=SCHEMA, columns=wanted)
+            if teacher_id is not None:
+                t = t.filter(pc.equal(t.column("teacher_id"), teacher_id))
+            tables.append(t)
         if not tables:
-            return SCHEMA.empty_table()
+            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(
+                list(dict.fromkeys(["key", "teacher_id", *columns])))
         table = pa.concat_tables(tables)
         seen: set[str] = set()
         keep = []

@@ -4,20 +4,31 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from fcot.config import Config
+from fcot.config import Config, ModelRef, PathStr, WandbMode
+from fcot.resources import Demand
+from fcot.tasks import DataDir, UserTask
 
 
 class DeepSpeedConfig(Config):
-    stage: int = Field(2, ge=0, le=3)  # ZeRO stage: 0 plain data parallel, 1 optimizer, 2 +gradients, 3 +weights
+    # ZeRO stage: 0 plain data parallel, 1 optimizer, 2 +gradients, 3 +weights; auto: the lowest stage whose
+    # per-worker training state (weights, gradients, Adam moments) fits in half of a worker's memory
+    stage: int | Literal["auto"] = "auto"
+
+    @field_validator("stage")
+    @classmethod
+    def _stage(cls, v):
+        if v != "auto" and not 0 <= v <= 3:
+            raise ValueError("stage must be 0, 1, 2, 3 or auto")
+        return v
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on CPU (uses DeepSpeed's cpu_adam)
 
 
 class WandbConfig(Config):
     project: str = "fcot"
     # auto: online with WANDB_API_KEY set, else offline (sync later with `wandb sync`)
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    mode: WandbMode = "auto"
     group: str | None = None
     name: str | None = None
 
@@ -25,14 +36,15 @@ class WandbConfig(Config):
 class DevConfig(Config):
     """Dev set evaluated by rank 0 after each epoch (model selection); needs fcot.evaluate."""
 
-    path: str | None = None  # JSONL or parquet with task, index, question, answer[, choices]
+    path: PathStr | None = None  # JSONL or parquet with task, index, question, answer[, choices]
     task: str | None = None  # or a task's split, loaded with fcot.tasks.load_split
     split: Literal["train", "test"] = "test"
     split_kind: str = "default"
-    data_dir: str | None = None  # task data (default: $FCOT_DATA_DIR)
+    data_dir: DataDir = Field(None, validate_default=True)  # task data (default: $FCOT_DATA_DIR)
     size: int | None = Field(None, ge=1)  # the first N samples only
     format: str = "fine_tune_cot"  # prompt format of the curated data (fcot.prompts.FORMATS)
-    max_new_tokens: int = Field(128, ge=1)
+    # "auto": the longest completion in the training data plus a margin (a student's answer must fit)
+    max_new_tokens: int | Literal["auto"] = "auto"
     batch_size: int = Field(32, ge=1)
     every: int = Field(1, ge=1)  # evaluate every N epochs (and after the last)
 
@@ -44,9 +56,9 @@ class DevConfig(Config):
 
 
 class TrainConfig(Config):
-    data: str  # folder (or file) of curated parquet: task, index, sample_index, prompt, completion
-    model: str = "smollm2-135m"  # an alias (`fcot models`), a local folder, or a hub id
-    output_dir: str = "runs/student"
+    data: PathStr  # folder (or file) of curated parquet: task, index, sample_index, prompt, completion
+    model: ModelRef = "smollm2-135m"  # an alias (`fcot models`), a local folder, or a hub id
+    output_dir: PathStr = "runs/student"
     epochs: int = Field(20, ge=1)  # the paper's default
     max_steps: int | None = Field(None, ge=1)  # stop early after this many optimizer steps (tests, smoke runs)
     lr: float = Field(3e-4, gt=0)
@@ -68,6 +80,10 @@ class TrainConfig(Config):
     keep_checkpoints: int = Field(1, ge=1)  # epoch checkpoints kept in output_dir/checkpoints
     wandb: WandbConfig = WandbConfig()
     dev: DevConfig | None = None
+    # best_dev: the epoch with the best dev accuracy is the student (needs dev); last: the last epoch
+    selection: Literal["best_dev", "last"] = "best_dev"
+    user_tasks: list[UserTask] = []  # definitions of user tasks the dev set scores (registered in the workers)
+    report_to_tune: bool = False  # inside a Tune trial: report each epoch's metrics to Tune (ASHA and other schedulers)
     ray_address: str | None = None
 
     @model_validator(mode="after")
@@ -78,6 +94,16 @@ class TrainConfig(Config):
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision fp16 needs use_gpu (CPUs train in fp32 or bf16)")
         return self
+
+    def demands(self, prefix: str = "") -> list[Demand]:
+        unit = {"CPU": float(self.cpus_per_worker), "GPU": 1.0 if self.use_gpu else 0.0}
+        keys = {"CPU": f"{prefix}cpus_per_worker", "GPU": f"{prefix}use_gpu"}
+        return [Demand(f"{prefix}num_workers", "training workers", self.num_workers, unit, keys)]
+
+    @property
+    def selects(self) -> bool:
+        """The student is the best dev epoch (else the last)."""
+        return self.selection == "best_dev" and self.dev is not None
 
     @property
     def micro_batch_size(self) -> int:

@@ -10,31 +10,30 @@ completion (str); one row per kept rationale.
 
 Labels are aligned with input_ids (the HF convention): the loss shifts them for decoders.
 A micro-batch is either padded to its longest example, or (decoders, `packing`) its examples are packed
-into as few rows of at most max_length tokens as fit, balanced, rows padded to the longest row; position_ids
-restart at 0 for each example and no attention_mask is passed, so transformers builds a block-diagonal
-causal mask from them (examples in a row do not attend to each other).
+back to back into one row without padding: position_ids restart at 0 for each example, and `cu_seq_lens_q`
+tells fcot.train.attention where each starts, so examples do not attend to each other and attention costs what
+each example's own length costs.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
-import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pyarrow.types as pat
 
 from fcot.errors import FcotError
+from fcot.tasks import Sample, load_split
 
-COLUMNS = {"task": "string", "index": "integer", "sample_index": "integer", "prompt": "string", "completion": "string"}
+COLUMNS = {"task": "string", "index": "integer", "sample_index": "integer", "prompt": "string",
+           "completion": "string"}
 IGNORE = -100
 
 
 def check_curated(path: str) -> int:
     """Validate the curated parquet data at `path` (schema, not empty); returns its row count."""
-    import pyarrow.dataset as pads
-    import pyarrow.types as pat
 
     p = Path(path)
     if not p.exists():
@@ -69,8 +68,10 @@ def seq2seq_example(prompt_ids: list[int], completion_ids: list[int], eos: int, 
     return prompt_ids[:max_length], (completion_ids + [eos])[:max_length]
 
 
-def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     """Decoder examples padded (right) to the longest one."""
+    import torch  # heavy: kept out of the CLI's imports
+
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -82,45 +83,25 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _balanced_rows(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Indices per row. Rows are padded to the longest one, so balance them: longest example first into the
-    least-filled row (LPT), starting from the fewest rows the tokens need, one more row when one does not fit."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n_rows = max(1, math.ceil(sum(lengths) / max_length))
-    while True:
-        rows, load = [[] for _ in range(n_rows)], [0] * n_rows
-        for i in order:
-            r = min(range(n_rows), key=load.__getitem__)
-            if load[r] + lengths[i] > max_length:
-                break
-            rows[r].append(i)
-            load[r] += lengths[i]
-        else:
-            return [members for members in rows if members]
-        n_rows += 1
+def pack_batch(examples: list[tuple[list[int], list[int]]]) -> dict:
+    """Decoder examples back to back in one row, no padding: position_ids restart at 0 for each example and
+    `cu_seq_lens_q` marks where each starts, for fcot.train.attention (each example attends to itself only)."""
+    import torch  # heavy: kept out of the CLI's imports
+
+    ids = [t for e, _ in examples for t in e]
+    labels = [t for _, lab in examples for t in lab]
+    lengths = [len(e) for e, _ in examples]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
+            "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32), "max_length_q": max(lengths)}
 
 
-def pack_batch(examples: list[tuple[list[int], list[int]]], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Decoder examples packed into as few rows of <= max_length tokens as fit (see the module doc)."""
-    rows = _balanced_rows([len(ids) for ids, _ in examples], max_length)
-    width = max(sum(len(examples[i][0]) for i in members) for members in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    # Padding gets positions 0.. too: a segment of its own, and its labels are ignored.
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, members in enumerate(rows):
-        at = 0
-        for i in members:
-            ids, lab = examples[i]
-            input_ids[r, at:at + len(ids)] = torch.tensor(ids)
-            labels[r, at:at + len(lab)] = torch.tensor(lab)
-            position_ids[r, at:at + len(ids)] = torch.arange(len(ids))
-            at += len(ids)
-        position_ids[r, at:] = torch.arange(width - at)
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+def pad_seq2seq(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    import torch  # heavy: kept out of the CLI's imports
 
-
-def pad_seq2seq(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     enc = pad_batch([(ids, ids) for ids, _ in examples], pad_id)
     width = max(len(lab) for _, lab in examples)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -129,12 +110,12 @@ def pad_seq2seq(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dic
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-class Collator(NumpyBatchCollateFn):
-    """Ray Data batch (dict of numpy columns) -> model inputs, plus counts: `tokens` (real input tokens,
-    padding excluded) and `label_tokens` (tokens with a loss)."""
+class Collator:
+    """Prompts and completions -> model inputs. `encode` tokenizes once (the trainer encodes its whole data set
+    before the first step); `collate` pads or packs encoded examples and adds the counts `tokens` (real input
+    tokens, padding excluded) and `label_tokens` (tokens with a loss)."""
 
     def __init__(self, tokenizer, max_length: int, encoder_decoder: bool, packing: bool):
-        super().__init__()
         if packing and encoder_decoder:
             raise FcotError("packing: works for decoder students only; set packing=false for encoder-decoders")
         self.tokenizer = tokenizer
@@ -150,23 +131,34 @@ class Collator(NumpyBatchCollateFn):
         example = seq2seq_example if self.encoder_decoder else decoder_example
         return [example(p, c, self.tokenizer.eos_token_id, self.max_length) for p, c in zip(p_ids, c_ids)]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        examples = self.encode(batch["prompt"], batch["completion"])
+    def tokens(self, example: tuple[list[int], list[int]]) -> int:
+        ids, labels = example
+        return len(ids) + len(labels) if self.encoder_decoder else len(ids)
+
+    @staticmethod
+    def label_tokens(example: tuple[list[int], list[int]]) -> int:
+        return sum(1 for t in example[1] if t != IGNORE)
+
+    def collate(self, examples: list[tuple[list[int], list[int]]]) -> dict:
+        import torch  # heavy: kept out of the CLI's imports
+
         if self.encoder_decoder:
             out = pad_seq2seq(examples, self.pad_id)
-            tokens = sum(len(ids) + len(lab) for ids, lab in examples)
+        elif self.packing:
+            out = pack_batch(examples)
         else:
-            out = pack_batch(examples, self.max_length, self.pad_id) if self.packing else pad_batch(examples, self.pad_id)
-            tokens = sum(len(ids) for ids, _ in examples)
-        out["tokens"] = torch.tensor(tokens)
+            out = pad_batch(examples, self.pad_id)
+        out["tokens"] = torch.tensor(sum(self.tokens(e) for e in examples))
         out["label_tokens"] = (out["labels"] != IGNORE).sum()
         return out
+
+    def __call__(self, batch: dict) -> dict:
+        """A batch of columns (`prompt`, `completion`) -> model inputs."""
+        return self.collate(self.encode(batch["prompt"], batch["completion"]))
 
 
 def load_dev_samples(dev) -> list:
     """The dev set of a DevConfig as a list of fcot.tasks.Sample."""
-    from fcot.tasks import Sample, load_split
-
     if dev.task is not None:
         samples = load_split(dev.task, dev.split, dev.split_kind, dev.data_dir)
     else:
@@ -174,8 +166,6 @@ def load_dev_samples(dev) -> list:
         if not path.exists():
             raise FcotError(f"dev.path {path}: not found")
         if path.suffix == ".parquet" or path.is_dir():
-            import pyarrow.parquet as pq
-
             rows = pq.read_table(path).to_pylist()
         else:
             rows = []

@@ -10,6 +10,7 @@ afterwards, so setup builds them once:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -25,15 +26,14 @@ def torch_extensions_dir() -> Path:
     (an op built against another torch must not be loaded) and the environment."""
     if os.environ.get("FCOT_TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["FCOT_TORCH_EXTENSIONS_DIR"]).expanduser()
-    import torch
-
-    import hashlib
+    import torch  # heavy: training processes only
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     # Keyed by the environment too: two venvs compile with different include paths, and sharing one folder
     # makes each rebuild the op the other just built.
     env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
-    return cache / "fcot" / "torch_extensions" / f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{env}"
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    return cache / "fcot" / "torch_extensions" / f"torch-{torch.__version__}-{python}-{env}"
 
 
 def clear_stale_locks(root: Path) -> list[Path]:
@@ -62,7 +62,7 @@ def configure(use_gpu: bool) -> None:
 def prebuild(names=DEFAULT_CPU_OPS, use_gpu: bool = False, log=print) -> dict[str, float]:
     """Build (or load, when cached) each op; returns seconds per op."""
     configure(use_gpu)
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # heavy, and only after configure()
 
     seconds = {}
     for name in names:

@@ -1,17 +1,20 @@
 """The student stage on Ray Train: data-parallel fine-tuning with DeepSpeed ZeRO, resumable per epoch.
 
     driver: validate data + config -> Ray Data dataset -> TorchTrainer(num_workers) -> summary.json
-    worker: model + tokenizer -> deepspeed.initialize (ZeRO 0-3, a plain torch AdamW; DeepSpeed's
-            cpu_adam only with offload_optimizer) -> resume from ray.train.get_checkpoint()
-            -> per epoch: micro-batches from get_dataset_shard("train"), token-weighted loss, optimizer
-               step every grad_accum micro-batches; dev eval on rank 0; DeepSpeed checkpoint reported
-               with ray.train.report (every rank writes its shard, Ray merges them)
-            -> final student: save_pretrained + tokenizer in output_dir/model (ZeRO-3 weights gathered)
+    worker: the whole curated set, read and tokenized once -> model -> deepspeed.initialize (ZeRO 0-3, a plain
+            torch AdamW; DeepSpeed's cpu_adam only with offload_optimizer) -> resume from ray.train.get_checkpoint()
+            -> per epoch: one seeded order of the examples shared by all ranks, cut into global batches;
+               rank r trains on its slice of each, in grad_accum micro-batches, with the loss weighted by the
+               global batch's label tokens (every rank knows them: no collective per step)
+            -> after each epoch: dev accuracy on rank 0 (sent to every rank, and to Tune in a sweep); the best
+               epoch's weights kept as a candidate; a DeepSpeed checkpoint reported with ray.train.report
+            -> the student: the best dev epoch (selection best_dev) or the last one, save_pretrained + tokenizer
+               in output_dir/model (ZeRO-3 weights gathered)
 
 A worker that dies restarts the whole group (FailureConfig) from the last epoch checkpoint; the step
-counter, lr schedule and optimizer state come back with it, so the run ends after the planned steps.
-(A checkpoint counts once Ray Train's controller has collected every worker's report for it: a worker lost
-before that takes the run back to the previous one.)
+counter, lr schedule, optimizer state and data order come back with it, so the run ends after the planned
+steps. (A checkpoint counts once Ray Train's controller has collected every worker's report for it: a worker
+lost before that takes the run back to the previous one.)
 """
 
 from __future__ import annotations
@@ -25,13 +28,25 @@ import time
 import uuid
 from pathlib import Path
 
-from fcot.errors import FcotError
-from fcot.io import atomic_write_json
-from fcot.train.config import TrainConfig
-from fcot.train.data import COLUMNS, IGNORE, check_curated, load_dev_samples
+import psutil
 
+from fcot.config import wandb_mode
+from fcot.errors import FcotError
+from fcot.evaluate import evaluate_model
+from fcot.io import atomic_write_json, read_json
+from fcot.models import resolve_model
+from fcot.prompts import get_format
+from fcot.ray_utils import Usage, init_ray
+from fcot.tasks import Sample
+from fcot.train import ds_ops
+from fcot.train.config import TrainConfig
+from fcot.train.data import COLUMNS, IGNORE, Collator, check_curated, load_dev_samples
+
+STEADY_AFTER = 5  # steady-state tokens/s: counted from this optimizer step on (start-up, first kernels excluded)
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_TAG = "deepspeed"
+SELECTION_FILE = "fcot_selection.json"  # in a saved student: the epoch it is and why
+AUTO_MARGIN = 8  # dev max_new_tokens "auto": the longest training completion plus this many tokens
 
 
 def plan_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
@@ -43,9 +58,20 @@ def plan_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict:
+def zero_stage(cfg: TrainConfig, parameters: int, memory_bytes: float, world: int) -> int:
+    """The ZeRO stage: as configured, or (auto) the lowest whose training state fits in half a worker's memory.
+    Per parameter: fp32 weights 4 bytes, gradients 4 (bf16 adds 2 for the cast copy), Adam moments 8; ZeRO-1
+    shards the moments over the workers, ZeRO-2 the gradients too, ZeRO-3 the weights as well."""
+    if cfg.deepspeed.stage != "auto":
+        return cfg.deepspeed.stage
+    extra = 2 if cfg.resolved_precision != "fp32" else 0
+    need = {0: 16 + extra, 1: 8 + extra + 8 / world, 2: 4 + extra + 12 / world, 3: (16 + extra) / world}
+    return next((s for s in (0, 1, 2) if parameters * need[s] < memory_bytes / 2), 3)
+
+
+def deepspeed_config(cfg: TrainConfig, stage: int) -> dict:
     precision = cfg.resolved_precision
-    zero = {"stage": cfg.deepspeed.stage, "stage3_gather_16bit_weights_on_model_save": True}
+    zero = {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True}
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
     return {
@@ -54,7 +80,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16" and cfg.use_gpu},  # CPUs: torch autocast instead (see train_loop)
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 10**9,  # fcot logs its own metrics
         "wall_clock_breakdown": False,
@@ -63,22 +89,20 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
 
 def _wandb_run(cfg: TrainConfig, state: dict):
     """A W&B run on rank 0 (None when disabled): offline without WANDB_API_KEY, resumed after a restart."""
-    mode = cfg.wandb.mode
-    if mode == "auto":
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    mode = wandb_mode(cfg.wandb.mode)
     if mode == "disabled":
         return None
-    import wandb
+    import wandb  # heavy: rank 0 only
 
     state.setdefault("wandb_id", uuid.uuid4().hex[:12])  # kept in checkpoints: a restarted group logs to the same run
     return wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, name=cfg.wandb.name, mode=mode,
-                      id=state["wandb_id"], resume="allow", dir=str(Path(cfg.output_dir).resolve()),
+                      id=state["wandb_id"], resume="allow", dir=cfg.output_dir,
                       config=cfg.model_dump(), settings=wandb.Settings(silent=True))
 
 
 def _loss_sum(engine, batch: dict, encoder_decoder: bool):
     """Sum of token cross-entropies of a micro-batch (labels aligned with inputs, HF style)."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # heavy: workers only
 
     labels = batch["labels"]
     if encoder_decoder:
@@ -86,8 +110,9 @@ def _loss_sum(engine, batch: dict, encoder_decoder: bool):
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         decoder_input_ids=decoder_input_ids, use_cache=False).logits
     else:
-        # Packed rows carry position_ids and no attention_mask: transformers then masks attention per example.
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        # A packed row carries position_ids and where each example starts, for fcot.train.attention.
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q",
+                                        "max_length_q") if k in batch}
         logits = engine(**inputs, use_cache=False).logits[:, :-1]
         labels = labels[:, 1:]
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
@@ -100,50 +125,39 @@ def _full_state_dict(engine, stage: int):
     return None
 
 
-def _evaluate(cfg: TrainConfig, engine, tokenizer, model_cls, dev_samples, encoder_decoder: bool, rank: int):
-    """Dev accuracy on rank 0 (None elsewhere); under ZeRO-3 every rank helps gather the weights first."""
-    import torch
-
-    from fcot.evaluate import evaluate_model
-
-    state_dict = _full_state_dict(engine, cfg.deepspeed.stage)
-    if rank != 0:
-        return None
-    model = engine.module
-    if state_dict is not None:  # ZeRO-3: rank 0's module holds only its partition; evaluate a full copy
-        model = model_cls.from_config(engine.module.config)
-        model.load_state_dict(state_dict)
-        model.to(engine.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        result = evaluate_model(model, tokenizer, dev_samples, cfg.dev.format, encoder_decoder,
-                                cfg.dev.max_new_tokens, cfg.dev.batch_size)
-    model.train(was_training)
-    return result
-
-
-def _save_student(engine, tokenizer, out: Path, stage: int, rank: int) -> None:
+def _save(model, tokenizer, out: Path, state_dict=None, selection: dict | None = None) -> None:
     """save_pretrained + tokenizer into `out`, written beside it and renamed (a half-saved model never shows)."""
-    state_dict = _full_state_dict(engine, stage)
-    if rank != 0:
-        return
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if selection is not None:
+        (tmp / SELECTION_FILE).write_text(json.dumps(selection))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def _read_examples(collate: Collator) -> list:
+    """The whole curated set (every worker holds it: the data sets fine-tuning uses fit in memory), tokenized once."""
+    import ray.train  # heavy: workers only
+
+    examples = []
+    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=4096, batch_format="numpy"):
+        examples += collate.encode(batch["prompt"], batch["completion"])
+    return examples
 
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker."""
     worker_started = time.time()
+    usage = Usage()
     cfg = TrainConfig.model_validate(config["cfg"])
-    from fcot.train import ds_ops
-
+    for task in cfg.user_tasks:  # the dev set may score user tasks: make them known in this worker
+        task.register()
     ds_ops.configure(cfg.use_gpu)  # before deepspeed is imported
+    # heavy imports: a training worker's own
     import deepspeed
+    import numpy as np
     import ray.train
     import ray.train.torch
     import torch
@@ -151,9 +165,6 @@ def train_loop(config: dict) -> None:
     from ray.train import Checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
-
-    from fcot.tasks import Sample
-    from fcot.train.data import Collator
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(cfg.cpus_per_worker)
@@ -168,7 +179,15 @@ def train_loop(config: dict) -> None:
     encoder_decoder = bool(getattr(AutoConfig.from_pretrained(model_path), "is_encoder_decoder", False))
     model_cls = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
     model = model_cls.from_pretrained(model_path, dtype=torch.float32)  # fp32 master weights; DeepSpeed casts for bf16
+    parameters = sum(p.numel() for p in model.parameters())
+    if cfg.packing:
+        from fcot.train import attention  # registers the packed attention with transformers; torch-heavy
+
+        model.set_attn_implementation(attention.NAME)
     collate = Collator(tokenizer, cfg.max_length, encoder_decoder, cfg.packing)
+    examples = _read_examples(collate)
+    label_tokens = np.array([collate.label_tokens(e) for e in examples], dtype=np.float64)
+    real_tokens = np.array([collate.tokens(e) for e in examples], dtype=np.int64)
 
     if cfg.deepspeed.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorized Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -178,12 +197,18 @@ def train_loop(config: dict) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    memory = torch.cuda.get_device_properties(device).total_memory if cfg.use_gpu else (
+        psutil.virtual_memory().total / max(1, world))
+    stage = zero_stage(cfg, parameters, memory, world)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, stage),
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps))
+    # bf16 on CPU: autocast over fp32 master weights (DeepSpeed's bf16 mode is for accelerators).
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.resolved_precision == "bf16" and not cfg.use_gpu)
 
-    state = {"epoch": 0, "step": 0, "loss_curve": [], "epoch_loss": [], "dev": [], "tokens": 0,
-             "examples": 0, "train_s": 0.0, "startup_s": None, "resumed_from_step": None, "restarts": 0}
+    state = {"epoch": 0, "step": 0, "loss_curve": [], "epoch_loss": [], "dev": [], "tokens": 0, "examples": 0,
+             "train_s": 0.0, "startup_s": None, "resumed_from_step": None, "restarts": 0, "best": None,
+             "cpu_s": 0.0, "gpu_s": 0.0, "steady_tokens": 0, "steady_s": 0.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -193,48 +218,54 @@ def train_loop(config: dict) -> None:
         state["restarts"] += 1
     run = _wandb_run(cfg, state) if rank == 0 else None
     dev_samples = [Sample(**s) for s in config["dev_samples"]] if config["dev_samples"] else None
+    out = Path(cfg.output_dir)
+    candidates = out / "candidates"
 
-    state["startup_s"] = round(time.time() - worker_started, 1)  # imports, model, deepspeed.initialize, resume
-    shard = ray.train.get_dataset_shard("train")
+    state["startup_s"] = round(time.time() - worker_started, 1)  # imports, data, model, deepspeed, resume
     step = state["step"]
+    mb, accum = cfg.micro_batch_size, cfg.grad_accum
     for epoch in range(state["epoch"], cfg.epochs):
         if step >= total_steps:
             break
         engine.train()
-        window, loss_sums, label_counts, epoch_steps = [], [], [], 0
-        started = time.perf_counter()
-        batches = shard.iter_torch_batches(batch_size=cfg.micro_batch_size, collate_fn=collate, prefetch_batches=2,
-                                           local_shuffle_buffer_size=config["shuffle_buffer"],
-                                           local_shuffle_seed=cfg.seed + epoch)
-        for batch in batches:
+        loss_sums, label_counts = [], []
+        started = steady_from = time.perf_counter()
+        steady_tokens = state["tokens"]
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))  # the same on every rank
+        for s in range(step - epoch * per_epoch, per_epoch):
             if step >= total_steps:
-                break  # max_steps reached: every rank stops at the same step
-            if epoch_steps == per_epoch:
-                continue  # the partial last batch: read (all ranks read the same epoch) but not trained on
-            window.append(batch)
-            if len(window) < cfg.grad_accum:
-                continue
+                break
+            batch_idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             # Token-weighted loss over the global batch: DeepSpeed averages gradients over ranks and
             # micro-batches, so scale each micro-batch's loss sum by world * grad_accum / global label tokens.
-            counts = torch.tensor([sum(int(b["label_tokens"]) for b in window), sum(int(b["tokens"]) for b in window)],
-                                  dtype=torch.float64, device=device)
-            dist.all_reduce(counts)
-            scale = world * cfg.grad_accum / max(counts[0].item(), 1.0)
+            global_labels = float(label_tokens[batch_idx].sum())
+            scale = world * accum / max(global_labels, 1.0)
+            mine = batch_idx[rank * mb * accum:(rank + 1) * mb * accum]
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for b in window:
-                b = {k: v.to(device) for k, v in b.items()}
-                loss = _loss_sum(engine, b, encoder_decoder)
+            for a in range(accum):
+                b = collate.collate([examples[i] for i in mine[a * mb:(a + 1) * mb]])
+                b = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in b.items()
+                     if k not in ("tokens", "label_tokens")}
+                with autocast:
+                    loss = _loss_sum(engine, b, encoder_decoder)
                 engine.backward(loss * scale)
                 engine.step()  # steps the optimizer and lr schedule at the accumulation boundary only
                 loss_sum += loss.detach().double()
             loss_sums.append(loss_sum)  # summed over ranks once per epoch: no extra sync point per step
-            label_counts.append(counts[0].item())
-            window = []
+            label_counts.append(global_labels)
             step += 1
-            epoch_steps += 1
-            state["tokens"] += int(counts[1].item())
-            state["examples"] += cfg.batch_size
+            state["tokens"] += int(real_tokens[batch_idx].sum())  # the global batch's real tokens
+            state["examples"] += len(batch_idx)
+            if step == STEADY_AFTER:  # one sync, here only: the steady-state clock starts
+                if cfg.use_gpu:
+                    torch.cuda.synchronize()
+                steady_from, steady_tokens = time.perf_counter(), state["tokens"]
+        if cfg.use_gpu:
+            torch.cuda.synchronize()
         state["train_s"] += time.perf_counter() - started
+        if step > STEADY_AFTER:
+            state["steady_s"] += time.perf_counter() - steady_from
+            state["steady_tokens"] += state["tokens"] - steady_tokens
         if loss_sums:
             totals = torch.stack(loss_sums)
             dist.all_reduce(totals)
@@ -252,15 +283,53 @@ def train_loop(config: dict) -> None:
 
         last = epoch + 1 == cfg.epochs or step >= total_steps
         if dev_samples and ((epoch + 1) % cfg.dev.every == 0 or last):
-            result = _evaluate(cfg, engine, tokenizer, model_cls, dev_samples, encoder_decoder, rank)
-            if result is not None:
-                scalars = {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str, bool))}
-                state["dev"].append({"epoch": epoch + 1, "step": step, **scalars})
-                metrics["dev_accuracy"] = result["accuracy"]
+            gathered = _full_state_dict(engine, stage)  # every rank helps under ZeRO-3
+            result = None
+            if rank == 0:
+                model = engine.module
+                if gathered is not None:  # ZeRO-3: rank 0's module holds only its partition; evaluate a full copy
+                    model = model_cls.from_config(engine.module.config)
+                    model.load_state_dict(gathered)
+                    model.to(engine.device)
+                trained_with = model.config._attn_implementation
+                model.set_attn_implementation("sdpa")  # generation pads: the padding mask needs plain SDPA
+                with torch.no_grad():
+                    result = evaluate_model(model, tokenizer, dev_samples, cfg.dev.format,
+                                            config["dev_max_new_tokens"], cfg.dev.batch_size)
+                model.set_attn_implementation(trained_with)
+                engine.train()
+            shared = [result]
+            dist.broadcast_object_list(shared, src=0)  # every rank decides the same (and saves together)
+            result = shared[0]
+            scalars = {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str, bool))}
+            state["dev"].append({"epoch": epoch + 1, "step": step, **scalars})
+            if state["best"] is None or result["accuracy"] > state["best"]["accuracy"]:  # ties: the earlier epoch
+                state["best"] = {"epoch": epoch + 1, "accuracy": result["accuracy"]}
+                if cfg.selects and rank == 0:
+                    selection = {"epoch": epoch + 1, "dev_accuracy": result["accuracy"], "selection": cfg.selection}
+                    _save(engine.module, tokenizer, candidates / f"epoch_{epoch + 1:03d}", gathered, selection)
+                    for old in sorted(candidates.glob("epoch_*"))[:-2]:  # keep the best and the one before it
+                        shutil.rmtree(old, ignore_errors=True)
+        if state["dev"]:
+            metrics["dev_accuracy"] = state["dev"][-1]["accuracy"]
         if last:  # the student is saved before the last report: a restart after it has nothing left to do
-            model_dir = Path(cfg.output_dir).resolve() / "model"
-            _save_student(engine, tokenizer, model_dir, cfg.deepspeed.stage, rank)
-            metrics.update(_summary(state, total_steps, model_dir, encoder_decoder))
+            model_dir = out / "model"
+            used = usage.take()
+            totals = torch.tensor([used["cpu_s"], used["gpu_s"]], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            state["cpu_s"] += totals[0].item()
+            state["gpu_s"] += totals[1].item()
+            if cfg.selects:
+                _select(model_dir, candidates, state["best"]["epoch"], rank)
+                state["selected_epoch"] = state["best"]["epoch"]
+            else:
+                gathered = _full_state_dict(engine, stage)
+                if rank == 0:
+                    _save(engine.module, tokenizer, model_dir, gathered,
+                          {"epoch": epoch + 1, "selection": "last"})
+                state["selected_epoch"] = epoch + 1
+            metrics.update(_summary(state, total_steps, model_dir, encoder_decoder, parameters))
+            metrics["zero_stage"] = stage
         if run is not None:
             run.log({f"epoch/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
@@ -275,7 +344,20 @@ def train_loop(config: dict) -> None:
         run.finish()
 
 
-def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bool) -> dict:
+def _select(model_dir: Path, candidates: Path, epoch: int, rank: int) -> None:
+    """Make the best dev epoch's candidate the student (rank 0), and drop the other candidates."""
+    if rank != 0:
+        return
+    chosen = candidates / f"epoch_{epoch:03d}"
+    if chosen.is_dir():
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(chosen, model_dir)
+    elif not (model_dir / SELECTION_FILE).exists() or read_json(model_dir / SELECTION_FILE)["epoch"] != epoch:
+        raise FcotError(f"{chosen}: the selected epoch's weights are missing; rerun training from scratch")
+    shutil.rmtree(candidates, ignore_errors=True)
+
+
+def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bool, parameters: int) -> dict:
     summary = {"steps": state["step"], "planned_steps": total_steps, "epochs": state["epoch"],
                "final_loss": state["loss_curve"][-1] if state["loss_curve"] else None,
                "loss_curve": state["loss_curve"], "epoch_loss": state["epoch_loss"],
@@ -284,11 +366,24 @@ def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bo
                "examples_per_s": round(state["examples"] / max(state["train_s"], 1e-9), 2),
                "startup_s": state["startup_s"], "resumed_from_step": state["resumed_from_step"],
                "restarts": state["restarts"], "model_dir": str(model_dir), "encoder_decoder": encoder_decoder,
-               "dev": state["dev"]}
-    if state["dev"]:
-        best = max(state["dev"], key=lambda d: d["accuracy"])
-        summary.update(best_dev_accuracy=best["accuracy"], best_epoch=best["epoch"])
+               "parameters": parameters, "dev": state["dev"], "selected_epoch": state["selected_epoch"],
+               "steady": {"tokens": state["steady_tokens"], "seconds": round(state["steady_s"], 3),
+                          "tokens_per_s": round(state["steady_tokens"] / max(state["steady_s"], 1e-9), 1)},
+               "cpu_s": round(state["cpu_s"], 1), "gpu_s": round(state["gpu_s"], 1)}
+    if state["best"] is not None:
+        summary.update(best_dev_accuracy=state["best"]["accuracy"], best_epoch=state["best"]["epoch"])
+        selected = next((d for d in state["dev"] if d["epoch"] == state["selected_epoch"]), None)
+        summary["selected_dev_accuracy"] = selected["accuracy"] if selected else None
     return summary
+
+
+def _longest_completion(data: str) -> int:
+    import pyarrow.dataset as pads  # only the driver, once
+
+    ds = pads.dataset(data, format="parquet")
+    if "completion_length" in ds.schema.names:
+        return int(max(ds.to_table(columns=["completion_length"]).column("completion_length").to_pylist()))
+    return 128 - AUTO_MARGIN
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -296,47 +391,46 @@ def train(cfg: TrainConfig) -> dict:
 
     Re-running with the same output_dir continues that run from its last epoch checkpoint.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray  # heavy: only where Ray work starts
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from fcot.models import resolve_model
-    from fcot.ray_utils import init_ray
 
     rows = check_curated(cfg.data)
     per_epoch, total_steps = plan_steps(cfg, rows)
     model_path = resolve_model(cfg.model)
     dev_samples = []
     if cfg.dev is not None:
-        import importlib.util
-
-        from fcot.prompts import get_format
-
-        if importlib.util.find_spec("fcot.evaluate") is None:
-            raise FcotError("dev: per-epoch evaluation needs fcot.evaluate (not installed); remove the dev section")
         get_format(cfg.dev.format)
         dev_samples = [s.to_dict() | {"choices": s.choices} for s in load_dev_samples(cfg.dev)]
+    if not dev_samples:  # no dev set (or an empty one): nothing to select on, the last epoch is the student
+        cfg = cfg.model_copy(update={"dev": None})
+    dev_tokens = cfg.dev.max_new_tokens if cfg.dev and cfg.dev.max_new_tokens != "auto" else (
+        _longest_completion(cfg.data) + AUTO_MARGIN)
 
-    out = Path(cfg.output_dir).resolve()
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     init_ray(cfg.ray_address)
-    # Read and shuffle once (curated data comes grouped by task) before the workers take the CPUs: on a small
-    # machine Ray Data would wait for a free core. Each epoch then reshuffles each worker's shard locally.
-    dataset = (ray.data.read_parquet(str(Path(cfg.data).resolve())).select_columns(list(COLUMNS))
-               .random_shuffle(seed=cfg.seed).materialize())
+    # Read once, here, before the workers take the CPUs: on a small machine Ray Data's read tasks would wait for a
+    # free core behind them. The workers then only take the blocks from the object store.
+    dataset = ray.data.read_parquet(cfg.data).select_columns(list(COLUMNS)).materialize()
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    callbacks = []
+    if cfg.report_to_tune:  # in a Tune trial: each epoch's metrics go to Tune, where schedulers act on them
+        from ray.tune.integration.ray_train import TuneReportCallback  # heavy: in a Tune trial only
+
+        callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(), "model_path": model_path, "steps_per_epoch": per_epoch,
-                           "total_steps": total_steps, "dev_samples": dev_samples,
-                           "shuffle_buffer": min(rows, 10_000)},
+                           "total_steps": total_steps, "dev_samples": dev_samples, "dev_max_new_tokens": dev_tokens},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name="train", storage_path=str(out / "checkpoints"),
+        run_config=RunConfig(name="train", storage_path=str(out / "checkpoints"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the whole set (see train_loop)
     )
     result = trainer.fit()
     summary = {"output_dir": str(out), "data": cfg.data, "model": cfg.model, "rows": rows,

