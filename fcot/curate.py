@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
@@ -272,10 +272,12 @@ def curate(cfg: CurateConfig) -> dict:
                      "completion_length": int(r["completion_length"])})
     for task in cfg.tasks:
         train_t = {i for t, i in train_q if t == task}
-        with_sample = {r["index"] for r in kept if r["task"] == task}
+        per_question = Counter(r["index"] for r in kept if r["task"] == task)
         lengths = sorted(r["completion_length"] for r in kept if r["task"] == task)
+        spread = Counter(per_question[i] for i in train_t)  # kept rationales -> questions (0 included)
         stats[task].update(questions=len(train_t), dev_questions=sum(t == task for t, _ in dev),
-                           questions_without_sample=len(train_t - with_sample),
+                           questions_without_sample=len(train_t - set(per_question)),
+                           kept_per_question=dict(sorted(spread.items())),
                            completion_length_max=lengths[-1] if lengths else 0)
     if not kept:
         raise FcotError(f"curation kept no sample for {', '.join(cfg.tasks)} (see the stats: "

@@ -58,9 +58,10 @@ class EngineConfig(Config):
     max_concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
-    # recorded
+    # recorded: a file (path + format), or `log: TASK`, the task's 175B log in the data dir (fcot data download)
     path: PathStr | None = None
     format: Literal["zero_shot_cot_log", "openai_batch"] | None = None
+    log: str | None = None
 
     @field_validator("batch_size")
     @classmethod
@@ -72,7 +73,7 @@ class EngineConfig(Config):
         if self.kind == "openai" and not self.base_url:
             raise ValueError("engine.kind openai needs engine.base_url")
         if self.kind == "recorded" and not (self.path and self.format):
-            raise ValueError("engine.kind recorded needs engine.path and engine.format")
+            raise ValueError("engine.kind recorded needs engine.path and engine.format (or engine.log: a task)")
         return self
 
     def demands(self, prefix: str, what: str) -> list[Demand]:

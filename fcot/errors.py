@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_IN_TRACEBACK = re.compile(r"fcot\.errors\.FcotError: (.+)")
+
 
 class FcotError(Exception):
     """A problem with the user's input, stated so that it names the file, record and key.
@@ -27,13 +31,15 @@ def user_error(exc: BaseException) -> FcotError | None:
 
     Ray re-raises a task's or actor's exception as `RayTaskError(FcotError)` (an FcotError whose text is the
     remote traceback; the original is its `cause`), Ray Data chains it, Ray Train collects each worker's
-    error in `worker_failures`, and Tune keeps a trial's. The one returned is the original, with its message."""
-    seen, stack = set(), [exc]
+    error in `worker_failures`, and Tune keeps a trial's. The one returned is the original, with its message;
+    where a wrapper kept only the remote traceback's text (Ray Data's UserCodeException), it is read from there."""
+    seen, stack, texts = set(), [exc], []
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        texts.append(str(e))
         cause = getattr(e, "cause", None)
         if isinstance(e, FcotError) and not isinstance(cause, BaseException):
             return e
@@ -44,4 +50,5 @@ def user_error(exc: BaseException) -> FcotError | None:
                 stack += [v for v in more.values() if isinstance(v, BaseException)]
             elif isinstance(more, (list, tuple)):
                 stack += [v for v in more if isinstance(v, BaseException)]
-    return None
+    found = [m for text in texts for m in _IN_TRACEBACK.findall(text)]
+    return FcotError(found[-1].strip()) if found else None

@@ -16,7 +16,7 @@ from pathlib import Path
 from fcot.errors import FcotError
 from fcot.io import atomic_write_text, read_json
 from fcot.layout import RunLayout
-from fcot.stats import fmt_acc, fmt_diff, paired_difference, seeds_interval
+from fcot.stats import fmt_acc, fmt_diff, paired_difference, seeds_interval, wilson
 
 LOG_AXES = ("num_samples", "train_questions", "lr", "max_samples", "min_correct", "model")
 CORRECT_COLUMNS = ("task", "index", "correct", "prediction")
@@ -73,6 +73,7 @@ def build_report(run_dir: str | Path) -> Path:
     order = read_json(layout.summary).get("order", []) if layout.summary.exists() else []
     stages = {name: found[name] for name in [*order, *sorted(found)] if name in found}  # the chain's order
     teacher = stages.get("teacher", {}).get("result", {})
+    teachers = {n: m["result"] for n, m in stages.items() if n == "teacher" or n.startswith("teacher-")}
     evals = {n[len("eval-"):]: m["result"] for n, m in stages.items() if n.startswith("eval-")}
     trains = {n[len("train-"):]: m["result"] for n, m in stages.items() if n.startswith("train-")}
     curates = {n[len("curate-"):]: m["result"] for n, m in stages.items() if n.startswith("curate-")}
@@ -110,16 +111,21 @@ def build_report(run_dir: str | Path) -> Path:
                          f"| | | |")
             if ref.get("random") is not None:
                 lines.append(f"| {task} | random guess | {fmt_acc(ref['random'])} | {ref['n']} | | | |")
-    if teacher.get("tasks"):
-        lines += ["", "Teacher on the training questions it labels:", "",
-                  "| task | teacher | samples | correct (all samples) | questions with a correct sample | "
-                  "samples per question |", "| --- | --- | --- | --- | --- | --- |"]
-        ident = teacher.get("teacher", {})
-        for task, t in teacher["tasks"].items():
-            spread = ", ".join(f"{k}: {v}" for k, v in (t.get("samples_per_question") or {}).items())
-            lines.append(f"| {task} | {ident.get('engine', '')} {ident.get('model', '')} | {t['samples']} | "
-                         f"{fmt_acc(t.get('accuracy_all_samples'))} | {t['questions_with_a_correct_sample']} of "
-                         f"{t['questions']} | {spread} |")
+    if teachers:
+        lines += ["", "Teachers on the training questions they label (the students learn from `teacher`; "
+                  "samples per question: how many questions got how many samples):", "",
+                  "| stage | task | teacher | samples | correct (all samples, 95% interval) | questions with a correct "
+                  "sample | samples per question | tokens |", "|" + " --- |" * 8]
+        for stage, result in teachers.items():
+            ident = result.get("teacher", {})
+            for task, t in result["tasks"].items():
+                spread = ", ".join(f"{k}: {v}" for k, v in (t.get("samples_per_question") or {}).items())
+                acc = t.get("accuracy_all_samples")
+                n = t["samples"]
+                ci = None if acc is None or not n else wilson(acc, n)
+                lines.append(f"| {stage} | {task} | {ident.get('engine', '')} {ident.get('model', '')} | {n} | "
+                             f"{fmt_acc(acc, ci)} | {t['questions_with_a_correct_sample']} of {t['questions']} | "
+                             f"{spread} | {t['prompt_tokens'] + t['completion_tokens']:,} |")
     lines.append("")
 
     def draw_accuracy(plt):
@@ -211,8 +217,8 @@ def build_report(run_dir: str | Path) -> Path:
         reserved = ", ".join(f"{v:g} {r}" for r, v in (m.get("reserved") or {}).items() if v) or "—"
         lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.0f} | {m['gpu_s']:.0f} | {reserved} |")
     tokens = sum(t.get("prompt_tokens", 0) + t.get("completion_tokens", 0)
-                 for t in (teacher.get("tasks") or {}).values())
-    lines += ["", f"Teacher tokens (prompt + completion, both steps): {tokens:,}."]
+                 for r in teachers.values() for t in (r.get("tasks") or {}).values())
+    lines += ["", f"Teacher tokens (prompt + completion, both steps, every teacher): {tokens:,}."]
 
     def draw_cost(plt):
         fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(stages)), 3))

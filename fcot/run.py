@@ -53,6 +53,9 @@ class RunConfig(Config):
     methods: list[Literal["fine_tune_cot", "vanilla"]] = ["fine_tune_cot", "vanilla"]  # students trained
     baselines: list[Literal["zero_shot", "zero_shot_cot", "few_shot_cot"]] = ["zero_shot"]  # on the untrained student
     teacher: TeachConfig
+    # More teachers, run into the same store and reported beside `teacher` (the students learn from `teacher`
+    # only): what another model would give you, at the cost of its own stage.
+    extra_teachers: dict[str, TeachConfig] = {}
     curate: CurateConfig
     train: TrainConfig
     eval: EvalConfig
@@ -77,6 +80,8 @@ class RunConfig(Config):
         student = train.get("model", TrainConfig.model_fields["model"].default)
         teacher = {"output_dir": str(layout.teacher), **common, **(data.get("teacher") or {})}
         data["teacher"] = teacher
+        data["extra_teachers"] = {name: {"output_dir": str(layout.teacher), **common, **(t or {})}
+                                  for name, t in (data.get("extra_teachers") or {}).items()}
         data["curate"] = {"teacher": teacher, "student": student, "output_dir": str(layout.root / "curated"),
                           **common, **(data.get("curate") or {})}
         data["train"] = {"data": str(layout.root / "curated"), "output_dir": str(layout.root / "students"),
@@ -146,6 +151,8 @@ def stages(cfg: RunConfig, log=print) -> list[Stage]:
             return summary
 
         out.append(Stage("teacher", (cfg.teacher,), run_teacher, cfg.teacher.demands("teacher.")))
+    for name, t in cfg.extra_teachers.items():
+        out.append(Stage(f"teacher-{name}", (t,), lambda t=t: teach(t), t.demands(f"extra_teachers.{name}.")))
     for method in cfg.methods:
         c, t, ev = curate_config(cfg, method), train_config(cfg, method), eval_config(cfg, method)
         out += [Stage(f"curate-{method}", (c,), lambda c=c: curate(c), c.demands("curate.")),
@@ -258,6 +265,7 @@ def _prepare_models(cfg: RunConfig, log) -> None:
     names = {cfg.train.model, cfg.eval.engine.model}
     if cfg.teacher.engine.kind in ("hf", "vllm") and "fine_tune_cot" in cfg.methods:
         names.add(cfg.teacher.engine.model)
+    names |= {t.engine.model for t in cfg.extra_teachers.values() if t.engine.kind in ("hf", "vllm")}
     for name in sorted(n for n in names if n in ALIASES and not (models_dir() / n / "config.json").exists()):
         prepare(name, log=log)
 

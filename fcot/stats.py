@@ -49,6 +49,14 @@ def seeds_interval(per_seed: list, resamples: int = RESAMPLES, seed: int = 0) ->
     return float(m.mean()), float(lo), float(hi)
 
 
+def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a rate over n samples (where only the rate is kept, e.g. a teacher's samples; they
+    are not independent across the samples of one question, so it is a lower bound on the noise)."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def majority(answers: list[str]) -> tuple[str, float]:
     """The most frequent gold answer and the accuracy of always giving it."""
     value, count = Counter(answers).most_common(1)[0]

@@ -15,6 +15,7 @@ from tests.conftest import run_fcot
 def mirror(tmp_path, shared_data):
     root = tmp_path / "mirror"
     shutil.copytree(shared_data / "splits", root / "splits")
+    shutil.copytree(shared_data / "teacher_logs", root / "teacher_logs")
     for folder in ("MultiArith", "coin_flip", "AQuA"):
         shutil.copytree(shared_data / "datasets" / folder, root / "datasets" / folder)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
@@ -34,11 +35,12 @@ def test_download_checks_sha256_writes_atomically_and_skips_what_is_there(tmp_pa
                     "--data-dir", dest, check=True)
     assert "downloaded   datasets/MultiArith/MultiArith.json" in proc.stdout
     assert "downloaded   splits/multiarith__template.json" in proc.stdout
+    assert "downloaded   teacher_logs/multiarith_zero_shot_cot.log" in proc.stdout  # the recorded 175B teacher
     assert len(load_split("multiarith", "train", root=dest)) == 420
     assert not list(dest.rglob(".*.tmp"))
 
     again = run_fcot("data", "download", "--task", "multiarith", "--mirror", url, "--data-dir", dest, check=True)
-    assert "downloading" not in again.stderr and again.stdout.count("present") == 3
+    assert "downloading" not in again.stderr and again.stdout.count("present") == 4
 
     # A corrupted source is refused, and the good local copy stays untouched.
     (dest / "datasets" / "coin_flip" / "coin_flip.json").unlink()
@@ -51,6 +53,7 @@ def test_download_checks_sha256_writes_atomically_and_skips_what_is_there(tmp_pa
 def test_unpinned_file_is_recorded_and_an_unreachable_source_named(tmp_path, mirror):
     root, url = mirror
     (root / "datasets" / "AQuA" / "train.json").write_text("")  # stands in for the 97k-record file
+    (root / "teacher_logs" / "aqua_zero_shot_cot.log").write_text("")  # and for its log (not in ../shared)
     dest = tmp_path / "data"
     proc = run_fcot("data", "download", "--task", "aqua", "--mirror", url, "--data-dir", dest, check=True)
     assert "downloaded (sha256 e3b0c442" in proc.stdout  # not pinned: its sha256 is printed

@@ -11,7 +11,7 @@ from pathlib import Path
 from fcot.errors import FcotError
 from fcot.io import atomic_write_bytes
 from fcot.tasks.loading import data_dir, get_task
-from fcot.tasks.registry import SPLIT_SHA256, SPLITS, TASKS
+from fcot.tasks.registry import KOJIMA_LOGS, SPLIT_SHA256, SPLITS, TASKS, TEACHER_LOG_SHA256, TEACHER_LOGS, teacher_log
 
 
 def _sha256(path: Path) -> str:
@@ -34,6 +34,10 @@ def _planned(tasks: list[str], mirror: str | None) -> list[tuple[str, str, str |
             key = f"{name}__{kind}"
             url = f"{mirror}/splits/{key}.json" if mirror else f"{SPLITS}/{key}.json"
             plan.append((f"splits/{key}.json", url, SPLIT_SHA256[key]))
+        if name in TEACHER_LOGS:  # the recorded 175B teacher (`engine: {kind: recorded, log: TASK}`)
+            rel = teacher_log(name)
+            url = f"{mirror}/{rel}" if mirror else f"{KOJIMA_LOGS}/{rel.split('/')[-1]}"
+            plan.append((rel, url, TEACHER_LOG_SHA256.get(TEACHER_LOGS[name])))
     return list(dict.fromkeys(plan))  # two tasks never share a file today, but keep it idempotent
 
 

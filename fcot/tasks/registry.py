@@ -57,6 +57,25 @@ class TaskSpec:
 
 
 KOJIMA = "https://raw.githubusercontent.com/kojima-takeshi188/zero_shot_cot/main/dataset"
+KOJIMA_LOGS = "https://raw.githubusercontent.com/kojima-takeshi188/zero_shot_cot/main/log"
+# The Zero-shot-CoT authors' logs of a 175B teacher (text-davinci-002, greedy), by task: teacher_logs/{name}
+TEACHER_LOGS = {
+    "single_eq": "singleeq", "addsub": "addsub", "multiarith": "multiarith", "gsm8k": "gsm8k", "aqua": "aqua",
+    "svamp": "svamp", "date_understanding": "date_understanding", "tracking_shuffled_objects": "shuffled_objects",
+    "last_letter_concatenation": "last_letters", "coin_flip": "coin_flip", "commonsense_qa": "commonsensqa",
+    "strategy_qa": "strategyqa"}
+TEACHER_LOG_SHA256 = {  # the six in ../shared/data; the others are recorded on first download
+    "coin_flip": "6c5cd500498686106fad37b8ce85bed2bd26a790b6b1aaa8bec382a0d1103048",
+    "commonsensqa": "f8027dc6f4c85045ad7567dc71a9b5a4d69fb75af7cdf08ef809fcea617a2757",
+    "date_understanding": "14090fec37b29d4b7053f6ccc8d3865b8ffd949d9d2f21ae71c55f145cb087c8",
+    "last_letters": "31e13b33aed4f1c8a920b10914fb31bc0965089afc714d0e72cf78a2f17387b5",
+    "multiarith": "e2e3416d5f376b84513847b0ed2ac40fcfbe424b8279a18f0b6c980ff75fa351",
+    "svamp": "37043ef358b75e108860746c533d0c9be0f307ec3373959524778f1b8af5a75a"}
+
+
+def teacher_log(task: str) -> str:
+    """The data dir's path of a task's recorded 175B teacher log."""
+    return f"teacher_logs/{TEACHER_LOGS[task]}_zero_shot_cot.log"
 SPLITS = "https://raw.githubusercontent.com/itsnamgyu/reasoning-teacher/main/data/split"
 
 

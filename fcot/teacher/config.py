@@ -8,8 +8,10 @@ from pydantic import Field, model_validator
 
 from fcot.config import Config, PathStr
 from fcot.engines import EngineConfig
+from fcot.errors import FcotError
 from fcot.resources import Demand
-from fcot.tasks import DataDir, TaskNames, UserTask, split_user_tasks
+from fcot.tasks import DataDir, TaskNames, UserTask, data_dir, split_user_tasks
+from fcot.tasks.registry import TEACHER_LOGS, teacher_log
 
 
 class AdaptiveConfig(Config):
@@ -72,6 +74,20 @@ class TeachConfig(Config):
     progress: bool = True
 
     tasks_and_definitions = model_validator(mode="before")(split_user_tasks)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_log(cls, data):
+        """`engine: {kind: recorded, log: TASK}`: the task's recorded 175B log in the data dir."""
+        engine = data.get("engine") if isinstance(data, dict) else None
+        if isinstance(engine, dict) and engine.get("log") and not engine.get("path"):
+            if engine["log"] not in TEACHER_LOGS:
+                raise FcotError(f"key 'engine.log': no recorded log for {engine['log']!r}; "
+                                f"known: {', '.join(TEACHER_LOGS)}")
+            path = str(data_dir(data.get("data_dir")) / teacher_log(engine["log"]))
+            recorded = {"format": "zero_shot_cot_log", "model": "text-davinci-002", **engine, "path": path}
+            data = {**data, "engine": recorded}
+        return data
 
     @model_validator(mode="after")
     def _checks(self):

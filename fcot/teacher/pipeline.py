@@ -134,7 +134,8 @@ def teach(cfg: TeachConfig, on_shard=None) -> dict:
         cost = _run_pool(cfg, qs, have, store, on_shard)
     cost["cpu_s"] += cpu_seconds() - cpu_started
     summary = summarize(cfg, store, qs, time.time() - started, cost)
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(out_dir / "summary.json", summary)  # the last run; each teacher's own in teachers/
+    atomic_write_json(out_dir / "teachers" / f"{tid}.json", summary)
     return summary
 
 

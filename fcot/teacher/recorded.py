@@ -55,11 +55,10 @@ def from_zero_shot_cot_log(cfg: TeachConfig, path: Path, wanted: list) -> list[d
     task = logged[0].task
     spec = get_task(task)
     by_stem = defaultdict(list)
-    for s in wanted:
-        if s.task == task:
-            by_stem[_stem(s.question)].append(s)
-    if not by_stem:
-        raise FcotError(f"{path}: a {task} log, but the config's tasks are {', '.join(cfg.tasks)}")
+    # The log's own task, or else any of the config's tasks: a user task may hold the same questions (matched by
+    # their text) under its own name.
+    for s in [s for s in wanted if s.task == task] or wanted:
+        by_stem[_stem(s.question)].append(s)
     out = []
     for r in logged:
         candidates = by_stem.get(_stem(r.question))
@@ -73,9 +72,12 @@ def from_zero_shot_cot_log(cfg: TeachConfig, path: Path, wanted: list) -> list[d
             text = m.group(1).strip().rstrip(".") if m else None
             ours = [c.rstrip(".") for c in sample.choices]
             prediction = spec.letters[ours.index(text)] if text in ours else None
-        correct = prediction is not None and score(spec, str(prediction), sample.answer).correct
+        correct = prediction is not None and score(get_task(sample.task), str(prediction), sample.answer).correct
         out.append(_record(cfg, sample, 0, zero_shot_cot_step1(r.question), r.rationale, r.step2,
                            format_prediction(prediction), correct, "unknown", cfg.engine.model))
+    if not out:
+        raise FcotError(f"{path}: a {task} log, and no question of it is among the config's tasks "
+                        f"({', '.join(cfg.tasks)}, {cfg.split} split)")
     return out
 
 

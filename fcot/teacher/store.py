@@ -80,4 +80,4 @@ class RecordStore:
             if key not in seen and (keys is None or key in keys):
                 seen.add(key)
                 keep.append(i)
-        return table.take(keep)
+        return table.take(pa.array(keep, type=pa.int64()))

@@ -1,0 +1,80 @@
+"""A user's own data set as a task, from YAML, through every Ray stage: the definition travels with the config to
+the teacher's replicas, the training workers and the evaluation actors; relative paths resolve against the
+directory the command runs in; a bad record stops the run with one line naming file, record and key."""
+
+import json
+
+import pyarrow.parquet as pq
+import yaml
+
+from tests.conftest import run_fcot
+
+
+def _coins(shared_data, path, break_record=None):
+    """The coin-flip questions in a file of the user's own, with their own keys (the recorded 175B teacher's log
+    matches them by question text)."""
+    examples = json.loads((shared_data / "datasets" / "coin_flip" / "coin_flip.json").read_text())["examples"]
+    rows = [{"problem": e["question"], "solution": e["answer"]} for e in examples]
+    if break_record is not None:
+        del rows[break_record]["solution"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+TASK = {"name": "coins", "path": "data/coins.jsonl", "question_key": "problem", "answer_key": "solution",
+        "answer_type": "yes_no"}
+
+
+def test_fcot_run_on_a_user_task_defined_in_yaml(tmp_path, tiny_llama, shared_data):
+    _coins(shared_data, tmp_path / "data" / "coins.jsonl")
+    config = {
+        "name": "coins", "output_dir": "run", "tasks": [TASK], "methods": ["fine_tune_cot"],
+        "baselines": ["zero_shot"], "wandb_mode": "disabled",
+        "teacher": {"subset": 40, "engine": {
+            "kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
+            "path": str(shared_data / "teacher_logs" / "coin_flip_zero_shot_cot.log")}},
+        "curate": {"max_length": 512},
+        "train": {"model": str(tiny_llama), "epochs": 2, "batch_size": 4, "num_workers": 2, "max_steps": 3},
+        "eval": {"subset": 10},
+    }
+    (tmp_path / "coins.yaml").write_text(yaml.safe_dump(config))
+    run_fcot("run", "coins.yaml", cwd=tmp_path, check=True)  # relative paths: against tmp_path
+
+    run = tmp_path / "run"
+    assert (run / "report.md").exists()
+    stages = {p.stem for p in (run / "stages").glob("*.json")}
+    assert stages == {"teacher", "curate-fine_tune_cot", "train-fine_tune_cot", "eval-fine_tune_cot", "eval-zero_shot"}
+    records = [r for f in (run / "teacher" / "records").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    assert len(records) == 40 and {r["task"] for r in records} == {"coins"} and sum(r["correct"] for r in records) > 20
+    train = json.loads((run / "stages" / "train-fine_tune_cot.json").read_text())["result"]
+    assert train["steps"] == 3 and {d["task"] for d in train["dev"]} == {"coins"}  # scored in a training worker
+    metrics = json.loads((run / "eval" / "fine_tune_cot" / "metrics.json").read_text())
+    assert metrics["tasks"]["coins"]["n"] == 10 and metrics["tasks"]["coins"]["random"] == 0.5
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["tasks"] == ["coins"] and saved["user_tasks"][0]["path"] == str(tmp_path / "data" / "coins.jsonl")
+
+    # The same definition, on a generating teacher: its replicas (Ray actors) score the user task.
+    teach = {"tasks": [TASK], "subset": 4, "output_dir": "taught", "progress": False,
+             "engine": {"kind": "hf", "model": str(tiny_llama), "dtype": "float32"},
+             "sampling": {"num_samples": 2, "max_new_tokens": 6, "answer_max_new_tokens": 3}}
+    (tmp_path / "teach.yaml").write_text(yaml.safe_dump(teach))
+    out = run_fcot("teach", "teach.yaml", cwd=tmp_path, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["tasks"]["coins"]["samples"] == 8
+
+    # `fcot score` with the task file: the same definitions.
+    completions = tmp_path / "completions.jsonl"
+    completions.write_text(json.dumps({"index": 0, "completion": "so --> yes END", "answer": "yes"}) + "\n")
+    out = run_fcot("score", "--task-file", "coins.yaml", "--task", "coins", "--input", completions, "--prefix=-->",
+                   cwd=tmp_path, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["accuracy"] == 1.0
+
+
+def test_a_bad_record_in_a_user_task_stops_the_run_with_one_line(tmp_path, tiny_llama, shared_data):
+    _coins(shared_data, tmp_path / "data" / "coins.jsonl", break_record=7)
+    config = {"tasks": [TASK], "output_dir": "run", "methods": ["vanilla"], "baselines": [],
+              "train": {"model": str(tiny_llama)}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    proc = run_fcot("run", "bad.yaml", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"fcot: error: {tmp_path / 'data' / 'coins.jsonl'}, record 7, key 'solution': missing"
+    assert not (tmp_path / "run").exists()  # nothing ran
