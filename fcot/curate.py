@@ -38,7 +38,7 @@ from fcot.errors import FcotError
 from fcot.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from fcot.models import resolve_model
 from fcot.prompts import get_format
-from fcot.ray_utils import init_ray
+from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
 from fcot.teacher.config import TeachConfig
@@ -110,6 +110,7 @@ class Formatter:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.format = get_format(method)
         self.max_length = max_length
+        self.usage = Usage()
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["question"])
@@ -126,11 +127,12 @@ class Formatter:
         batch["prompt"], batch["completion"], batch["length"] = prompts, completions, lengths
         batch["completion_length"] = completion_lengths
         batch["too_long"] = [length > self.max_length for length in lengths]
+        batch["cpu_s"] = [self.usage.take()["cpu_s"] / n] * n  # this actor's CPU time, spread over the rows
         return batch
 
 
 RECORD_COLUMNS = ["key", "task", "index", "sample_index", "question", "gold", "rationale"]
-FORMATTED_COLUMNS = ["key", "prompt", "completion", "length", "completion_length", "too_long"]
+FORMATTED_COLUMNS = ["key", "prompt", "completion", "length", "completion_length", "too_long", "cpu_s"]
 
 
 def formatted_dir(cfg: CurateConfig) -> Path:
@@ -174,14 +176,15 @@ class ShardStreamer:
             print(f"[curate] streaming stopped at {shard.name} ({e}); curation will format the rest", file=sys.stderr)
 
 
-def _format_shards(cfg: CurateConfig, shards: list[Path]) -> int:
-    """Format, on Ray Data, the teacher shards that have no formatted part yet; returns how many."""
+def _format_shards(cfg: CurateConfig, shards: list[Path]) -> tuple[int, float]:
+    """Format, on Ray Data, the teacher shards that have no formatted part yet; returns how many, and the CPU
+    seconds the formatter actor spent."""
     import ray  # heavy: only when there is something to format
 
     out = formatted_dir(cfg)
     missing = [s for s in shards if not (out / s.name).exists()]
     if not missing:
-        return 0
+        return 0, 0.0
     init_ray(cfg.ray_address)
     ds = ray.data.read_parquet([str(s.resolve()) for s in missing], include_paths=True)
     ds = ds.select_columns(RECORD_COLUMNS + ["path"])
@@ -197,7 +200,7 @@ def _format_shards(cfg: CurateConfig, shards: list[Path]) -> int:
     for shard in missing:  # a part per shard, written whole: a killed curation keeps the parts it finished
         part = table.take(rows_of[shard.name])
         _write_part(out / shard.name, {c: part.column(c).to_pylist() for c in FORMATTED_COLUMNS})
-    return len(missing)
+    return len(missing), float(sum(table.column("cpu_s").to_pylist()))
 
 
 def split_questions(cfg: CurateConfig) -> tuple[list, set, set]:
@@ -225,9 +228,10 @@ def curate(cfg: CurateConfig) -> dict:
     import ray  # heavy: Ray Data formats and writes
 
     init_ray(cfg.ray_address)
+    cpu_started = cpu_seconds(children=False)
     qs, dev, train_q = split_questions(cfg)
     stats = {t: defaultdict(int) for t in cfg.tasks}
-    formatted_now = 0
+    formatted_now, worker_cpu = 0, 0.0
     if cfg.method == "vanilla":
         ds = ray.data.from_items([{"key": f"{s.task}/{s.index}", "task": s.task, "index": s.index, "sample_index": 0,
                                    "question": s.question, "gold": s.answer}
@@ -236,10 +240,11 @@ def curate(cfg: CurateConfig) -> dict:
                                                               "max_length": cfg.max_length},
                             compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
         rows = [{**r, "correct": True} for r in ds.take_all()]
+        worker_cpu = sum(float(r["cpu_s"]) for r in rows)
     else:
         store = RecordStore(records_dir(cfg))
         shards = store.shards()
-        formatted_now = _format_shards(cfg, shards)
+        formatted_now, worker_cpu = _format_shards(cfg, shards)
         records = store.read(teacher_id=teacher_id(cfg.teacher), columns=SLIM).to_pylist()
         mine = [r for r in records if (r["task"], r["index"]) in train_q or (r["task"], r["index"]) in dev]
         chosen = [r for r in spent(cfg.teacher, mine) if cfg.num_samples is None or r["sample_index"] < cfg.num_samples]
@@ -295,6 +300,7 @@ def curate(cfg: CurateConfig) -> dict:
                "teacher_id": teacher_id(cfg.teacher) if cfg.teacher else None, "kept": len(kept),
                "completion_length_max": max(r["completion_length"] for r in kept),
                "shards_formatted_at_curation": formatted_now, "train_dir": str(out / "train"),
+               "cpu_s": round(worker_cpu + cpu_seconds(children=False) - cpu_started, 1),
                "dev": str(out / "dev.jsonl"), "dev_questions": len(dev),
                "tasks": {t: dict(s) for t, s in stats.items()}}
     atomic_write_json(out / "stats.json", summary)

@@ -143,7 +143,9 @@ def evaluate_model(model, tokenizer, samples: list[Sample], format_name: str = "
     model.train(was_training)
     scores = [score(get_task(r["task"]), r["completion"], r["answer"], prefix=PREDICTION_PREFIX[format_name])
               for r in rows]
-    return summarize(",".join(sorted({s.task for s in samples})), scores)
+    summary = summarize(",".join(sorted({s.task for s in samples})), scores)
+    summary["outcomes"] = [int(s.correct) for s in scores]  # per question, in the samples' order (for intervals)
+    return summary
 
 
 class EvalWorker:
@@ -199,7 +201,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not samples:
         raise FcotError(f"no questions to evaluate for tasks {cfg.tasks}")
     init_ray(cfg.ray_address)
-    started, cpu_started = time.time(), cpu_seconds()
+    started, cpu_started = time.time(), cpu_seconds(children=False)
     # The model resolved here: workers run elsewhere (another directory, another node's environment).
     engine = cfg.engine.model_copy(update={"model": resolve_model(cfg.engine.model)})
     resolved = cfg.model_copy(update={"engine": engine})
@@ -211,7 +213,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         num_gpus=e.gpus_per_replica or None, batch_format="numpy")
     rows = sorted(ds.take_all(), key=lambda r: (r["task"], r["index"]))
     rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows]
-    cpu_s = sum(r.pop("_cpu_s") for r in rows) + cpu_seconds() - cpu_started
+    cpu_s = sum(r.pop("_cpu_s") for r in rows) + cpu_seconds(children=False) - cpu_started
     gpu_s = sum(r.pop("_gpu_s") for r in rows)
     out = Path(cfg.output_dir)
     atomic_write_jsonl(out / "predictions.jsonl", rows)

@@ -29,8 +29,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # A private local cluster; the dashboard would bind a port and start extra processes.
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+            # A private local cluster, its dashboard on loopback only: Ray Train V2 watches its controller through
+            # the State API, which the dashboard serves (without it, a warning every second of every training).
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                     **kwargs)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # fcot prints its own progress with samples/s and tokens/s
@@ -55,11 +57,12 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its live children (user + system)."""
+def cpu_seconds(children: bool = True) -> float:
+    """CPU time of this process (user + system) and, for a worker, of its live children (a vLLM replica's engine
+    process). A driver counts itself only: the local Ray cluster it started is its children too."""
     me = psutil.Process()
     total = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
+    for child in me.children(recursive=True) if children else ():
         try:
             total += sum(child.cpu_times()[:2])
         except psutil.Error:

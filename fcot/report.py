@@ -160,22 +160,28 @@ def build_report(run_dir: str | Path) -> Path:
         lines += ["## Training and model selection", "",
                   "The student is the epoch with the best dev accuracy (`selection: best_dev`; dev questions are "
                   "carved from the training questions) or the last epoch; the test split never chooses.", "",
-                  "| student | parameters | steps | final loss | tokens/s | selected epoch | dev accuracy by epoch |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| student | parameters | steps | final loss | tokens/s | selected epoch | its dev accuracy | dev "
+                  "questions |", "|" + " --- |" * 8]
         for method, r in trains.items():
-            curve = ", ".join(f"{d['epoch']}: {100 * d['accuracy']:.0f}%" for d in r.get("dev") or []) or "—"
+            dev = r.get("dev") or []
             params = f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "—"
             loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "—"
             lines.append(f"| {method} | {params} | {r['steps']} | {loss} | {r['tokens_per_s']:.0f} | "
-                         f"{r.get('selected_epoch', '—')} | {curve} |")
+                         f"{r.get('selected_epoch', '—')} of {r.get('epochs', '—')} | "
+                         f"{fmt_acc(r.get('selected_dev_accuracy'), r.get('selected_dev_accuracy_ci'))} | "
+                         f"{dev[0]['n'] if dev else '—'} |")
+        lines += ["", "The dev accuracy of every epoch is in the plot, with its 95% interval for the dev split's size."]
 
         def draw_curves(plt):
             fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
             for method, r in trains.items():
                 axes[0].plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], label=method)
                 if r.get("dev"):
-                    line, = axes[1].plot([d["epoch"] for d in r["dev"]], [100 * d["accuracy"] for d in r["dev"]],
-                                         "o-", label=method)
+                    epochs = [d["epoch"] for d in r["dev"]]
+                    line, = axes[1].plot(epochs, [100 * d["accuracy"] for d in r["dev"]], "o-", label=method)
+                    band = [wilson(d["accuracy"], max(1, d["n"])) for d in r["dev"]]
+                    axes[1].fill_between(epochs, [100 * lo for lo, _ in band], [100 * hi for _, hi in band],
+                                         color=line.get_color(), alpha=0.15)
                     sel = next((d for d in r["dev"] if d["epoch"] == r.get("selected_epoch")), None)
                     if sel:
                         axes[1].plot([sel["epoch"]], [100 * sel["accuracy"]], "*", ms=14, color=line.get_color())
@@ -234,6 +240,18 @@ def build_report(run_dir: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- sweeps
 
+def _dev_outcomes(row: dict, method: str) -> list[int] | None:
+    """The selected epoch's dev outcomes of a trial's student (from its train stage's marker)."""
+    if not row.get("run_dir"):
+        return None
+    marker = RunLayout(Path(row["run_dir"])).marker(f"train-{method}")
+    if not marker.exists():
+        return None
+    result = read_json(marker)["result"]
+    return next((d["outcomes"] for d in result.get("dev", []) if d["epoch"] == result.get("selected_epoch")
+                 and "outcomes" in d), None)
+
+
 def _trial_outcomes(row: dict, method: str, task: str) -> dict[int, bool] | None:
     if not row.get("run_dir"):
         return None
@@ -258,6 +276,10 @@ def sweep_points(results: dict) -> list[dict]:
                  parameters=next((r.get("parameters") for r in rows if r.get("parameters")), None))
         devs = [r["dev_accuracy"] for r in done if r.get("dev_accuracy") is not None]
         p["dev_accuracy"] = sum(devs) / len(devs) if devs else None
+        dev_vectors = [v for v in (_dev_outcomes(r, methods[0]) for r in done) if v] if methods else []
+        if dev_vectors and len({len(v) for v in dev_vectors}) == 1:
+            p["dev_accuracy"], lo, hi = seeds_interval(dev_vectors)
+            p["dev_accuracy_ci"] = [lo, hi]
         for task in tasks:
             per_method = {}
             for method in methods:
@@ -296,12 +318,19 @@ def build_sweep_report(sweep_dir: str | Path) -> Path:
     points = sweep_points(results)
     atomic_write_text(sweep_dir / "points.json", json.dumps(points, indent=2) + "\n")
     lines = [f"# fcot sweep: {results['name']}", ""]
-    significant = [p for p in points for t in tasks if (p.get(f"difference/{t}") or {}).get("ci", [0])[0] > 0]
-    if any(f"difference/{t}" in p for p in points for t in tasks):
-        lines += [f"**Fine-tune-CoT beats vanilla fine-tuning beyond the noise at {len(significant)} of {len(points)} "
-                  f"grid points** (mean over seeds, 95% interval resampling seeds and questions excludes 0)"
-                  + (": " + "; ".join(", ".join(f"{a}={p[a]}" for a in axes) for p in significant) if significant
-                     else ". Nowhere else is a difference established."), ""]
+    def where(ps):
+        return "; ".join(", ".join(f"{a}={p[a]}" for a in axes) for p in ps) or "none"
+
+    for t in tasks:
+        diffs = [(p, p[f"difference/{t}"]) for p in points if f"difference/{t}" in p]
+        if not diffs:
+            continue
+        better = [p for p, d in diffs if d["ci"][0] > 0]
+        worse = [p for p, d in diffs if d["ci"][1] < 0]
+        lines += [f"**{t}: Fine-tune-CoT beats vanilla fine-tuning beyond the noise at {len(better)} of {len(diffs)} "
+                  f"grid points ({where(better)}), is worse at {len(worse)} ({where(worse)}), and no difference is "
+                  f"established at the other {len(diffs) - len(better) - len(worse)}** (Fine-tune-CoT − vanilla, "
+                  f"mean over seeds, 95% interval resampling seeds and questions).", ""]
     lines += [f"{len(results['trials'])} trials ({len(points)} grid points x {len(results.get('seeds', [0]))} seeds); "
               f"teacher runs: {results['teacher_runs']} (shared by every trial, "
               f"{results.get('teacher_tokens', 0):,} tokens). Model selection: `{results['metric']}` (dev split "
@@ -313,7 +342,7 @@ def build_sweep_report(sweep_dir: str | Path) -> Path:
     lines += ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
     for p in points:
         for task in tasks:
-            cells = [str(p.get(a)) for a in axes] + [fmt_acc(p.get("dev_accuracy"))]
+            cells = [str(p.get(a)) for a in axes] + [fmt_acc(p.get("dev_accuracy"), p.get("dev_accuracy_ci"))]
             for m in methods:
                 x = p.get(f"{m}/{task}")
                 cells.append("—" if x is None else fmt_acc(x["mean"], x["ci"]) + (" **collapsed**" if x["collapsed"]
@@ -324,6 +353,14 @@ def build_sweep_report(sweep_dir: str | Path) -> Path:
             kept = p.get(f"{methods[0]}/{task}", {}).get("kept") if methods else None
             cells += [", ".join(str(k) for k in kept) if kept else "—", str(p["seeds"]), str(p["stopped"])]
             lines.append("| " + " | ".join(cells) + " |")
+    for t in tasks:
+        ref = next((r for r in results["trials"] if r.get(f"{methods[0]}/{t}/majority") is not None), None)
+        if ref is not None:
+            guess = ref.get(f"{methods[0]}/{t}/random")
+            lines += ["", f"The rates to beat on {t}'s test split: always its most frequent answer, "
+                      f"{fmt_acc(ref[f'{methods[0]}/{t}/majority'])}"
+                      + (f"; a random guess, {fmt_acc(guess)}" if guess is not None else "")
+                      + "; a student marked **collapsed** gives one answer to ≥ 90% of the questions."]
     best = results.get("best")
     if best:
         tests = ", ".join(f"{k.split('/')[0]} {fmt_acc(v)}" for k, v in best.items() if k.endswith("/test_accuracy"))

@@ -191,11 +191,11 @@ class Ledger:
         marker = self.done(stage.name, h)
         if marker:
             return marker, False
-        started, cpu_started = time.time(), cpu_seconds()
+        started, cpu_started = time.time(), cpu_seconds(children=False)
         result = stage.fn()
         marker = {"stage": stage.name, "config_hash": h, "wall_s": round(time.time() - started, 2),
                   # measured by the stage's own processes where it reports them, else the driver's own time
-                  "cpu_s": round(result.get("cpu_s", cpu_seconds() - cpu_started), 1),
+                  "cpu_s": round(result.get("cpu_s", cpu_seconds(children=False) - cpu_started), 1),
                   "gpu_s": round(result.get("gpu_s", 0.0), 1),
                   "reserved": {r: max((d.total(r) for d in stage.demands), default=0.0) for r in ("CPU", "GPU")},
                   "result": result, "finished_at": time.time()}

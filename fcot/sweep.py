@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -186,7 +187,7 @@ def trial_result(cfg: RunConfig, markers: dict) -> dict:
         out[f"{method}/kept"] = markers[f"curate-{method}"]["result"]["kept"]
         out[f"{method}/dev_accuracy"] = markers[f"train-{method}"]["result"].get("selected_dev_accuracy")
         for task, m in metrics.items():
-            for k in ("accuracy", "accuracy_ci", "majority", "collapsed"):
+            for k in ("accuracy", "accuracy_ci", "majority", "random", "collapsed"):
                 out[f"{method}/{task}/{k}"] = m[k]
         out[f"{method}/test_accuracy"] = sum(m["accuracy"] for m in metrics.values()) / len(metrics)
     if "teacher" in markers:
@@ -210,8 +211,8 @@ def dry_run_sweep(cfg: SweepConfig) -> list[str]:
                                 f"curate.dev_fraction auto; set curate.dev_fraction")
         if run_cfg.curate.dev_fraction == 0 and run_cfg.train.dev is None:
             raise FcotError("metric dev_accuracy needs a dev split: curate.dev_fraction is 0")
-        if cfg.scheduler == "asha" and run_cfg.train.dev is not None and run_cfg.train.dev.every != 1:
-            raise FcotError("scheduler asha needs dev accuracy every epoch: set train.dev.every to 1")
+        if run_cfg.train.dev is not None and run_cfg.train.dev.every != 1:
+            raise FcotError("a sweep reports dev accuracy to Tune every epoch: set train.dev.every to 1")
         key = config_hash(run_cfg.teacher, run_cfg.train)
         if key not in seen:  # the same checks for trials that differ only in curation or seed
             seen.add(key)
@@ -251,6 +252,8 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
     if mode != "disabled":
         from ray.air.integrations.wandb import WandbLoggerCallback  # heavy: with W&B only
 
+        if mode == "offline":  # Ray's callback asks for an API key unless the *variable* says offline
+            os.environ["WANDB_MODE"] = mode
         callbacks.append(WandbLoggerCallback(project="fcot", group=cfg.name, mode=mode, dir=str(sweep_dir),
                                              excludes=["__base", "__sweep_dir", "__max_d"]))
     scheduler = None

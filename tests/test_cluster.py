@@ -272,12 +272,19 @@ def _list_jobs(head):
 
 @pytest.fixture(scope="module")
 def job_workdir(tmp_path_factory, tiny_llama):
-    """A working dir like a checkout (the fcot package + a config) that the job gets uploaded."""
+    """A working dir like a checkout (the fcot package, a config and a user's own task data) that the job gets
+    uploaded. The task is defined in the config, its file given relative to the working dir: the job resolves
+    it in its copy of the working dir and its teacher replicas score it."""
     wd = tmp_path_factory.mktemp("job-workdir")
     shutil.copytree(ROOT / "fcot", wd / "fcot", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", wd / "pyproject.toml")
+    (wd / "data").mkdir()
+    (wd / "data" / "sums.jsonl").write_text("".join(json.dumps({"q": f"What is {i} plus {i + 1}?", "a": 2 * i + 1})
+                                                    + "\n" for i in range(10)))
     out_dir = tmp_path_factory.mktemp("job-out") / "teacher"
-    cfg = {"tasks": "multiarith", "subset": 2, "output_dir": str(out_dir), "progress": False,
+    task = {"name": "sums", "path": "data/sums.jsonl", "question_key": "q", "answer_key": "a",
+            "answer_type": "number"}
+    cfg = {"tasks": [task], "subset": 2, "output_dir": str(out_dir), "progress": False,
            "engine": {"kind": "hf", "model": str(tiny_llama), "dtype": "float32", "replicas": 1,
                       "batch_size": 4, "hf_batch_size": 4, "api_key_env": "FCOT_TEST_TEACHER_KEY"},
            "sampling": {"num_samples": 2, "max_new_tokens": 8, "answer_max_new_tokens": 4}}
@@ -318,7 +325,8 @@ def test_submit_teach_job_runs_on_the_cluster_with_secrets_kept_out_of_files_and
     assert summary_line["records"] == 4 and summary_line["generated"] == 4
     rows = [r for shard in sorted((out_dir / "records").glob("*.parquet")) for r in pq.read_table(shard).to_pylist()]
     assert len(rows) == 4 and {r["sample_index"] for r in rows} == {0, 1}
-    assert json.loads((out_dir / "summary.json").read_text())["tasks"]["multiarith"]["samples"] == 4
+    assert json.loads((out_dir / "summary.json").read_text())["tasks"]["sums"]["samples"] == 4
+    assert {r["task"] for r in rows} == {"sums"}  # the user task, defined in the config, scored by the replica
     # the runtime env was echoed, redacted
     assert '"WANDB_API_KEY": "***"' in proc.stderr and '"FCOT_TEST_TEACHER_KEY": "***"' in proc.stderr
 
@@ -359,9 +367,10 @@ def test_impossible_resource_requests_are_refused_at_submit_time(ray_head, job_w
 @pytest.mark.slow
 def test_a_failing_job_makes_submit_exit_non_zero(ray_head, job_workdir, tmp_path):
     wd, _ = job_workdir
+    # A paper task whose data the job's nodes do not have.
     proc = run_fcot("submit", "experiments/teach-tiny.yaml", "--address", ray_head["address"], "--command", "teach",
                     "--working-dir", str(wd), "--env", f"FCOT_DATA_DIR={tmp_path / 'no-data'}", "--python",
-                    sys.executable, cwd=wd, env=_job_env(ray_head))
+                    sys.executable, "tasks=[multiarith]", cwd=wd, env={**_job_env(ray_head), "FCOT_DATA_DIR": ""})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "fcot: error: job raysubmit_" in proc.stderr and " FAILED: " in proc.stderr
     assert "fcot: error:" in proc.stdout  # the job's own one-line error, streamed from its logs

@@ -80,6 +80,10 @@ def test_data_size_sweep_in_one_store_trains_each_trial_on_its_own_questions_and
     report = (sweep_dir / "report.md").read_text()
     assert "| curate.train_questions |" in report and "%" in report and "[" in report  # accuracies with intervals
     assert (sweep_dir / "sweep_curate_train_questions.png").stat().st_size > 1000
+    # Several sweeps (here the same one twice) drawn in one study figure.
+    run_fcot("report", sweep_dir, sweep_dir, "--output", tmp_path / "study", check=True)
+    assert (tmp_path / "study" / "study.png").stat().st_size > 1000
+    assert "`t`" in (tmp_path / "study" / "report.md").read_text()
 
 
 def test_asha_stops_the_trial_whose_learning_rate_is_absurd(tmp_path, tiny_llama, shared_data):

@@ -185,6 +185,23 @@ def test_vllm_chat_prompt_continues_the_assistant_turn(tmp_path, vllm_tiny, ray_
         assert row["engine"] == "vllm" and row["temperature"] == 0
 
 
+def test_evaluation_runs_on_vllm_with_the_teachers_engine_config_and_agrees_with_hf(tmp_path, vllm_tiny, ray_local):
+    """Evaluation takes the teacher's EngineConfig: the same model greedy on vLLM and on transformers gives the
+    same completions (fp32, the same tokens fed)."""
+    require_vllm()
+    from fcot.evaluate import EvalConfig, evaluate
+
+    def run(engine, name):
+        cfg = load_config(EvalConfig, base={"engine": engine, "tasks": "multiarith", "subset": 6, "max_new_tokens": 12,
+                                            "method": "vanilla", "output_dir": str(tmp_path / name)})
+        evaluate(cfg)
+        return [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+
+    on_vllm = run({**_vllm_engine(vllm_tiny), "tensor_parallel_size": 1, "batch_size": 6}, "vllm")
+    on_hf = run({"kind": "hf", "model": str(vllm_tiny), "dtype": "float32"}, "hf")
+    assert len(on_vllm) == 6 and [r["completion"] for r in on_vllm] == [r["completion"] for r in on_hf]
+
+
 # --- vLLM's OpenAI-compatible server behind the `openai` engine ---------------------------------------------
 
 

@@ -123,7 +123,7 @@ def teach(cfg: TeachConfig, on_shard=None) -> dict:
     (`fcot run` formats it for curation while the teacher goes on)."""
     out_dir = Path(cfg.output_dir)
     store = RecordStore(out_dir / "records")
-    started, cpu_started = time.time(), cpu_seconds()
+    started, cpu_started = time.time(), cpu_seconds(children=False)
     qs = questions(cfg)
     tid = teacher_id(cfg)
     cost = {"generated": 0, "cpu_s": 0.0, "gpu_s": 0.0}
@@ -132,7 +132,7 @@ def teach(cfg: TeachConfig, on_shard=None) -> dict:
     else:
         have = store.read(teacher_id=tid, columns=SLIM).to_pylist()
         cost = _run_pool(cfg, qs, have, store, on_shard)
-    cost["cpu_s"] += cpu_seconds() - cpu_started
+    cost["cpu_s"] += cpu_seconds(children=False) - cpu_started
     summary = summarize(cfg, store, qs, time.time() - started, cost)
     atomic_write_json(out_dir / "summary.json", summary)  # the last run; each teacher's own in teachers/
     atomic_write_json(out_dir / "teachers" / f"{tid}.json", summary)

@@ -45,7 +45,7 @@ class DevConfig(Config):
     format: str = "fine_tune_cot"  # prompt format of the curated data (fcot.prompts.FORMATS)
     # "auto": the longest completion in the training data plus a margin (a student's answer must fit)
     max_new_tokens: int | Literal["auto"] = "auto"
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)  # questions per generate call on rank 0
     every: int = Field(1, ge=1)  # evaluate every N epochs (and after the last)
 
     @model_validator(mode="after")

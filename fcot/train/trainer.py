@@ -20,6 +20,7 @@ lost before that takes the run back to the previous one.)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,7 +37,8 @@ from fcot.evaluate import evaluate_model
 from fcot.io import atomic_write_json, read_json
 from fcot.models import resolve_model
 from fcot.prompts import get_format
-from fcot.ray_utils import Usage, init_ray
+from fcot.ray_utils import Usage, cpu_seconds, init_ray
+from fcot.stats import accuracy_interval
 from fcot.tasks import Sample
 from fcot.train import ds_ops
 from fcot.train.config import TrainConfig
@@ -167,6 +169,9 @@ def train_loop(config: dict) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    for name in list(logging.root.manager.loggerDict):  # Ray Train logs each report whole (curves and all) at INFO
+        if "ray/train" in name or name.startswith("ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     rank = ray.train.get_context().get_world_rank()
@@ -302,7 +307,7 @@ def train_loop(config: dict) -> None:
             dist.broadcast_object_list(shared, src=0)  # every rank decides the same (and saves together)
             result = shared[0]
             scalars = {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str, bool))}
-            state["dev"].append({"epoch": epoch + 1, "step": step, **scalars})
+            state["dev"].append({"epoch": epoch + 1, "step": step, **scalars, "outcomes": result["outcomes"]})
             if state["best"] is None or result["accuracy"] > state["best"]["accuracy"]:  # ties: the earlier epoch
                 state["best"] = {"epoch": epoch + 1, "accuracy": result["accuracy"]}
                 if cfg.selects and rank == 0:
@@ -312,13 +317,13 @@ def train_loop(config: dict) -> None:
                         shutil.rmtree(old, ignore_errors=True)
         if state["dev"]:
             metrics["dev_accuracy"] = state["dev"][-1]["accuracy"]
+        used = usage.take()  # every worker's CPU and GPU time this epoch, summed (kept in the checkpoint)
+        spent = torch.tensor([used["cpu_s"], used["gpu_s"]], dtype=torch.float64, device=device)
+        dist.all_reduce(spent)
+        state["cpu_s"] += spent[0].item()
+        state["gpu_s"] += spent[1].item()
         if last:  # the student is saved before the last report: a restart after it has nothing left to do
             model_dir = out / "model"
-            used = usage.take()
-            totals = torch.tensor([used["cpu_s"], used["gpu_s"]], dtype=torch.float64, device=device)
-            dist.all_reduce(totals)
-            state["cpu_s"] += totals[0].item()
-            state["gpu_s"] += totals[1].item()
             if cfg.selects:
                 _select(model_dir, candidates, state["best"]["epoch"], rank)
                 state["selected_epoch"] = state["best"]["epoch"]
@@ -374,6 +379,7 @@ def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bo
         summary.update(best_dev_accuracy=state["best"]["accuracy"], best_epoch=state["best"]["epoch"])
         selected = next((d for d in state["dev"] if d["epoch"] == state["selected_epoch"]), None)
         summary["selected_dev_accuracy"] = selected["accuracy"] if selected else None
+        summary["selected_dev_accuracy_ci"] = accuracy_interval(selected["outcomes"]) if selected else None
     return summary
 
 
@@ -409,7 +415,7 @@ def train(cfg: TrainConfig) -> dict:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started, cpu_started = time.time(), cpu_seconds(children=False)
     init_ray(cfg.ray_address)
     # Read once, here, before the workers take the CPUs: on a small machine Ray Data's read tasks would wait for a
     # free core behind them. The workers then only take the blocks from the object store.
@@ -436,5 +442,6 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"output_dir": str(out), "data": cfg.data, "model": cfg.model, "rows": rows,
                "steps_per_epoch": per_epoch, **result.metrics, "wall_s": round(time.time() - started, 2),
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    summary["cpu_s"] = round(summary.get("cpu_s", 0.0) + cpu_seconds(children=False) - cpu_started, 1)
     atomic_write_json(out / "summary.json", summary)
     return summary

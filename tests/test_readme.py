@@ -1,0 +1,51 @@
+"""The README's two commands, as written: CI runs the second; the first runs here from a fresh clone of this
+repository beside ../shared (its relative default run directory included), and again, resuming."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Two commands.*?```bash\n(.*?)```", text, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    main, tests = readme_commands()
+    assert main.startswith("bash scripts/setup.sh && ") and "fcot run experiments/quickstart.yaml" in main
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == tests
+
+
+@pytest.mark.slow
+def test_the_main_command_runs_the_quickstart_from_a_fresh_clone():
+    main, _ = readme_commands()
+    clone = ROOT.parent / f".fcot-readme-{uuid.uuid4().hex[:8]}"  # beside the project: ../shared resolves
+    try:
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        # The environment `bash scripts/setup.sh` made here (a clone of the same commit has the same
+        # pyproject.toml and setup.sh, so its setup.sh finds it set up); CI itself starts from a fresh one.
+        (clone / ".venv").symlink_to(ROOT / ".venv")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FCOT_DATA_DIR", "RAY_"))}
+        started = time.time()
+        first = subprocess.run(["bash", "-c", main], cwd=clone, env=env, capture_output=True, text=True,
+                               timeout=1800)
+        assert first.returncode == 0, first.stderr[-3000:]
+        report = (clone / "runs" / "quickstart" / "report.md").read_text()
+        print(f"quickstart from a fresh clone: {time.time() - started:.0f} s")
+        # Its verdict comes first, with intervals, the majority row and collapse marks.
+        assert re.search(r"\*\*coin_flip: (Fine-tune-CoT|no significant difference)", report.splitlines()[2])
+        assert re.search(r"\| coin_flip \| fine_tune_cot \| \d+\.\d% \[\d+\.\d, \d+\.\d\]", report)
+        assert "| coin_flip | majority (`" in report and "teacher-smollm2-135m" in report
+        again = subprocess.run(["bash", "-c", main], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and again.stderr.count("done before, skipped") == 9, again.stderr[-2000:]
+    finally:
+        shutil.rmtree(clone, ignore_errors=True)
