@@ -195,13 +195,15 @@ def build_report(run_dir: str | Path) -> Path:
 
     if curates:
         lines += ["## Curation", "", "| method | task | samples | kept | incorrect | too long | duplicates | "
-                  "questions without a sample | dev questions |", "|" + " --- |" * 9]
+                  "questions without a sample | kept per question | dev questions |", "|" + " --- |" * 10]
         for method, c in curates.items():
             for task, s in c["tasks"].items():
+                spread = ", ".join(f"{k}: {v}" for k, v in (s.get("kept_per_question") or {}).items())
                 lines.append(f"| {method} | {task} | {s.get('samples', 0)} | {s.get('kept', 0)} | "
                              f"{s.get('dropped_incorrect', 0)} | {s.get('dropped_too_long', 0)} | "
                              f"{s.get('dropped_duplicate', 0)} | {s.get('questions_without_sample', 0)} of "
-                             f"{s.get('questions', 0)} | {s.get('dev_questions', 0)} |")
+                             f"{s.get('questions', 0)} | {spread or '—'} | {s.get('dev_questions', 0)} |")
+        lines += ["", "Kept per question: how many training questions kept how many rationales (0: none)."]
         if "fine_tune_cot" in curates:
             c = curates["fine_tune_cot"]["tasks"]
 

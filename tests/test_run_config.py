@@ -66,7 +66,7 @@ def test_every_sweep_config_dry_runs(config, shared_data, tmp_path, monkeypatch)
 
 
 def test_sweep_run_section_merges_into_its_base_config(shared_data, tmp_path, monkeypatch):
-    """`run.train.num_workers` in a sweep changes that key only: the base's student, epochs and lr stay."""
+    """`run.train.epochs` in a sweep changes that key only: the base's student, batch and workers stay."""
     from fcot.config import load_config, read_yaml
     from fcot.run import RunConfig
     from fcot.sweep import SweepConfig, base_run, trial_dict
@@ -75,6 +75,7 @@ def test_sweep_run_section_merges_into_its_base_config(shared_data, tmp_path, mo
     cfg = load_config(SweepConfig, ROOT / "experiments" / "sweeps" / "cpu.yaml", [f"output_dir={tmp_path}"])
     quickstart = read_yaml(ROOT / "experiments" / "quickstart.yaml")
     run = load_config(RunConfig, base=trial_dict(base_run(cfg), {"train.lr": 0.003, "train.seed": 2}, 1))
-    assert run.train.model == quickstart["train"]["model"] and run.train.epochs == quickstart["train"]["epochs"]
-    assert run.train.num_workers == cfg.run["train"]["num_workers"] and run.train.lr == 0.003 and run.train.seed == 2
+    assert run.train.model == quickstart["train"]["model"] and run.train.epochs == cfg.run["train"]["epochs"]
+    assert run.train.batch_size == quickstart["train"]["batch_size"] and run.train.lr == 0.003 and run.train.seed == 2
+    assert run.extra_teachers == {} and run.baselines == []
     assert run.teacher.engine.kind == "recorded" and run.curate.max_length == quickstart["curate"]["max_length"]
