@@ -1,6 +1,6 @@
 """Adaptive diverse reasoning vs a fixed D: teacher tokens spent, questions kept, and the students they make.
 
-    .venv/bin/python experiments/bench/adaptive.py [--questions 40] [--max-samples 8] [--min-correct 2]
+    .venv/bin/python experiments/bench/adaptive.py [--questions 40] [--max-samples 16] [--min-correct 2]
                                                    [--round-size 2] [--epochs 8] [--work DIR]
 
 The same teacher, task and questions for both: the bundled SmolLM2-135M-Instruct on coin flip, few-shot-CoT with
@@ -66,7 +66,7 @@ def figures(summary: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=40)
-    parser.add_argument("--max-samples", type=int, default=8, help="B (and the fixed D)")
+    parser.add_argument("--max-samples", type=int, default=16, help="B (and the fixed D)")
     parser.add_argument("--min-correct", type=int, default=2, help="m")
     parser.add_argument("--round-size", type=int, default=2, help="r")
     parser.add_argument("--epochs", type=int, default=8)
