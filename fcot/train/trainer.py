@@ -425,7 +425,15 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.report_to_tune:  # in a Tune trial: each epoch's metrics go to Tune, where schedulers act on them
         from ray.tune.integration.ray_train import TuneReportCallback  # heavy: in a Tune trial only
 
-        callbacks.append(TuneReportCallback())
+        class ScalarTuneReport(TuneReportCallback):
+            # Tune's loggers take scalars; the last epoch's summary also holds lists (dev outcomes, loss curve),
+            # which TensorBoard refuses with a screenful of warning per trial. The stage result keeps them.
+            def after_report(self, run_context, metrics, checkpoint):
+                scalars = [{k: v for k, v in m.items() if v is None or isinstance(v, (bool, int, float, str))}
+                           for m in metrics]
+                super().after_report(run_context, scalars, checkpoint)
+
+        callbacks.append(ScalarTuneReport())
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(), "model_path": model_path, "steps_per_epoch": per_epoch,
