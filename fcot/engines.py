@@ -87,7 +87,7 @@ class EngineConfig(Config):
         return [Demand(f"{prefix}replicas", what, self.replicas, unit, keys)]
 
 
-def build_engine(cfg: EngineConfig, cache_dir: str | None = None, continue_assistant: bool = True):
+def build_engine(cfg: EngineConfig, cache_dir: str | None = None):
     """The engine of `cfg` in this process (a replica): the model resolved to its folder here."""
     if cfg.kind == "hf":
         return HFEngine(resolve_model(cfg.model), dtype=cfg.dtype, batch_size=cfg.hf_batch_size,
@@ -99,8 +99,7 @@ def build_engine(cfg: EngineConfig, cache_dir: str | None = None, continue_assis
                           cache_dir=cache_dir)
     if cfg.kind == "openai":
         return OpenAIEngine(cfg.model, cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
-                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
-                            continue_assistant=continue_assistant)
+                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
     raise FcotError(f"engine {cfg.kind!r} does not generate")
 
 
@@ -139,7 +138,7 @@ def render_chat(tokenizer, messages) -> str:
 
 
 # Gumbel-max sampling: token = argmax(logits / T + g), g = -log(-log(u)), u hashed from (seed, position, token).
-# u lies in [2^-25, 1 - 2^-25], so g lies in [-2.85, 17.33]: a token more than GUMBEL_RANGE below the row's
+# u lies in [2^-25, 1 - 2^-24], so g lies in [-2.85, 16.64]: a token more than GUMBEL_RANGE below the row's
 # best scaled logit can never win, and only the tokens within it need noise (exact, and cheap on a CPU).
 GUMBEL_RANGE = 20.2
 _M32 = 0xFFFFFFFF
@@ -165,8 +164,13 @@ def gumbel_noise(seeds, position: int, tokens):
 
     row = _mix32(_mix32(seeds.long() & _M32) ^ _mix32(torch.full_like(seeds.long(), position & _M32)))
     h = _mix32(row[:, None] ^ _mix32(tokens.long() & _M32))
-    u = ((h >> 8).float() + 0.5) / float(1 << 24)
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(_unit(h)))
+
+
+def _unit(h):
+    """32-bit hashes -> uniforms in (0, 1), never 0 or 1 (in float32 the top 24-bit value + 0.5 rounds to 2^24;
+    u = 1 would give +inf noise, and -inf + inf a NaN that argmax takes: a token top-p had dropped)."""
+    return (((h >> 8).float() + 0.5) / float(1 << 24)).clamp(max=1.0 - 2.0 ** -24)
 
 
 class _SeededSampler:
@@ -176,6 +180,7 @@ class _SeededSampler:
 
     def __init__(self, seeds, temperature: float, top_p: float, prompt_width: int):
         self.seeds, self.temperature, self.top_p, self.prompt_width = seeds, temperature, top_p, prompt_width
+        self._seeds = None  # the seeds as a tensor on the logits' device, made at the first step
 
     def __call__(self, input_ids, scores):
         import torch  # heavy: see gumbel_noise
@@ -190,8 +195,9 @@ class _SeededSampler:
         best = scaled.max(dim=-1, keepdim=True).values
         k = int((scaled > best - GUMBEL_RANGE).sum(dim=-1).max())
         values, tokens = scaled.topk(k, dim=-1)
-        seeds = torch.as_tensor(self.seeds, dtype=torch.long, device=scores.device)
-        noisy = values + gumbel_noise(seeds, input_ids.shape[1] - self.prompt_width, tokens)
+        if self._seeds is None:
+            self._seeds = torch.as_tensor(self.seeds, dtype=torch.long, device=scores.device)
+        noisy = values + gumbel_noise(self._seeds, input_ids.shape[1] - self.prompt_width, tokens)
         chosen = tokens.gather(-1, noisy.argmax(dim=-1, keepdim=True))
         return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
 
@@ -383,11 +389,10 @@ class OpenAIEngine:
     name = "openai"
 
     def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
-                 timeout_s: float = 120.0, max_retries: int = 6, continue_assistant: bool = True):
+                 timeout_s: float = 120.0, max_retries: int = 6):
         self.model_id = model
         self.base_url = base_url.rstrip("/")
         self.timeout_s, self.max_retries = timeout_s, max_retries
-        self.continue_assistant = continue_assistant
         key = os.environ.get(api_key_env)
         self.session = requests.Session()
         if key:

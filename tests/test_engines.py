@@ -4,7 +4,16 @@ generated alone or in any batch, on whatever device is here (CUDA included, wher
 import pytest
 import torch
 
-from fcot.engines import GUMBEL_RANGE, EngineConfig, HFEngine, Request, _SeededSampler, build_engine, gumbel_noise
+from fcot.engines import (
+    GUMBEL_RANGE,
+    EngineConfig,
+    HFEngine,
+    Request,
+    _SeededSampler,
+    _unit,
+    build_engine,
+    gumbel_noise,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,6 +40,13 @@ def test_top_p_keeps_the_nucleus_only_and_noise_depends_on_seed_position_token_o
     assert a[0, 2] == b[0, 0] and a[0, 1] == b[0, 1] and a[0, 0] != a[1, 0]
     assert gumbel_noise(seeds, 6, torch.tensor([[1], [1]], device=DEVICE))[0, 0] != a[0, 0]
     assert float(a.max()) < GUMBEL_RANGE
+
+
+def test_the_extreme_hashes_give_finite_noise_within_the_pruning_range():
+    u = _unit(torch.tensor([0, 0xFF, 0xFFFFFFFF], dtype=torch.long, device=DEVICE))  # lowest and highest 24 bits
+    assert bool(((u > 0) & (u < 1)).all()), u
+    noise = -torch.log(-torch.log(u))
+    assert bool(noise.isfinite().all()) and float(noise.max() - noise.min()) < GUMBEL_RANGE, noise
 
 
 def test_hf_sampling_is_batch_independent_on_this_device(tiny_llama):

@@ -31,6 +31,7 @@ from fcot.teacher.plan import (
     prompt_repr,
     questions,
     samples_used,
+    sampling_params,
     step1_prompt,
     teacher_id,
     teacher_identity,
@@ -46,7 +47,8 @@ def generate_records(cfg: TeachConfig, engine, items: list[dict], teacher: tuple
     """Both zero-shot-CoT steps for a batch of work items; returns finished records of `teacher` (its id and
     identity as JSON, computed once by the driver)."""
     s = cfg.sampling
-    temperature, top_p = (0.0, 1.0) if s.greedy else (s.temperature, s.top_p)
+    params = sampling_params(cfg)  # the values the teacher's identity states
+    temperature, top_p = params["temperature"], params["top_p"]
     step1 = []
     for it in items:
         prompt, messages = step1_prompt(cfg, it["task"], it["question"])
@@ -97,7 +99,7 @@ class TeacherWorker:
         self.teacher = teacher
         self.store = RecordStore(records_dir)
         cache = str(Path(self.cfg.output_dir) / ".engine_cache")
-        self.engine = build_engine(self.cfg.engine, cache_dir=cache, continue_assistant=self.cfg.prompt_style == "chat")
+        self.engine = build_engine(self.cfg.engine, cache_dir=cache)
 
     def run(self, items: list[dict]) -> dict:
         shard = self.store.shard_path([it["key"] for it in items])
