@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fcot.bundled import prepare
-from fcot.config import load_config
+from fcot.config import absolute_path, load_config
 from fcot.curate import CurateConfig, curate
 from fcot.errors import user_error
 from fcot.evaluate import EvalConfig, evaluate
@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     for name in PATH_VARIABLES:
-        if os.environ.get(name) and "://" not in os.environ[name]:
-            os.environ[name] = os.path.abspath(os.path.expanduser(os.environ[name]))
+        if os.environ.get(name):
+            os.environ[name] = absolute_path(os.environ[name])
     parser = build_parser()
     # Overrides may come after options (`fcot run CONFIG --dry-run key=value`): collect them here.
     args, extra = parser.parse_known_args(argv)

@@ -185,7 +185,6 @@ def _format_shards(cfg: CurateConfig, shards: list[Path]) -> tuple[int, float]:
     missing = [s for s in shards if not (out / s.name).exists()]
     if not missing:
         return 0, 0.0
-    init_ray(cfg.ray_address)
     ds = ray.data.read_parquet([str(s.resolve()) for s in missing], include_paths=True)
     ds = ds.select_columns(RECORD_COLUMNS + ["path"])
     ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
@@ -243,9 +242,10 @@ def curate(cfg: CurateConfig) -> dict:
         worker_cpu = sum(float(r["cpu_s"]) for r in rows)
     else:
         store = RecordStore(records_dir(cfg))
-        shards = store.shards()
+        tid = teacher_id(cfg.teacher)
+        shards = store.shards(tid)  # other teachers' records in the same store are not this run's to format
         formatted_now, worker_cpu = _format_shards(cfg, shards)
-        records = store.read(teacher_id=teacher_id(cfg.teacher), columns=SLIM).to_pylist()
+        records = store.read(teacher_id=tid, shards=shards, columns=SLIM).to_pylist()
         mine = [r for r in records if (r["task"], r["index"]) in train_q or (r["task"], r["index"]) in dev]
         chosen = [r for r in spent(cfg.teacher, mine) if cfg.num_samples is None or r["sample_index"] < cfg.num_samples]
         parts = pa.concat_tables([pq.read_table(formatted_dir(cfg) / s.name) for s in shards])

@@ -33,7 +33,7 @@ from fcot.prompts import (
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
 from fcot.scoring import format_prediction, score, summarize
-from fcot.stats import COLLAPSE_SHARE, accuracy_interval, majority, random_guess, top_prediction
+from fcot.stats import COLLAPSE_SHARE, accuracy_interval, most_frequent, random_guess
 from fcot.tasks import DataDir, Sample, TaskNames, UserTask, get_task, load_split, split_user_tasks
 
 Method = Literal["fine_tune_cot", "vanilla", "zero_shot", "zero_shot_cot", "few_shot_cot"]
@@ -177,8 +177,8 @@ def task_metrics(task: str, rows: list[dict], samples: list[Sample]) -> dict:
     n = len(rows)
     correct = [bool(r["correct"]) for r in rows]
     spec = get_task(task)
-    top, share = top_prediction([r["prediction"] for r in rows])
-    answer, majority_rate = majority([s.answer for s in samples])
+    top, share = most_frequent([r["prediction"] for r in rows])
+    answer, majority_rate = most_frequent([s.answer for s in samples])
     return {"n": n, "accuracy": sum(correct) / n, "accuracy_ci": accuracy_interval(correct),
             "correct_format": sum(r["correct_format"] for r in rows) / n,
             "contains_answer": sum(r["contains_answer"] for r in rows) / n,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -80,22 +79,3 @@ def fingerprint(name: str) -> str | None:
         return None
     stat = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
     return _fingerprint(str(folder), stat)
-
-
-def parameter_count(name: str) -> int | None:
-    """Parameters of a local model folder, read from its safetensors headers (no weights loaded)."""
-    try:
-        folder = Path(resolve_model(name))
-    except FcotError:
-        return None
-    total = 0
-    for p in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        with p.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for key, t in header.items():
-            if key != "__metadata__":
-                n = 1
-                for d in t["shape"]:
-                    n *= d
-                total += n
-    return total or None

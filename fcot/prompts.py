@@ -33,7 +33,8 @@ def zero_shot_cot_step2_messages(messages: tuple, rationale: str) -> tuple:
     """Step 2 of a chat prompt: the assistant's turn continued with the rationale and the answer trigger (or,
     when step 1 was all in the user turn, the rationale as the answer and the trigger as the next user turn)."""
     if messages[-1]["role"] == "assistant":
-        return messages[:-1] + ({"role": "assistant", "content": f"{COT_TRIGGER}{rationale}\n{ANSWER_TRIGGER}"},)
+        return messages[:-1] + ({"role": "assistant", "content": zero_shot_cot_step2(messages[-1]["content"],
+                                                                                    rationale)},)
     return messages + ({"role": "assistant", "content": rationale}, {"role": "user", "content": ANSWER_TRIGGER})
 
 

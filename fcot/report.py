@@ -14,12 +14,11 @@ import json
 from pathlib import Path
 
 from fcot.errors import FcotError
-from fcot.io import atomic_write_text, read_json
+from fcot.io import atomic_write_text, iter_jsonl, read_json
 from fcot.layout import RunLayout
 from fcot.stats import fmt_acc, fmt_diff, paired_difference, seeds_interval, wilson
 
 LOG_AXES = ("num_samples", "train_questions", "lr", "max_samples", "min_correct", "model")
-CORRECT_COLUMNS = ("task", "index", "correct", "prediction")
 
 
 def _plot(path: Path, draw) -> str:
@@ -37,20 +36,11 @@ def _plot(path: Path, draw) -> str:
 
 def _outcomes(predictions: Path) -> dict[tuple, bool]:
     """(task, index) -> correct, from an evaluation's predictions.jsonl."""
-    out = {}
-    for line in predictions.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out[(r["task"], int(r["index"]))] = bool(r["correct"])
-    return out
+    return {(r["task"], int(r["index"])): bool(r["correct"]) for _, r in iter_jsonl(predictions)}
 
 
-def comparison(layout: RunLayout, task: str, a: str, b: str) -> tuple[float, float, float] | None:
-    """Paired bootstrap of accuracy(a) - accuracy(b) on the questions both answered."""
-    pa, pb = layout.eval(a) / "predictions.jsonl", layout.eval(b) / "predictions.jsonl"
-    if not (pa.exists() and pb.exists()):
-        return None
-    oa, ob = _outcomes(pa), _outcomes(pb)
+def comparison(oa: dict[tuple, bool], ob: dict[tuple, bool], task: str) -> tuple[float, float, float] | None:
+    """Paired bootstrap of accuracy(a) - accuracy(b) on the questions of `task` both answered."""
     keys = sorted(k for k in oa if k in ob and k[0] == task)
     return paired_difference([oa[k] for k in keys], [ob[k] for k in keys]) if keys else None
 
@@ -81,9 +71,11 @@ def build_report(run_dir: str | Path) -> Path:
     lines = [f"# fcot run: {layout.root.name}", ""]
 
     # The verdict first: Fine-tune-CoT against vanilla fine-tuning, beyond the noise or not.
-    if "fine_tune_cot" in evals and "vanilla" in evals:
+    pa, pb = (layout.eval(m) / "predictions.jsonl" for m in ("fine_tune_cot", "vanilla"))
+    if "fine_tune_cot" in evals and "vanilla" in evals and pa.exists() and pb.exists():
+        oa, ob = _outcomes(pa), _outcomes(pb)
         for task in tasks:
-            diff = comparison(layout, task, "fine_tune_cot", "vanilla")
+            diff = comparison(oa, ob, task)
             if diff is not None:
                 lines.append(_verdict(task, diff) + " (paired bootstrap over the test questions, 95%)")
                 lines.append("")
@@ -254,13 +246,11 @@ def _dev_outcomes(row: dict, method: str) -> list[int] | None:
                  and "outcomes" in d), None)
 
 
-def _trial_outcomes(row: dict, method: str, task: str) -> dict[int, bool] | None:
+def _trial_outcomes(row: dict, method: str) -> dict[tuple, bool] | None:
     if not row.get("run_dir"):
         return None
     path = RunLayout(Path(row["run_dir"])).eval(method) / "predictions.jsonl"
-    if not path.exists():
-        return None
-    return {i: c for (t, i), c in _outcomes(path).items() if t == task}
+    return _outcomes(path) if path.exists() else None
 
 
 def sweep_points(results: dict) -> list[dict]:
@@ -282,10 +272,11 @@ def sweep_points(results: dict) -> list[dict]:
         if dev_vectors and len({len(v) for v in dev_vectors}) == 1:
             p["dev_accuracy"], lo, hi = seeds_interval(dev_vectors)
             p["dev_accuracy_ci"] = [lo, hi]
+        trial_outcomes = {m: [o for o in (_trial_outcomes(r, m) for r in done) if o] for m in methods}
         for task in tasks:
             per_method = {}
             for method in methods:
-                vectors = [_trial_outcomes(r, method, task) for r in done]
+                vectors = [{i: c for (t, i), c in o.items() if t == task} for o in trial_outcomes[method]]
                 vectors = [v for v in vectors if v]
                 if not vectors:
                     continue

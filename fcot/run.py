@@ -32,7 +32,7 @@ from fcot.layout import RunLayout
 from fcot.models import ALIASES, models_dir, resolve_model
 from fcot.ray_utils import cpu_seconds
 from fcot.report import build_report
-from fcot.resources import Demand, check_local, check_resources
+from fcot.resources import Demand, check_local, check_resources, largest
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
@@ -185,19 +185,20 @@ class Ledger:
                 return marker
         return None
 
-    def run(self, stage: Stage) -> tuple[dict, bool]:
+    def run(self, stage: Stage, log=print) -> tuple[dict, bool]:
         """(marker, ran): the stage's finished marker, running it first unless it is done for these inputs."""
         h = config_hash(*stage.inputs)
         marker = self.done(stage.name, h)
         if marker:
             return marker, False
+        log(f"[{stage.name}] running")
         started, cpu_started = time.time(), cpu_seconds(children=False)
         result = stage.fn()
         marker = {"stage": stage.name, "config_hash": h, "wall_s": round(time.time() - started, 2),
                   # measured by the stage's own processes where it reports them, else the driver's own time
                   "cpu_s": round(result.get("cpu_s", cpu_seconds(children=False) - cpu_started), 1),
                   "gpu_s": round(result.get("gpu_s", 0.0), 1),
-                  "reserved": {r: max((d.total(r) for d in stage.demands), default=0.0) for r in ("CPU", "GPU")},
+                  "reserved": {r: largest(stage.demands, r) for r in ("CPU", "GPU")},
                   "result": result, "finished_at": time.time()}
         atomic_write_json(self.layout.marker(stage.name), marker)
         return marker, True
@@ -276,10 +277,8 @@ def run_stages(cfg: RunConfig, log=print, on_stage=None) -> dict[str, dict]:
     ledger = Ledger(cfg.layout)
     markers: dict[str, dict] = {}
     for stage in stages(cfg, log):
-        if ledger.done(stage.name, config_hash(*stage.inputs)) is None:
-            log(f"[{stage.name}] running")
         try:
-            marker, ran = ledger.run(stage)
+            marker, ran = ledger.run(stage, log)
         except Exception as e:
             done = ", ".join(markers) or "none"
             found = user_error(e)

@@ -57,10 +57,11 @@ def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def majority(answers: list[str]) -> tuple[str, float]:
-    """The most frequent gold answer and the accuracy of always giving it."""
-    value, count = Counter(answers).most_common(1)[0]
-    return value, count / len(answers)
+def most_frequent(values: list) -> tuple:
+    """The most frequent value and its share: of gold answers, the accuracy of always giving it (the majority
+    baseline); of predictions (None: no answer found), how collapsed a student is."""
+    value, count = Counter(values).most_common(1)[0]
+    return value, count / len(values)
 
 
 def random_guess(answer_type: str, choices: list) -> float | None:
@@ -70,12 +71,6 @@ def random_guess(answer_type: str, choices: list) -> float | None:
     if answer_type == "letter" and choices and all(choices):
         return float(np.mean([1 / len(c) for c in choices]))
     return None
-
-
-def top_prediction(predictions: list) -> tuple[str | None, float]:
-    """The most frequent prediction (None: no answer found) and its share of the questions."""
-    value, count = Counter(predictions).most_common(1)[0]
-    return value, count / len(predictions)
 
 
 def fmt_acc(acc: float | None, interval=None) -> str:

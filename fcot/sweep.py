@@ -27,15 +27,14 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from fcot.config import Config, PathStr, WandbMode, apply_override, load_config, merge, read_yaml, redacted, wandb_mode
-from fcot.curate import auto_dev_size
+from fcot.curate import split_questions
 from fcot.errors import FcotError
 from fcot.io import atomic_write_json
 from fcot.ray_utils import init_ray
 from fcot.report import build_sweep_report
 from fcot.resources import Demand, largest
-from fcot.run import RunConfig, config_hash, dry_run, run_stages
+from fcot.run import RunConfig, config_hash, curate_config, dry_run, run_stages
 from fcot.teacher.pipeline import teach
-from fcot.teacher.plan import questions
 
 
 class SweepConfig(Config):
@@ -74,11 +73,9 @@ class SweepConfig(Config):
 
     def demands(self, prefix: str = "") -> list[Demand]:
         """What the trials' stages ask of the cluster (each trial's stages run one after another)."""
-        base = base_run(self)
-        max_d = max_budget(self, base)
         seen: dict = {}
-        for params in _grid(self):
-            for d in _trial_config(base, params, max_d, Path(self.output_dir)).demands():
+        for _, run_cfg in trials(self)[2]:
+            for d in run_cfg.demands():
                 seen.setdefault((d.key, d.count, tuple(sorted(d.unit.items()))), d)
         return list(seen.values())
 
@@ -140,12 +137,18 @@ def _trial_config(base: dict, params: dict, max_d: int, sweep_dir: Path) -> RunC
     return load_config(RunConfig, base=trial_dict(base, params, max_d, sweep_dir))
 
 
-def prepare_teachers(cfg: SweepConfig, base: dict, max_d: int, log=print) -> list[dict]:
+def trials(cfg: SweepConfig) -> tuple[dict, int, list[tuple[dict, RunConfig]]]:
+    """The base run, the teacher's largest D, and every trial's (swept values, validated run config)."""
+    base = base_run(cfg)
+    max_d = max_budget(cfg, base)
+    return base, max_d, [(p, _trial_config(base, p, max_d, Path(cfg.output_dir))) for p in _grid(cfg)]
+
+
+def prepare_teachers(cfg: SweepConfig, planned: list[tuple[dict, RunConfig]], log=print) -> list[dict]:
     """Run each distinct teacher of the grid once, at the sweep's largest D, into the shared store."""
     sweep_dir = Path(cfg.output_dir)
     teachers = {}
-    for params in _grid(cfg):
-        trial_cfg = _trial_config(base, params, max_d, sweep_dir)
+    for _, trial_cfg in planned:
         if "fine_tune_cot" in trial_cfg.methods:  # vanilla fine-tuning asks the teacher nothing
             teachers.setdefault(config_hash(trial_cfg.teacher), trial_cfg.teacher)
     # The largest adaptive budgets first: smaller ones then find their samples in the store.
@@ -164,7 +167,8 @@ def trial(params: dict) -> None:
     import ray.tune  # heavy: inside the Tune trial only
 
     base, sweep_dir, max_d = params["__base"], Path(params["__sweep_dir"]), params["__max_d"]
-    swept = {k: v for k, v in params.items() if not k.startswith("__")}
+    # Tune's grid holds each swept value JSON-encoded (lists and dicts are values too)
+    swept = {k: json.loads(v) for k, v in params.items() if not k.startswith("__")}
     cfg = _trial_config(base, swept, max_d, sweep_dir)
     started = time.time()
     markers = run_stages(cfg, log=lambda m: None)
@@ -196,18 +200,16 @@ def trial_result(cfg: RunConfig, markers: dict) -> dict:
     return out
 
 
-def dry_run_sweep(cfg: SweepConfig) -> list[str]:
-    """Validate every trial's run config (tasks, models, resources, paths) without running anything."""
-    base = base_run(cfg)
-    max_d = max_budget(cfg, base)
-    sweep_dir = Path(cfg.output_dir)
+def dry_run_sweep(cfg: SweepConfig, planned: tuple | None = None) -> list[str]:
+    """Validate every trial's run config (tasks, models, resources, paths) without running anything; `planned`:
+    what `trials(cfg)` returned, where the caller has it."""
+    _, max_d, runs = planned or trials(cfg)
     notes, seen = [], set()
-    for params in _grid(cfg):
-        run_cfg = _trial_config(base, params, max_d, sweep_dir)
-        if cfg.metric == "dev_accuracy" and run_cfg.train.dev is None and run_cfg.curate.dev_fraction == "auto":
-            n = len([q for q in questions(run_cfg.teacher)]) if Path(run_cfg.data_dir).exists() else None
-            if n is not None and auto_dev_size(n) == 0:
-                raise FcotError(f"metric dev_accuracy needs a dev split: {n} questions are too few for "
+    for _, run_cfg in runs:
+        if run_cfg.train.dev is None and run_cfg.curate.dev_fraction == "auto" and Path(run_cfg.data_dir).exists():
+            qs, dev, _ = split_questions(curate_config(run_cfg, run_cfg.methods[0]))  # curation's own rule
+            if not dev:
+                raise FcotError(f"metric dev_accuracy needs a dev split: {len(qs)} questions are too few for "
                                 f"curate.dev_fraction auto; set curate.dev_fraction")
         if run_cfg.curate.dev_fraction == 0 and run_cfg.train.dev is None:
             raise FcotError("metric dev_accuracy needs a dev split: curate.dev_fraction is 0")
@@ -217,7 +219,7 @@ def dry_run_sweep(cfg: SweepConfig) -> list[str]:
         if key not in seen:  # the same checks for trials that differ only in curation or seed
             seen.add(key)
             notes = dry_run(run_cfg)
-    return [f"{len(_grid(cfg))} trials ({len(cfg.seeds)} seed(s) each), teacher at D = {max_d}"] + notes
+    return [f"{len(runs)} trials ({len(cfg.seeds)} seed(s) each), teacher at D = {max_d}"] + notes
 
 
 def sweep(cfg: SweepConfig, log=print) -> dict:
@@ -226,21 +228,22 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
     from ray import tune
 
     sweep_dir = Path(cfg.output_dir)
-    base = base_run(cfg)
-    for note in dry_run_sweep(cfg):  # every trial's config is valid before anything runs
+    planned = trials(cfg)
+    base, max_d, runs = planned
+    for note in dry_run_sweep(cfg, planned):  # every trial's config is valid before anything runs
         log(note)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(sweep_dir / "sweep.json", redacted(cfg.model_dump()))
     init_ray(cfg.ray_address)
-    max_d = max_budget(cfg, base)
-    teachers = prepare_teachers(cfg, base, max_d, log)
+    teachers = prepare_teachers(cfg, runs, log)
 
-    grid = _grid(cfg)
-    one = _trial_config(base, grid[0], max_d, sweep_dir)
-    demands = one.demands()
+    grid = [params for params, _ in runs]
+    one = runs[0][1]
+    epochs = {json.dumps(params, sort_keys=True): c.train.epochs for params, c in runs}
     # + 1: a trial's Ray Data curation needs a CPU for its read tasks beside its actor; without it two trials
-    # that each hold their actor's CPU wait on each other forever.
-    per_trial_cpus = largest(demands, "CPU") + 1
+    # that each hold their actor's CPU wait on each other forever. The largest trial sets it (resources may be
+    # swept).
+    per_trial_cpus = largest([d for _, c in runs for d in c.demands()], "CPU") + 1
     max_concurrent = cfg.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpus))
     keys = list(grid[0])
     # Values JSON-encoded: a swept value may be a list or a mapping (`methods`, a teacher engine), which Tune would
@@ -261,14 +264,14 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
         from ray.tune.schedulers import ASHAScheduler  # heavy, as ray above
 
         # One result per epoch, then the trial's final one: a trial that reached max_t must go on to its evaluation.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(2, one.train.epochs),
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(2, *epochs.values()),
                                   grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
                                   stop_last_trials=False)
     # The trial function holds no CPU itself: its Ray Data, TorchTrainer and evaluation actors ask for their own
     # (outside the trial's placement group). Even 0.01 CPU would leave 1.99 of 2 free, where a 1-CPU read task
     # beside curation's 1-CPU actor never fits and the trial waits forever; a bundle must not be empty, so it
     # holds a token amount of memory instead.
-    trainable = tune.with_resources(_decoded, {"memory": 2**20})
+    trainable = tune.with_resources(trial, {"memory": 2**20})
     path = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(path)):
         log(f"[sweep] resuming from {path}")
@@ -285,7 +288,7 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
         params = {k: json.loads(r.config[k]) for k in keys}
         metrics = dict(r.metrics or {})
         status = "error" if r.error else "done" if metrics.get("finished") else (
-            f"stopped at epoch {metrics.get('epoch', '?')} of {one.train.epochs}")
+            f"stopped at epoch {metrics.get('epoch', '?')} of {epochs.get(json.dumps(params, sort_keys=True), '?')}")
         row = {**params, "status": status, **{k: v for k, v in metrics.items() if _kept_metric(k)}}
         if r.error:
             row["error"] = str(r.error).splitlines()[0][:300]
@@ -300,13 +303,8 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
     return results_doc
 
 
-def _decoded(params: dict) -> None:
-    """Tune's grid holds each swept value JSON-encoded (lists and dicts are values too); decode, then run."""
-    trial({k: (v if k.startswith("__") else json.loads(v)) for k, v in params.items()})
-
-
 def _kept_metric(key: str) -> bool:
-    return key not in ("done", "loss_curve", "dev") and not key.startswith((
+    return key != "done" and not key.startswith((
         "config", "time_", "timestamp", "date", "hostname", "node_ip", "pid", "checkpoint", "iterations_since_restore",
         "experiment_tag"))
 

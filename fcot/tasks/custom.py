@@ -47,8 +47,8 @@ class UserTask(Config):
     test_fraction: float = Field(0.3, gt=0, lt=1)
     seed: int = 0
 
-    def register(self, check: bool = False) -> TaskSpec:
-        return jsonl_task(**self.model_dump(), check=check)
+    def register(self) -> TaskSpec:
+        return jsonl_task(**self.model_dump(), check=False)
 
 
 def _get(obj: dict, dotted: str, path: Path, record: int):

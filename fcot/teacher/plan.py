@@ -30,10 +30,18 @@ SAMPLER_VERSION = {"hf": "gumbel-hash-1"}  # a change of the hf engine's sampler
 
 
 def _file_sha256(path: str) -> str:
+    """A file's content hash, read once per (size, mtime) as models.fingerprint does: the recorded importer asks
+    for its teacher's identity once per record."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        stat = Path(path).stat()
+        return _sha256(path, stat.st_size, stat.st_mtime_ns)
     except OSError as e:
         raise FcotError(f"{path}: cannot read ({e.strerror})") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def sampling_params(cfg: TeachConfig) -> dict:
@@ -49,11 +57,6 @@ def model_name(cfg: TeachConfig) -> str:
     if e.kind in ("hf", "vllm") and e.model not in ALIASES and Path(e.model).is_dir():
         return Path(e.model).name
     return e.model
-
-
-@functools.lru_cache(maxsize=32)
-def _identity(blob: str) -> tuple[str, str]:
-    return blob, hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def teacher_identity(cfg: TeachConfig) -> dict:
@@ -74,7 +77,7 @@ def teacher_identity(cfg: TeachConfig) -> dict:
 
 
 def teacher_id(cfg: TeachConfig) -> str:
-    return _identity(json.dumps(teacher_identity(cfg), sort_keys=True))[1]
+    return hashlib.sha256(json.dumps(teacher_identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def sample_key(tid: str, prompt: str, sample_index: int, seed: int) -> str:
@@ -135,10 +138,10 @@ def prompt_repr(cfg: TeachConfig, s: Sample) -> str:
     return prompt if prompt is not None else json.dumps(messages, ensure_ascii=False)
 
 
-def plan(cfg: TeachConfig, limit: int | None = None, tid: str | None = None) -> list[dict]:
-    """One work item per (question, sample index < limit, default the teacher's budget)."""
+def plan(cfg: TeachConfig, tid: str | None = None) -> list[dict]:
+    """One work item per (question, sample index < the teacher's budget)."""
     tid = tid or teacher_id(cfg)
-    n = cfg.sampling.budget if limit is None else limit
+    n = cfg.sampling.budget
     return [item(cfg, tid, s, k, p) for s in questions(cfg) for p in [prompt_repr(cfg, s)] for k in range(n)]
 
 

@@ -35,8 +35,14 @@ class RecordStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def shards(self) -> list[Path]:
-        return sorted(self.root.glob("*.parquet")) if self.root.exists() else []
+    def shards(self, teacher_id: str | None = None) -> list[Path]:
+        """The store's shards; with `teacher_id`, those holding that teacher's records (a shard is one batch of
+        one teacher)."""
+        found = sorted(self.root.glob("*.parquet")) if self.root.exists() else []
+        if teacher_id is None:
+            return found
+        return [s for s in found if self._fits(s)
+                and teacher_id in pq.read_table(s, columns=["teacher_id"]).column("teacher_id").to_pylist()]
 
     def shard_path(self, keys: list[str]) -> Path:
         return self.root / (hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24] + ".parquet")
@@ -58,26 +64,25 @@ class RecordStore:
                 keys.update(pq.read_table(shard, columns=["key"]).column("key").to_pylist())
         return keys
 
-    def read(self, keys: set[str] | None = None, teacher_id: str | None = None, shards: list[Path] | None = None,
+    def read(self, teacher_id: str | None = None, shards: list[Path] | None = None,
              columns: list[str] | None = None) -> pa.Table:
-        """Records (of `teacher_id`, with `keys`, in `shards`), one row per key."""
+        """Records (of `teacher_id`, in `shards`), one row per key."""
+        wanted = columns and list(dict.fromkeys(["key", "teacher_id", *columns]))
         tables = []
         for s in shards if shards is not None else self.shards():
             if not self._fits(s):
                 continue
-            wanted = columns and list(dict.fromkeys(["key", "teacher_id", *columns]))
             t = pq.read_table(s, schema=SCHEMA, columns=wanted)
             if teacher_id is not None:
                 t = t.filter(pc.equal(t.column("teacher_id"), teacher_id))
             tables.append(t)
         if not tables:
-            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(
-                list(dict.fromkeys(["key", "teacher_id", *columns])))
+            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(wanted)
         table = pa.concat_tables(tables)
         seen: set[str] = set()
         keep = []
         for i, key in enumerate(table.column("key").to_pylist()):
-            if key not in seen and (keys is None or key in keys):
+            if key not in seen:
                 seen.add(key)
                 keep.append(i)
         return table.take(pa.array(keep, type=pa.int64()))

@@ -33,7 +33,7 @@ import psutil
 
 from fcot.config import wandb_mode
 from fcot.errors import FcotError
-from fcot.evaluate import evaluate_model
+from fcot.evaluate import AUTO_MARGIN, evaluate_model
 from fcot.io import atomic_write_json, read_json
 from fcot.models import resolve_model
 from fcot.prompts import get_format
@@ -48,7 +48,6 @@ STEADY_AFTER = 5  # steady-state tokens/s: counted from this optimizer step on (
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_TAG = "deepspeed"
 SELECTION_FILE = "fcot_selection.json"  # in a saved student: the epoch it is and why
-AUTO_MARGIN = 8  # dev max_new_tokens "auto": the longest training completion plus this many tokens
 
 
 def plan_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
