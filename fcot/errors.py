@@ -14,11 +14,14 @@ class FcotError(Exception):
     """
 
 
-def where(path=None, record=None, key=None) -> str:
-    """Format a location like `data.jsonl, record 12, key 'question'` for error messages."""
+def where(path=None, record=None, key=None, line=None) -> str:
+    """Format a location like `data.jsonl, line 12, key 'question'` for error messages: `line` as an editor numbers
+    the lines of a JSONL file (from 1), `record` a position in a JSON list (from 0)."""
     parts = []
     if path is not None:
         parts.append(str(path))
+    if line is not None:
+        parts.append(f"line {line}")
     if record is not None:
         parts.append(f"record {record}")
     if key is not None:

@@ -79,12 +79,12 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             raise FcotError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def require(obj: dict, key: str, typ: type | tuple[type, ...], *, path=None, record=None) -> Any:
-    """obj[key], checked for presence and type, with an error that names file, record and key."""
+def require(obj: dict, key: str, typ: type | tuple[type, ...], *, path=None, record=None, line=None) -> Any:
+    """obj[key], checked for presence and type, with an error that names file, record (or line) and key."""
     if key not in obj:
-        raise FcotError(f"{where(path, record, key)}: missing")
+        raise FcotError(f"{where(path, record, key, line)}: missing")
     value = obj[key]
     if not isinstance(value, typ) or (typ in (int, float) and isinstance(value, bool)):
         names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-        raise FcotError(f"{where(path, record, key)}: expected {names}, got {type(value).__name__} {value!r:.60}")
+        raise FcotError(f"{where(path, record, key, line)}: expected {names}, got {type(value).__name__} {value!r:.60}")
     return value

@@ -48,10 +48,10 @@ def test_user_task_with_field_mapping_and_choices(tmp_path):
 def test_user_task_bad_input(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"question": "What is 1+1?", "answer": 2}\n{"question": "", "answer": 3}\n')
-    with pytest.raises(FcotError, match=rf"^{path}, record 1, key 'question': empty$"):
+    with pytest.raises(FcotError, match=rf"^{path}, line 2, key 'question': empty$"):
         jsonl_task("t1", path, answer_type="number")
     path.write_text('{"question": "What is 1+1?", "answer": "two"}\n')
-    with pytest.raises(FcotError, match=rf"^{path}, record 0, key 'answer': expected a number, got 'two'$"):
+    with pytest.raises(FcotError, match=rf"^{path}, line 1, key 'answer': expected a number, got 'two'$"):
         jsonl_task("t2", path, answer_type="number")
     with pytest.raises(FcotError, match="key 'answer_type': expected one of number, letter, yes_no, text"):
         jsonl_task("t3", path, answer_type="float")

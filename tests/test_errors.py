@@ -12,7 +12,7 @@ import yaml
 from fcot.errors import FcotError, user_error
 from tests.conftest import run_fcot
 
-MESSAGE = "data/units.jsonl, record 3, key 'solution': missing"
+MESSAGE = "data/units.jsonl, line 3, key 'solution': missing"
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import the tests package
 
 

@@ -1,6 +1,7 @@
 """A user's own data set as a task, from YAML, through every Ray stage: the definition travels with the config to
 the teacher's replicas, the training workers and the evaluation actors; relative paths resolve against the
-directory the command runs in; a bad record stops the run with one line naming file, record and key."""
+directory the command runs in; a bad record stops the run with one line naming file, line (as an editor numbers
+it) and key; a run of user tasks only needs no data directory."""
 
 import json
 
@@ -69,12 +70,33 @@ def test_fcot_run_on_a_user_task_defined_in_yaml(tmp_path, tiny_llama, shared_da
     assert json.loads(out.stdout.strip().splitlines()[-1])["accuracy"] == 1.0
 
 
+def _no_data_dir(tmp_path) -> dict:
+    """No FCOT_DATA_DIR and an empty user cache (the DeepSpeed op built by setup is kept: no rebuild)."""
+    from fcot.train.ds_ops import torch_extensions_dir
+
+    return {"FCOT_DATA_DIR": "", "XDG_CACHE_HOME": str(tmp_path / "empty-cache"),
+            "FCOT_TORCH_EXTENSIONS_DIR": str(torch_extensions_dir())}
+
+
 def test_a_bad_record_in_a_user_task_stops_the_run_with_one_line(tmp_path, tiny_llama, shared_data):
+    """Without FCOT_DATA_DIR and with no ~/.cache/fcot/data: a user task needs no paper data, and its bad record
+    (the 8th line, no `solution`) stops the run before any Ray work, named by its line."""
     _coins(shared_data, tmp_path / "data" / "coins.jsonl", break_record=7)
     config = {"tasks": [TASK], "output_dir": "run", "methods": ["vanilla"], "baselines": [],
               "train": {"model": str(tiny_llama)}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
-    proc = run_fcot("run", "bad.yaml", cwd=tmp_path)
+    proc = run_fcot("run", "bad.yaml", cwd=tmp_path, env=_no_data_dir(tmp_path))
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == f"fcot: error: {tmp_path / 'data' / 'coins.jsonl'}, record 7, key 'solution': missing"
+    assert proc.stderr.strip() == f"fcot: error: {tmp_path / 'data' / 'coins.jsonl'}, line 8, key 'solution': missing"
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_a_run_of_user_tasks_only_needs_no_data_dir(tmp_path, tiny_llama, shared_data):
+    _coins(shared_data, tmp_path / "data" / "coins.jsonl")
+    config = {"tasks": [TASK], "output_dir": "run", "methods": ["vanilla"], "baselines": [], "wandb_mode": "disabled",
+              "train": {"model": str(tiny_llama), "epochs": 1, "batch_size": 4, "max_steps": 2}, "eval": {"subset": 8}}
+    (tmp_path / "units.yaml").write_text(yaml.safe_dump(config))
+    run_fcot("run", "units.yaml", cwd=tmp_path, env=_no_data_dir(tmp_path), check=True)
+    assert not (tmp_path / "empty-cache" / "fcot" / "data").exists()
+    metrics = json.loads((tmp_path / "run" / "eval" / "vanilla" / "metrics.json").read_text())
+    assert metrics["tasks"]["coins"]["n"] == 8

@@ -51,11 +51,11 @@ class UserTask(Config):
         return jsonl_task(**self.model_dump(), check=False)
 
 
-def _get(obj: dict, dotted: str, path: Path, record: int):
+def _get(obj: dict, dotted: str, path: Path, line: int):
     value = obj
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise FcotError(f"{path}, record {record}, key {dotted!r}: missing")
+            raise FcotError(f"{path}, line {line}, key {dotted!r}: missing")
         value = value[part]
     return value
 
@@ -68,7 +68,7 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
     `choices_key` names a list of choice texts: they are verbalised like the paper's multiple choice
     tasks and the answer must be a letter (or the text of one choice, turned into its letter).
     The split comes from `split_file` ({"train": [...], "test": [...]}) or a seeded random split.
-    `check` reads the whole file now (a bad record raises FcotError naming file, record and key).
+    `check` reads the whole file now (a bad record raises FcotError naming file, line and key).
     """
     if answer_type not in ANSWER_TYPES:
         raise FcotError(f"task {name}, key 'answer_type': expected one of {', '.join(ANSWER_TYPES)}, "
@@ -81,39 +81,39 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
 
     def reader(spec: TaskSpec, file: Path, first: int) -> list[Sample]:
         out = []
-        for _lineno, rec in iter_jsonl(file):
+        for line, rec in iter_jsonl(file):  # errors name the line as an editor does
             i = len(out)
-            q = _get(rec, question_key, file, i)
+            q = _get(rec, question_key, file, line)
             if not isinstance(q, str):
-                raise FcotError(f"{file}, record {i}, key {question_key!r}: expected str, got {type(q).__name__}")
+                raise FcotError(f"{file}, line {line}, key {question_key!r}: expected str, got {type(q).__name__}")
             if not q.strip():
-                raise FcotError(f"{file}, record {i}, key {question_key!r}: empty")
-            a = _get(rec, answer_key, file, i)
+                raise FcotError(f"{file}, line {line}, key {question_key!r}: empty")
+            a = _get(rec, answer_key, file, line)
             if not isinstance(a, (str, int, float)) or isinstance(a, bool):
-                raise FcotError(f"{file}, record {i}, key {answer_key!r}: expected a string or number, "
+                raise FcotError(f"{file}, line {line}, key {answer_key!r}: expected a string or number, "
                                 f"got {type(a).__name__}")
             a = str(a).strip()
             choices = None
             if choices_key:
-                choices = _get(rec, choices_key, file, i)
+                choices = _get(rec, choices_key, file, line)
                 if (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
                         or not 2 <= len(choices) <= len(LETTERS)):
-                    raise FcotError(f"{file}, record {i}, key {choices_key!r}: expected a list of 2–{len(LETTERS)} "
+                    raise FcotError(f"{file}, line {line}, key {choices_key!r}: expected a list of 2–{len(LETTERS)} "
                                     f"strings")
                 if a in choices and a not in LETTERS[: len(choices)]:
                     a = LETTERS[choices.index(a)]
                 q = q.strip() + " " + verbalise(choices, LETTERS)
                 choices = tuple(choices)
             if answer_type == "number":
-                a = number_string(a, path=file, record=i, key=answer_key)
+                a = number_string(a, path=file, key=answer_key, line=line)
             elif answer_type == "yes_no":
                 a = a.lower().rstrip(".")
                 if a not in ("yes", "no"):
-                    raise FcotError(f"{file}, record {i}, key {answer_key!r}: expected yes or no, got {a!r}")
+                    raise FcotError(f"{file}, line {line}, key {answer_key!r}: expected yes or no, got {a!r}")
             elif answer_type == "letter" and a not in (LETTERS[: len(choices)] if choices else LETTERS):
-                raise FcotError(f"{file}, record {i}, key {answer_key!r}: expected a choice letter, got {a!r}")
+                raise FcotError(f"{file}, line {line}, key {answer_key!r}: expected a choice letter, got {a!r}")
             if not a:
-                raise FcotError(f"{file}, record {i}, key {answer_key!r}: empty")
+                raise FcotError(f"{file}, line {line}, key {answer_key!r}: empty")
             out.append(Sample(name, first + i, q.strip(), a, choices))
         return out
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from fcot.errors import FcotError
+from fcot.errors import FcotError, where
 from fcot.io import iter_jsonl, read_json, require
 
 AnswerType = Literal["number", "letter", "yes_no", "text"]
@@ -79,21 +79,21 @@ def teacher_log(task: str) -> str:
 SPLITS = "https://raw.githubusercontent.com/itsnamgyu/reasoning-teacher/main/data/split"
 
 
-def number_string(value, *, path, record, key) -> str:
+def number_string(value, *, path, record=None, key, line=None) -> str:
     text = str(value).strip().replace(",", "")
     if text.endswith(".0"):
         text = text[:-2]
     try:
         float(text)
     except ValueError:
-        raise FcotError(f"{path}, record {record}, key {key!r}: expected a number, got {value!r}") from None
+        raise FcotError(f"{where(path, record, key, line)}: expected a number, got {value!r}") from None
     return text
 
 
-def _nonempty(text: str, *, path, record, key) -> str:
+def _nonempty(text: str, *, path, record=None, key, line=None) -> str:
     text = text.strip()
     if not text:
-        raise FcotError(f"{path}, record {record}, key {key!r}: empty")
+        raise FcotError(f"{where(path, record, key, line)}: empty")
     return text
 
 
@@ -115,9 +115,9 @@ def _bigbench_examples(path: Path) -> list:
     return data["examples"]
 
 
-def _record(obj, path, i) -> dict:
+def _record(obj, path, i=None, line=None) -> dict:
     if not isinstance(obj, dict):
-        raise FcotError(f"{path}, record {i}: expected a JSON object, got {type(obj).__name__}")
+        raise FcotError(f"{where(path, i, line=line)}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -152,11 +152,11 @@ def read_gsm8k(spec: TaskSpec, path: Path, first: int) -> list[Sample]:
     out = []
     for lineno, rec in iter_jsonl(path):
         i = len(out)
-        q = _nonempty(require(rec, "question", str, path=path, record=i), path=path, record=i, key="question")
-        answer = require(rec, "answer", str, path=path, record=i)
+        q = _nonempty(require(rec, "question", str, path=path, line=lineno), path=path, line=lineno, key="question")
+        answer = require(rec, "answer", str, path=path, line=lineno)
         if "####" not in answer:
-            raise FcotError(f"{path}, record {i}, key 'answer': no final answer after '####'")
-        a = number_string(answer.split("####")[-1], path=path, record=i, key="answer")
+            raise FcotError(f"{path}, line {lineno}, key 'answer': no final answer after '####'")
+        a = number_string(answer.split("####")[-1], path=path, line=lineno, key="answer")
         out.append(Sample(spec.name, first + i, q, a))
     return out
 
@@ -165,16 +165,16 @@ def read_aqua(spec: TaskSpec, path: Path, first: int) -> list[Sample]:
     out = []
     for lineno, rec in iter_jsonl(path):
         i = len(out)
-        q = _nonempty(require(rec, "question", str, path=path, record=i), path=path, record=i, key="question")
-        options = require(rec, "options", list, path=path, record=i)
+        q = _nonempty(require(rec, "question", str, path=path, line=lineno), path=path, line=lineno, key="question")
+        options = require(rec, "options", list, path=path, line=lineno)
         choices = []
         for k, opt in enumerate(options):
             if not isinstance(opt, str) or len(opt) < 2 or opt[1] != ")" or opt[0] != spec.letters[k]:
-                raise FcotError(f"{path}, record {i}, key 'options': option {k} is not like 'A)…': {opt!r}")
+                raise FcotError(f"{path}, line {lineno}, key 'options': option {k} is not like 'A)…': {opt!r}")
             choices.append(opt[2:].strip())
-        a = require(rec, "correct", str, path=path, record=i).strip()
+        a = require(rec, "correct", str, path=path, line=lineno).strip()
         if a not in spec.letters[: len(choices)]:
-            raise FcotError(f"{path}, record {i}, key 'correct': {a!r} is not one of the option letters")
+            raise FcotError(f"{path}, line {lineno}, key 'correct': {a!r} is not one of the option letters")
         out.append(Sample(spec.name, first + i, q + " " + verbalise(choices, spec.letters), a, tuple(choices)))
     return out
 
@@ -183,16 +183,17 @@ def read_commonsense_qa(spec: TaskSpec, path: Path, first: int) -> list[Sample]:
     out = []
     for lineno, rec in iter_jsonl(path):
         i = len(out)
-        question = require(rec, "question", dict, path=path, record=i)
-        q = _nonempty(require(question, "stem", str, path=path, record=i), path=path, record=i, key="question.stem")
-        raw = require(question, "choices", list, path=path, record=i)
-        labels = [require(_record(c, path, i), "label", str, path=path, record=i) for c in raw]
-        choices = [require(c, "text", str, path=path, record=i) for c in raw]
+        question = require(rec, "question", dict, path=path, line=lineno)
+        stem = require(question, "stem", str, path=path, line=lineno)
+        q = _nonempty(stem, path=path, line=lineno, key="question.stem")
+        raw = require(question, "choices", list, path=path, line=lineno)
+        labels = [require(_record(c, path, line=lineno), "label", str, path=path, line=lineno) for c in raw]
+        choices = [require(c, "text", str, path=path, line=lineno) for c in raw]
         if labels != list(spec.letters[: len(labels)]):
-            raise FcotError(f"{path}, record {i}, key 'question.choices': labels {labels} are not A, B, …")
-        a = require(rec, "answerKey", str, path=path, record=i)
+            raise FcotError(f"{path}, line {lineno}, key 'question.choices': labels {labels} are not A, B, …")
+        a = require(rec, "answerKey", str, path=path, line=lineno)
         if a not in labels:
-            raise FcotError(f"{path}, record {i}, key 'answerKey': {a!r} is not one of {labels}")
+            raise FcotError(f"{path}, line {lineno}, key 'answerKey': {a!r} is not one of {labels}")
         out.append(Sample(spec.name, first + i, q + " " + verbalise(choices, spec.letters), a, tuple(choices)))
     return out
 
