@@ -88,6 +88,12 @@ def prepare(name: str, source: str = "auto", log=print) -> Path:
     return final
 
 
+def prepare_missing(names, log=print) -> None:
+    """Prepare those of `names` that are aliases not prepared yet (other names are folders or hub ids)."""
+    for name in sorted(n for n in set(names) if n in ALIASES and not (models_dir() / n / "config.json").exists()):
+        prepare(name, log=log)
+
+
 def _task_language() -> list[str]:
     """Text to train a tiny student's tokenizer on: the few-shot exemplars and synthetic task questions."""
     data = json.loads(resources.files("fcot.data").joinpath("few_shot_cot.json").read_text(encoding="utf-8"))

@@ -31,6 +31,7 @@ from fcot.train.trainer import train
 
 # Paths in these variables mean the directory the command started in; Ray workers start elsewhere.
 PATH_VARIABLES = ("FCOT_DATA_DIR", "FCOT_MODELS_DIR", "FCOT_TORCH_EXTENSIONS_DIR")
+QUICKSTART = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.yaml"
 
 
 def cmd_tasks(args) -> None:
@@ -137,6 +138,19 @@ def cmd_sweep(args) -> None:
     print(json.dumps({"sweep_dir": results["sweep_dir"], "best": results["best"], "trials": len(results["trials"])}))
 
 
+def cmd_env(args) -> None:
+    from fcot.environment import collect, render
+
+    config = args.config or (QUICKSTART if QUICKSTART.exists() else None)
+    cfg = load_config(RunConfig, config, args.overrides) if config else None
+    info = collect(cfg)
+    info["config"] = str(config) if config else None
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    print(render(info) + (f"\n(stages of {config})" if config else ""))
+
+
 def cmd_models_prepare(args) -> None:
     prepare(args.name, source=args.source, log=lambda m: print(m, file=sys.stderr))
 
@@ -208,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", nargs="+")
     p.add_argument("--output", help="folder of the study report over several sweeps (default: beside the first)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("env", help="what fcot sees here (CPU features, GPUs, builds, Ray) and the precision and "
+                                   "threads each stage of a run config would use (default: the quickstart)")
+    p.add_argument("config", nargs="?", help="YAML run config (default: experiments/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--json", action="store_true", help="one JSON object, for bug reports")
+    p.set_defaults(func=cmd_env)
 
     add_submit_parsers(sub)  # `fcot submit`, `fcot jobs`: Ray Jobs on a cluster
 

@@ -28,6 +28,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from fcot.config import Config, ModelRef, PathStr
 from fcot.errors import FcotError
+from fcot.hardware import Dtype, Precision, check_gpu, choose
 from fcot.models import resolve_model
 from fcot.resources import Demand
 
@@ -43,7 +44,7 @@ class EngineConfig(Config):
     # requests handed to a replica at a time (default: 256 for vllm, whose continuous batching needs many
     # sequences in flight, 32 otherwise)
     batch_size: int | None = Field(None, ge=1, validate_default=True)
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Dtype = "auto"  # auto: bf16 where the device computes it natively, else fp16 (GPU) / fp32 (CPU)
     # hf
     hf_batch_size: int = Field(32, ge=1)  # sequences per transformers `generate` call
     # vllm
@@ -76,6 +77,22 @@ class EngineConfig(Config):
             raise ValueError("engine.kind recorded needs engine.path and engine.format (or engine.log: a task)")
         return self
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_replica > 0 else "cpu"
+
+    def precision(self, key: str = "engine.dtype") -> Precision | None:
+        """The dtype its replicas run in (fcot.hardware's rule); None for served or recorded models."""
+        return None if self.kind in ("recorded", "openai") else choose(self.dtype, self.device, key)
+
+    def resolved(self) -> "EngineConfig":
+        """This config with its model resolved to a folder and its dtype chosen, as the driver sends it to
+        replicas that run elsewhere (another directory, another node's environment)."""
+        update = {"model": resolve_model(self.model)}
+        if self.kind in ("hf", "vllm"):
+            update["dtype"] = self.precision().dtype
+        return self.model_copy(update=update)
+
     def demands(self, prefix: str, what: str) -> list[Demand]:
         """The replicas this engine runs as Ray actors (none for served or recorded models)."""
         if self.kind in ("recorded", "openai"):
@@ -88,12 +105,16 @@ class EngineConfig(Config):
 
 
 def build_engine(cfg: EngineConfig, cache_dir: str | None = None):
-    """The engine of `cfg` in this process (a replica): the model resolved to its folder here."""
+    """The engine of `cfg` in this process (a replica, whose threads `fcot.hardware.use_cpus` set): the model
+    resolved to its folder here, the dtype as the driver chose it (`EngineConfig.resolved`)."""
+    if cfg.kind in ("hf", "vllm"):
+        dtype = cfg.precision().dtype if cfg.dtype == "auto" else cfg.dtype  # the driver warned of a slow choice
+        if cfg.device == "cuda":
+            check_gpu(dtype, "engine.dtype")
     if cfg.kind == "hf":
-        return HFEngine(resolve_model(cfg.model), dtype=cfg.dtype, batch_size=cfg.hf_batch_size,
-                        num_threads=max(1, int(cfg.cpus_per_replica)))
+        return HFEngine(resolve_model(cfg.model), dtype=dtype, batch_size=cfg.hf_batch_size)
     if cfg.kind == "vllm":
-        return VLLMEngine(resolve_model(cfg.model), dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+        return VLLMEngine(resolve_model(cfg.model), dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                           max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gib=cfg.kv_cache_gib,
                           cache_dir=cache_dir)
@@ -207,13 +228,10 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, model: str, dtype: str = "bfloat16", batch_size: int = 32, device: str | None = None,
-                 num_threads: int | None = None):
+    def __init__(self, model: str, dtype: str = "float32", batch_size: int = 32, device: str | None = None):
         import torch  # heavy: a replica's own
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-        if num_threads:
-            torch.set_num_threads(num_threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(model).is_encoder_decoder else AutoModelForCausalLM
         loaded = auto.from_pretrained(model, dtype=getattr(torch, dtype)).to(device)
@@ -310,7 +328,7 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model: str, dtype: str = "bfloat16", tensor_parallel_size: int = 1, max_model_len: int = 2048,
+    def __init__(self, model: str, dtype: str = "float32", tensor_parallel_size: int = 1, max_model_len: int = 2048,
                  enforce_eager: bool = True, gpu_memory_utilization: float = 0.9,
                  distributed_executor_backend: str | None = None, cache_dir: str | None = None,
                  kv_cache_gib: float = 1.0):

@@ -20,8 +20,8 @@ from pydantic import Field, model_validator
 from fcot.config import Config, PathStr
 from fcot.engines import Completion, EngineConfig, HFEngine, Request, build_engine
 from fcot.errors import FcotError
+from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json, atomic_write_jsonl, read_json
-from fcot.models import resolve_model
 from fcot.prompts import (
     PREDICTION_PREFIX,
     few_shot_cot,
@@ -60,14 +60,6 @@ class EvalConfig(Config):
     ray_address: str | None = None
 
     tasks_and_definitions = model_validator(mode="before")(split_user_tasks)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _engine_defaults(cls, data):
-        """Students train in fp32 on CPU: evaluation decodes in fp32 unless told otherwise."""
-        if isinstance(data, dict) and isinstance(data.get("engine"), dict):
-            data = {**data, "engine": {"dtype": "float32", **data["engine"]}}
-        return data
 
     @model_validator(mode="after")
     def _generates(self):
@@ -154,9 +146,10 @@ class EvalWorker:
     def __init__(self, cfg: dict):
         from transformers.utils import logging as hf_logging  # heavy; a replica loads a model anyway
 
+        self.cfg = EvalConfig.model_validate(cfg)  # registers the config's user tasks in this worker
+        use_cpus(self.cfg.engine.cpus_per_replica)
         hf_logging.disable_progress_bar()
         self.usage = Usage()
-        self.cfg = EvalConfig.model_validate(cfg)  # registers the config's user tasks in this worker
         self.engine = build_engine(self.cfg.engine, cache_dir=str(Path(self.cfg.output_dir) / ".engine_cache"))
         self.max_new_tokens = self.cfg.generation_length()
 
@@ -202,9 +195,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise FcotError(f"no questions to evaluate for tasks {cfg.tasks}")
     init_ray(cfg.ray_address)
     started, cpu_started = time.time(), cpu_seconds(children=False)
-    # The model resolved here: workers run elsewhere (another directory, another node's environment).
-    engine = cfg.engine.model_copy(update={"model": resolve_model(cfg.engine.model)})
-    resolved = cfg.model_copy(update={"engine": engine})
+    # The model resolved and the dtype chosen here: workers run elsewhere (another directory, another node).
+    resolved = cfg.model_copy(update={"engine": cfg.engine.resolved()})
+    precision = cfg.engine.precision()
     items = [{**s.to_dict(), "choices": None} for s in samples]
     e = cfg.engine
     ds = ray.data.from_items(items).map_batches(
@@ -219,6 +212,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     atomic_write_jsonl(out / "predictions.jsonl", rows)
     metrics = {"model": cfg.engine.model, "method": cfg.method, "split": cfg.split,
                "self_consistency": cfg.self_consistency, "max_new_tokens": cfg.generation_length(),
+               "precision": precision.to_dict() if precision else None,
                "wall_s": round(time.time() - started, 2), "cpu_s": round(cpu_s, 1), "gpu_s": round(gpu_s, 1),
                "tasks": {}}
     for task in cfg.tasks:

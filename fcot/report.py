@@ -212,10 +212,13 @@ def build_report(run_dir: str | Path) -> Path:
     lines += ["## Time, tokens and cost", "",
               "CPU-seconds are the CPU time of every process that worked for a stage (driver, Ray actors, training "
               "workers); GPU-seconds the time each stage's workers held their GPUs; `reserved` what the stage asked "
-              "Ray for.", "", "| stage | wall s | CPU s | GPU s | reserved |", "| --- | --- | --- | --- | --- |"]
+              "Ray for; `precision` the dtype the stage's model ran in, and why (fcot.hardware).", "",
+              "| stage | wall s | CPU s | GPU s | reserved | precision |", "| --- | --- | --- | --- | --- | --- |"]
     for name, m in stages.items():
         reserved = ", ".join(f"{v:g} {r}" for r, v in (m.get("reserved") or {}).items() if v) or "—"
-        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.0f} | {m['gpu_s']:.0f} | {reserved} |")
+        p = (m.get("result") or {}).get("precision")
+        precision = f"{p['dtype']} ({p['why']})" if p else "—"
+        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.0f} | {m['gpu_s']:.0f} | {reserved} | {precision} |")
     tokens = sum(t.get("prompt_tokens", 0) + t.get("completion_tokens", 0)
                  for r in teachers.values() for t in (r.get("tasks") or {}).values())
     lines += ["", f"Teacher tokens (prompt + completion, both steps, every teacher): {tokens:,}."]

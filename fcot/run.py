@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field, model_validator
 
-from fcot.bundled import prepare
+from fcot.bundled import prepare_missing
 from fcot.config import Config, PathStr, WandbMode, redacted, wandb_mode
 from fcot.curate import CurateConfig, ShardStreamer, curate
 from fcot.errors import FcotError, user_error
@@ -267,8 +267,7 @@ def _prepare_models(cfg: RunConfig, log) -> None:
     if cfg.teacher.engine.kind in ("hf", "vllm") and "fine_tune_cot" in cfg.methods:
         names.add(cfg.teacher.engine.model)
     names |= {t.engine.model for t in cfg.extra_teachers.values() if t.engine.kind in ("hf", "vllm")}
-    for name in sorted(n for n in names if n in ALIASES and not (models_dir() / n / "config.json").exists()):
-        prepare(name, log=log)
+    prepare_missing(names, log=log)
 
 
 def run_stages(cfg: RunConfig, log=print, on_stage=None) -> dict[str, dict]:

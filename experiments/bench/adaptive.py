@@ -36,7 +36,7 @@ def run_config(args, name: str, sampling: dict) -> dict:
         "methods": ["fine_tune_cot"], "baselines": [],
         "teacher": {"subset": args.questions, "prompt": "few_shot_cot", "progress": False,
                     "few_shot_exemplars": str(ROOT / "experiments" / "prompts" / "coin_flip_state_tracking.json"),
-                    "engine": {"kind": "hf", "model": "smollm2-135m", "dtype": "bfloat16", "cpus_per_replica": 2,
+                    "engine": {"kind": "hf", "model": "smollm2-135m", "cpus_per_replica": 2,
                                "batch_size": 32, "hf_batch_size": 32},
                     "sampling": {"temperature": 0.7, "max_new_tokens": 48, **sampling}},
         "curate": {"max_length": 256},

@@ -10,7 +10,8 @@ Workload, the same for all three: both zero-shot-CoT steps of N = --questions mu
 --max-new-tokens; step 2 appends the rationale and `\nTherefore, the answer is` and decodes greedily
 (answer_max_new_tokens 32). All three go through fcot's own `plan` (prompts, seeds) and `generate_records`
 (step-1 requests, step-2 requests, scoring): only how `engine.generate` is fed differs. Model:
-SmolLM2-135M-Instruct (`smollm2-135m`), bf16; vllm: enforce_eager, prefix caching, the same KV cache size
+SmolLM2-135M-Instruct (`smollm2-135m`, prepared on first use), `dtype: auto` (bf16 on a CPU with native bf16,
+fp32 otherwise: fcot.hardware; --dtype to force one); vllm: enforce_eager, prefix caching, the same KV cache size
 (--kv-cache-gib) everywhere. Throughput counts generated tokens of both steps (completion_tokens +
 answer_completion_tokens of the records), over wall time.
 
@@ -66,7 +67,7 @@ def make_cfg(args, output_dir: str, questions: int):
     from fcot.config import load_config
     from fcot.teacher.config import TeachConfig
 
-    engine = {"kind": args.engine, "model": args.model, "dtype": "bfloat16", "replicas": 1,
+    engine = {"kind": args.engine, "model": args.model, "dtype": args.dtype, "replicas": 1,
               "cpus_per_replica": args.cpus_per_replica, "kv_cache_gib": args.kv_cache_gib, "enforce_eager": True}
     if args.samples_per_batch:
         engine["batch_size"] = args.samples_per_batch
@@ -106,9 +107,11 @@ class OnePerSample:
 def phase_direct(args) -> dict:
     """(b), (b') and (a) on one engine instance, built with the pool's own `build_engine`."""
     from fcot.engines import Request, build_engine
+    from fcot.hardware import use_cpus
     from fcot.teacher.pipeline import generate_records
     from fcot.teacher.plan import plan, teacher_id, teacher_identity
 
+    use_cpus(args.cpus_per_replica)  # the threads a replica of the pool gets
     cfg, warmup = layout(args, tempfile.mkdtemp(prefix="fcot-bench-teacher-direct-"))
     items = plan(cfg)[warmup * args.samples:]  # the measured questions, as in (c)
     teacher = (teacher_id(cfg), json.dumps(teacher_identity(cfg), sort_keys=True))
@@ -191,6 +194,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="step 1 (the rationale)")
     parser.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     parser.add_argument("--naive-samples", type=int, default=16, help="(a) is timed on this many samples")
     parser.add_argument("--samples-per-batch", type=int, default=None, help="(c); default: fcot's config default")
     parser.add_argument("--cpus-per-replica", type=float, default=float(os.cpu_count() or 1),
@@ -206,10 +210,14 @@ def main() -> None:
         return
 
     argv = sys.argv[1:]
+    from fcot.bundled import prepare_missing
+
+    prepare_missing([args.model], log=lambda m: print(m, file=sys.stderr))  # a fresh machine has none prepared
+    precision = make_cfg(args, tempfile.gettempdir(), 1).engine.precision()
     log_path = args.log or tempfile.mktemp(prefix="fcot-bench-teacher-", suffix=".log")
     print(f"{args.questions} multiarith questions x D={args.samples}, max_new_tokens {args.max_new_tokens} (+32 for "
-          f"step 2), engine {args.engine} ({args.model}, bf16), {os.cpu_count()} CPUs; child logs: {log_path}",
-          file=sys.stderr, flush=True)
+          f"step 2), engine {args.engine} ({args.model}, {precision.dtype}: {precision.why}), {os.cpu_count()} CPUs; "
+          f"child logs: {log_path}", file=sys.stderr, flush=True)
     with open(log_path, "a") as log:
         direct = run_phase("direct", argv, log)
         pool = run_phase("pool", argv, log)
@@ -234,7 +242,7 @@ def main() -> None:
     out = {"tok_s_fcot": round(c["tok_s"], 1), "ratio_vs_naive": round(c["tok_s"] / a["tok_s"], 3),
            "ratio_vs_engine": round(c["tok_s"] / b["tok_s"], 3), "tok_s_naive": round(a["tok_s"], 1),
            "tok_s_engine": round(b["tok_s"], 1), "tok_s_teach_wall": round(pool["teach_wall"]["tok_s"], 1),
-           "engine": args.engine, "questions": args.questions, "samples": args.samples,
+           "engine": args.engine, "dtype": precision.dtype, "questions": args.questions, "samples": args.samples,
            "max_new_tokens": args.max_new_tokens, "naive_samples": a["samples"],
            "samples_per_batch": pool["samples_per_batch"], "identical_rationales": f"{same}/{len(common)}"}
     if "engine_chunked" in direct:

@@ -18,8 +18,8 @@ from collections import Counter, defaultdict, deque
 from pathlib import Path
 
 from fcot.engines import Request, build_engine
+from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json
-from fcot.models import resolve_model
 from fcot.prompts import FEW_SHOT_ANSWER_PREFIX, zero_shot_cot_step2, zero_shot_cot_step2_messages
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.scoring import format_prediction, score
@@ -93,9 +93,10 @@ class TeacherWorker:
     def __init__(self, cfg: dict, records_dir: str, teacher: tuple[str, str]):
         from transformers.utils import logging as hf_logging  # heavy; a replica loads a model anyway
 
+        self.cfg = TeachConfig.model_validate(cfg)  # registers the config's user tasks in this worker
+        use_cpus(self.cfg.engine.cpus_per_replica)
         hf_logging.disable_progress_bar()
         self.usage = Usage()
-        self.cfg = TeachConfig.model_validate(cfg)  # registers the config's user tasks in this worker
         self.teacher = teacher
         self.store = RecordStore(records_dir)
         cache = str(Path(self.cfg.output_dir) / ".engine_cache")
@@ -171,9 +172,9 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
     e = cfg.engine
     replica = ray.remote(TeacherWorker).options(num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica,
                                                 max_restarts=3, max_task_retries=3)
-    # The model resolved here (a user error stops the driver, not a replica) and the teacher's identity computed
-    # once: replicas run elsewhere (another directory, another node's environment).
-    resolved = cfg.model_copy(update={"engine": e.model_copy(update={"model": resolve_model(e.model)})})
+    # The model resolved and the dtype chosen here (a user error stops the driver, not a replica), the teacher's
+    # identity computed once: replicas run elsewhere (another directory, another node's environment).
+    resolved = cfg.model_copy(update={"engine": e.resolved()})
     teacher = (tid, json.dumps(teacher_identity(cfg), sort_keys=True))
     actors = [replica.remote(resolved.model_dump(), str(store.root.resolve()), teacher) for _ in range(e.replicas)]
     load = [0] * len(actors)
@@ -245,7 +246,9 @@ def summarize(cfg: TeachConfig, store: RecordStore, qs: list, wall_s: float, cos
             "completion_tokens": sum(r["completion_tokens"] + r["answer_completion_tokens"] for r in rs),
             "samples_per_question": dict(sorted(Counter(per_q.values()).items())),  # samples -> questions
         }
+    precision = cfg.engine.precision()
     return {"output_dir": cfg.output_dir, "records_dir": str(store.root), "teacher_id": teacher_id(cfg),
-            "teacher": teacher_identity(cfg), "planned": sum(t["samples"] for t in tasks.values()),
+            "teacher": teacher_identity(cfg), "precision": precision.to_dict() if precision else None,
+            "planned": sum(t["samples"] for t in tasks.values()),
             "records": len(rows), "generated": cost["generated"], "wall_s": round(wall_s, 2),
             "cpu_s": round(cost["cpu_s"], 1), "gpu_s": round(cost["gpu_s"], 1), "tasks": tasks}

@@ -1,10 +1,11 @@
 """What the teacher generates: its identity, the questions, the prompts, and one work item per sample.
 
 Rule: a record belongs to exactly one teacher. The teacher's identity is everything that changes what it
-writes — engine kind, model (name and content hash), prompt kind and exemplars (hashed), prompt style, sampling
-parameters, split — and its hash `teacher_id` is part of every sample's key and stored with every record, so
-one store can hold many teachers and each run's curation reads only its own. D, the subset and the output
-folder are not part of it: sample k of a question is the same record whatever D or subset asked for it.
+writes — engine kind, model (name and content hash), the dtype it runs in, prompt kind and exemplars (hashed),
+prompt style, sampling parameters, split — and its hash `teacher_id` is part of every sample's key and stored
+with every record, so one store can hold many teachers and each run's curation reads only its own. D, the subset
+and the output folder are not part of it: sample k of a question is the same record whatever D or subset asked
+for it.
 
 Adaptive sampling replays the same way everywhere: a question's samples come in rounds of `round_size`;
 after each full round it stops once `min_correct` distinct correct rationales are in, or at `max_samples`.
@@ -66,6 +67,7 @@ def teacher_identity(cfg: TeachConfig) -> dict:
     if e.kind in ("hf", "vllm"):
         ident["model_sha256"] = fingerprint(e.model) or e.model
         ident["sampler"] = SAMPLER_VERSION.get(e.kind, e.kind)
+        ident["dtype"] = e.precision().dtype  # bf16 and fp32 samples differ: the dtype that ran, not `auto`
     if e.kind == "openai":
         ident["base_url"] = e.base_url
     if e.kind == "recorded":

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from fcot.config import Config, ModelRef, PathStr, WandbMode
+from fcot.hardware import Precision, choose
 from fcot.resources import Demand
 from fcot.tasks import DataDir, UserTask
 
@@ -73,7 +74,8 @@ class TrainConfig(Config):
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: int = Field(1, ge=1)  # also each worker's torch threads
     use_gpu: bool = False  # one GPU per worker
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    # auto: bf16 where the device computes it natively, else fp16 on GPUs and fp32 on CPUs (fcot.hardware)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     seed: int = 0
     max_failures: int = Field(2, ge=-1)  # restarts of the worker group from the last checkpoint (-1: forever)
@@ -110,8 +112,10 @@ class TrainConfig(Config):
         """Examples per forward/backward on one worker."""
         return self.batch_size // (self.num_workers * self.grad_accum)
 
+    def precision_choice(self) -> Precision:
+        return choose(self.precision, "cuda" if self.use_gpu else "cpu", "train.precision")
+
     @property
     def resolved_precision(self) -> str:
-        if self.precision != "auto":
-            return self.precision
-        return "bf16" if self.use_gpu else "fp32"
+        """bf16, fp16 or fp32: as the driver chose it (`train` sends it to the workers as configured)."""
+        return self.precision if self.precision != "auto" else self.precision_choice().short

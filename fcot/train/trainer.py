@@ -34,6 +34,7 @@ import psutil
 from fcot.config import wandb_mode
 from fcot.errors import FcotError
 from fcot.evaluate import AUTO_MARGIN, evaluate_model
+from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json, read_json
 from fcot.models import resolve_model
 from fcot.prompts import get_format
@@ -153,6 +154,7 @@ def train_loop(config: dict) -> None:
     worker_started = time.time()
     usage = Usage()
     cfg = TrainConfig.model_validate(config["cfg"])
+    use_cpus(cfg.cpus_per_worker)  # torch, OpenMP and the tokenizer: the worker's reserved CPUs
     for task in cfg.user_tasks:  # the dev set may score user tasks: make them known in this worker
         task.register()
     ds_ops.configure(cfg.use_gpu)  # before deepspeed is imported
@@ -171,7 +173,6 @@ def train_loop(config: dict) -> None:
     for name in list(logging.root.manager.loggerDict):  # Ray Train logs each report whole (curves and all) at INFO
         if "ray/train" in name or name.startswith("ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
@@ -402,6 +403,8 @@ def train(cfg: TrainConfig) -> dict:
 
     rows = check_curated(cfg.data)
     per_epoch, total_steps = plan_steps(cfg, rows)
+    precision = cfg.precision_choice()  # chosen here, for the device the workers use; they get it as configured
+    cfg = cfg.model_copy(update={"precision": precision.short})
     model_path = resolve_model(cfg.model)
     dev_samples = []
     if cfg.dev is not None:
@@ -447,6 +450,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     result = trainer.fit()
     summary = {"output_dir": str(out), "data": cfg.data, "model": cfg.model, "rows": rows,
+               "precision": precision.to_dict(),
                "steps_per_epoch": per_epoch, **result.metrics, "wall_s": round(time.time() - started, 2),
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     summary["cpu_s"] = round(summary.get("cpu_s", 0.0) + cpu_seconds(children=False) - cpu_started, 1)
