@@ -13,8 +13,9 @@ from fcot.bundled import prepare
 from fcot.config import absolute_path, load_config
 from fcot.curate import CurateConfig, curate
 from fcot.errors import user_error
-from fcot.evaluate import EvalConfig, evaluate
+from fcot.evaluate import EvalConfig, evaluate, prediction_prefix
 from fcot.io import atomic_write_jsonl
+from fcot.methods import METHODS
 from fcot.prompts import PREDICTION_PREFIX
 from fcot.report import build_report, build_study_report, build_sweep_report
 from fcot.run import RunConfig, dry_run, run
@@ -60,7 +61,7 @@ def cmd_data_generate(args) -> None:
 def cmd_score(args) -> None:
     if args.task_file:
         read_task_file(args.task_file)  # user tasks, defined as in a config's `tasks`
-    prefix = args.prefix if args.prefix is not None else PREDICTION_PREFIX[args.method] if args.method else None
+    prefix = args.prefix if args.prefix is not None else prediction_prefix(args.method) if args.method else None
     summary = score_jsonl(args.task, args.input, prefix=prefix, output_path=args.output, root=args.data_dir)
     print(json.dumps(summary))
 
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--prefix", help="the answer is the first candidate after this text "
                                         "(write --prefix=--> for students)")
-    group.add_argument("--method", choices=sorted(PREDICTION_PREFIX), help="use this method's prefix")
+    group.add_argument("--method", choices=sorted({*PREDICTION_PREFIX, *METHODS}), help="use this method's prefix")
     p.add_argument("--output", help="per-line results (default: <input>.scored.jsonl)")
     p.add_argument("--task-file", help="YAML with user task definitions (a list, or a config's `tasks`)")
     p.set_defaults(func=cmd_score)

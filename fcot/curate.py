@@ -36,8 +36,8 @@ from pydantic import Field, model_validator
 from fcot.config import Config, ModelRef, PathStr, read_yaml
 from fcot.errors import FcotError
 from fcot.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from fcot.methods import get_method, method_names
 from fcot.models import resolve_model
-from fcot.prompts import get_format
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
@@ -46,6 +46,7 @@ from fcot.teacher.pipeline import SLIM, spent
 from fcot.teacher.plan import questions as teacher_questions
 from fcot.teacher.plan import teacher_id
 from fcot.teacher.store import RecordStore
+from fcot.train.data import pair_length
 
 DEV_MIN_QUESTIONS = 20  # dev_fraction "auto": a dev split only when the teacher has at least this many questions
 
@@ -56,7 +57,7 @@ def auto_dev_size(n: int) -> int:
 
 
 class CurateConfig(Config):
-    method: Literal["fine_tune_cot", "vanilla"] = "fine_tune_cot"
+    method: str = "fine_tune_cot"  # a student method of fcot.methods
     # The teacher whose records are curated (a mapping, or the path of its YAML); its questions are the run's.
     # Vanilla fine-tuning reads no records, but takes the same questions (and dev split) when a teacher is given.
     teacher: TeachConfig | None = None
@@ -86,8 +87,9 @@ class CurateConfig(Config):
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.method == "fine_tune_cot" and self.teacher is None:
-            raise ValueError("method fine_tune_cot needs the teacher (a mapping, or the path of its config)")
+        method_names([self.method])
+        if get_method(self.method).uses_rationales and self.teacher is None:
+            raise ValueError(f"method {self.method} needs the teacher (a mapping, or the path of its config)")
         if isinstance(self.dev_fraction, float) and not 0 <= self.dev_fraction < 1:
             raise ValueError("dev_fraction must be in [0, 1) or auto")
         q = self.train_questions
@@ -100,7 +102,8 @@ class CurateConfig(Config):
 
 
 class Formatter:
-    """Formats and measures pairs with the student's tokenizer (one per Ray Data actor)."""
+    """Formats and measures a method's pairs with the student's tokenizer (one per Ray Data actor): one row per
+    (record, task of the method), `part` the task's position."""
 
     def __init__(self, method: str, student: str, max_length: int):
         from transformers import AutoConfig, AutoTokenizer  # heavy: in the Ray Data actor only
@@ -108,36 +111,39 @@ class Formatter:
         path = resolve_model(student)
         self.encoder_decoder = bool(AutoConfig.from_pretrained(path).is_encoder_decoder)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.format = get_format(method)
+        self.method = get_method(method)
         self.max_length = max_length
         self.usage = Usage()
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["question"])
-        prompts, completions, lengths, completion_lengths = [], [], [], []
-        for i in range(n):
+        tasks, keys = self.method.tasks, self.method.weight_keys()
+        rows = [(i, part) for i in range(n) for part in range(len(tasks))]
+        prompts, completions = [], []
+        for i, part in rows:
             rationale = str(batch["rationale"][i]) if "rationale" in batch else ""
-            prompts.append(self.format.render_prompt(str(batch["question"][i]), self.encoder_decoder))
-            completions.append(self.format.render_target(str(batch["gold"][i]), rationale, self.encoder_decoder))
+            prompts.append(tasks[part].render_prompt(str(batch["question"][i]), self.encoder_decoder))
+            completions.append(tasks[part].render_target(str(batch["gold"][i]), rationale, self.encoder_decoder))
         p_ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
         c_ids = self.tokenizer(completions, add_special_tokens=False).input_ids
-        for p, c in zip(p_ids, c_ids):  # + 1 for the EOS the trainer appends
-            lengths.append(max(len(p), len(c) + 1) if self.encoder_decoder else len(p) + len(c) + 1)
-            completion_lengths.append(len(c) + 1)
-        batch["prompt"], batch["completion"], batch["length"] = prompts, completions, lengths
-        batch["completion_length"] = completion_lengths
-        batch["too_long"] = [length > self.max_length for length in lengths]
-        batch["cpu_s"] = [self.usage.take()["cpu_s"] / n] * n  # this actor's CPU time, spread over the rows
-        return batch
+        lengths = [pair_length(len(p), len(c), self.encoder_decoder) for p, c in zip(p_ids, c_ids)]
+        out = {name: [batch[name][i] for i, _ in rows] for name in batch}
+        out.update(part=[part for _, part in rows], weight_key=[keys[part] or "" for _, part in rows],
+                   prompt=prompts, completion=completions, length=lengths,
+                   completion_length=[len(c) + 1 for c in c_ids],  # + the EOS the trainer appends
+                   too_long=[length > self.max_length for length in lengths])
+        out["cpu_s"] = [self.usage.take()["cpu_s"] / len(rows)] * len(rows)  # this actor's CPU time, spread out
+        return out
 
 
 RECORD_COLUMNS = ["key", "task", "index", "sample_index", "question", "gold", "rationale"]
-FORMATTED_COLUMNS = ["key", "prompt", "completion", "length", "completion_length", "too_long", "cpu_s"]
+FORMATTED_COLUMNS = ["key", "part", "weight_key", "prompt", "completion", "length", "completion_length", "too_long",
+                     "cpu_s"]
 
 
 def formatted_dir(cfg: CurateConfig) -> Path:
     """Formatted teacher shards for one formatting (method, student, max length): a part per teacher shard."""
-    key = hashlib.sha256(json.dumps([2, cfg.method, cfg.student, cfg.max_length]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([3, cfg.method, cfg.student, cfg.max_length]).encode()).hexdigest()[:12]
     return Path(cfg.output_dir) / "formatted" / key
 
 
@@ -231,15 +237,18 @@ def curate(cfg: CurateConfig) -> dict:
     qs, dev, train_q = split_questions(cfg)
     stats = {t: defaultdict(int) for t in cfg.tasks}
     formatted_now, worker_cpu = 0, 0.0
-    if cfg.method == "vanilla":
+    method = get_method(cfg.method)
+    if not method.uses_rationales:  # the gold answers of the same questions
         ds = ray.data.from_items([{"key": f"{s.task}/{s.index}", "task": s.task, "index": s.index, "sample_index": 0,
                                    "question": s.question, "gold": s.answer}
                                   for s in qs if (s.task, s.index) in train_q])
         ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
                                                               "max_length": cfg.max_length},
                             compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
-        rows = [{**r, "correct": True} for r in ds.take_all()]
-        worker_cpu = sum(float(r["cpu_s"]) for r in rows)
+        pairs = ds.take_all()
+        worker_cpu = sum(float(r["cpu_s"]) for r in pairs)
+        records = {r["key"]: {**r, "correct": True} for r in pairs if r["part"] == 0}
+        chosen = list(records.values())
     else:
         store = RecordStore(records_dir(cfg))
         tid = teacher_id(cfg.teacher)
@@ -248,13 +257,16 @@ def curate(cfg: CurateConfig) -> dict:
         records = store.read(teacher_id=tid, shards=shards, columns=SLIM).to_pylist()
         mine = [r for r in records if (r["task"], r["index"]) in train_q or (r["task"], r["index"]) in dev]
         chosen = [r for r in spent(cfg.teacher, mine) if cfg.num_samples is None or r["sample_index"] < cfg.num_samples]
-        parts = pa.concat_tables([pq.read_table(formatted_dir(cfg) / s.name) for s in shards])
-        formatted = {k: i for i, k in enumerate(parts.column("key").to_pylist())}
-        take = parts.take([formatted[r["key"]] for r in chosen]).to_pylist()
-        rows = [{**r, **f} for r, f in zip(chosen, take)]
+        wanted = {r["key"] for r in chosen}
+        pairs = [p for s in shards for p in pq.read_table(formatted_dir(cfg) / s.name).to_pylist()
+                 if p["key"] in wanted]
+    pairs_of = defaultdict(list)  # record key -> its pairs, one per task of the method, in task order
+    for pair in sorted(pairs, key=lambda p: int(p["part"])):
+        pairs_of[pair["key"]].append(pair)
+    asked = method.tasks.index(method.ask) if method.ask in method.tasks else 0
 
     kept, seen = [], set()
-    for r in sorted(rows, key=lambda r: (r["task"], r["index"], r["sample_index"])):
+    for r in sorted(chosen, key=lambda r: (r["task"], r["index"], r["sample_index"])):
         task, index = str(r["task"]), int(r["index"])
         st = stats[task]
         if (task, index) in dev:
@@ -264,21 +276,24 @@ def curate(cfg: CurateConfig) -> dict:
         if not r["correct"]:
             st["dropped_incorrect"] += 1
             continue
-        if cfg.dedupe and (task, index, r["completion"]) in seen:
+        text = str(r.get("rationale") or pairs_of[r["key"]][0]["completion"]).strip()
+        if cfg.dedupe and (task, index, text) in seen:
             st["dropped_duplicate"] += 1
             continue
-        seen.add((task, index, r["completion"]))
-        if r["too_long"]:
+        seen.add((task, index, text))
+        if any(p["too_long"] for p in pairs_of[r["key"]]):  # a record is kept whole or not at all
             st["dropped_too_long"] += 1
             continue
         st["kept"] += 1
-        kept.append({"task": task, "index": index, "sample_index": int(r["sample_index"]),
-                     "prompt": str(r["prompt"]), "completion": str(r["completion"]), "length": int(r["length"]),
-                     "completion_length": int(r["completion_length"])})
+        for p in pairs_of[r["key"]]:
+            kept.append({"task": task, "index": index, "sample_index": int(r["sample_index"]), "part": int(p["part"]),
+                         "weight_key": str(p["weight_key"]), "prompt": str(p["prompt"]),
+                         "completion": str(p["completion"]), "length": int(p["length"]),
+                         "completion_length": int(p["completion_length"])})
     for task in cfg.tasks:
         train_t = {i for t, i in train_q if t == task}
-        per_question = Counter(r["index"] for r in kept if r["task"] == task)
-        lengths = sorted(r["completion_length"] for r in kept if r["task"] == task)
+        per_question = Counter(r["index"] for r in kept if r["task"] == task and r["part"] == asked)
+        lengths = sorted(r["completion_length"] for r in kept if r["task"] == task and r["part"] == asked)
         spread = Counter(per_question[i] for i in train_t)  # kept rationales -> questions (0 included)
         stats[task].update(questions=len(train_t), dev_questions=sum(t == task for t, _ in dev),
                            questions_without_sample=len(train_t - set(per_question)),
@@ -297,8 +312,10 @@ def curate(cfg: CurateConfig) -> dict:
     dev_rows = [s.to_dict() for s in qs if (s.task, s.index) in dev]
     atomic_write_jsonl(out / "dev.jsonl", dev_rows)
     summary = {"method": cfg.method, "num_samples": cfg.num_samples, "train_questions": cfg.train_questions,
-               "teacher_id": teacher_id(cfg.teacher) if cfg.teacher else None, "kept": len(kept),
-               "completion_length_max": max(r["completion_length"] for r in kept),
+               "teacher_id": teacher_id(cfg.teacher) if cfg.teacher else None,
+               "kept": sum(st.get("kept", 0) for st in stats.values()), "pairs": len(kept),
+               "max_length": cfg.max_length,  # training follows it (train.max_length)
+               "completion_length_max": max(r["completion_length"] for r in kept if r["part"] == asked),
                "shards_formatted_at_curation": formatted_now, "train_dir": str(out / "train"),
                "cpu_s": round(worker_cpu + cpu_seconds(children=False) - cpu_started, 1),
                "dev": str(out / "dev.jsonl"), "dev_questions": len(dev),

@@ -1,11 +1,11 @@
 """Evaluate a student (or any model) on a task split with greedy decoding and the paper's scoring.
 
-Methods: `fine_tune_cot` and `vanilla` (fine-tuned students), and the baselines `zero_shot`,
-`zero_shot_cot` (two steps) and `few_shot_cot`. Inference runs as Ray Data `map_batches` over an actor pool
-of engine replicas, on the teacher's engines and `EngineConfig` (hf or vLLM; replicas, GPUs, tensor parallel,
-context length). Self-consistency (k samples at a temperature, majority vote over the extracted answers) is an
-option. Every accuracy comes with its 95% bootstrap interval, the split's majority-answer and random-guess
-rates, and whether the model's answers collapsed to one (fcot.stats).
+Methods: the student methods of fcot.methods (fine-tuned students, asked their method's test-time question), and
+the baselines `zero_shot`, `zero_shot_cot` (two steps) and `few_shot_cot`. Inference runs as Ray Data
+`map_batches` over an actor pool of engine replicas, on the teacher's engines and `EngineConfig` (hf or vLLM;
+replicas, GPUs, tensor parallel, context length). Self-consistency (k samples at a temperature, majority vote over
+the extracted answers) is an option. Every accuracy comes with its 95% bootstrap interval, the split's
+majority-answer and random-guess rates, and whether the model's answers collapsed to one (fcot.stats).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from fcot.engines import Completion, EngineConfig, HFEngine, Request, build_engi
 from fcot.errors import FcotError
 from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json, atomic_write_jsonl, read_json
+from fcot.methods import METHODS, asked
 from fcot.prompts import (
+    FORMATS,
     PREDICTION_PREFIX,
     few_shot_cot,
     few_shot_excluded_indices,
-    get_format,
     zero_shot_cot_step1,
     zero_shot_cot_step2,
 )
@@ -36,16 +37,17 @@ from fcot.scoring import format_prediction, score, summarize
 from fcot.stats import COLLAPSE_SHARE, accuracy_interval, most_frequent, random_guess
 from fcot.tasks import DataDir, Sample, TaskNames, UserTask, get_task, load_split, split_user_tasks
 
-Method = Literal["fine_tune_cot", "vanilla", "zero_shot", "zero_shot_cot", "few_shot_cot"]
+BASELINES = ("zero_shot", "zero_shot_cot", "few_shot_cot")  # evaluation methods of the untrained student
 AUTO_MARGIN = 8  # "auto" generation length: the longest curated completion plus this many tokens
-AUTO_BASELINE = {"zero_shot": 64, "vanilla": 64, "zero_shot_cot": 256, "few_shot_cot": 256, "fine_tune_cot": 256}
+AUTO_BASELINE = {"zero_shot": 64, "zero_shot_cot": 256, "few_shot_cot": 256}  # without curated stats
+AUTO_STUDENT = {True: 256, False: 64}  # a student method without curated stats, by whether it writes rationales
 
 
 class EvalConfig(Config):
     engine: EngineConfig  # engine.model: the model evaluated
     tasks: TaskNames
     user_tasks: list[UserTask] = []
-    method: Method = "fine_tune_cot"
+    method: str = "fine_tune_cot"  # a student method (fcot.methods) or a baseline (BASELINES)
     split: Literal["train", "test"] = "test"
     split_kind: str = "default"
     subset: int | None = Field(None, ge=1)  # the first N questions of the split
@@ -63,6 +65,9 @@ class EvalConfig(Config):
 
     @model_validator(mode="after")
     def _generates(self):
+        if self.method not in BASELINES and self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: expected a student method ({', '.join(METHODS)}) or a "
+                             f"baseline ({', '.join(BASELINES)})")
         if self.engine.kind == "recorded":
             raise ValueError("eval.engine.kind recorded cannot generate: use hf, vllm or openai")
         return self
@@ -75,15 +80,22 @@ class EvalConfig(Config):
             return self.max_new_tokens
         if self.curated and Path(self.curated).exists():
             return int(read_json(self.curated)["completion_length_max"]) + AUTO_MARGIN
+        if self.method in METHODS:
+            return AUTO_STUDENT[METHODS[self.method].uses_rationales]
         return AUTO_BASELINE[self.method]
+
+
+def prediction_prefix(method: str) -> str | None:
+    """Where the answer starts in a completion of `method` (a student method, a baseline or a prompt format)."""
+    return PREDICTION_PREFIX[method] if method in PREDICTION_PREFIX and method not in METHODS else asked(method).prefix
 
 
 def _requests(method: str, samples: list[dict], max_new_tokens: int, k: int, temperature: float, seed: int,
               encoder_decoder: bool) -> list[Request]:
     reqs = []
     for s in samples:
-        if method in ("fine_tune_cot", "vanilla", "zero_shot"):
-            fmt = get_format(method)
+        if method in METHODS or method in FORMATS:  # a student's test-time question, or a prompt format
+            fmt = asked(method)
             prompt = fmt.render_prompt(s["question"], encoder_decoder)
             stop = (fmt.stop,) if fmt.stop and not encoder_decoder else ()
         elif method == "zero_shot_cot":
@@ -105,7 +117,7 @@ def predict_samples(engine, samples: list[dict], method: str, max_new_tokens: in
     if method == "zero_shot_cot":  # step 2: greedy answer extraction after the trigger
         outs2 = engine.generate([Request(prompt=zero_shot_cot_step2(r.prompt, o.text), max_new_tokens=32)
                                  for r, o in zip(reqs, outs)])
-    prefix = PREDICTION_PREFIX[method]
+    prefix = prediction_prefix(method)
     rows = []
     for i, s in enumerate(samples):
         spec = get_task(s["task"])
@@ -133,7 +145,7 @@ def evaluate_model(model, tokenizer, samples: list[Sample], format_name: str = "
     was_training = model.training
     rows = predict_samples(engine, [s.to_dict() for s in samples], format_name, max_new_tokens)
     model.train(was_training)
-    scores = [score(get_task(r["task"]), r["completion"], r["answer"], prefix=PREDICTION_PREFIX[format_name])
+    scores = [score(get_task(r["task"]), r["completion"], r["answer"], prefix=prediction_prefix(format_name))
               for r in rows]
     summary = summarize(",".join(sorted({s.task for s in samples})), scores)
     summary["outcomes"] = [int(s.correct) for s in scores]  # per question, in the samples' order (for intervals)

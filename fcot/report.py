@@ -3,9 +3,10 @@
 Rule: no accuracy without its noise. Every accuracy is written `55.3% [47.3, 63.3]` (95% bootstrap interval over
 questions), beside the rates it must beat (the test split's majority answer, random guessing on multiple
 choice); a student that gives one answer to >= 90% of the questions is marked collapsed; "X over Y" is written
-only with the paired-bootstrap interval of the difference, and the first lines say whether Fine-tune-CoT beat
-vanilla fine-tuning beyond the noise. Sweeps: mean over seeds with an interval that resamples seeds and
-questions; student size on a log axis of parameter counts, D and data size on log axes.
+only with the paired-bootstrap interval of the difference, and the first lines say whether the run's primary
+method (Fine-tune-CoT by default) beat its reference method (vanilla fine-tuning) beyond the noise. Sweeps: mean
+over seeds with an interval that resamples seeds and questions; student size on a log axis of parameter counts,
+D and data size on log axes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from fcot.errors import FcotError
 from fcot.io import atomic_write_text, iter_jsonl, read_json
 from fcot.layout import RunLayout
+from fcot.methods import METHODS
 from fcot.stats import fmt_acc, fmt_diff, paired_difference, seeds_interval, wilson
 
 LOG_AXES = ("num_samples", "train_questions", "lr", "max_samples", "min_correct", "model")
@@ -45,14 +47,28 @@ def comparison(oa: dict[tuple, bool], ob: dict[tuple, bool], task: str) -> tuple
     return paired_difference([oa[k] for k in keys], [ob[k] for k in keys]) if keys else None
 
 
-def _verdict(task: str, diff) -> str:
+def _label(method: str) -> str:
+    return METHODS[method].label if method in METHODS else method
+
+
+def _verdict(task: str, diff, a: str = "fine_tune_cot", b: str = "vanilla") -> str:
     d, lo, hi = diff
+    la, lb = _label(a), _label(b)
     if lo > 0:
-        return f"**{task}: Fine-tune-CoT beats vanilla fine-tuning by {fmt_diff(d, lo, hi)}**: the interval excludes 0."
+        return f"**{task}: {la} beats {lb} by {fmt_diff(d, lo, hi)}**: the interval excludes 0."
     if hi < 0:
-        return f"**{task}: Fine-tune-CoT is worse than vanilla fine-tuning by {fmt_diff(d, lo, hi)}**."
-    return (f"**{task}: no significant difference between Fine-tune-CoT and vanilla fine-tuning** "
-            f"({fmt_diff(d, lo, hi)}; the interval includes 0).")
+        return f"**{task}: {la} is worse than {lb} by {fmt_diff(d, lo, hi)}**."
+    return (f"**{task}: no significant difference between {la} and {lb}** ({fmt_diff(d, lo, hi)}; the interval "
+            "includes 0).")
+
+
+def compared(run_dir: Path, methods: list[str]) -> tuple[str, str]:
+    """(primary, reference) methods of a run: as its config names them, else Fine-tune-CoT against vanilla."""
+    config = Path(run_dir) / "config.json"
+    cfg = read_json(config) if config.exists() else {}
+    primary = cfg.get("primary_method") or ("fine_tune_cot" if "fine_tune_cot" in methods else methods[0])
+    reference = cfg.get("reference_method") or ("vanilla" if "vanilla" in methods else methods[-1])
+    return primary, reference
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -70,14 +86,16 @@ def build_report(run_dir: str | Path) -> Path:
     tasks = list(dict.fromkeys(t for e in evals.values() for t in e["tasks"])) or list(teacher.get("tasks", {}))
     lines = [f"# fcot run: {layout.root.name}", ""]
 
-    # The verdict first: Fine-tune-CoT against vanilla fine-tuning, beyond the noise or not.
-    pa, pb = (layout.eval(m) / "predictions.jsonl" for m in ("fine_tune_cot", "vanilla"))
-    if "fine_tune_cot" in evals and "vanilla" in evals and pa.exists() and pb.exists():
-        oa, ob = _outcomes(pa), _outcomes(pb)
+    # The verdict first: the primary method against the reference method, beyond the noise or not.
+    students = [m for m in trains if m in evals and (layout.eval(m) / "predictions.jsonl").exists()]
+    outcomes = {m: _outcomes(layout.eval(m) / "predictions.jsonl") for m in students}
+    primary, reference = compared(layout.root, students) if students else (None, None)
+    if primary in outcomes and reference in outcomes and primary != reference:
         for task in tasks:
-            diff = comparison(oa, ob, task)
+            diff = comparison(outcomes[primary], outcomes[reference], task)
             if diff is not None:
-                lines.append(_verdict(task, diff) + " (paired bootstrap over the test questions, 95%)")
+                lines.append(_verdict(task, diff, primary, reference) + " (paired bootstrap over the test questions, "
+                             "95%)")
                 lines.append("")
     collapsed = [f"{m} on {t}" for m, e in evals.items() for t, x in e["tasks"].items() if x.get("collapsed")]
     if collapsed:
@@ -103,6 +121,15 @@ def build_report(run_dir: str | Path) -> Path:
                          f"| | | |")
             if ref.get("random") is not None:
                 lines.append(f"| {task} | random guess | {fmt_acc(ref['random'])} | {ref['n']} | | | |")
+    pairs = [(a, b) for i, a in enumerate(students) for b in students[i + 1:]]
+    if len(pairs) > 1:
+        lines += ["", "Every pair of trained methods (row − column method's accuracy on the same test questions, "
+                  "paired bootstrap, 95%):", "", "| task | methods | difference |", "| --- | --- | --- |"]
+        for task in tasks:
+            for a, b in pairs:
+                diff = comparison(outcomes[a], outcomes[b], task)
+                if diff is not None:
+                    lines.append(f"| {task} | {_label(a)} − {_label(b)} | {fmt_diff(*diff)} |")
     if teachers:
         lines += ["", "Teachers on the training questions they label (the students learn from `teacher`; "
                   "samples per question: how many questions got how many samples):", "",

@@ -18,9 +18,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from fcot.bundled import prepare_missing
 from fcot.config import Config, PathStr, WandbMode, redacted, wandb_mode
@@ -29,6 +29,7 @@ from fcot.errors import FcotError, user_error
 from fcot.evaluate import EvalConfig, evaluate
 from fcot.io import atomic_write_json, read_json
 from fcot.layout import RunLayout
+from fcot.methods import get_method, method_names
 from fcot.models import ALIASES, models_dir, resolve_model
 from fcot.ray_utils import cpu_seconds
 from fcot.report import build_report
@@ -39,9 +40,6 @@ from fcot.teacher.pipeline import teach
 from fcot.train.config import DevConfig, TrainConfig
 from fcot.train.trainer import train
 
-STUDENT_METHODS = ("fine_tune_cot", "vanilla")
-BASELINES = ("zero_shot", "zero_shot_cot", "few_shot_cot")
-
 
 class RunConfig(Config):
     name: str = "fcot"
@@ -50,7 +48,11 @@ class RunConfig(Config):
     user_tasks: list[UserTask] = []
     data_dir: DataDir = Field(None, validate_default=True)
     ray_address: str | None = None
-    methods: list[Literal["fine_tune_cot", "vanilla"]] = ["fine_tune_cot", "vanilla"]  # students trained
+    methods: Annotated[list[str], AfterValidator(method_names)] = ["fine_tune_cot", "vanilla"]  # fcot.methods
+    # The report's first line: the primary method against the reference method (default: the first method, and
+    # vanilla if trained, else the last); its tables compare every pair of methods.
+    primary_method: str | None = None
+    reference_method: str | None = None
     baselines: list[Literal["zero_shot", "zero_shot_cot", "few_shot_cot"]] = ["zero_shot"]  # on the untrained student
     teacher: TeachConfig
     # More teachers, run into the same store and reported beside `teacher` (the students learn from `teacher`
@@ -76,8 +78,20 @@ class RunConfig(Config):
         data["output_dir"] = run_dir
         layout = RunLayout(Path(run_dir))
         common = {k: data[k] for k in ("tasks", "user_tasks", "data_dir", "ray_address") if data.get(k) is not None}
+        methods = data.get("methods") or cls.model_fields["methods"].default
+        data["primary_method"] = data.get("primary_method") or methods[0]
+        others = [m for m in methods if m != data["primary_method"]]
+        data["reference_method"] = data.get("reference_method") or (
+            "vanilla" if "vanilla" in others else others[-1] if others else data["primary_method"])
         train = dict(data.get("train") or {})
         student = train.get("model", TrainConfig.model_fields["model"].default)
+        curate = data.get("curate") or {}
+        curated_max = (curate.max_length if isinstance(curate, CurateConfig) else
+                       curate.get("max_length", CurateConfig.model_fields["max_length"].default))
+        if train.get("max_length") is not None and train["max_length"] != curated_max:
+            raise FcotError(f"key 'train.max_length' ({train['max_length']}) differs from 'curate.max_length' "
+                            f"({curated_max}): training follows curation's limit; set curate.max_length only")
+        train["max_length"] = curated_max  # one length rule: curation keeps what training reads whole
         teacher = {"output_dir": str(layout.teacher), **common, **(data.get("teacher") or {})}
         data["teacher"] = teacher
         data["extra_teachers"] = {name: {"output_dir": str(layout.teacher), **common, **(t or {})}
@@ -91,6 +105,18 @@ class RunConfig(Config):
         ev["engine"] = {"model": student, **(ev.get("engine") or {})}
         data["eval"] = {"output_dir": str(layout.root / "eval"), **common, **ev}
         return data
+
+    @model_validator(mode="after")
+    def _compared(self):
+        for key in ("primary_method", "reference_method"):
+            if getattr(self, key) not in self.methods:
+                raise ValueError(f"{key} {getattr(self, key)!r} is not one of methods ({', '.join(self.methods)})")
+        return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Some method learns from the teacher's rationales (vanilla fine-tuning alone asks it nothing)."""
+        return any(get_method(m).uses_rationales for m in self.methods)
 
     @property
     def layout(self) -> RunLayout:
@@ -120,9 +146,9 @@ def train_config(cfg: RunConfig, method: str) -> TrainConfig:
 
 
 def eval_config(cfg: RunConfig, method: str) -> EvalConfig:
-    """A trained student (fine_tune_cot, vanilla) or a baseline on the untrained student."""
+    """A trained student (a method of cfg.methods) or a baseline on the untrained student."""
     update: dict = {"method": method, "output_dir": str(cfg.layout.eval(method))}
-    if method in STUDENT_METHODS:
+    if method in cfg.methods:
         update["engine"] = cfg.eval.engine.model_copy(update={"model": str(cfg.layout.model(method))})
         update["curated"] = str(cfg.layout.curated(method) / "stats.json")
     return cfg.eval.model_copy(update=update)
@@ -139,15 +165,22 @@ class Stage:
 
 
 def stages(cfg: RunConfig, log=print) -> list[Stage]:
-    """The chain of `cfg`, in order: teacher (for Fine-tune-CoT), then curate -> train -> eval per student
-    method, then the baselines on the untrained student."""
+    """The chain of `cfg`, in order: teacher (for the methods that learn from rationales), then curate -> train ->
+    eval per student method, then the baselines on the untrained student."""
     out = []
-    if "fine_tune_cot" in cfg.methods:  # vanilla fine-tuning needs no teacher
+    if cfg.uses_teacher:  # vanilla fine-tuning needs no teacher
         def run_teacher():
-            streamer = ShardStreamer(curate_config(cfg, "fine_tune_cot")) if cfg.stream else None
-            summary = teach(cfg.teacher, on_shard=streamer)
-            if streamer is not None and streamer.formatted:
-                log(f"[curate-fine_tune_cot] {streamer.formatted} teacher shards formatted while the teacher ran")
+            streamers = [ShardStreamer(curate_config(cfg, m)) for m in cfg.methods
+                         if get_method(m).uses_rationales] if cfg.stream else []
+
+            def on_shard(shard):
+                for streamer in streamers:
+                    streamer(shard)
+
+            summary = teach(cfg.teacher, on_shard=on_shard if streamers else None)
+            for m, streamer in zip([m for m in cfg.methods if get_method(m).uses_rationales], streamers):
+                if streamer.formatted:
+                    log(f"[curate-{m}] {streamer.formatted} teacher shards formatted while the teacher ran")
             return summary
 
         out.append(Stage("teacher", (cfg.teacher,), run_teacher, cfg.teacher.demands("teacher.")))
@@ -235,8 +268,7 @@ def dry_run(cfg: RunConfig) -> list[str]:
                 raise
             notes.append(f"task {task}: data not here ({e}); `fcot data download` before running")
     for key, model in (("teacher.engine.model", cfg.teacher.engine.model), ("train.model", cfg.train.model)):
-        if key.startswith("teacher") and (cfg.teacher.engine.kind in ("openai", "recorded")
-                                          or "fine_tune_cot" not in cfg.methods):
+        if key.startswith("teacher") and (cfg.teacher.engine.kind in ("openai", "recorded") or not cfg.uses_teacher):
             continue
         if model in ALIASES and not (models_dir() / model / "config.json").exists():
             notes.append(f"{key}: {model} not prepared yet (`fcot models prepare {model}`)")
@@ -264,7 +296,7 @@ def dry_run(cfg: RunConfig) -> list[str]:
 def _prepare_models(cfg: RunConfig, log) -> None:
     """Bundled models named by alias are fetched and converted once, before the first stage needs them."""
     names = {cfg.train.model, cfg.eval.engine.model}
-    if cfg.teacher.engine.kind in ("hf", "vllm") and "fine_tune_cot" in cfg.methods:
+    if cfg.teacher.engine.kind in ("hf", "vllm") and cfg.uses_teacher:
         names.add(cfg.teacher.engine.model)
     names |= {t.engine.model for t in cfg.extra_teachers.values() if t.engine.kind in ("hf", "vllm")}
     prepare_missing(names, log=log)

@@ -149,7 +149,7 @@ def prepare_teachers(cfg: SweepConfig, planned: list[tuple[dict, RunConfig]], lo
     sweep_dir = Path(cfg.output_dir)
     teachers = {}
     for _, trial_cfg in planned:
-        if "fine_tune_cot" in trial_cfg.methods:  # vanilla fine-tuning asks the teacher nothing
+        if trial_cfg.uses_teacher:  # vanilla fine-tuning asks the teacher nothing
             teachers.setdefault(config_hash(trial_cfg.teacher), trial_cfg.teacher)
     # The largest adaptive budgets first: smaller ones then find their samples in the store.
     ordered = sorted(teachers.values(), key=lambda t: -t.sampling.budget)

@@ -67,3 +67,22 @@ def ray_local():
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+def recorded(out, shared_data, task="multiarith", log="multiarith") -> dict:
+    """The config of the recorded 175B teacher (its zero-shot-CoT log) writing into `out`."""
+    return {"tasks": task, "output_dir": str(out), "progress": False,
+            "engine": {"kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
+                       "path": str(shared_data / "teacher_logs" / f"{log}_zero_shot_cot.log")}}
+
+
+@pytest.fixture(scope="module")
+def recorded_teacher(tmp_path_factory, shared_data):
+    """The recorded 175B teacher's multiarith records, imported once per module."""
+    from fcot.config import load_config
+    from fcot.teacher.config import TeachConfig
+    from fcot.teacher.pipeline import teach
+
+    cfg = recorded(tmp_path_factory.mktemp("teacher"), shared_data)
+    teach(load_config(TeachConfig, base=cfg))
+    return cfg

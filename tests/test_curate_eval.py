@@ -3,7 +3,6 @@
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from fcot.config import load_config
 from fcot.curate import CurateConfig, ShardStreamer, curate
@@ -12,20 +11,7 @@ from fcot.evaluate import EvalConfig, evaluate, predict_samples
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from fcot.teacher.store import RecordStore
-
-
-def recorded(out, shared_data, task="multiarith", log="multiarith") -> dict:
-    """The config of the recorded 175B teacher (its zero-shot-CoT log) writing into `out`."""
-    return {"tasks": task, "output_dir": str(out), "progress": False,
-            "engine": {"kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
-                       "path": str(shared_data / "teacher_logs" / f"{log}_zero_shot_cot.log")}}
-
-
-@pytest.fixture(scope="module")
-def recorded_teacher(tmp_path_factory, shared_data):
-    cfg = recorded(tmp_path_factory.mktemp("teacher"), shared_data)
-    teach(load_config(TeachConfig, base=cfg))
-    return cfg
+from tests.conftest import recorded
 
 
 def _rows(folder):

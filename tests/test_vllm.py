@@ -173,6 +173,35 @@ def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_o
         assert (by_key[r["key"]]["rationale"], by_key[r["key"]]["answer_text"]) == (r["rationale"], r["answer_text"])
 
 
+def test_a_vllm_replica_runs_as_many_threads_as_the_cpus_it_reserved(vllm_tiny, ray_local):
+    """vLLM's CPU worker binds its OpenMP threads to every core of the node by default; in a replica of one CPU
+    its engine process must run one thread, unbound (Ray does not pin cores)."""
+    require_vllm()
+    import ray
+
+    from fcot.engines import EngineConfig, build_engine
+    from fcot.hardware import use_cpus
+
+    @ray.remote(num_cpus=1)
+    class Replica:
+        def __init__(self, engine: dict):
+            use_cpus(1)
+            self.engine = build_engine(EngineConfig.model_validate(engine))
+
+        def engine_env(self) -> list[dict]:
+            import psutil
+
+            keys = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND")
+            return [{k: c.environ().get(k) for k in keys} for c in psutil.Process().children(recursive=True)]
+
+    replica = Replica.remote(_vllm_engine(vllm_tiny))
+    try:
+        children = ray.get(replica.engine_env.remote())
+    finally:
+        ray.kill(replica)
+    assert children and all(c == {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"} for c in children)
+
+
 def test_vllm_chat_prompt_continues_the_assistant_turn(tmp_path, vllm_tiny, ray_local):
     require_vllm()
     cfg = _cfg(tmp_path / "chat", vllm_tiny, _vllm_engine(vllm_tiny), prompt_style="chat", subset=2,

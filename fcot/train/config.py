@@ -43,7 +43,7 @@ class DevConfig(Config):
     split_kind: str = "default"
     data_dir: DataDir = Field(None, validate_default=True)  # task data (default: $FCOT_DATA_DIR)
     size: int | None = Field(None, ge=1)  # the first N samples only
-    format: str = "fine_tune_cot"  # prompt format of the curated data (fcot.prompts.FORMATS)
+    format: str = "fine_tune_cot"  # the student's method (fcot.methods: its test-time question), or a prompt format
     # "auto": the longest completion in the training data plus a margin (a student's answer must fit)
     max_new_tokens: int | Literal["auto"] = "auto"
     batch_size: int = Field(64, ge=1)  # questions per generate call on rank 0
@@ -69,7 +69,10 @@ class TrainConfig(Config):
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)  # of all optimizer steps
     max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
-    max_length: int = Field(512, ge=8)  # tokens per example (decoders: prompt + completion + EOS)
+    # tokens per example (fcot.train.data.pair_length); None: the curation's max_length (its stats.json), else 512.
+    # Set and different from the curation's: an error naming both keys (a shorter limit would cut the answers off).
+    max_length: int | None = Field(None, ge=8)
+    rationale_weight: float = Field(1.0, ge=0)  # step_by_step: loss = label loss + rationale_weight x rationale loss
     packing: bool = False  # decoders: pack each micro-batch's examples into rows of <= max_length tokens
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: int = Field(1, ge=1)  # also each worker's torch threads

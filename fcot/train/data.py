@@ -1,7 +1,9 @@
 """Curated data -> token batches for a student.
 
 Curated data contract: parquet with columns task (str), index (int), sample_index (int), prompt (str),
-completion (str); one row per kept rationale.
+completion (str), and optionally weight_key (str: the TrainConfig field holding the loss weight of the pair's
+task, fcot.methods; empty: 1); one row per training pair (a method with several tasks gives several pairs per
+kept record).
 
 - decoders: input = prompt + completion + EOS, labels = input with the prompt tokens set to -100 (loss on
   the completion only), truncated to max_length. Prompt and completion are tokenized apart and without
@@ -29,6 +31,7 @@ from fcot.tasks import Sample, load_split
 
 COLUMNS = {"task": "string", "index": "integer", "sample_index": "integer", "prompt": "string",
            "completion": "string"}
+WEIGHT_KEY = "weight_key"  # optional column: the TrainConfig field weighing the pair's task ("" or absent: 1)
 IGNORE = -100
 
 
@@ -54,6 +57,14 @@ def check_curated(path: str) -> int:
     if rows == 0:
         raise FcotError(f"data {path}: no rows")
     return rows
+
+
+def pair_length(prompt_tokens: int, completion_tokens: int, encoder_decoder: bool) -> int:
+    """The length rule, one for curation (too long: dropped) and training (truncated to max_length): a decoder
+    reads prompt + completion + EOS; an encoder-decoder the prompt, and decodes completion + EOS."""
+    if encoder_decoder:
+        return max(prompt_tokens, completion_tokens + 1)
+    return prompt_tokens + completion_tokens + 1
 
 
 def decoder_example(prompt_ids: list[int], completion_ids: list[int], eos: int, max_length: int):
@@ -139,7 +150,9 @@ class Collator:
     def label_tokens(example: tuple[list[int], list[int]]) -> int:
         return sum(1 for t in example[1] if t != IGNORE)
 
-    def collate(self, examples: list[tuple[list[int], list[int]]]) -> dict:
+    def collate(self, examples: list[tuple[list[int], list[int]]], weights=None) -> dict:
+        """`weights` (one per example, a method's task weights): each example's label tokens weigh that much in
+        the loss (a `weights` tensor aligned with the labels; left out when all are 1)."""
         import torch  # heavy: kept out of the CLI's imports
 
         if self.encoder_decoder:
@@ -150,6 +163,12 @@ class Collator:
             out = pad_batch(examples, self.pad_id)
         out["tokens"] = torch.tensor(sum(self.tokens(e) for e in examples))
         out["label_tokens"] = (out["labels"] != IGNORE).sum()
+        if weights is not None and any(w != 1.0 for w in weights):
+            if self.packing:
+                per_token = [w for (_, lab), w in zip(examples, weights) for _ in lab]
+                out["weights"] = torch.tensor([per_token], dtype=torch.float32)
+            else:
+                out["weights"] = torch.tensor(weights, dtype=torch.float32)[:, None].expand_as(out["labels"])
         return out
 
     def __call__(self, batch: dict) -> dict:

@@ -36,19 +36,20 @@ from fcot.errors import FcotError
 from fcot.evaluate import AUTO_MARGIN, evaluate_model
 from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json, read_json
+from fcot.methods import asked
 from fcot.models import resolve_model
-from fcot.prompts import get_format
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.stats import accuracy_interval
 from fcot.tasks import Sample
 from fcot.train import ds_ops
 from fcot.train.config import TrainConfig
-from fcot.train.data import COLUMNS, IGNORE, Collator, check_curated, load_dev_samples
+from fcot.train.data import COLUMNS, IGNORE, WEIGHT_KEY, Collator, check_curated, load_dev_samples
 
 STEADY_AFTER = 5  # steady-state tokens/s: counted from this optimizer step on (start-up, first kernels excluded)
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_TAG = "deepspeed"
 SELECTION_FILE = "fcot_selection.json"  # in a saved student: the epoch it is and why
+DEFAULT_MAX_LENGTH = 512  # train.max_length with no curation stats to follow
 
 
 def plan_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
@@ -117,7 +118,12 @@ def _loss_sum(engine, batch: dict, encoder_decoder: bool):
                                         "max_length_q") if k in batch}
         logits = engine(**inputs, use_cache=False).logits[:, :-1]
         labels = labels[:, 1:]
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    if "weights" not in batch:
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    # A method with several tasks (fcot.methods): each token's loss times its task's weight.
+    weights = batch["weights"] if encoder_decoder else batch["weights"][:, 1:]
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    return (losses * weights.flatten()).sum()
 
 
 def _full_state_dict(engine, stage: int):
@@ -139,14 +145,17 @@ def _save(model, tokenizer, out: Path, state_dict=None, selection: dict | None =
     os.replace(tmp, out)
 
 
-def _read_examples(collate: Collator) -> list:
-    """The whole curated set (every worker holds it: the data sets fine-tuning uses fit in memory), tokenized once."""
+def _read_examples(collate: Collator, cfg: TrainConfig) -> tuple[list, list[float]]:
+    """The whole curated set (every worker holds it: the data sets fine-tuning uses fit in memory), tokenized once,
+    and each example's loss weight (its task's: the TrainConfig field the curated row names, else 1)."""
     import ray.train  # heavy: workers only
 
-    examples = []
+    examples, weights = [], []
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=4096, batch_format="numpy"):
         examples += collate.encode(batch["prompt"], batch["completion"])
-    return examples
+        keys = batch[WEIGHT_KEY] if WEIGHT_KEY in batch else [""] * len(batch["prompt"])
+        weights += [float(getattr(cfg, str(k))) if k else 1.0 for k in keys]
+    return examples, weights
 
 
 def train_loop(config: dict) -> None:
@@ -190,7 +199,7 @@ def train_loop(config: dict) -> None:
 
         model.set_attn_implementation(attention.NAME)
     collate = Collator(tokenizer, cfg.max_length, encoder_decoder, cfg.packing)
-    examples = _read_examples(collate)
+    examples, weights = _read_examples(collate, cfg)
     label_tokens = np.array([collate.label_tokens(e) for e in examples], dtype=np.float64)
     real_tokens = np.array([collate.tokens(e) for e in examples], dtype=np.int64)
 
@@ -248,7 +257,8 @@ def train_loop(config: dict) -> None:
             mine = batch_idx[rank * mb * accum:(rank + 1) * mb * accum]
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for a in range(accum):
-                b = collate.collate([examples[i] for i in mine[a * mb:(a + 1) * mb]])
+                part = mine[a * mb:(a + 1) * mb]
+                b = collate.collate([examples[i] for i in part], [weights[i] for i in part])
                 b = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in b.items()
                      if k not in ("tokens", "label_tokens")}
                 with autocast:
@@ -298,7 +308,7 @@ def train_loop(config: dict) -> None:
                     model.to(engine.device)
                 trained_with = model.config._attn_implementation
                 model.set_attn_implementation("sdpa")  # generation pads: the padding mask needs plain SDPA
-                with torch.no_grad():
+                with torch.no_grad(), autocast:  # the precision the student trains (and is tested) in
                     result = evaluate_model(model, tokenizer, dev_samples, cfg.dev.format,
                                             config["dev_max_new_tokens"], cfg.dev.batch_size)
                 model.set_attn_implementation(trained_with)
@@ -383,9 +393,24 @@ def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bo
     return summary
 
 
+def max_length(cfg: TrainConfig) -> int:
+    """train.max_length: the curation's (its stats.json beside the data) unless set; set and different, an error."""
+    stats = Path(cfg.data).parent / "stats.json"
+    curated = read_json(stats).get("max_length") if stats.exists() else None
+    if cfg.max_length is not None and curated is not None and cfg.max_length != curated:
+        raise FcotError(f"train.max_length ({cfg.max_length}) differs from curate.max_length ({curated}) of "
+                        f"{cfg.data}: curation kept pairs by its own limit; leave train.max_length unset to follow it")
+    return cfg.max_length or curated or DEFAULT_MAX_LENGTH
+
+
 def _longest_completion(data: str) -> int:
+    """The longest completion the student is asked for at test time: curation's stats (the method's asked task),
+    else the longest curated completion."""
     import pyarrow.dataset as pads  # only the driver, once
 
+    stats = Path(data).parent / "stats.json"
+    if stats.exists() and read_json(stats).get("completion_length_max"):
+        return int(read_json(stats)["completion_length_max"])
     ds = pads.dataset(data, format="parquet")
     if "completion_length" in ds.schema.names:
         return int(max(ds.to_table(columns=["completion_length"]).column("completion_length").to_pylist()))
@@ -402,13 +427,14 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     rows = check_curated(cfg.data)
+    cfg = cfg.model_copy(update={"max_length": max_length(cfg)})
     per_epoch, total_steps = plan_steps(cfg, rows)
     precision = cfg.precision_choice()  # chosen here, for the device the workers use; they get it as configured
     cfg = cfg.model_copy(update={"precision": precision.short})
     model_path = resolve_model(cfg.model)
     dev_samples = []
     if cfg.dev is not None:
-        get_format(cfg.dev.format)
+        asked(cfg.dev.format)  # a method or a prompt format: named wrong, the error names it now
         dev_samples = [s.to_dict() | {"choices": s.choices} for s in load_dev_samples(cfg.dev)]
     if not dev_samples:  # no dev set (or an empty one): nothing to select on, the last epoch is the student
         cfg = cfg.model_copy(update={"dev": None})
@@ -421,7 +447,8 @@ def train(cfg: TrainConfig) -> dict:
     init_ray(cfg.ray_address)
     # Read once, here, before the workers take the CPUs: on a small machine Ray Data's read tasks would wait for a
     # free core behind them. The workers then only take the blocks from the object store.
-    dataset = ray.data.read_parquet(cfg.data).select_columns(list(COLUMNS)).materialize()
+    dataset = ray.data.read_parquet(cfg.data)
+    dataset = dataset.select_columns([c for c in [*COLUMNS, WEIGHT_KEY] if c in dataset.columns()]).materialize()
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     callbacks = []
     if cfg.report_to_tune:  # in a Tune trial: each epoch's metrics go to Tune, where schedulers act on them

@@ -1,0 +1,112 @@
+"""Student methods as one object each (fcot.methods): Distilling step-by-step as the method added by one entry, its
+two tasks per curated record with their loss weights, exact under padding and packing, the one length rule, and a
+run of three methods whose report compares the primary with the reference method and every pair."""
+
+import json
+
+import pytest
+import yaml
+
+from fcot.config import load_config
+from fcot.curate import CurateConfig, curate
+from fcot.errors import FcotError
+from fcot.methods import METHODS, asked
+from fcot.run import RunConfig
+from tests.conftest import run_fcot
+from tests.test_curate_eval import _rows
+
+
+def test_step_by_step_is_one_entry_with_two_weighted_tasks_asked_the_label():
+    m = METHODS["step_by_step"]
+    assert m.uses_rationales and [t.name for t in m.tasks] == ["step_by_step_label", "step_by_step_rationale"]
+    assert m.weight_keys() == (None, "rationale_weight") and asked("step_by_step").name == "step_by_step_label"
+    assert asked("fine_tune_cot").prefix == "-->" and asked("vanilla").prefix is None
+    with pytest.raises(FcotError, match="unknown method or format 'nope'"):
+        asked("nope")
+
+
+def test_step_by_step_curation_gives_both_tasks_of_each_kept_record(tmp_path, recorded_teacher, tiny_llama,
+                                                                     ray_local):
+    base = {"tasks": "multiarith", "teacher": recorded_teacher, "student": str(tiny_llama), "dev_fraction": 0.1,
+            "max_length": 512}
+    sbs = curate(load_config(CurateConfig, base={**base, "method": "step_by_step", "output_dir": str(tmp_path / "s")}))
+    ft = curate(load_config(CurateConfig, base={**base, "output_dir": str(tmp_path / "f")}))
+    st, ft_st = sbs["tasks"]["multiarith"], ft["tasks"]["multiarith"]
+    assert st["kept"] == sbs["kept"] > 250 and sbs["pairs"] == 2 * sbs["kept"]
+    assert st["samples"] == ft_st["samples"] and st["dropped_incorrect"] == ft_st["dropped_incorrect"]
+    rows = _rows(tmp_path / "s" / "train")
+    by_record = {}
+    for r in rows:
+        by_record.setdefault((r["index"], r["sample_index"]), {})[r["part"]] = r
+    label, rationale = next(iter(by_record.values()))[0], next(iter(by_record.values()))[1]
+    assert all(set(parts) == {0, 1} for parts in by_record.values())
+    assert label["prompt"].startswith("[label] ") and label["weight_key"] == ""
+    assert rationale["prompt"].startswith("[rationale] ") and rationale["weight_key"] == "rationale_weight"
+    assert "-->" not in rationale["completion"] and len(label["completion"]) < 12
+    # the test-time question is the label task: its generation length comes from the label completions
+    assert sbs["completion_length_max"] == max(r["completion_length"] for r in rows if r["part"] == 0)
+    assert sbs["max_length"] == 512
+
+
+def test_task_weights_weigh_each_examples_tokens_exactly_padded_and_packed(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fcot.train import attention
+    from fcot.train.data import Collator
+    from fcot.train.trainer import _loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    prompts, completions = ["[label] 2 + 3 ###", "[rationale] 2 + 3 ###"], [" 5", " add them: 5"]
+    for packing in (False, True):
+        model.set_attn_implementation(attention.NAME if packing else "sdpa")
+        c = Collator(AutoTokenizer.from_pretrained(tiny_llama), 64, encoder_decoder=False, packing=packing)
+        both = c.encode(prompts, completions)
+        with torch.no_grad():
+            first = _loss_sum(model, c.collate(both[:1]), False)
+            second = _loss_sum(model, c.collate(both[1:]), False)
+            assert "weights" not in c.collate(both, [1.0, 1.0])  # all ones: the plain sum
+            for w in (0.0, 0.5, 2.0):
+                weighted = _loss_sum(model, c.collate(both, [1.0, w]), False)
+                assert torch.allclose(weighted, first + w * second, rtol=1e-5), (packing, w)
+
+
+def test_train_max_length_follows_curation_and_a_mismatch_names_both_keys(tmp_path):
+    base = {"tasks": ["coin_flip"], "output_dir": str(tmp_path / "r"), "teacher": {"engine": {"kind": "recorded",
+            "log": "coin_flip"}}, "curate": {"max_length": 384}}
+    assert load_config(RunConfig, base=base).train.max_length == 384
+    with pytest.raises(FcotError, match=r"'train.max_length' \(256\) differs from 'curate.max_length' \(384\)"):
+        load_config(RunConfig, base={**base, "train": {"max_length": 256}})
+    with pytest.raises(FcotError, match="unknown method 'distill'"):
+        load_config(RunConfig, base={**base, "methods": ["fine_tune_cot", "distill"]})
+    cfg = load_config(RunConfig, base={**base, "methods": ["step_by_step", "fine_tune_cot", "vanilla"]})
+    assert (cfg.primary_method, cfg.reference_method) == ("step_by_step", "vanilla")
+
+
+@pytest.mark.slow
+def test_fcot_run_with_three_methods_compares_them_with_intervals(tmp_path, tiny_llama, shared_data):
+    config = {
+        "name": "three", "output_dir": "run", "tasks": ["coin_flip"], "wandb_mode": "disabled",
+        "methods": ["fine_tune_cot", "step_by_step", "vanilla"], "baselines": [],
+        "teacher": {"subset": 40, "engine": {"kind": "recorded", "log": "coin_flip"}},
+        "curate": {"max_length": 384},
+        "train": {"model": str(tiny_llama), "epochs": 1, "batch_size": 4, "num_workers": 1, "max_steps": 3,
+                  "rationale_weight": 0.5},
+        "eval": {"subset": 12},
+    }
+    (tmp_path / "three.yaml").write_text(yaml.safe_dump(config))
+    run_fcot("run", "three.yaml", cwd=tmp_path, check=True)
+    run = tmp_path / "run"
+    report = (run / "report.md").read_text()
+    assert report.splitlines()[2].startswith("**coin_flip: ") and "Fine-tune-CoT" in report.splitlines()[2]
+    assert "vanilla fine-tuning" in report.splitlines()[2]
+    for pair in ("Fine-tune-CoT − Distilling step-by-step", "Fine-tune-CoT − vanilla fine-tuning",
+                 "Distilling step-by-step − vanilla fine-tuning"):
+        assert f"| coin_flip | {pair} | " in report, pair
+    predictions = (run / "eval" / "step_by_step" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 12 and all("[rationale]" not in json.loads(p)["completion"] for p in predictions)
+    metrics = json.loads((run / "eval" / "step_by_step" / "metrics.json").read_text())
+    stats = json.loads((run / "curated" / "step_by_step" / "stats.json").read_text())
+    assert metrics["max_new_tokens"] == stats["completion_length_max"] + 8  # the label task only: short
+    train = json.loads((run / "stages" / "train-step_by_step.json").read_text())["result"]
+    assert train["steps"] == 3 and train["dev"]
