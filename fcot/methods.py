@@ -6,13 +6,15 @@ adding a method is one entry in METHODS. A method's `tasks` are prompt formats (
 encoder-decoder templates): each curated record gives one (prompt, completion) pair per task, and a task's tokens
 carry the loss weight named by `weights` (a TrainConfig field, e.g. `rationale_weight`; None: 1). `asks` is the
 format of the test-time question (prompt, stop text, and the prefix the answer follows), the first task's unless
-said. Baselines of the untrained student (zero_shot, zero_shot_cot, few_shot_cot) are evaluation methods only,
-in fcot.evaluate.
+said. A student with a chat template (`train.chat_template`) is prompted through it (`uses_chat`, `chat_prompt`,
+`chat_completion`), in curation, training and evaluation alike. Baselines of the untrained student (zero_shot,
+zero_shot_cot, few_shot_cot) are evaluation methods only, in fcot.evaluate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from fcot.errors import FcotError
 from fcot.prompts import FORMATS, Format
@@ -65,6 +67,40 @@ def asked(name: str) -> Format:
     if name in FORMATS:
         return FORMATS[name]
     raise FcotError(f"unknown method or format {name!r}; known: {', '.join([*METHODS, *FORMATS])}")
+
+
+ChatTemplate = Literal["auto", True, False]  # auto: when the student's tokenizer has a chat template
+
+
+def uses_chat(setting: ChatTemplate, tokenizer, encoder_decoder: bool = False,
+              key: str = "train.chat_template") -> bool:
+    """Whether a student is prompted through its chat template (its question as the user turn, its completion as
+    the assistant turn; the loss on the assistant's tokens only): `auto` when its tokenizer has one."""
+    if tokenizer is None:  # a served model (openai engine): the server renders its own template
+        return setting is True
+    has = bool(getattr(tokenizer, "chat_template", None)) and not encoder_decoder
+    if setting is True and not has:
+        raise FcotError(f"{key}: true, but the student {getattr(tokenizer, 'name_or_path', '')} has no chat template")
+    return has if setting == "auto" else bool(setting)
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """A student's prompt in its chat template: the user turn and the opening of the assistant's."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def chat_completion(tokenizer, prompt: str, completion: str) -> str:
+    """The assistant turn that follows `chat_prompt`, as the template writes it, without its final end-of-turn
+    when that is the EOS (the trainer appends the EOS, so the student learns to end its turn)."""
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.strip()}]
+    full, head = tokenizer.apply_chat_template(turns, tokenize=False), chat_prompt(tokenizer, prompt)
+    if not full.startswith(head):
+        raise FcotError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'the student')} does not continue "
+                        "its generation prompt with the assistant turn: set train.chat_template: false")
+    tail = full[len(head):].rstrip("\n")
+    eos = tokenizer.eos_token
+    return tail[: -len(eos)] if eos and tail.endswith(eos) else tail
 
 
 def method_names(value: list[str]) -> list[str]:

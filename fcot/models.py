@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -36,12 +37,26 @@ def resolve_model(name: str) -> str:
         return str(path)
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise FcotError(f"model folder {path} has no config.json")
+        if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
+            raise FcotError(f"model folder {path} has no config.json (nor a LoRA adapter's {ADAPTER_CONFIG})")
         return str(path.resolve())
     if name.startswith((".", "/", "~")):
         raise FcotError(f"model folder {path} does not exist")
     return name  # a hub id: the engine loads it (needs the hub or a local HF cache)
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: a LoRA student's folder holds its adapter and names its base
+
+
+def adapter_of(folder: str) -> dict | None:
+    """A LoRA student's folder: {"base", "adapter", "rank", "merged"} (merged: its merged copy, if saved); else None."""
+    config = Path(folder) / ADAPTER_CONFIG
+    if not config.exists():
+        return None
+    data = json.loads(config.read_text())
+    merged = Path(folder) / "merged"
+    return {"base": data["base_model_name_or_path"], "adapter": str(Path(folder).resolve()), "rank": int(data["r"]),
+            "merged": str(merged) if (merged / "config.json").exists() else None}
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")

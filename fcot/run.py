@@ -96,14 +96,15 @@ class RunConfig(Config):
         data["teacher"] = teacher
         data["extra_teachers"] = {name: {"output_dir": str(layout.teacher), **common, **(t or {})}
                                   for name, t in (data.get("extra_teachers") or {}).items()}
+        chat = {"chat_template": train["chat_template"]} if "chat_template" in train else {}  # one prompting
         data["curate"] = {"teacher": teacher, "student": student, "output_dir": str(layout.root / "curated"),
-                          **common, **(data.get("curate") or {})}
+                          **common, **chat, **(data.get("curate") or {})}
         data["train"] = {"data": str(layout.root / "curated"), "output_dir": str(layout.root / "students"),
                          "model": student, **{k: v for k, v in common.items() if k in ("user_tasks", "ray_address")},
                          **train}
         ev = dict(data.get("eval") or {})
         ev["engine"] = {"model": student, **(ev.get("engine") or {})}
-        data["eval"] = {"output_dir": str(layout.root / "eval"), **common, **ev}
+        data["eval"] = {"output_dir": str(layout.root / "eval"), **common, **chat, **ev}
         return data
 
     @model_validator(mode="after")

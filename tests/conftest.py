@@ -86,3 +86,12 @@ def recorded_teacher(tmp_path_factory, shared_data):
     cfg = recorded(tmp_path_factory.mktemp("teacher"), shared_data)
     teach(load_config(TeachConfig, base=cfg))
     return cfg
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The bundled SmolLM2-135M-Instruct (prepared once into the user cache, as `fcot run` does on first use): a real
+    model with a chat template, right on some coin-flip samples and not on others."""
+    from fcot.bundled import prepare
+
+    return str(prepare("smollm2-135m", log=lambda m: None))

@@ -40,15 +40,6 @@ def _spent(records_dir, rule) -> dict:
     return {q: samples_used(recs, rule, rule.max_samples) for q, recs in by_q.items()}
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """The bundled 135M teacher (prepared once into the user cache, as `fcot run` does on first use): a real model
-    that is right on some coin-flip samples and not on others, which is what adaptive sampling acts on."""
-    from fcot.bundled import prepare
-
-    return str(prepare("smollm2-135m", log=lambda m: None))
-
-
 @pytest.mark.slow
 def test_adaptive_teacher_stops_early_resumes_after_a_kill_and_extends(tmp_path, smollm2):
     cfg = {"tasks": "coin_flip", "subset": 10, "output_dir": str(tmp_path / "teacher"), "progress": False,

@@ -91,7 +91,7 @@ def test_fcot_run_with_three_methods_compares_them_with_intervals(tmp_path, tiny
         "teacher": {"subset": 40, "engine": {"kind": "recorded", "log": "coin_flip"}},
         "curate": {"max_length": 384},
         "train": {"model": str(tiny_llama), "epochs": 1, "batch_size": 4, "num_workers": 1, "max_steps": 3,
-                  "rationale_weight": 0.5},
+                  "rationale_weight": 0.5, "lora": {"r": 4}},  # LoRA students (tiny-llama)
         "eval": {"subset": 12},
     }
     (tmp_path / "three.yaml").write_text(yaml.safe_dump(config))
@@ -109,4 +109,55 @@ def test_fcot_run_with_three_methods_compares_them_with_intervals(tmp_path, tiny
     stats = json.loads((run / "curated" / "step_by_step" / "stats.json").read_text())
     assert metrics["max_new_tokens"] == stats["completion_length_max"] + 8  # the label task only: short
     train = json.loads((run / "stages" / "train-step_by_step.json").read_text())["result"]
-    assert train["steps"] == 3 and train["dev"]
+    assert train["steps"] == 3 and train["dev"] and train["trainable_parameters"] < train["parameters"] / 5
+    assert (run / "students" / "step_by_step" / "model" / "adapter_config.json").exists()
+
+
+def test_chat_template_students_are_asked_in_their_template(smollm2, tiny_llama):
+    from transformers import AutoTokenizer
+
+    from fcot.methods import chat_completion, chat_prompt, uses_chat
+
+    chat, plain = AutoTokenizer.from_pretrained(smollm2), AutoTokenizer.from_pretrained(tiny_llama)
+    plain.chat_template = None  # a base model's tokenizer
+    assert uses_chat("auto", chat) and not uses_chat("auto", plain) and not uses_chat(False, chat)
+    with pytest.raises(FcotError, match="train.chat_template: true, but the student .* has no chat template"):
+        uses_chat(True, plain)
+    prompt, completion = "2 + 3 ###", " add them --> 5 END"
+    head, tail = chat_prompt(chat, prompt), chat_completion(chat, prompt, completion)
+    assert head.endswith("<|im_start|>assistant\n") and "<|im_start|>user\n2 + 3 ###<|im_end|>" in head
+    assert tail == "add them --> 5 END"  # the trainer appends the EOS, <|im_end|>: the end of the turn
+    full = chat.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": tail}],
+                                    tokenize=False)
+    assert full.rstrip("\n") == head + tail + chat.eos_token
+
+
+@pytest.mark.slow
+def test_fcot_run_with_a_chat_template_lora_student(tmp_path, smollm2):
+    config = {
+        "name": "chat", "output_dir": "run", "tasks": ["coin_flip"], "wandb_mode": "disabled",
+        "methods": ["fine_tune_cot"], "baselines": [],
+        "teacher": {"subset": 16, "engine": {"kind": "recorded", "log": "coin_flip"}},
+        "curate": {"max_length": 256, "dev_fraction": 0},
+        "train": {"model": smollm2, "chat_template": True, "epochs": 1, "batch_size": 2, "num_workers": 1,
+                  "max_steps": 2, "lr": 1e-4, "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                  "gradient_checkpointing": True},
+        "eval": {"subset": 3, "engine": {"cpus_per_replica": 2}},
+    }
+    (tmp_path / "chat.yaml").write_text(yaml.safe_dump(config))
+    run_fcot("run", "chat.yaml", cwd=tmp_path, check=True)
+    rows = _rows(tmp_path / "run" / "curated" / "fine_tune_cot" / "train")
+    assert rows and all(r["prompt"].startswith("<|im_start|>system") for r in rows)
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") and r["completion"].endswith(" END") for r in rows)
+    predictions = (tmp_path / "run" / "eval" / "fine_tune_cot" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 3
+    train = json.loads((tmp_path / "run" / "stages" / "train-fine_tune_cot.json").read_text())["result"]
+    assert train["steps"] == 2 and train["trainable_parameters"] < train["parameters"] / 100
+
+
+def test_qlora_needs_cuda_and_says_so_naming_the_key():
+    from fcot.train.config import TrainConfig
+
+    with pytest.raises(Exception, match="lora.quantize: 4-bit QLoRA needs CUDA GPUs"):
+        TrainConfig(data="x", lora={"quantize": "4bit"})
+    assert TrainConfig(data="x", lora={"quantize": "4bit"}, use_gpu=True).lora.quantize == "4bit"

@@ -269,3 +269,32 @@ def test_cli_train_rejects_bad_config(tmp_path):
     proc = run_fcot("train", cfg, "batch_size=8", "num_workers=2")
     # paths resolve against the directory the command ran in (run_fcot: the repository root)
     assert proc.returncode == 2 and f"data {ROOT / 'nowhere'}: not found" in proc.stderr, proc.stderr
+
+
+def test_packed_attention_honours_a_sliding_window_and_refuses_a_soft_cap():
+    """Mistral/Qwen-style students keep their window under packing; a Gemma-2-style soft cap is refused by name."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fcot.errors import FcotError
+    from fcot.train.attention import packed_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    module = SimpleNamespace(num_key_value_groups=1)
+
+    def reference(q, k, v, window):  # one example, attention written out
+        n = q.shape[2]
+        i = torch.arange(n)
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        return ((q @ k.transpose(-1, -2)) / 8 ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+    for window in (3, None):
+        out, _ = packed_attention(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6, sliding_window=window)
+        want = torch.cat([reference(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], window or 10)
+                          for a, b in ((0, 4), (4, 10))], 2).transpose(1, 2)
+        assert torch.allclose(out, want, atol=1e-5), window
+    with pytest.raises(FcotError, match="softcap.*set train.packing: false"):
+        packed_attention(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6, softcap=50.0)

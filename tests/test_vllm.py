@@ -25,6 +25,7 @@ import yaml
 from fcot.config import load_config
 from fcot.engines import OpenAIEngine, Request, render_chat, retry_after_s
 from fcot.errors import FcotError
+from fcot.evaluate import EvalConfig, evaluate
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from tests.conftest import run_fcot
@@ -202,6 +203,52 @@ def test_a_vllm_replica_runs_as_many_threads_as_the_cpus_it_reserved(vllm_tiny, 
     assert children and all(c == {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"} for c in children)
 
 
+def test_a_lora_student_under_zero3_and_packing_is_an_adapter_that_hf_and_vllm_evaluate_alike(
+        tmp_path, vllm_tiny, recorded_teacher, ray_local):
+    """A LoRA student trained on 2 workers with ZeRO-3 and packed rows (dev evaluation on both ranks, no full copy
+    built), saved as its adapter beside its base's folder plus a merged copy; the adapter evaluated by transformers
+    (through peft) and by vLLM (a LoRARequest), and the merged copy, answer the same, greedy in fp32."""
+    require_vllm()
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from fcot.curate import CurateConfig, curate
+    from fcot.train.config import TrainConfig
+    from fcot.train.trainer import train
+
+    curate(load_config(CurateConfig, base={
+        "tasks": "multiarith", "teacher": recorded_teacher, "student": str(vllm_tiny),
+        "output_dir": str(tmp_path / "cur"), "dev_fraction": 0.1, "max_length": 256}))
+    summary = train(load_config(TrainConfig, base={
+        "data": str(tmp_path / "cur" / "train"), "model": str(vllm_tiny), "output_dir": str(tmp_path / "student"),
+        "epochs": 1, "max_steps": 3, "batch_size": 4, "num_workers": 2, "packing": True, "lr": 1e-2,
+        "deepspeed": {"stage": 3}, "lora": {"r": 8, "merge": True}, "wandb": {"mode": "disabled"},
+        "dev": {"path": str(tmp_path / "cur" / "dev.jsonl"), "size": 5, "max_new_tokens": 12}}))
+    model = tmp_path / "student" / "model"
+    assert summary["zero_stage"] == 3 and summary["steps"] == 3 and len(summary["dev"][0]["outcomes"]) == 5
+    assert summary["trainable_parameters"] < summary["parameters"]
+    adapter = json.loads((model / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(vllm_tiny) and not (model / "model.safetensors").exists()
+    weights = load_file(model / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained: B starts at zero
+    assert (model / "merged" / "config.json").exists()
+    shutil.copytree(model, tmp_path / "adapter_only", ignore=shutil.ignore_patterns("merged"))
+
+    def predictions(path, kind) -> list[str]:
+        ev = load_config(EvalConfig, base={
+            "tasks": "multiarith", "subset": 6, "output_dir": str(tmp_path / f"eval-{kind}-{Path(path).name}"),
+            "max_new_tokens": 24, "engine": {**(_vllm_engine(path) if kind == "vllm" else {"kind": "hf"}),
+                                              "model": str(path), "dtype": "float32"}})
+        evaluate(ev)
+        rows = (Path(ev.output_dir) / "predictions.jsonl").read_text().splitlines()
+        return [json.loads(r)["completion"] for r in rows]
+
+    merged = predictions(model / "merged", "hf")
+    assert predictions(tmp_path / "adapter_only", "hf") == merged
+    assert predictions(tmp_path / "adapter_only", "vllm") == merged
+
+
 def test_vllm_chat_prompt_continues_the_assistant_turn(tmp_path, vllm_tiny, ray_local):
     require_vllm()
     cfg = _cfg(tmp_path / "chat", vllm_tiny, _vllm_engine(vllm_tiny), prompt_style="chat", subset=2,
@@ -218,7 +265,6 @@ def test_evaluation_runs_on_vllm_with_the_teachers_engine_config_and_agrees_with
     """Evaluation takes the teacher's EngineConfig: the same model greedy on vLLM and on transformers gives the
     same completions (fp32, the same tokens fed)."""
     require_vllm()
-    from fcot.evaluate import EvalConfig, evaluate
 
     def run(engine, name):
         cfg = load_config(EvalConfig, base={"engine": engine, "tasks": "multiarith", "subset": 6, "max_new_tokens": 12,

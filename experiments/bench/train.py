@@ -12,8 +12,11 @@ examples, after --warmup steps. The bare loop is the best plain loop we could wr
 plain torch AdamW, the same loss and precision, all of the machine's cores (CPU) or the GPU. fcot runs
 --workers Ray Train workers (CPU: one per core, each with one thread; GPU: one per GPU).
 Setups run in interleaved rounds and keep their best round (other jobs on a shared machine skew single runs).
-The last line is JSON: {"ratio_vs_bare": fcot padded / bare padded, "packing_speedup": fcot packed / fcot padded,
-"mfu": model-FLOPs utilisation of fcot packed (GPU only: 6 x parameters x tokens/s over the GPU's bf16 peak)}.
+A fifth setup trains the same student as a LoRA student (--lora-r, all linear layers, packed) beside the full
+fine-tune: its tokens/s and the workers' peak memory (resident set on CPU, allocated CUDA memory on a GPU) against
+fcot packed. The last line is JSON: {"ratio_vs_bare": fcot padded / bare padded, "packing_speedup": fcot packed /
+fcot padded, "lora_tokens_per_s_ratio", "lora_peak_memory_ratio": LoRA / full fine-tuning, "mfu": model-FLOPs
+utilisation of fcot packed (GPU only: 6 x parameters x tokens/s over the GPU's bf16 peak)}.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def bare_loop(model_path: str, rows: list[dict], args, packing: bool, device: st
     return {"tokens_per_s": round(tokens / seconds, 1), "tokens": tokens, "seconds": round(seconds, 2)}
 
 
-def fcot_trainer(work: Path, model_path: str, args, packing: bool, name: str) -> dict:
+def fcot_trainer(work: Path, model_path: str, args, packing: bool, name: str, lora: bool = False) -> dict:
     from fcot.config import load_config
     from fcot.train.config import TrainConfig
     from fcot.train.trainer import train
@@ -102,11 +105,13 @@ def fcot_trainer(work: Path, model_path: str, args, packing: bool, name: str) ->
         f"data={work / 'data'}", f"model={model_path}", f"output_dir={work / name}", f"num_workers={args.workers}",
         f"cpus_per_worker={args.cpus_per_worker}", f"deepspeed.stage={args.stage}", f"batch_size={args.batch_size}",
         f"max_steps={args.warmup + args.steps}", f"packing={str(packing).lower()}", "wandb.mode=disabled", "lr=3e-4",
-        f"use_gpu={str(args.gpu).lower()}", f"precision={args.precision}", "epochs=1", "keep_checkpoints=1"])
+        f"use_gpu={str(args.gpu).lower()}", f"precision={args.precision}", "epochs=1", "keep_checkpoints=1",
+        *([f"lora.r={args.lora_r}"] if lora else [])])
     s = train(cfg)
     steady = s["steady"]  # the trainer's own count after its first --warmup steps
     return {"tokens_per_s": steady["tokens_per_s"], "tokens": steady["tokens"], "seconds": steady["seconds"],
-            "startup_s": s["startup_s"], "wall_s": s["wall_s"], "steps": s["steps"], "stage": s.get("zero_stage")}
+            "startup_s": s["startup_s"], "wall_s": s["wall_s"], "steps": s["steps"], "stage": s.get("zero_stage"),
+            "peak_memory_mb": s.get("peak_memory_mb"), "trainable_parameters": s.get("trainable_parameters")}
 
 
 def main() -> None:
@@ -117,7 +122,9 @@ def main() -> None:
     # 32: 16 examples per worker on 2 workers. Packing saves what padding wastes, which grows with the micro-batch:
     # at the paper's 8 (4 per worker) padding wastes a quarter of the tokens, at 32 about 40% (see bench.md).
     parser.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step (the paper: 8)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 where the device computes it natively, else fp32 (fcot.hardware)")
+    parser.add_argument("--lora-r", type=int, default=16, help="the LoRA setup's rank (all linear layers)")
     parser.add_argument("--workers", type=int, default=None, help="fcot's workers (default: CPUs, or GPUs)")
     parser.add_argument("--stage", default="auto", help="fcot's ZeRO stage (default auto)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each setup keeps its best")
@@ -140,7 +147,9 @@ def main() -> None:
     gpus = torch.cuda.device_count() if args.gpu else 0
     if args.gpu and not gpus:
         sys.exit("--gpu: no CUDA device here")
-    args.precision = args.precision or ("bf16" if args.gpu else "fp32")
+    from fcot.hardware import choose
+
+    args.precision = choose(args.precision, "cuda" if args.gpu else "cpu", "--precision").short
     args.workers = args.workers or (gpus if args.gpu else cpus)
     args.cpus_per_worker = max(1, cpus // args.workers) if not args.gpu else max(1, cpus // max(1, gpus) - 1)
     work = Path(args.work or tempfile.mkdtemp(prefix="fcot-bench-train-"))
@@ -168,7 +177,8 @@ def main() -> None:
     runs = {"bare_padded": lambda r: bare_loop(model_path, rows, args, False, device),
             "bare_packed": lambda r: bare_loop(model_path, rows, args, True, device),
             "fcot_padded": lambda r: fcot_trainer(work, model_path, args, False, f"padded-{r}"),
-            "fcot_packed": lambda r: fcot_trainer(work, model_path, args, True, f"packed-{r}")}
+            "fcot_packed": lambda r: fcot_trainer(work, model_path, args, True, f"packed-{r}"),
+            "fcot_lora_packed": lambda r: fcot_trainer(work, model_path, args, True, f"lora-{r}", lora=True)}
     rounds = {name: [] for name in runs}
     for r in range(args.rounds):
         for name, run in runs.items():
@@ -181,8 +191,12 @@ def main() -> None:
     ratio = results["fcot_padded"]["tokens_per_s"] / results["bare_padded"]["tokens_per_s"]
     packing = results["fcot_packed"]["tokens_per_s"] / results["fcot_padded"]["tokens_per_s"]
     bare_packing = results["bare_packed"]["tokens_per_s"] / results["bare_padded"]["tokens_per_s"]
+    full, lora = results["fcot_packed"], results["fcot_lora_packed"]
     out = {"ratio_vs_bare": round(ratio, 3), "packing_speedup": round(packing, 3),
-           "bare_packing_speedup": round(bare_packing, 3)}
+           "bare_packing_speedup": round(bare_packing, 3),
+           "lora_tokens_per_s_ratio": round(lora["tokens_per_s"] / full["tokens_per_s"], 3),
+           "lora_peak_memory_ratio": round(lora["peak_memory_mb"] / full["peak_memory_mb"], 3),
+           "lora_trainable_parameters": lora["trainable_parameters"]}
     if args.gpu:
         name = torch.cuda.get_device_name(0)
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -190,6 +204,9 @@ def main() -> None:
             best = max(results["fcot_packed"]["tokens_per_s"], results["fcot_padded"]["tokens_per_s"])
             out["mfu"] = round(6 * params * best / (peak * args.workers), 4)
             out["bare_mfu"] = round(6 * params * results["bare_packed"]["tokens_per_s"] / peak, 4)
+    print(f"LoRA r={args.lora_r} / full fine-tuning (packed): {out['lora_tokens_per_s_ratio']:.2f}x tokens/s, "
+          f"{out['lora_peak_memory_ratio']:.2f}x peak memory ({lora['peak_memory_mb']:.0f} vs "
+          f"{full['peak_memory_mb']:.0f} MB per worker)", file=sys.stderr)
     print(f"fcot / bare (padded): {ratio:.2f}   packing / padding: fcot {packing:.2f}, bare {bare_packing:.2f}"
           + (f"   MFU {out['mfu']:.1%}" if "mfu" in out else ""), file=sys.stderr)
     import ray

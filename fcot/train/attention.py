@@ -3,18 +3,40 @@
 A packed micro-batch is one row of its examples back to back (fcot.train.data.pack_batch), with
 `cu_seq_lens_q` (where each example starts, as flash-attention's varlen kernels take it) and position_ids that
 restart at 0 per example. transformers calls the function registered here as the model's attention
-(`attn_implementation="fcot_packed"`): on CUDA one varlen flash-attention call (torch.nn.attention.varlen),
-elsewhere causal SDPA per example, whose cost is that of the example's own length (a block-diagonal mask over
-the whole row would cost the row's length squared). Without `cu_seq_lens_q` it is plain SDPA.
+(`attn_implementation="fcot_packed"`): on CUDA in bf16/fp16 one varlen flash-attention call
+(torch.nn.attention.varlen, torch >= 2.9), elsewhere (CPU, fp32, an older torch) causal SDPA per example, whose
+cost is that of the example's own length (a block-diagonal mask over the whole row would cost the row's length
+squared). A sliding window (Mistral, Qwen) is honoured by both; a soft cap on the scores (Gemma-2) is refused by
+name. Without `cu_seq_lens_q` it is plain SDPA.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch  # this module is model code: only training workers import it
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+from fcot.errors import FcotError
+
 NAME = "fcot_packed"
+
+
+def _varlen():
+    """torch's varlen flash attention and how it is told to be causal, or None where this torch has none (it came
+    in 2.9; `window_size` replaced `is_causal` in 2.11)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.9 only
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        return varlen_attn, {"window_size": (-1, 0)}
+    return (varlen_attn, {"is_causal": True}) if "is_causal" in params else None
+
+
+VARLEN = _varlen()
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -23,23 +45,39 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if cu_seq_lens_q is None or query.shape[0] != 1 or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if kwargs.get("softcap"):  # Gemma-2 style: neither kernel here applies a soft cap to the scores
+        raise FcotError(f"packing: {type(module).__name__} caps its attention scores (softcap), which packed attention "
+                        "does not do: set train.packing: false for this student")
+    window = kwargs.get("sliding_window")  # Mistral / Qwen style: each token sees the last `window` tokens
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.is_cuda and dropout == 0.0:
-        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.9, CUDA
-
-        cu = cu_seq_lens_q.to(query.device, torch.int32)
-        out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
-                          int(max_length_q), int(max_length_q), scale=scaling, window_size=(-1, 0),
-                          enable_gqa=groups > 1)
-        return out.unsqueeze(0), None
+    # Flash attention takes 16-bit tensors only: fp32 on CUDA (precision fp32) runs the SDPA path below.
+    if VARLEN is not None and query.is_cuda and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
+        varlen_attn, causal = VARLEN
+        if window and "window_size" in causal:
+            causal = {"window_size": (window - 1, 0)}
+        if not window or "window_size" in causal:
+            cu = cu_seq_lens_q.to(query.device, torch.int32)
+            out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
+                              int(max_length_q), int(max_length_q), scale=scaling, enable_gqa=groups > 1, **causal)
+            return out.unsqueeze(0), None
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     bounds = cu_seq_lens_q.tolist()
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+
+    def one(q, k, v):
+        n = q.shape[2]
+        if not window or window >= n:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                                                    is_causal=True)
+        i = torch.arange(n, device=q.device)
+        band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)  # causal, within the window
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout,
+                                                                scale=scaling)
+
     # split / cat rather than slice assignment: their backward is one cat / split, not a zero-filled row per example
-    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
-                                                                      is_causal=True)
-                     for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))], 2)
+    out = torch.cat([one(q, k, v) for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2),
+                                                     value.split(lengths, 2))], 2)
     return out.transpose(1, 2).contiguous(), None
 
 

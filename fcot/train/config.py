@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fcot.config import Config, ModelRef, PathStr, WandbMode
 from fcot.hardware import Precision, choose
+from fcot.methods import ChatTemplate
 from fcot.resources import Demand
 from fcot.tasks import DataDir, UserTask
 
@@ -24,6 +25,18 @@ class DeepSpeedConfig(Config):
             raise ValueError("stage must be 0, 1, 2, 3 or auto")
         return v
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on CPU (uses DeepSpeed's cpu_adam)
+
+
+class LoraConfig(Config):
+    """A LoRA student (peft): adapters of rank r on `target_modules`, the base weights frozen. The saved student is
+    the adapter and its base's folder (adapter_config.json); `merge` also saves the merged weights (model/merged)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # peft's name for every linear layer but the head
+    merge: bool = False
+    quantize: Literal["4bit"] | None = None  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only)
 
 
 class WandbConfig(Config):
@@ -73,6 +86,12 @@ class TrainConfig(Config):
     # Set and different from the curation's: an error naming both keys (a shorter limit would cut the answers off).
     max_length: int | None = Field(None, ge=8)
     rationale_weight: float = Field(1.0, ge=0)  # step_by_step: loss = label loss + rationale_weight x rationale loss
+    # The student prompted through its chat template (the question as the user turn, the completion as the assistant
+    # turn, the loss on the assistant's tokens); auto: when its tokenizer has one. Off unless asked, so the paper's
+    # plain `{q} ###` format stays the default. `fcot run` gives it to curation and evaluation too.
+    chat_template: ChatTemplate = False
+    lora: LoraConfig | None = None  # a LoRA (or QLoRA) student instead of a full fine-tune
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
     packing: bool = False  # decoders: pack each micro-batch's examples into rows of <= max_length tokens
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: int = Field(1, ge=1)  # also each worker's torch threads
@@ -98,6 +117,9 @@ class TrainConfig(Config):
                              f"({self.num_workers} x {self.grad_accum})")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision fp16 needs use_gpu (CPUs train in fp32 or bf16)")
+        if self.lora is not None and self.lora.quantize and not self.use_gpu:
+            raise ValueError("lora.quantize: 4-bit QLoRA needs CUDA GPUs (bitsandbytes): set use_gpu: true, or drop "
+                             "lora.quantize for a LoRA student on this machine")
         return self
 
     def demands(self, prefix: str = "") -> list[Demand]:

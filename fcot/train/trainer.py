@@ -19,10 +19,12 @@ lost before that takes the run back to the previous one.)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -33,10 +35,10 @@ import psutil
 
 from fcot.config import wandb_mode
 from fcot.errors import FcotError
-from fcot.evaluate import AUTO_MARGIN, evaluate_model
+from fcot.evaluate import AUTO_MARGIN, dev_scores, dev_summary
 from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json, read_json
-from fcot.methods import asked
+from fcot.methods import asked, uses_chat
 from fcot.models import resolve_model
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.stats import accuracy_interval
@@ -61,15 +63,55 @@ def plan_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def zero_stage(cfg: TrainConfig, parameters: int, memory_bytes: float, world: int) -> int:
+def zero_stage(cfg: TrainConfig, parameters: int, memory_bytes: float, world: int, trainable: int | None = None) -> int:
     """The ZeRO stage: as configured, or (auto) the lowest whose training state fits in half a worker's memory.
-    Per parameter: fp32 weights 4 bytes, gradients 4 (bf16 adds 2 for the cast copy), Adam moments 8; ZeRO-1
-    shards the moments over the workers, ZeRO-2 the gradients too, ZeRO-3 the weights as well."""
+    Per parameter: fp32 weights 4 bytes (bf16 adds 2 for the cast copy); per trainable parameter (all but a LoRA
+    student's frozen base): gradients 4 and Adam moments 8. ZeRO-1 shards the moments over the workers, ZeRO-2 the
+    gradients too, ZeRO-3 the weights as well."""
     if cfg.deepspeed.stage != "auto":
         return cfg.deepspeed.stage
-    extra = 2 if cfg.resolved_precision != "fp32" else 0
-    need = {0: 16 + extra, 1: 8 + extra + 8 / world, 2: 4 + extra + 12 / world, 3: (16 + extra) / world}
-    return next((s for s in (0, 1, 2) if parameters * need[s] < memory_bytes / 2), 3)
+    t = parameters if trainable is None else trainable
+    w = parameters * (4 + (2 if cfg.resolved_precision != "fp32" else 0))
+    need = {0: w + 12 * t, 1: w + 4 * t + 8 * t / world, 2: w + 12 * t / world, 3: (w + 12 * t) / world}
+    return next((s for s in (0, 1, 2) if need[s] < memory_bytes / 2), 3)
+
+
+def _student(cfg: TrainConfig, model_path: str, device):
+    """The model a worker trains, and whether it is an encoder-decoder: fp32 master weights (DeepSpeed casts for
+    bf16 on GPUs; CPUs autocast), the packed attention when packing, gradient checkpointing when asked, and LoRA
+    adapters (peft) over a frozen base — in 4-bit NF4 for QLoRA — when `train.lora` is set."""
+    import torch  # heavy: workers only
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    encoder_decoder = bool(getattr(AutoConfig.from_pretrained(model_path), "is_encoder_decoder", False))
+    model_cls = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
+    lora = cfg.lora
+    kwargs = {"dtype": torch.float32}
+    if lora is not None and lora.quantize:
+        from transformers import BitsAndBytesConfig  # CUDA only (checked with the config)
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise FcotError("train.lora.quantize: 4-bit QLoRA needs bitsandbytes: install the `qlora` extra "
+                            "(FCOT_EXTRAS=dev,vllm,qlora bash scripts/setup.sh)")
+
+        kwargs = {"dtype": torch.bfloat16, "device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)}
+    model = model_cls.from_pretrained(model_path, **kwargs)
+    if cfg.packing:
+        from fcot.train import attention  # registers the packed attention with transformers; torch-heavy
+
+        model.set_attn_implementation(attention.NAME)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # heavy: LoRA students only
+
+        if lora.quantize:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            task_type="SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"))
+    return model, encoder_decoder
 
 
 def deepspeed_config(cfg: TrainConfig, stage: int) -> dict:
@@ -175,7 +217,7 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
     from ray.train import Checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -190,15 +232,11 @@ def train_loop(config: dict) -> None:
 
     model_path = config["model_path"]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    encoder_decoder = bool(getattr(AutoConfig.from_pretrained(model_path), "is_encoder_decoder", False))
-    model_cls = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
-    model = model_cls.from_pretrained(model_path, dtype=torch.float32)  # fp32 master weights; DeepSpeed casts for bf16
+    model, encoder_decoder = _student(cfg, model_path, device)
     parameters = sum(p.numel() for p in model.parameters())
-    if cfg.packing:
-        from fcot.train import attention  # registers the packed attention with transformers; torch-heavy
-
-        model.set_attn_implementation(attention.NAME)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but for a LoRA student
     collate = Collator(tokenizer, cfg.max_length, encoder_decoder, cfg.packing)
+    chat = uses_chat(cfg.chat_template, tokenizer, encoder_decoder)  # how the dev questions are asked
     examples, weights = _read_examples(collate, cfg)
     label_tokens = np.array([collate.label_tokens(e) for e in examples], dtype=np.float64)
     real_tokens = np.array([collate.tokens(e) for e in examples], dtype=np.int64)
@@ -206,14 +244,14 @@ def train_loop(config: dict) -> None:
     if cfg.deepspeed.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorized Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, adamw_mode=True)
     else:  # a plain torch optimizer: ZeRO 0-3 shard it as well, and nothing needs compiling
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     memory = torch.cuda.get_device_properties(device).total_memory if cfg.use_gpu else (
         psutil.virtual_memory().total / max(1, world))
-    stage = zero_stage(cfg, parameters, memory, world)
+    stage = zero_stage(cfg, parameters, memory, world, sum(p.numel() for p in trainable))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, stage),
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps))
@@ -298,33 +336,19 @@ def train_loop(config: dict) -> None:
 
         last = epoch + 1 == cfg.epochs or step >= total_steps
         if dev_samples and ((epoch + 1) % cfg.dev.every == 0 or last):
-            gathered = _full_state_dict(engine, stage)  # every rank helps under ZeRO-3
-            result = None
-            if rank == 0:
-                model = engine.module
-                if gathered is not None:  # ZeRO-3: rank 0's module holds only its partition; evaluate a full copy
-                    model = model_cls.from_config(engine.module.config)
-                    model.load_state_dict(gathered)
-                    model.to(engine.device)
-                trained_with = model.config._attn_implementation
-                model.set_attn_implementation("sdpa")  # generation pads: the padding mask needs plain SDPA
-                with torch.no_grad(), autocast:  # the precision the student trains (and is tested) in
-                    result = evaluate_model(model, tokenizer, dev_samples, cfg.dev.format,
-                                            config["dev_max_new_tokens"], cfg.dev.batch_size)
-                model.set_attn_implementation(trained_with)
-                engine.train()
-            shared = [result]
-            dist.broadcast_object_list(shared, src=0)  # every rank decides the same (and saves together)
-            result = shared[0]
+            result = _dev_accuracy(engine, tokenizer, dev_samples, cfg, config["dev_max_new_tokens"], chat, autocast,
+                                   stage == 3)  # the same result on every rank: they decide (and save) together
             scalars = {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str, bool))}
             state["dev"].append({"epoch": epoch + 1, "step": step, **scalars, "outcomes": result["outcomes"]})
             if state["best"] is None or result["accuracy"] > state["best"]["accuracy"]:  # ties: the earlier epoch
                 state["best"] = {"epoch": epoch + 1, "accuracy": result["accuracy"]}
-                if cfg.selects and rank == 0:
-                    selection = {"epoch": epoch + 1, "dev_accuracy": result["accuracy"], "selection": cfg.selection}
-                    _save(engine.module, tokenizer, candidates / f"epoch_{epoch + 1:03d}", gathered, selection)
-                    for old in sorted(candidates.glob("epoch_*"))[:-2]:  # keep the best and the one before it
-                        shutil.rmtree(old, ignore_errors=True)
+                if cfg.selects:
+                    gathered = _full_state_dict(engine, stage)  # every rank helps under ZeRO-3
+                    if rank == 0:
+                        selection = {"epoch": epoch + 1, "dev_accuracy": result["accuracy"], "selection": cfg.selection}
+                        _save(engine.module, tokenizer, candidates / f"epoch_{epoch + 1:03d}", gathered, selection)
+                        for old in sorted(candidates.glob("epoch_*"))[:-2]:  # keep the best and the one before it
+                            shutil.rmtree(old, ignore_errors=True)
         if state["dev"]:
             metrics["dev_accuracy"] = state["dev"][-1]["accuracy"]
         used = usage.take()  # every worker's CPU and GPU time this epoch, summed (kept in the checkpoint)
@@ -332,6 +356,9 @@ def train_loop(config: dict) -> None:
         dist.all_reduce(spent)
         state["cpu_s"] += spent[0].item()
         state["gpu_s"] += spent[1].item()
+        peak = torch.tensor([_peak_memory_mb(cfg.use_gpu)], dtype=torch.float64, device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the largest worker's
+        state["peak_memory_mb"] = max(state.get("peak_memory_mb", 0.0), round(peak.item(), 1))
         if last:  # the student is saved before the last report: a restart after it has nothing left to do
             model_dir = out / "model"
             if cfg.selects:
@@ -343,7 +370,10 @@ def train_loop(config: dict) -> None:
                     _save(engine.module, tokenizer, model_dir, gathered,
                           {"epoch": epoch + 1, "selection": "last"})
                 state["selected_epoch"] = epoch + 1
+            if cfg.lora is not None and cfg.lora.merge and rank == 0:
+                _merge(model_dir, model_path)
             metrics.update(_summary(state, total_steps, model_dir, encoder_decoder, parameters))
+            metrics["trainable_parameters"] = sum(p.numel() for p in trainable)
             metrics["zero_stage"] = stage
         if run is not None:
             run.log({f"epoch/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -357,6 +387,52 @@ def train_loop(config: dict) -> None:
                              checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
     if run is not None:
         run.finish()
+
+
+def _dev_accuracy(engine, tokenizer, samples, cfg: TrainConfig, max_new_tokens: int, chat: bool, autocast,
+                  zero3: bool) -> dict:
+    """Dev accuracy with every rank answering an equal share of the questions (the last one repeated to even them
+    out), so no rank waits in a collective while another generates; under ZeRO-3 all ranks generate together
+    (`synced_gpus`) from their partitions, and no full copy of the weights is built. The ranks' scores are
+    gathered in the samples' order; every rank returns the same summary."""
+    import ray.train  # heavy: workers only
+    import torch
+    import torch.distributed as dist
+
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    share = -(-len(samples) // world)
+    mine = [samples[min(i, len(samples) - 1)] for i in range(rank * share, (rank + 1) * share)]
+    model = engine.module
+    trained_with = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")  # generation pads: the padding mask needs plain SDPA
+    with torch.no_grad(), autocast:  # the precision the student trains (and is tested) in
+        scores = dev_scores(model, tokenizer, mine, cfg.dev.format, max_new_tokens, cfg.dev.batch_size, chat,
+                            synced_gpus=zero3)
+    model.set_attn_implementation(trained_with)
+    engine.train()
+    parts = [None] * world
+    dist.all_gather_object(parts, scores)
+    return dev_summary(samples, [x for part in parts for x in part][:len(samples)])
+
+
+def _peak_memory_mb(gpu: bool) -> float:
+    """This worker's peak memory: CUDA memory allocated on a GPU, else the process's peak resident set."""
+    if gpu:
+        import torch  # heavy: workers only
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _merge(model_dir: Path, base: str) -> None:
+    """A LoRA student's merged copy (model/merged): its base, unquantized, with the adapter folded in."""
+    import torch  # heavy: rank 0, once
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(base).is_encoder_decoder else AutoModelForCausalLM
+    merged = PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), str(model_dir))
+    _save(merged.merge_and_unload(), AutoTokenizer.from_pretrained(model_dir), model_dir / "merged")
 
 
 def _select(model_dir: Path, candidates: Path, epoch: int, rank: int) -> None:
@@ -384,7 +460,8 @@ def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bo
                "parameters": parameters, "dev": state["dev"], "selected_epoch": state["selected_epoch"],
                "steady": {"tokens": state["steady_tokens"], "seconds": round(state["steady_s"], 3),
                           "tokens_per_s": round(state["steady_tokens"] / max(state["steady_s"], 1e-9), 1)},
-               "cpu_s": round(state["cpu_s"], 1), "gpu_s": round(state["gpu_s"], 1)}
+               "cpu_s": round(state["cpu_s"], 1), "gpu_s": round(state["gpu_s"], 1),
+               "peak_memory_mb": state.get("peak_memory_mb")}
     if state["best"] is not None:
         summary.update(best_dev_accuracy=state["best"]["accuracy"], best_epoch=state["best"]["epoch"])
         selected = next((d for d in state["dev"] if d["epoch"] == state["selected_epoch"]), None)
