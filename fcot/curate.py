@@ -4,11 +4,13 @@ Rule: a student is trained only on records of the run's own teacher (its teacher
 questions. The questions are the teacher's (its split and subset); a dev split for model selection is carved
 from them first (seeded, by question, the same for every method and data size), then `train_questions` takes
 a seeded, nested subset of the rest (a smaller set is a subset of every larger one): the paper's data-size
-study, with the teacher run once on the whole split. Fine-tune-CoT keeps the first D samples of each question
-(or those an adaptive teacher spent), those whose answer is correct, optionally one of identical rationales,
-formats them (decoder: `{q} ###` -> ` {rationale} --> {answer} END`; encoder-decoder: `{q}` ->
-`{rationale} --> {answer}`) and drops pairs longer than the student's max length. Vanilla pairs come from the
-gold answers of the same questions.
+study, with the teacher run once on the whole split. A method that learns from rationales (fcot.methods:
+Fine-tune-CoT, step-by-step) keeps the first D samples of each question (or those an adaptive teacher spent),
+those whose answer is correct, optionally one of identical rationales, formats each into one pair per task of
+the method (Fine-tune-CoT, decoder: `{q} ###` -> ` {rationale} --> {answer} END`; encoder-decoder: `{q}` ->
+`{rationale} --> {answer}`), in the student's chat template when asked, and drops a record any of whose pairs is
+longer than the student's max length (fcot.train.data.pair_length). Vanilla pairs come from the gold answers of
+the same questions.
 
 Formatting (tokenizing every rationale with the student's tokenizer) is done once per teacher shard and kept in
 OUTPUT_DIR/formatted/: `fcot run` formats each shard as the teacher writes it (ShardStreamer), and curation
@@ -186,8 +188,7 @@ class ShardStreamer:
             return
         try:
             if self.formatter is None:
-                self.formatter = Formatter(self.cfg.method, self.cfg.student, self.cfg.max_length,
-                                           self.cfg.chat_template)
+                self.formatter = Formatter(**_formatter_kwargs(self.cfg))
             table = pq.read_table(shard, columns=RECORD_COLUMNS)
             _write_part(self.out / shard.name, self.formatter({c: table.column(c).to_pylist() for c in RECORD_COLUMNS}))
             self.formatted += 1
