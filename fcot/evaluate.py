@@ -88,7 +88,7 @@ class EvalConfig(Config):
 
 def prediction_prefix(method: str) -> str | None:
     """Where the answer starts in a completion of `method` (a student method, a baseline or a prompt format)."""
-    return PREDICTION_PREFIX[method] if method in PREDICTION_PREFIX and method not in METHODS else asked(method).prefix
+    return asked(method).prefix if method in METHODS or method in FORMATS else PREDICTION_PREFIX[method]
 
 
 def _requests(method: str, samples: list[dict], max_new_tokens: int, k: int, temperature: float, seed: int,

@@ -59,15 +59,25 @@ def cuda_bf16() -> bool | None:
     return bool(torch.cuda.is_bf16_supported()) if torch.cuda.is_available() else None
 
 
-def cpu_flags() -> list[str]:
-    """The CPU features that decide speed here, from /proc/cpuinfo (empty where there is none)."""
+def cpu_info() -> tuple[str, list[str]]:
+    """(model name, the CPU features that decide speed here), from /proc/cpuinfo (empty where there is none)."""
+    model, have = "", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            line = next((x for x in f if x.startswith(("flags", "Features"))), "")
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.partition(":")[2].strip()
+                elif line.startswith(("flags", "Features")):
+                    have = set(line.partition(":")[2].split())
+                    break
     except OSError:
-        return []
-    have = set(line.partition(":")[2].split())
-    return [flag for flag in CPU_FLAGS if flag in have]
+        pass
+    return model, [flag for flag in CPU_FLAGS if flag in have]
+
+
+def threads_for(cpus: float) -> int:
+    """The intra-op threads of a worker that reserved `cpus` CPUs (at least one)."""
+    return max(1, math.floor(cpus))
 
 
 _warned: set[tuple] = set()
@@ -113,7 +123,7 @@ def use_cpus(n: float) -> int:
     """Make this process use as many intra-op threads as the CPUs it reserved (at least one): torch, OpenMP and
     MKL, the tokenizers' Rayon pool, and vLLM's CPU worker (not bound to cores: Ray does not pin them, so vLLM's
     own binding to every core of the node would overlap other workers). Call it before loading a model."""
-    threads = max(1, math.floor(n))
+    threads = threads_for(n)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[name] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"

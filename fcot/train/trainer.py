@@ -470,24 +470,28 @@ def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bo
     return summary
 
 
-def max_length(cfg: TrainConfig) -> int:
-    """train.max_length: the curation's (its stats.json beside the data) unless set; set and different, an error."""
-    stats = Path(cfg.data).parent / "stats.json"
-    curated = read_json(stats).get("max_length") if stats.exists() else None
+def _curation_stats(data: str) -> dict:
+    """The stats.json curation wrote beside the data ({} for data curated elsewhere)."""
+    stats = Path(data).parent / "stats.json"
+    return read_json(stats) if stats.exists() else {}
+
+
+def max_length(cfg: TrainConfig, stats: dict) -> int:
+    """train.max_length: the curation's unless set; set and different, an error."""
+    curated = stats.get("max_length")
     if cfg.max_length is not None and curated is not None and cfg.max_length != curated:
         raise FcotError(f"train.max_length ({cfg.max_length}) differs from curate.max_length ({curated}) of "
                         f"{cfg.data}: curation kept pairs by its own limit; leave train.max_length unset to follow it")
     return cfg.max_length or curated or DEFAULT_MAX_LENGTH
 
 
-def _longest_completion(data: str) -> int:
+def _longest_completion(data: str, stats: dict) -> int:
     """The longest completion the student is asked for at test time: curation's stats (the method's asked task),
     else the longest curated completion."""
     import pyarrow.dataset as pads  # only the driver, once
 
-    stats = Path(data).parent / "stats.json"
-    if stats.exists() and read_json(stats).get("completion_length_max"):
-        return int(read_json(stats)["completion_length_max"])
+    if stats.get("completion_length_max"):
+        return int(stats["completion_length_max"])
     ds = pads.dataset(data, format="parquet")
     if "completion_length" in ds.schema.names:
         return int(max(ds.to_table(columns=["completion_length"]).column("completion_length").to_pylist()))
@@ -504,7 +508,8 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     rows = check_curated(cfg.data)
-    cfg = cfg.model_copy(update={"max_length": max_length(cfg)})
+    stats = _curation_stats(cfg.data)
+    cfg = cfg.model_copy(update={"max_length": max_length(cfg, stats)})
     per_epoch, total_steps = plan_steps(cfg, rows)
     precision = cfg.precision_choice()  # chosen here, for the device the workers use; they get it as configured
     cfg = cfg.model_copy(update={"precision": precision.short})
@@ -516,7 +521,7 @@ def train(cfg: TrainConfig) -> dict:
     if not dev_samples:  # no dev set (or an empty one): nothing to select on, the last epoch is the student
         cfg = cfg.model_copy(update={"dev": None})
     dev_tokens = cfg.dev.max_new_tokens if cfg.dev and cfg.dev.max_new_tokens != "auto" else (
-        _longest_completion(cfg.data) + AUTO_MARGIN)
+        _longest_completion(cfg.data, stats) + AUTO_MARGIN)
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
