@@ -21,7 +21,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from fcot.errors import FcotError
-from fcot.models import ALIASES
+from fcot.models import ALIASES, fingerprint
 
 T = TypeVar("T", bound=BaseModel)
 WandbMode = Literal["auto", "online", "offline", "disabled"]
@@ -50,8 +50,43 @@ def model_ref(value: str) -> str:
     return value
 
 
+class _Mark:
+    """Metadata on a config field, read by `results_view`."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __repr__(self) -> str:
+        return self.what
+
+
+PLACEMENT = _Mark("placement")  # where, on how much, or how visibly a stage runs: never what it computes
+MODEL = _Mark("model")  # a model reference: the content of a local folder decides results, not only its name
+
 PathStr = Annotated[str, AfterValidator(absolute_path)]
-ModelRef = Annotated[str, AfterValidator(model_ref)]
+ModelRef = Annotated[str, AfterValidator(model_ref), MODEL]
+RayAddress = Annotated[str | None, PLACEMENT]  # a cluster to join (None: start or join a local one)
+
+
+def results_view(value: Any) -> Any:
+    """What of a config decides its stage's results, as plain data (fcot.run's resume rule): fields marked
+    PLACEMENT (replicas, CPUs and GPUs per replica or worker, ray_address, progress, W&B, checkpoint retention)
+    are left out, so a run resumed on a resized cluster redoes nothing; a local model folder is joined by the
+    content hash of its configs and weights, so a changed model file redoes what reads it."""
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, field in type(value).model_fields.items():
+            if PLACEMENT in field.metadata:
+                continue
+            v = getattr(value, name)
+            out[name] = ({"name": v, "sha256": fingerprint(v)} if MODEL in field.metadata and isinstance(v, str)
+                         else results_view(v))
+        return out
+    if isinstance(value, dict):
+        return {str(k): results_view(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [results_view(v) for v in value]
+    return value
 
 
 def read_yaml(path: str | os.PathLike) -> dict:

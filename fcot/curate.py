@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from fcot.config import Config, ModelRef, PathStr, read_yaml
+from fcot.config import Config, ModelRef, PathStr, RayAddress, read_yaml
 from fcot.errors import FcotError
 from fcot.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from fcot.methods import ChatTemplate, chat_completion, chat_prompt, get_method, method_names, uses_chat
@@ -77,7 +77,7 @@ class CurateConfig(Config):
     dev_fraction: float | Literal["auto"] = "auto"  # questions held out for model selection (see auto_dev_size)
     seed: int = 0
     output_dir: PathStr = "runs/curated"
-    ray_address: str | None = None
+    ray_address: RayAddress = None
 
     tasks_and_definitions = model_validator(mode="before")(split_user_tasks)
 

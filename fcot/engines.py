@@ -21,12 +21,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
 import requests
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from fcot.config import Config, ModelRef, PathStr
+from fcot.config import PLACEMENT, Config, ModelRef, PathStr
 from fcot.errors import FcotError
 from fcot.hardware import Dtype, Precision, check_gpu, choose
 from fcot.models import adapter_of, resolve_model
@@ -38,9 +38,11 @@ class EngineConfig(Config):
 
     kind: Literal["hf", "vllm", "openai", "recorded"] = "hf"
     model: ModelRef = "smollm2-135m"  # an alias (`fcot models`), a local folder, or a hub id / server model name
-    replicas: int = Field(1, ge=1)  # engine replicas, each a Ray actor
-    cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)  # vllm on GPUs: = tensor_parallel_size
+    replicas: Annotated[int, PLACEMENT] = Field(1, ge=1)  # engine replicas, each a Ray actor
+    cpus_per_replica: Annotated[float, PLACEMENT] = Field(1.0, gt=0)
+    # vllm on GPUs: = tensor_parallel_size. Hashed for resume, unlike the other placement keys: it picks the
+    # device, and so the dtype `auto` means
+    gpus_per_replica: float = Field(0.0, ge=0)
     # requests handed to a replica at a time (default: 256 for vllm, whose continuous batching needs many
     # sequences in flight, 32 otherwise)
     batch_size: int | None = Field(None, ge=1, validate_default=True)
@@ -56,8 +58,8 @@ class EngineConfig(Config):
     # openai
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from a file
-    max_concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
+    max_concurrency: Annotated[int, PLACEMENT] = Field(8, ge=1)
+    timeout_s: Annotated[float, PLACEMENT] = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
     # recorded: a file (path + format), or `log: TASK`, the task's 175B log in the data dir (fcot data download)
     path: PathStr | None = None

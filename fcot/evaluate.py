@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fcot.config import Config, PathStr
+from fcot.config import Config, PathStr, RayAddress
 from fcot.engines import Completion, EngineConfig, HFEngine, Request, build_engine
 from fcot.errors import FcotError
 from fcot.hardware import use_cpus
@@ -60,7 +60,7 @@ class EvalConfig(Config):
     chat_template: ChatTemplate = False  # a student method's question in the model's chat template (run: train's)
     temperature: float = Field(0.7, gt=0)
     seed: int = 0
-    ray_address: str | None = None
+    ray_address: RayAddress = None
 
     tasks_and_definitions = model_validator(mode="before")(split_user_tasks)
 

@@ -10,6 +10,7 @@ Student (Fine-tune-CoT): `{question} ###` -> ` {rationale} --> {answer} END` (T5
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -113,3 +114,13 @@ def get_format(name: str) -> Format:
     if name not in FORMATS:
         raise FcotError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}")
     return FORMATS[name]
+
+
+@functools.lru_cache(maxsize=1)
+def templates_sha256() -> str:
+    """A hash of every template here (teacher steps, student formats, few-shot exemplars): a stage marker made
+    with other templates is stale (fcot.run.config_hash)."""
+    step2 = zero_shot_cot_step2(zero_shot_cot_step1("{question}"), "{rationale}")
+    blob = json.dumps([step2, FEW_SHOT_ANSWER_PREFIX, repr(FORMATS), PREDICTION_PREFIX, _few_shot_table()],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Callable, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from fcot.bundled import prepare_missing
-from fcot.config import Config, PathStr, WandbMode, redacted, wandb_mode
+from fcot.config import Config, PathStr, RayAddress, WandbMode, redacted, results_view, wandb_mode
 from fcot.curate import CurateConfig, ShardStreamer, curate
 from fcot.errors import FcotError, user_error
 from fcot.evaluate import EvalConfig, evaluate
@@ -31,6 +31,7 @@ from fcot.io import atomic_write_json, read_json
 from fcot.layout import RunLayout
 from fcot.methods import get_method, method_names
 from fcot.models import ALIASES, models_dir, resolve_model
+from fcot.prompts import templates_sha256
 from fcot.ray_utils import cpu_seconds
 from fcot.report import build_report
 from fcot.resources import Demand, check_local, check_resources, largest
@@ -47,7 +48,7 @@ class RunConfig(Config):
     tasks: TaskNames
     user_tasks: list[UserTask] = []
     data_dir: DataDir = Field(None, validate_default=True)
-    ray_address: str | None = None
+    ray_address: RayAddress = None
     methods: Annotated[list[str], AfterValidator(method_names)] = ["fine_tune_cot", "vanilla"]  # fcot.methods
     # The report's first line: the primary method against the reference method (default: the first method, and
     # vanilla if trained, else the last); its tables compare every pair of methods.
@@ -199,7 +200,8 @@ def stages(cfg: RunConfig, log=print) -> list[Stage]:
 
 
 def config_hash(*configs) -> str:
-    blob = json.dumps([c.model_dump() for c in configs], sort_keys=True, default=str)
+    """The hash of what decides a stage's results (fcot.config.results_view) and of the prompt templates."""
+    blob = json.dumps([templates_sha256(), *[results_view(c) for c in configs]], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -26,7 +26,18 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fcot.config import Config, PathStr, WandbMode, apply_override, load_config, merge, read_yaml, redacted, wandb_mode
+from fcot.config import (
+    Config,
+    PathStr,
+    RayAddress,
+    WandbMode,
+    apply_override,
+    load_config,
+    merge,
+    read_yaml,
+    redacted,
+    wandb_mode,
+)
 from fcot.curate import split_questions
 from fcot.errors import FcotError
 from fcot.io import atomic_write_json
@@ -51,7 +62,7 @@ class SweepConfig(Config):
     grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
     reduction_factor: float = Field(2, gt=1)
     wandb_mode: WandbMode = "auto"
-    ray_address: str | None = None
+    ray_address: RayAddress = None
 
     @model_validator(mode="before")
     @classmethod

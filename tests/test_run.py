@@ -74,10 +74,43 @@ def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
     config_written = json.loads((run_dir / "config.json").read_text())
     assert config_written["teacher"]["engine"]["api_key_env"] == "OPENAI_API_KEY"  # names stay, values never stored
 
-    again = run_fcot("run", config, check=True)
-    assert again.stderr.count("done before, skipped") == 5
+    # Placement and logging keys changed (a resized cluster, W&B off): nothing is redone.
+    again = run_fcot("run", config, "eval.engine.replicas=2", "teacher.progress=false", "wandb_mode=disabled",
+                     "train.keep_checkpoints=2", "train.max_failures=5", check=True)
+    assert again.stderr.count("done before, skipped") == 5, again.stderr[-2000:]
     rebuilt = run_fcot("report", run_dir, check=True)
     assert rebuilt.stdout.strip().endswith("report.md")
+
+
+def test_resume_redoes_a_stage_for_what_changes_its_results_and_never_for_placement(tmp_path, tiny_llama,
+                                                                                 shared_data):
+    """Stage markers hash what decides results: placement and logging keys leave every stage done; a changed
+    model file makes every stage that reads the model stale, and the recorded teacher stays done."""
+    import shutil
+
+    from fcot.config import load_config
+    from fcot.run import RunConfig, config_hash, stages
+
+    model = shutil.copytree(tiny_llama, tmp_path / "student")
+    config = _config(tmp_path, model, shared_data)
+
+    def hashes(*overrides):
+        return {s.name: config_hash(*s.inputs) for s in stages(load_config(RunConfig, config, list(overrides)))}
+
+    before = hashes()
+    assert set(before) == {"teacher", "curate-fine_tune_cot", "train-fine_tune_cot", "eval-fine_tune_cot",
+                           "eval-zero_shot"}
+    placement = ["teacher.engine.replicas=4", "teacher.engine.cpus_per_replica=2", "eval.engine.replicas=3",
+                 "eval.engine.cpus_per_replica=0.5", "train.cpus_per_worker=4", "ray_address=ray://head:10001",
+                 "teacher.progress=false", "wandb_mode=online", "train.wandb.project=other",
+                 "train.keep_checkpoints=3"]
+    assert hashes(*placement) == before
+    assert hashes("train.lr=0.001")["train-fine_tune_cot"] != before["train-fine_tune_cot"]
+    config_json = model / "config.json"
+    config_json.write_text(config_json.read_text() + "\n")  # same model, other bytes: content decides
+    after = hashes()
+    assert after["teacher"] == before["teacher"]  # the recorded teacher never read the student
+    assert all(after[name] != before[name] for name in before if name != "teacher"), (before, after)
 
 
 def test_nothing_before_evaluation_reads_the_test_split(tmp_path, tiny_llama, shared_data, ray_local, monkeypatch):

@@ -93,8 +93,10 @@ def test_a_killed_replica_is_replaced_and_the_run_completes_without_duplicates(t
     deadline = time.time() + 300
     while not list(records.glob("*.parquet")) and time.time() < deadline:
         time.sleep(0.2)
-    # Ray titles each replica's process `ray::MapWorker(MapBatches(TeacherWorker))...`.
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "TeacherWorker" in " ".join(p.info["cmdline"] or [])]
+    # Ray titles each replica's process `ray::MapWorker(MapBatches(TeacherWorker))...`; only this session's
+    # own cluster is searched (its raylet is a child of this process), never another program's.
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if "TeacherWorker" in " ".join(p.cmdline() or [])]
     assert workers, "no engine replica alive mid-run"
     workers[0].send_signal(signal.SIGKILL)
     runner.join(timeout=600)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from fcot.config import Config, PathStr
+from fcot.config import PLACEMENT, Config, PathStr, RayAddress
 from fcot.engines import EngineConfig
 from fcot.errors import FcotError
 from fcot.resources import Demand
@@ -70,8 +70,8 @@ class TeachConfig(Config):
     prompt_style: Literal["completion", "chat", "chat_user_turn"] = "completion"
     engine: EngineConfig = EngineConfig()
     sampling: SamplingConfig = SamplingConfig()
-    ray_address: str | None = None
-    progress: bool = True
+    ray_address: RayAddress = None
+    progress: Annotated[bool, PLACEMENT] = True
 
     tasks_and_definitions = model_validator(mode="before")(split_user_tasks)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fcot.config import Config, ModelRef, PathStr, WandbMode
+from fcot.config import PLACEMENT, Config, ModelRef, PathStr, RayAddress, WandbMode
 from fcot.hardware import Precision, choose
 from fcot.methods import ChatTemplate
 from fcot.resources import Demand
@@ -94,21 +94,23 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
     packing: bool = False  # decoders: pack each micro-batch's examples into rows of <= max_length tokens
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
-    cpus_per_worker: int = Field(1, ge=1)  # also each worker's torch threads
+    cpus_per_worker: Annotated[int, PLACEMENT] = Field(1, ge=1)  # also each worker's torch threads
     use_gpu: bool = False  # one GPU per worker
     # auto: bf16 where the device computes it natively, else fp16 on GPUs and fp32 on CPUs (fcot.hardware)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     seed: int = 0
-    max_failures: int = Field(2, ge=-1)  # restarts of the worker group from the last checkpoint (-1: forever)
-    keep_checkpoints: int = Field(1, ge=1)  # epoch checkpoints kept in output_dir/checkpoints
-    wandb: WandbConfig = WandbConfig()
+    # restarts of the worker group from the last checkpoint (-1: forever)
+    max_failures: Annotated[int, PLACEMENT] = Field(2, ge=-1)
+    keep_checkpoints: Annotated[int, PLACEMENT] = Field(1, ge=1)  # epoch checkpoints kept in output_dir/checkpoints
+    wandb: Annotated[WandbConfig, PLACEMENT] = WandbConfig()
     dev: DevConfig | None = None
     # best_dev: the epoch with the best dev accuracy is the student (needs dev); last: the last epoch
     selection: Literal["best_dev", "last"] = "best_dev"
     user_tasks: list[UserTask] = []  # definitions of user tasks the dev set scores (registered in the workers)
-    report_to_tune: bool = False  # inside a Tune trial: report each epoch's metrics to Tune (ASHA and other schedulers)
-    ray_address: str | None = None
+    # inside a Tune trial: report each epoch's metrics to Tune (ASHA and other schedulers)
+    report_to_tune: Annotated[bool, PLACEMENT] = False
+    ray_address: RayAddress = None
 
     @model_validator(mode="after")
     def _checks(self):
