@@ -58,6 +58,8 @@ class SweepConfig(Config):
     # dev_accuracy: the primary (first) method's dev accuracy at its selected epoch. Never test accuracy.
     metric: Literal["dev_accuracy"] = "dev_accuracy"
     max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster's CPUs/GPUs fit
+    # times a failed trial is started again (it resumes: finished stages and training checkpoints are kept)
+    trial_retries: int = Field(1, ge=0)
     scheduler: Literal["none", "asha"] = "none"  # ASHA stops weak trials early, on dev accuracy per epoch
     grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
     reduction_factor: float = Field(2, gt=1)
@@ -233,6 +235,16 @@ def dry_run_sweep(cfg: SweepConfig, planned: tuple | None = None) -> list[str]:
     return [f"{len(runs)} trials ({len(cfg.seeds)} seed(s) each), teacher at D = {max_d}"] + notes
 
 
+def trials_at_once(demands: list[Demand], cluster: dict[str, float]) -> int:
+    """How many trials the cluster runs at once: the fewest that its CPUs or its GPUs fit, the largest trial's
+    demand setting each (resources may be swept). + 1 CPU: a trial's Ray Data curation needs a CPU for its read
+    tasks beside its actor; without it two trials that each hold their actor's CPU wait on each other forever."""
+    fits = [cluster.get("CPU", 1) // (largest(demands, "CPU") + 1)]
+    if largest(demands, "GPU") > 0:
+        fits.append(cluster.get("GPU", 0) // largest(demands, "GPU"))
+    return max(1, int(min(fits)))
+
+
 def sweep(cfg: SweepConfig, log=print) -> dict:
     """Run (or resume) a sweep; writes results.json and report.md, and returns the results."""
     import ray  # heavy: only where Ray work starts
@@ -251,11 +263,8 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
     grid = [params for params, _ in runs]
     one = runs[0][1]
     epochs = {json.dumps(params, sort_keys=True): c.train.epochs for params, c in runs}
-    # + 1: a trial's Ray Data curation needs a CPU for its read tasks beside its actor; without it two trials
-    # that each hold their actor's CPU wait on each other forever. The largest trial sets it (resources may be
-    # swept).
-    per_trial_cpus = largest([d for _, c in runs for d in c.demands()], "CPU") + 1
-    max_concurrent = cfg.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpus))
+    demands = [d for _, c in runs for d in c.demands()]
+    max_concurrent = cfg.max_concurrent_trials or trials_at_once(demands, ray.cluster_resources())
     keys = list(grid[0])
     # Values JSON-encoded: a swept value may be a list or a mapping (`methods`, a teacher engine), which Tune would
     # otherwise read as a search space of its own. Per-key grids cross into exactly fcot's grid.
@@ -291,8 +300,10 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", scheduler=scheduler,
                                                        max_concurrent_trials=max_concurrent),
-                           run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=callbacks,
-                                                     verbose=0))
+                           run_config=tune.RunConfig(
+                               name="tune", storage_path=str(sweep_dir), callbacks=callbacks, verbose=0,
+                               # a trial that fails (a lost node) runs again and resumes from its run dir's markers
+                               failure_config=tune.FailureConfig(max_failures=cfg.trial_retries)))
     results = tuner.fit()
     rows = []
     for r in results:

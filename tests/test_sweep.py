@@ -122,3 +122,19 @@ def test_the_best_grid_point_is_chosen_on_dev_never_on_test():
     assert best["train.lr"] == 0.1 and best["dev_accuracy"] == 0.5 and best["seeds"] == 2
     assert best["fine_tune_cot/test_accuracy"] == 0.2  # reported beside the choice, not used for it
     assert load_config(SweepConfig, base={"param_space": {"train.lr": [1]}}).metric == "dev_accuracy"
+
+
+def test_trials_at_once_counts_gpus_as_well_as_cpus(shared_data):
+    """The GPU sweep's trials each hold GPUs: on 8 GPUs and 64 CPUs, the GPUs decide how many run at once."""
+    from fcot.resources import largest
+    from fcot.sweep import trials, trials_at_once
+
+    cfg = load_config(SweepConfig, ROOT / "experiments" / "sweeps" / "gpu.yaml", [f"run.data_dir={shared_data}"])
+    demands = [d for _, c in trials(cfg)[2] for d in c.demands()]
+    gpus, cpus = largest(demands, "GPU"), largest(demands, "CPU")
+    assert gpus >= 1
+    assert trials_at_once(demands, {"CPU": 64, "GPU": 8}) == min(64 // (cpus + 1), 8 // gpus)
+    assert trials_at_once(demands, {"CPU": 64, "GPU": gpus}) == 1  # CPUs alone would have started many
+    assert trials_at_once(demands, {"CPU": 1000, "GPU": 0}) == 1  # never 0: the check at submit refuses it
+    cpu_only = [d for d in demands if not d.total("GPU")]
+    assert trials_at_once(cpu_only, {"CPU": 64}) == 64 // (largest(cpu_only, "CPU") + 1)
