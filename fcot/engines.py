@@ -77,6 +77,10 @@ class EngineConfig(Config):
             raise ValueError("engine.kind openai needs engine.base_url")
         if self.kind == "recorded" and not (self.path and self.format):
             raise ValueError("engine.kind recorded needs engine.path and engine.format (or engine.log: a task)")
+        if self.kind == "vllm" and self.gpus_per_replica > 0 and self.gpus_per_replica != self.tensor_parallel_size:
+            raise ValueError(f"engine.gpus_per_replica ({self.gpus_per_replica:g}) differs from "
+                             f"engine.tensor_parallel_size ({self.tensor_parallel_size}): a vLLM replica on GPUs holds "
+                             f"exactly its tensor-parallel GPUs, all on one node; set both to the same value")
         return self
 
     @property
@@ -100,10 +104,18 @@ class EngineConfig(Config):
         if self.kind in ("recorded", "openai"):
             return []
         unit = {"CPU": self.cpus_per_replica, "GPU": self.gpus_per_replica}
-        keys = {"CPU": f"{prefix}cpus_per_replica", "GPU": f"{prefix}gpus_per_replica"}
-        if self.kind == "vllm" and self.gpus_per_replica > 0 and self.tensor_parallel_size > self.gpus_per_replica:
-            unit["GPU"], keys["GPU"] = float(self.tensor_parallel_size), f"{prefix}tensor_parallel_size"
+        # A replica is one actor, so its GPUs are on one node: a node with fewer GPUs than TP cannot hold it.
+        tp = self.kind == "vllm" and self.tensor_parallel_size > 1
+        gpu_key = "tensor_parallel_size" if tp else "gpus_per_replica"
+        keys = {"CPU": f"{prefix}cpus_per_replica", "GPU": f"{prefix}{gpu_key}"}
         return [Demand(f"{prefix}replicas", what, self.replicas, unit, keys)]
+
+
+def replica_options(cfg: EngineConfig) -> dict:
+    """The Ray actor options of one teacher engine replica: one actor holds all of a TP replica's GPUs, so Ray
+    places them on one node; restarted (its batch retried) when its process dies."""
+    return {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica, "max_restarts": 3,
+            "max_task_retries": 3}
 
 
 def build_engine(cfg: EngineConfig, cache_dir: str | None = None):
@@ -119,7 +131,10 @@ def build_engine(cfg: EngineConfig, cache_dir: str | None = None):
         return VLLMEngine(resolve_model(cfg.model), dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                           max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gib=cfg.kv_cache_gib,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir,
+                          # TP workers as processes inside this actor, on the GPUs Ray gave it (vLLM's Ray executor
+                          # would ask the cluster for GPUs the actor already holds)
+                          distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None)
     if cfg.kind == "openai":
         return OpenAIEngine(cfg.model, cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
                             timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)

@@ -155,7 +155,7 @@ def test_each_stage_config_states_its_demand_and_the_check_names_the_key(tmp_pat
     check_demands(list(demands.values()), two_gpu_nodes)
     with pytest.raises(FcotError, match="key 'teacher.engine.replicas': 2 teacher engine replicas.*at most 1 fit"):
         check_demands(list(demands.values()), two_gpu_nodes[:2])
-    teach = load_config(TeachConfig, base={"tasks": "multiarith", "engine": {"kind": "vllm", "gpus_per_replica": 1,
+    teach = load_config(TeachConfig, base={"tasks": "multiarith", "engine": {"kind": "vllm", "gpus_per_replica": 8,
                                                                              "tensor_parallel_size": 8}})
     with pytest.raises(FcotError, match="key 'engine.tensor_parallel_size'"):  # TP larger than a node
         check_demands(teach.demands(), two_gpu_nodes)
@@ -381,3 +381,56 @@ def test_a_wrong_token_is_a_clear_error(ray_head):
     proc = run_fcot("jobs", "status", "raysubmit_nope", "--address", ray_head["address"],
                     env=_job_env(ray_head, RAY_AUTH_TOKEN="not-the-token"))
     assert proc.returncode == 2 and "token" in proc.stderr and "not-the-token" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ a multi-node cluster
+
+PLACEMENT_PROBE = """
+import json
+import ray
+from ray.cluster_utils import Cluster
+from fcot.engines import EngineConfig, replica_options
+from fcot.errors import FcotError
+from fcot.resources import check_demands
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+try:
+    small = cluster.add_node(num_cpus=1, num_gpus=2)
+    big = cluster.add_node(num_cpus=1, num_gpus=4)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+
+    @ray.remote
+    class Probe:
+        def where(self):
+            return ray.get_runtime_context().get_node_id(), len(ray.get_gpu_ids())
+
+    tp4 = Probe.options(**replica_options(EngineConfig(kind="vllm", gpus_per_replica=4, tensor_parallel_size=4)))
+    tp2 = Probe.options(**replica_options(EngineConfig(kind="vllm", gpus_per_replica=2, tensor_parallel_size=2)))
+    held = [tp4.remote()]  # kept alive: the TP-2 replica must find its GPUs elsewhere
+    held.append(tp2.remote())
+    nodes = [{k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")} for n in ray.nodes() if n["Alive"]]
+    try:
+        check_demands(EngineConfig(kind="vllm", gpus_per_replica=8, tensor_parallel_size=8).demands(
+            "teacher.engine.", "teacher engine replicas"), nodes)
+        refused = None
+    except FcotError as e:
+        refused = str(e)
+    print(json.dumps({"placed": ray.get([a.where.remote() for a in held]), "big": big.node_id,
+                      "small": small.node_id, "refused": refused}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_a_tensor_parallel_replica_holds_all_its_gpus_on_one_node():
+    """Fake-GPU nodes of 2 and 4 GPUs (ray.cluster_utils.Cluster): a TP-4 replica lands on the 4-GPU node holding
+    all 4, a TP-2 replica beside it on the 2-GPU node; TP 8 is refused naming the key before anything runs."""
+    proc = subprocess.run([sys.executable, "-c", PLACEMENT_PROBE], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["placed"] == [[out["big"], 4], [out["small"], 2]]
+    assert out["refused"].startswith("key 'teacher.engine.tensor_parallel_size': each of the teacher engine")
+    assert "largest: 4 GPU" in out["refused"]

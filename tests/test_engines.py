@@ -70,8 +70,10 @@ def test_one_engine_config_builds_the_engines_of_teacher_and_evaluation(tiny_lla
     cfg = EngineConfig(kind="hf", model=str(tiny_llama), dtype="float32")
     assert isinstance(build_engine(cfg), HFEngine) and cfg.batch_size == 32
     assert EngineConfig(kind="vllm").batch_size == 256  # continuous batching wants many sequences in flight
-    vllm = EngineConfig(kind="vllm", gpus_per_replica=2, tensor_parallel_size=4, replicas=3)
+    vllm = EngineConfig(kind="vllm", gpus_per_replica=4, tensor_parallel_size=4, replicas=3)
     [d] = vllm.demands("eval.engine.", "evaluation engine replicas")
     assert d.count == 3 and d.unit["GPU"] == 4 and d.unit_keys["GPU"] == "eval.engine.tensor_parallel_size"
+    with pytest.raises(ValueError, match=r"gpus_per_replica \(2\) differs from engine.tensor_parallel_size \(4\)"):
+        EngineConfig(kind="vllm", gpus_per_replica=2, tensor_parallel_size=4)
     with pytest.raises(ValueError, match="base_url"):
         EngineConfig(kind="openai")

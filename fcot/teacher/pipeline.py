@@ -17,7 +17,7 @@ import time
 from collections import Counter, defaultdict, deque
 from pathlib import Path
 
-from fcot.engines import Request, build_engine
+from fcot.engines import Request, build_engine, replica_options
 from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json
 from fcot.prompts import FEW_SHOT_ANSWER_PREFIX, zero_shot_cot_step2, zero_shot_cot_step2_messages
@@ -170,8 +170,7 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
 
     init_ray(cfg.ray_address)
     e = cfg.engine
-    replica = ray.remote(TeacherWorker).options(num_cpus=e.cpus_per_replica, num_gpus=e.gpus_per_replica,
-                                                max_restarts=3, max_task_retries=3)
+    replica = ray.remote(TeacherWorker).options(**replica_options(e))
     # The model resolved and the dtype chosen here (a user error stops the driver, not a replica), the teacher's
     # identity computed once: replicas run elsewhere (another directory, another node's environment).
     resolved = cfg.model_copy(update={"engine": e.resolved()})
