@@ -175,22 +175,41 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
     # identity computed once: replicas run elsewhere (another directory, another node's environment).
     resolved = cfg.model_copy(update={"engine": e.resolved()})
     teacher = (tid, json.dumps(teacher_identity(cfg), sort_keys=True))
-    actors = [replica.remote(resolved.model_dump(), str(store.root.resolve()), teacher) for _ in range(e.replicas)]
+    def start():
+        return replica.remote(resolved.model_dump(), str(store.root.resolve()), teacher)
+
+    actors = [start() for _ in range(e.replicas)]
+    replaced, retry = 0, deque()
     load = [0] * len(actors)
     inflight: dict = {}
     tokens, started = 0, time.time()
     with _progress(total, cfg.progress) as bar:
-        while queue or inflight:
+        while queue or retry or inflight:
             for a in sorted(range(len(actors)), key=load.__getitem__):
-                # A full batch, or whatever is queued when the replica has nothing else to do.
-                while load[a] < IN_FLIGHT and queue and (len(queue) >= e.batch_size or load[a] == 0):
-                    batch = [queue.popleft() for _ in range(min(e.batch_size, len(queue)))]
-                    inflight[actors[a].run.remote(batch)] = a
+                # A lost batch again as it was (its shard name is its keys), else a full batch, or whatever is
+                # queued when the replica has nothing else to do.
+                while load[a] < IN_FLIGHT and (retry or queue and (len(queue) >= e.batch_size or load[a] == 0)):
+                    batch = retry.popleft() if retry else [queue.popleft() for _ in range(min(e.batch_size,
+                                                                                              len(queue)))]
+                    inflight[actors[a].run.remote(batch)] = (a, actors[a], batch)
                     load[a] += 1
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
-                load[inflight.pop(ref)] -= 1
-                result = ray.get(ref)
+                a, actor, batch = inflight.pop(ref)
+                load[a] -= 1
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    # Its node was lost (or its process, past Ray's restarts): the batch is sent again, whole, and a
+                    # fresh replica takes the slot wherever the cluster has room.
+                    retry.append(batch)
+                    if actors[a] is actor:
+                        replaced += 1
+                        if replaced > 3 * len(actors):
+                            raise
+                        ray.kill(actor, no_restart=True)
+                        actors[a] = start()
+                    continue
                 cost["generated"] += result["generated"]
                 cost["cpu_s"] += result["cpu_s"]
                 cost["gpu_s"] += result["gpu_s"]
