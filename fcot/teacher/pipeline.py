@@ -175,6 +175,7 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
     # identity computed once: replicas run elsewhere (another directory, another node's environment).
     resolved = cfg.model_copy(update={"engine": e.resolved()})
     teacher = (tid, json.dumps(teacher_identity(cfg), sort_keys=True))
+
     def start():
         return replica.remote(resolved.model_dump(), str(store.root.resolve()), teacher)
 
@@ -189,8 +190,10 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
                 # A lost batch again as it was (its shard name is its keys), else a full batch, or whatever is
                 # queued when the replica has nothing else to do.
                 while load[a] < IN_FLIGHT and (retry or queue and (len(queue) >= e.batch_size or load[a] == 0)):
-                    batch = retry.popleft() if retry else [queue.popleft() for _ in range(min(e.batch_size,
-                                                                                              len(queue)))]
+                    if retry:
+                        batch = retry.popleft()
+                    else:
+                        batch = [queue.popleft() for _ in range(min(e.batch_size, len(queue)))]
                     inflight[actors[a].run.remote(batch)] = (a, actors[a], batch)
                     load[a] += 1
             ready, _ = ray.wait(list(inflight), num_returns=1)
