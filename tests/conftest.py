@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -95,3 +96,18 @@ def smollm2() -> str:
     from fcot.bundled import prepare
 
     return str(prepare("smollm2-135m", log=lambda m: None))
+
+
+def lose_a_node(stage: str, config: Path, reference: Path | None = None) -> dict:
+    """Run `stage` on CONFIG on a multi-node Ray cluster of this machine, a worker node removed mid-stage
+    (tests/node_loss.py, in a subprocess: the in-process tests share one local cluster); returns what it printed."""
+    args = [str(config)] + ([str(reference)] if reference else [])
+    proc = subprocess.run([sys.executable, "-m", "tests.node_loss", stage, *args], capture_output=True, text=True,
+                          timeout=1500, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    assert out["error"] is None, out["error"]
+    assert out["at_loss"] == {"running": True, "victim_found": True}, f"no node was lost mid-stage: {out['at_loss']}"
+    return out

@@ -18,7 +18,7 @@ from fcot.config import load_config
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from fcot.teacher.store import RecordStore
-from tests.conftest import ROOT, run_fcot
+from tests.conftest import ROOT, lose_a_node, run_fcot
 
 
 def _cfg(tmp_path, model, **over) -> TeachConfig:
@@ -136,46 +136,6 @@ def test_killed_driver_resumes_without_generating_finished_samples_again(tmp_pat
     assert len({r["key"] for r in rows}) == 48
 
 
-NODE_LOSS = """
-import json, sys, threading, time
-from pathlib import Path
-import ray
-from ray.cluster_utils import Cluster
-from fcot.config import load_config
-from fcot.teacher.config import TeachConfig
-from fcot.teacher.pipeline import teach
-
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-try:
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    cfg = load_config(TeachConfig, sys.argv[1], [f"ray_address={cluster.address}"])
-    records = Path(cfg.output_dir) / "records"
-    result, error = {}, []
-
-    def run():
-        try:
-            result.update(teach(cfg))
-        except BaseException as e:
-            error.append(repr(e))
-
-    runner = threading.Thread(target=run)
-    runner.start()
-    deadline = time.time() + 300
-    while not list(records.glob("*.parquet")) and time.time() < deadline and runner.is_alive():
-        time.sleep(0.1)
-    shards_at_loss = len(list(records.glob("*.parquet")))
-    cluster.remove_node(workers[0], allow_graceful=False)  # a spot node gone: no drain, no goodbye
-    time.sleep(2)
-    cluster.add_node(num_cpus=1)  # and a fresh one, as an autoscaler would add
-    runner.join(timeout=600)
-    print("RESULT " + json.dumps({"result": result, "error": error, "shards_at_loss": shards_at_loss}))
-finally:
-    ray.shutdown()
-    cluster.shutdown()
-"""
-
-
 def test_a_worker_node_lost_mid_run_loses_nothing_and_repeats_nothing(tmp_path, tiny_llama):
     """A head without CPUs and two one-CPU worker nodes (ray.cluster_utils.Cluster), a replica on each: one node
     removed without grace when the first shard lands, a fresh node added. The run completes with exactly N x D
@@ -184,13 +144,7 @@ def test_a_worker_node_lost_mid_run_loses_nothing_and_repeats_nothing(tmp_path, 
                                                   "engine.batch_size": 4})
     config = tmp_path / "teach.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump()))
-    proc = subprocess.run([sys.executable, "-c", NODE_LOSS, str(config)], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [line] = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")] or [proc.stdout[-3000:]]
-    out = json.loads(line.removeprefix("RESULT "))
-    assert not out["error"], out["error"]
-    assert out["shards_at_loss"] < 24, "the run finished before the node was removed: nothing was tested"
+    out = lose_a_node("teach", config)
     rows = _all_rows(tmp_path / "teacher")
     assert len(rows) == 96 and len({r["key"] for r in rows}) == 96  # exactly N x D, none twice
     # Generated = N x D plus at most the batches in flight on the lost replica (IN_FLIGHT of them, 4 samples each).

@@ -16,7 +16,7 @@ from fcot.errors import FcotError
 from fcot.prompts import FORMATS
 from fcot.train.config import TrainConfig
 from fcot.train.data import IGNORE, Collator, pad_batch
-from tests.conftest import ROOT, run_fcot
+from tests.conftest import ROOT, lose_a_node, run_fcot
 
 FMT = FORMATS["fine_tune_cot"]
 
@@ -251,6 +251,23 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(tmp_path, tiny_llama, s
     assert killed, "no training worker found to kill"
     assert summary["restarts"] == 1 and summary["resumed_from_step"] in (12, 24, 36, 48, 60)
     assert summary["steps"] == summary["planned_steps"] == 72 and len(summary["loss_curve"]) == 72
+    assert Path(summary["model_dir"], "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_training_resumes_from_the_last_checkpoint(tmp_path, tiny_llama, samples):
+    """Two training workers, one on each of two one-CPU worker nodes of a ray.cluster_utils.Cluster: the node of
+    one removed without grace once the first epoch's checkpoint is committed, a fresh node added. The group
+    restarts from that checkpoint on the nodes it then has and ends after exactly the planned steps."""
+    import yaml
+
+    data = curated(tmp_path / "data", samples, repeat=12)  # 96 rows: 12 steps per epoch
+    cfg = config(tmp_path, data, tiny_llama, "epochs=3", "deepspeed.stage=2", "max_failures=2", "cpus_per_worker=1")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    summary = lose_a_node("train", path)["result"]
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] in (12, 24), summary
+    assert summary["steps"] == summary["planned_steps"] == 36 and len(summary["loss_curve"]) == 36
     assert Path(summary["model_dir"], "model.safetensors").exists()
 
 

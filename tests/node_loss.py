@@ -1,0 +1,136 @@
+"""A worker node lost mid-stage: `python -m tests.node_loss STAGE CONFIG [REFERENCE_CONFIG]`, from the repo root.
+
+A ray.cluster_utils.Cluster on this machine, as Ray's own fault-tolerance tests use: a head without CPUs (where the
+driver runs, as on a real cluster) and two worker nodes. With REFERENCE_CONFIG the stage first runs undisturbed
+on it. Then the stage runs on CONFIG in a thread; once its work is under way (the stage's trigger below), a worker
+node holding one of its processes is removed without grace, as a preempted spot node is, and 2 s later a fresh
+node joins, as an autoscaler adds one. Prints one line: `RESULT {"result", "reference", "error", "at_loss"}`.
+The only processes it kills are those of the node it removed (Cluster.remove_node), all started here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import ray
+from ray._private import ray_constants
+from ray.cluster_utils import Cluster
+
+from fcot.config import load_config
+
+
+def _committed(snapshots) -> bool:
+    """A training run has committed its first epoch's checkpoint (Ray Train writes this snapshot then)."""
+    for path in snapshots:
+        try:
+            if '"epoch_001"' in Path(path).read_text():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _teach():
+    from fcot.teacher.config import TeachConfig
+    from fcot.teacher.pipeline import teach
+
+    def started(cfg):
+        return lambda: bool(list((Path(cfg.output_dir) / "records").glob("*.parquet")))
+
+    return TeachConfig, teach, "TeacherWorker", started, {"num_cpus": 1}
+
+
+def _train():
+    from fcot.train.config import TrainConfig
+    from fcot.train.trainer import train
+
+    def started(cfg):
+        return lambda: _committed([Path(cfg.output_dir) / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"])
+
+    return TrainConfig, train, "RayTrainWorker", started, {"num_cpus": 1}
+
+
+def _curate():
+    from fcot.curate import CurateConfig, curate
+
+    return CurateConfig, curate, "Formatter", lambda cfg: lambda: True, {"num_cpus": 1}  # its formatter actor's node
+
+
+def _evaluate():
+    from fcot.evaluate import EvalConfig, evaluate
+
+    def started(cfg):
+        first = time.time()
+        return lambda: time.time() - first > 1.0  # replicas load their model, then answer batches: mid-stage
+
+    return EvalConfig, evaluate, "EvalWorker", started, {"num_cpus": 1}
+
+
+def _sweep():
+    from fcot.sweep import SweepConfig, sweep
+
+    def started(cfg):
+        return lambda: _committed(Path(cfg.output_dir).glob("trials/*/students/*/checkpoints/train/"
+                                                            "checkpoint_manager_snapshot.json"))
+
+    return SweepConfig, sweep, "RayTrainWorker", started, {"num_cpus": 2}
+
+
+STAGES = {"teach": _teach, "curate": _curate, "train": _train, "evaluate": _evaluate, "sweep": _sweep}
+
+
+def _holding(nodes, title: str):
+    """The worker node one of whose processes (a descendant of its raylet) has `title` in its command line."""
+    for node in nodes:
+        raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+        for p in raylet.children(recursive=True):
+            try:
+                if title in " ".join(p.cmdline()):
+                    return node
+            except psutil.Error:  # ended meanwhile
+                pass
+    return None
+
+
+def main(stage: str, config: str, reference: str | None = None) -> None:
+    config_cls, fn, title, started, node_args = STAGES[stage]()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        nodes = [cluster.add_node(**node_args) for _ in range(2)]
+        cluster.wait_for_nodes()
+        at = [f"ray_address={cluster.address}"]
+        out = {"reference": fn(load_config(config_cls, reference, at)) if reference else None, "error": None}
+        cfg = load_config(config_cls, config, at)
+        result, errors = {}, []
+
+        def run():
+            try:
+                result.update(fn(cfg))
+            except BaseException as e:  # reported, and the test fails on it
+                errors.append(f"{type(e).__name__}: {e}"[:3000])
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        under_way, victim, deadline = started(cfg), None, time.time() + 600
+        while runner.is_alive() and time.time() < deadline and not (under_way() and (victim := _holding(nodes, title))):
+            time.sleep(0.1)
+        out["at_loss"] = {"running": runner.is_alive(), "victim_found": victim is not None}
+        if victim is not None:
+            cluster.remove_node(victim, allow_graceful=False)  # a spot node gone: no drain, no goodbye
+            time.sleep(2)
+            cluster.add_node(**node_args)
+        runner.join(timeout=900)
+        out.update(result=result, error=errors[0] if errors else None)
+        print("RESULT " + json.dumps(out, default=str))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
