@@ -51,6 +51,7 @@ from fcot.teacher.store import RecordStore
 from fcot.train.data import pair_length
 
 DEV_MIN_QUESTIONS = 20  # dev_fraction "auto": a dev split only when the teacher has at least this many questions
+ROWS_PER_FILE = 5000  # of the curated set
 
 
 def auto_dev_size(n: int) -> int:
@@ -319,7 +320,11 @@ def curate(cfg: CurateConfig) -> dict:
     out = Path(cfg.output_dir)
     tmp = out / ".train.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    ray.data.from_items(kept).repartition(max(1, len(kept) // 5000)).write_parquet(str(tmp))
+    tmp.mkdir(parents=True)
+    # Written here, in `kept`'s order (by question, then sample): a Ray Data write would order its rows as its blocks
+    # finish, which differs from run to run on a multi-node cluster, and training's seeded shuffle starts from it.
+    for part, start in enumerate(range(0, len(kept), ROWS_PER_FILE)):
+        pq.write_table(pa.Table.from_pylist(kept[start:start + ROWS_PER_FILE]), tmp / f"part-{part:05d}.parquet")
     shutil.rmtree(out / "train", ignore_errors=True)
     os.replace(tmp, out / "train")  # the curated set appears whole or not at all
     dev_rows = [s.to_dict() for s in qs if (s.task, s.index) in dev]

@@ -37,6 +37,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # fcot prints its own progress with samples/s and tokens/s
     ctx.print_on_execution_start = False
+    # Rows keep their order through fcot's pipelines (and into training's ingest, which copies this option): the
+    # same inputs write the same curated file, which training's seeded shuffle starts from. Without it, blocks
+    # arrive as they finish, and on a multi-node cluster that order changes from run to run.
+    ctx.execution_options.preserve_order = True
+    # Ray 2.60's new parquet reader (DataSourceV2) reads file footers in actors spread over the cluster that Ray
+    # never restarts: a node lost while a read lists its files fails the whole read (ActorDiedError: FooterReader).
+    # The V1 reader runs plain read tasks, which Ray retries on another node. tests/test_curate_eval.py shows it.
+    ctx.use_datasource_v2 = False
 
 
 def auth_token() -> str | None:

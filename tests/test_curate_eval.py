@@ -3,6 +3,7 @@
 import json
 
 import pyarrow.parquet as pq
+import yaml
 
 from fcot.config import load_config
 from fcot.curate import CurateConfig, ShardStreamer, curate
@@ -11,7 +12,7 @@ from fcot.evaluate import EvalConfig, evaluate, predict_samples
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from fcot.teacher.store import RecordStore
-from tests.conftest import recorded
+from tests.conftest import lose_a_node, recorded
 
 
 def _rows(folder):
@@ -167,3 +168,38 @@ def test_data_size_is_a_nested_seeded_subset_applied_at_curation(tmp_path, recor
     assert not small[2] & large[1]
     other = kept(40, seed=1)
     assert other[1] != small[1]  # seeded
+
+
+def _config_file(path, cfg):
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    return path
+
+
+def test_a_worker_node_lost_mid_curation_or_evaluation_changes_no_output(tmp_path, recorded_teacher, tiny_llama):
+    """On a ray.cluster_utils.Cluster (a head without CPUs, two one-CPU worker nodes), curation and evaluation
+    each run once undisturbed and once with the node of their Ray Data actor (the formatter; an engine replica)
+    removed without grace mid-stage and a fresh node added: Ray Data restarts the actor elsewhere and retries its
+    work, and the outputs are the same rows."""
+    def curation(name):
+        return _config_file(tmp_path / f"{name}.yaml", load_config(CurateConfig, base={
+            "tasks": "multiarith", "teacher": recorded_teacher, "student": str(tiny_llama),
+            "output_dir": str(tmp_path / name), "dev_fraction": 0.1, "max_length": 512}))
+
+    out = lose_a_node("curate", curation("lost"), reference=curation("undisturbed"))
+    assert out["result"]["tasks"] == out["reference"]["tasks"] and out["result"]["kept"] > 250
+    assert _rows(tmp_path / "lost" / "train") == _rows(tmp_path / "undisturbed" / "train")
+    assert (tmp_path / "lost" / "dev.jsonl").read_text() == (tmp_path / "undisturbed" / "dev.jsonl").read_text()
+
+    def evaluation(name):
+        return _config_file(tmp_path / f"{name}.yaml", load_config(EvalConfig, base={
+            "engine": {"model": str(tiny_llama), "replicas": 2, "batch_size": 2}, "tasks": "multiarith",
+            "subset": 40, "max_new_tokens": 32, "output_dir": str(tmp_path / name)}))
+
+    out = lose_a_node("evaluate", evaluation("eval_lost"), reference=evaluation("eval_undisturbed"))
+    assert out["result"]["tasks"]["multiarith"]["n"] == 40
+
+    def predictions(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+        return [{k: r[k] for k in ("task", "index", "completion", "prediction", "correct")} for r in rows]
+
+    assert predictions("eval_lost") == predictions("eval_undisturbed")  # greedy: the same answers, none twice
