@@ -13,7 +13,7 @@ import yaml
 
 from fcot.config import load_config
 from fcot.sweep import SweepConfig, best_point, trial_name
-from tests.conftest import ROOT, run_fcot
+from tests.conftest import ROOT, lose_a_node, run_fcot
 from tests.test_run import _kill_tree
 
 
@@ -23,6 +23,14 @@ def _recorded(shared_data, task, log, subset):
                        "path": str(shared_data / "teacher_logs" / f"{log}_zero_shot_cot.log")}}
 
 
+def _run(shared_data, train: dict) -> dict:
+    """A small run of the recorded teacher on 40 multiarith questions (10 dev, 30 to train on)."""
+    return {"tasks": ["multiarith"], "methods": ["fine_tune_cot"], "baselines": [],
+            "teacher": _recorded(shared_data, "multiarith", "multiarith", 40), "curate": {"max_length": 256},
+            "train": {"batch_size": 2, "num_workers": 1, "wandb": {"mode": "disabled"}, **train},
+            "eval": {"subset": 4, "max_new_tokens": 8}, "wandb_mode": "disabled"}
+
+
 def _train_indices(run_dir, method):
     folder = run_dir / "curated" / method / "train"
     return {r["index"] for f in folder.glob("*.parquet") for r in pq.read_table(f).to_pylist()}
@@ -30,15 +38,7 @@ def _train_indices(run_dir, method):
 
 def test_data_size_sweep_in_one_store_trains_each_trial_on_its_own_questions_and_resumes(tmp_path, tiny_llama,
                                                                                           shared_data):
-    run = {
-        "tasks": ["multiarith"], "methods": ["fine_tune_cot"], "baselines": [],
-        "teacher": _recorded(shared_data, "multiarith", "multiarith", 40),  # 40 questions: 10 dev, 30 to train on
-        "curate": {"max_length": 256},
-        "train": {"model": str(tiny_llama), "epochs": 1, "batch_size": 2, "num_workers": 1, "max_steps": 2,
-                  "wandb": {"mode": "disabled"}},
-        "eval": {"subset": 4, "max_new_tokens": 8},
-        "wandb_mode": "disabled",
-    }
+    run = _run(shared_data, {"model": str(tiny_llama), "epochs": 1, "max_steps": 2})
     sweep_dir = tmp_path / "sweep"
     spec = {"name": "t", "output_dir": str(sweep_dir), "run": run, "param_space": {"curate.train_questions": [6, 12]},
             "wandb_mode": "disabled", "max_concurrent_trials": 1}
@@ -138,3 +138,23 @@ def test_trials_at_once_counts_gpus_as_well_as_cpus(shared_data):
     assert trials_at_once(demands, {"CPU": 1000, "GPU": 0}) == 1  # never 0: the check at submit refuses it
     cpu_only = [d for d in demands if not d.total("GPU")]
     assert trials_at_once(cpu_only, {"CPU": 64}) == 64 // (largest(cpu_only, "CPU") + 1)
+
+
+def test_a_worker_node_lost_mid_sweep_retries_its_trial_which_resumes(tmp_path, tiny_llama, shared_data):
+    """Two trials at once on a ray.cluster_utils.Cluster (a head without CPUs, two 2-CPU worker nodes): the node
+    training one of them removed without grace once a trial's first epoch is committed, a fresh node added.
+    Training is told not to restart itself (train.max_failures 0), so the trial fails; Tune starts it again
+    (sweep.trial_retries) and it resumes from its checkpoint. The sweep ends with every trial done."""
+    run = _run(shared_data, {"model": str(tiny_llama), "epochs": 3, "max_failures": 0})
+    sweep_dir = tmp_path / "sweep"
+    spec = {"name": "lost", "output_dir": str(sweep_dir), "run": run, "param_space": {"train.lr": [1e-3, 3e-3]},
+            "wandb_mode": "disabled", "trial_retries": 1}
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    results = lose_a_node("sweep", config)["result"]
+    assert [t["status"] for t in results["trials"]] == ["done", "done"], results["trials"]
+    trained = [json.loads(p.read_text())["result"] for p in sweep_dir.glob("trials/*/stages/train-fine_tune_cot.json")]
+    assert len(trained) == 2
+    resumed = [t for t in trained if t["restarts"]]
+    assert len(resumed) >= 1 and all(t["resumed_from_step"] > 0 for t in resumed), trained
+    assert all(t["steps"] == t["planned_steps"] for t in trained)
