@@ -1,5 +1,6 @@
 """`fcot run` end to end on CPU: real 175B teacher records, a tiny student on Ray Train (2 workers, ZeRO-2),
-evaluation and a baseline, report.md; killed midway and rerun without redoing finished stages."""
+evaluation and a baseline, report.md; killed mid-training and rerun: finished stages skipped, training resumed
+from its last checkpoint."""
 
 import json
 import os
@@ -22,7 +23,7 @@ def _config(tmp_path, tiny_llama, shared_data):
             "kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
             "path": str(shared_data / "teacher_logs" / "multiarith_zero_shot_cot.log")}},
         "curate": {"max_length": 256, "dev_fraction": 0.1},
-        "train": {"model": str(tiny_llama), "epochs": 2, "batch_size": 4, "num_workers": 2, "max_steps": 4,
+        "train": {"model": str(tiny_llama), "epochs": 3, "batch_size": 8, "num_workers": 2,
                   "deepspeed": {"stage": 2}, "dev": None},
         "eval": {"subset": 6, "max_new_tokens": 16},
     }
@@ -44,16 +45,28 @@ def _kill_tree(proc):
 
 
 def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
+    """The `fcot run` process (and the local Ray cluster it started) killed mid-training, right after the first
+    epoch's checkpoint is committed: the same command skips the finished stages and resumes training from that
+    checkpoint, not from step 0."""
     config = _config(tmp_path, tiny_llama, shared_data)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fcot.cli", "run", str(config)], cwd=ROOT, env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = run_dir / "stages" / "curate-fine_tune_cot.json"
+    # Ray Train writes this snapshot when its controller has committed a checkpoint (every worker reported it).
+    snapshot = run_dir / "students" / "fine_tune_cot" / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 1200  # generous: CI machines are small and noisy
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.3)
-    assert marker.exists(), "the run did not get through curation"
+
+    def committed() -> bool:
+        try:
+            return '"epoch_001"' in snapshot.read_text()
+        except OSError:
+            return False
+
+    while not committed() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert committed(), "the run did not get through its first training epoch"
     _kill_tree(proc)
+    assert not (run_dir / "stages" / "train-fine_tune_cot.json").exists(), "training ended before the kill"
     teacher_marker = json.loads((run_dir / "stages" / "teacher.json").read_text())
 
     finished = run_fcot("run", config, check=True)
@@ -66,7 +79,9 @@ def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
         metrics = json.loads((run_dir / "eval" / method / "metrics.json").read_text())
         assert metrics["tasks"]["multiarith"]["n"] == 6 and 0 <= metrics["tasks"]["multiarith"]["accuracy"] <= 1
     train = json.loads((run_dir / "stages" / "train-fine_tune_cot.json").read_text())["result"]
-    assert train["steps"] == 4
+    per_epoch = train["steps_per_epoch"]  # resumed from a committed epoch checkpoint: the first or a later one
+    assert train["restarts"] == 1 and train["resumed_from_step"] in (per_epoch, 2 * per_epoch), train
+    assert train["steps"] == train["planned_steps"] == 3 * per_epoch and len(train["loss_curve"]) == 3 * per_epoch
     report = (run_dir / "report.md").read_text()
     assert "| multiarith |" in report and "Teacher tokens" in report
     for png in ("accuracy.png", "curves.png", "kept.png", "cost.png"):  # vanilla runs in test_curate_eval/test_train
