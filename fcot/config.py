@@ -63,7 +63,16 @@ class _Mark:
 PLACEMENT = _Mark("placement")  # where, on how much, or how visibly a stage runs: never what it computes
 MODEL = _Mark("model")  # a model reference: the content of a local folder decides results, not only its name
 
-PathStr = Annotated[str, AfterValidator(absolute_path)]
+def file_path(value: str) -> str:
+    """A path of fcot's own files (run directories, data, logs): absolute; an object-storage URI is refused, since
+    fcot and Ray Train read and write them as files."""
+    if "://" in value:
+        raise ValueError(f"{value}: object storage URIs are not supported; use a path every node mounts (NFS, or "
+                         f"the bucket mounted with mountpoint-s3 or gcsfuse), e.g. /mnt/fcot/runs/NAME")
+    return absolute_path(value)
+
+
+PathStr = Annotated[str, AfterValidator(file_path)]
 ModelRef = Annotated[str, AfterValidator(model_ref), MODEL]
 RayAddress = Annotated[str | None, PLACEMENT]  # a cluster to join (None: start or join a local one)
 
@@ -151,7 +160,8 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
         else:
             got = err.get("input")
             shown = "" if isinstance(got, (dict, list)) else f" (got {got!r:.60})"
-            lines.append(f"{source}, key {key!r}: {err['msg'].lower().removeprefix('value error, ')}{shown}")
+            msg = err["msg"].removeprefix("Value error, ")  # pydantic's own start capitalized; paths keep their case
+            lines.append(f"{source}, key {key!r}: {msg[:1].lower()}{msg[1:]}{shown}")
     return "; ".join(lines)
 
 

@@ -37,6 +37,8 @@ def test_dry_run_from_the_cli(shared_data, tmp_path):
     ("train.model=./no/such/model", "key 'train.model': model folder"),
     ("train.num_workers=4", "key 'train.num_workers': 4 training workers x 1 CPUs > 2 CPUs"),
     ("tasks=[multiarithmetic]", "unknown task 'multiarithmetic'"),
+    ("output_dir=s3://bucket/runs/q", "key 'output_dir': s3://bucket/runs/q: object storage URIs are not supported; "
+                                      "use a path every node mounts"),
 ])
 def test_config_errors_stop_before_any_work_and_name_the_key(override, message, tmp_path, shared_data):
     quickstart = ROOT / "experiments" / "quickstart.yaml"
