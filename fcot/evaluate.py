@@ -36,6 +36,7 @@ from fcot.resources import Demand
 from fcot.scoring import format_prediction, score, summarize
 from fcot.stats import COLLAPSE_SHARE, accuracy_interval, most_frequent, random_guess
 from fcot.tasks import DataDir, Sample, TaskNames, UserTask, get_task, load_split, split_user_tasks
+from fcot.teacher.plan import sample_seed
 
 BASELINES = ("zero_shot", "zero_shot_cot", "few_shot_cot")  # evaluation methods of the untrained student
 AUTO_MARGIN = 8  # "auto" generation length: the longest curated completion plus this many tokens
@@ -106,17 +107,19 @@ def _requests(method: str, samples: list[dict], max_new_tokens: int, k: int, tem
             prompt, stop = zero_shot_cot_step1(s["question"]), ()
         else:
             prompt, stop = few_shot_cot(s["task"], s["question"]), ("\nQ:",)
-        for j in range(k):
+        first = sample_seed(seed, s["task"], int(s["index"]), 0)
+        for j in range(k):  # consecutive from the question's own: a question's k samples never share a seed
             reqs.append(Request(prompt=prompt, messages=messages, max_new_tokens=max_new_tokens,
-                                temperature=temperature if k > 1 else 0.0,
-                                seed=seed * 100_003 + int(s["index"]) * 101 + j, stop=stop))
+                                temperature=temperature if k > 1 else 0.0, seed=(first + j) & 0x7FFFFFFF, stop=stop))
     return reqs
 
 
 def predict_samples(engine, samples: list[dict], method: str, max_new_tokens: int = 256, k: int = 1,
                     temperature: float = 0.7, seed: int = 0, chat: bool = False) -> list[dict]:
-    """Generate and score; one row per sample (majority vote over k completions when k > 1). `chat`: a student
-    method's question goes through the model's chat template (fcot.methods.uses_chat)."""
+    """Generate and score; one row per question: its answer is the majority vote over its k completions when
+    k > 1 (ties: the first seen), and `sample_*` keep every completion's answer, correctness and length, for
+    pass@1 and pass@k (`sample_completions` when k > 1: at k = 1 it is `completion`). `chat`: a student method's
+    question goes through the model's chat template (fcot.methods.uses_chat)."""
     encoder_decoder = bool(getattr(engine, "encoder_decoder", False))
     reqs = _requests(method, samples, max_new_tokens, k, temperature, seed, encoder_decoder, chat)
     outs = engine.generate(reqs)
@@ -132,15 +135,16 @@ def predict_samples(engine, samples: list[dict], method: str, max_new_tokens: in
             o: Completion = outs[i * k + j]
             text = outs2[i * k + j].text if method == "zero_shot_cot" else o.text
             scored.append((score(spec, text, s["answer"], prefix=prefix, finish_reason=o.finish_reason), o))
-        if k == 1:
-            result, out = scored[0]
-        else:  # self-consistency: the most common extracted answer (ties: first seen)
-            votes = Counter(r.prediction for r, _ in scored if r.prediction is not None)
-            winner = votes.most_common(1)[0][0] if votes else None
-            result, out = next(((r, o) for r, o in scored if r.prediction == winner), scored[0])
+        votes = Counter(r.prediction for r, _ in scored if r.prediction is not None)
+        winner = votes.most_common(1)[0][0] if votes else None
+        result, out = next(((r, o) for r, o in scored if r.prediction == winner), scored[0])
         rows.append({"task": s["task"], "index": int(s["index"]), "answer": s["answer"], "completion": out.text,
-                     **result.to_dict(), "prediction": format_prediction(result.prediction), "votes": k,
-                     "completion_tokens": out.completion_tokens})
+                     **result.to_dict(), "prediction": format_prediction(result.prediction), "k": k,
+                     "votes": votes[winner] if winner is not None else 0, "completion_tokens": out.completion_tokens,
+                     "sample_predictions": [format_prediction(r.prediction) for r, _ in scored],
+                     "sample_correct": [bool(r.correct) for r, _ in scored],
+                     "sample_completion_tokens": [int(o.completion_tokens) for _, o in scored],
+                     "sample_completions": [o.text for _, o in scored] if k > 1 else []})
     return rows
 
 
@@ -196,7 +200,14 @@ def task_metrics(task: str, rows: list[dict], samples: list[Sample]) -> dict:
     spec = get_task(task)
     top, share = most_frequent([r["prediction"] for r in rows])
     answer, majority_rate = most_frequent([s.answer for s in samples])
+    # k samples per question: pass@1 is the mean over them, maj@k the vote's winner (what `accuracy` is), pass@k
+    # whether any is right; with k = 1 all three are the greedy accuracy.
+    per_sample = [sum(r["sample_correct"]) / len(r["sample_correct"]) for r in rows]
+    any_right = [any(r["sample_correct"]) for r in rows]
     return {"n": n, "accuracy": sum(correct) / n, "accuracy_ci": accuracy_interval(correct),
+            "k": rows[0]["k"], "pass@1": sum(per_sample) / n, "pass@1_ci": accuracy_interval(per_sample),
+            "maj@k": sum(correct) / n, "maj@k_ci": accuracy_interval(correct),
+            "pass@k": sum(any_right) / n, "pass@k_ci": accuracy_interval(any_right),
             "correct_format": sum(r["correct_format"] for r in rows) / n,
             "contains_answer": sum(r["contains_answer"] for r in rows) / n,
             "majority_answer": answer, "majority": majority_rate,
@@ -229,7 +240,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         compute=ray.data.ActorPoolStrategy(size=e.replicas), num_cpus=e.cpus_per_replica,
         num_gpus=e.gpus_per_replica or None, batch_format="numpy")
     rows = sorted(ds.take_all(), key=lambda r: (r["task"], r["index"]))
-    rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows]
+    rows = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()} for r in rows]  # numpy: plain
     cpu_s = sum(r.pop("_cpu_s") for r in rows) + cpu_seconds(children=False) - cpu_started
     gpu_s = sum(r.pop("_gpu_s") for r in rows)
     out = Path(cfg.output_dir)

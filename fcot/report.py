@@ -121,6 +121,15 @@ def build_report(run_dir: str | Path) -> Path:
                          f"| | | |")
             if ref.get("random") is not None:
                 lines.append(f"| {task} | random guess | {fmt_acc(ref['random'])} | {ref['n']} | | | |")
+    sampled = [(t, method, m) for t in tasks for method, e in evals.items()
+               if (m := e["tasks"].get(t)) is not None and m.get("k", 1) > 1]
+    if sampled:  # self-consistency: every sample kept, so all three views of k samples per question
+        lines += ["", "k samples per question: pass@1 is their mean accuracy, maj@k the majority vote's (the "
+                  "accuracy above), pass@k whether any is right; 95% bootstrap intervals over questions.", "",
+                  "| task | method | k | pass@1 | maj@k | pass@k |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {t} | {method} | {m['k']} | {fmt_acc(m['pass@1'], m['pass@1_ci'])} | "
+                  f"{fmt_acc(m['maj@k'], m['maj@k_ci'])} | {fmt_acc(m['pass@k'], m['pass@k_ci'])} |"
+                  for t, method, m in sampled]
     pairs = [(a, b) for i, a in enumerate(students) for b in students[i + 1:]]
     if len(pairs) > 1:
         lines += ["", "Every pair of trained methods (row − column method's accuracy on the same test questions, "

@@ -83,14 +83,19 @@ def test_shards_formatted_while_the_teacher_runs_give_the_same_curation(tmp_path
 def test_evaluate_on_ray_reports_accuracy(tmp_path, tiny_llama, ray_local):
     metrics = evaluate(load_config(EvalConfig, base={
         "engine": {"model": str(tiny_llama), "replicas": 2}, "tasks": "multiarith", "subset": 6, "max_new_tokens": 8,
-        "output_dir": str(tmp_path / "eval")}))
+        "output_dir": str(tmp_path / "eval"), "self_consistency": 3}))
     m = metrics["tasks"]["multiarith"]
-    assert m["n"] == 6 and 0.0 <= m["accuracy"] <= 1.0
+    assert m["n"] == 6 and 0.0 <= m["accuracy"] <= 1.0 and m["k"] == 3 and m["maj@k"] == m["accuracy"]
     lo, hi = m["accuracy_ci"]
     assert lo <= m["accuracy"] <= hi and 0 <= m["majority"] <= 1 and m["random"] is None  # open numeric answers
+    assert m["pass@1"] <= m["pass@k"] and m["maj@k"] <= m["pass@k"]
     assert metrics["cpu_s"] > 0 and metrics["gpu_s"] == 0
     preds = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and all("completion" in p and "correct" in p for p in preds)
+    # every sample kept, through Ray Data: its answer, correctness, length and text
+    assert all(len(p[f"sample_{c}"]) == 3 for p in preds for c in ("predictions", "correct", "completion_tokens",
+                                                                  "completions"))
+    assert m["pass@k"] == sum(any(p["sample_correct"]) for p in preds) / 6
 
 
 def test_baseline_methods_and_self_consistency(tiny_llama):
@@ -103,7 +108,51 @@ def test_baseline_methods_and_self_consistency(tiny_llama):
         rows = predict_samples(engine, samples, method, max_new_tokens=6)
         assert len(rows) == 2 and {"correct", "prediction", "completion"} <= set(rows[0])
     voted = predict_samples(engine, samples, "fine_tune_cot", max_new_tokens=6, k=3)
-    assert voted[0]["votes"] == 3
+    assert voted[0]["k"] == 3 and len(voted[0]["sample_predictions"]) == len(voted[0]["sample_completions"]) == 3
+    v = voted[0]  # votes: how many samples gave the winning answer (0 when none gave an answer)
+    assert v["votes"] == (v["sample_predictions"].count(v["prediction"]) if v["prediction"] is not None else 0)
+
+
+def test_pass_at_1_maj_at_k_and_pass_at_k_on_a_hand_computed_case(shared_data):
+    """k = 3 scripted answers for 4 questions (g: gold, x/y: wrong): [g g x], [x y g] (a three-way tie: the first
+    seen, x, wins), [x x x], [g x g]. maj@3 = 2/4, pass@1 = (2/3 + 1/3 + 0 + 2/3) / 4 = 5/12, pass@3 = 3/4."""
+    from fcot.engines import Completion
+    from fcot.evaluate import task_metrics
+    from fcot.tasks import load_split
+
+    split = load_split("svamp", "test")[:4]
+    script = {s.question: answers for s, answers in zip(split, ["ggx", "xyg", "xxx", "gxg"])}
+    gold = {s.question: float(s.answer) for s in split}
+    given: dict[str, int] = {}
+    seeds = []
+
+    class Scripted:
+        def generate(self, requests):
+            out = []
+            for r in requests:
+                q = r.prompt[:-4]  # "{question} ###"
+                j = given[q] = given.get(q, -1) + 1
+                value = {"g": gold[q], "x": gold[q] + 1, "y": gold[q] + 2}[script[q][j]]
+                out.append(Completion(f" reasoning --> {value:g} END", "stop", 1, 1))
+                seeds.append(r.seed)
+            return out
+
+    rows = predict_samples(Scripted(), [s.to_dict() for s in split], "fine_tune_cot", k=3)
+    assert [r["votes"] for r in rows] == [2, 1, 3, 2] and [r["correct"] for r in rows] == [True, False, False, True]
+    assert [r["sample_correct"] for r in rows] == [[c == "g" for c in script[s.question]] for s in split]
+    m = task_metrics("svamp", rows, split)
+    assert (m["k"], m["maj@k"], m["accuracy"], m["pass@k"]) == (3, 0.5, 0.5, 0.75)
+    assert abs(m["pass@1"] - 5 / 12) < 1e-12
+    for key in ("pass@1", "maj@k", "pass@k"):
+        lo, hi = m[f"{key}_ci"]
+        assert lo <= m[key] <= hi
+    assert len(set(seeds)) == 12
+    # Per-sample seeds never collide, whatever k: 2 questions x 200 samples, 400 seeds (the old rule,
+    # seed * 100003 + index * 101 + j, gave question i's sample 101 the seed of question i + 1's sample 0).
+    from fcot.evaluate import _requests
+
+    many = _requests("fine_tune_cot", [s.to_dict() for s in split[:2]], 8, 200, 0.7, 0, False)
+    assert len({r.seed for r in many}) == 400
 
 
 def test_scoring_a_perfect_student_is_100_percent(shared_data):
