@@ -61,6 +61,31 @@ def test_teach_writes_n_x_d_records_and_a_rerun_generates_nothing(tmp_path, tiny
     assert summary["tasks"]["multiarith"]["samples"] == 20
 
 
+def test_the_store_finds_a_teachers_shards_by_name_and_reads_only_the_columns_asked(tmp_path):
+    """Shards are named TEACHER_ID-HASH: finding teacher B's opens none of teacher A's (here one is not even
+    parquet), a shard of an older fcot (HASH only) is still found by its content, and reads take the columns
+    asked for."""
+    import pyarrow as pa
+
+    from fcot.teacher.store import SCHEMA
+
+    def row(tid, i):
+        return {"task": "multiarith", "index": i, "sample_index": 0, "key": f"{tid}:{i}", "teacher_id": tid,
+                "teacher": "{}", "question": "q", "gold": "1", "prompt": "p", "rationale": "r", "correct": True}
+
+    store = RecordStore(tmp_path / "records")
+    b1 = store.write([row("b" * 16, i) for i in range(3)])
+    assert b1.name.startswith("b" * 16 + "-")
+    (tmp_path / "records" / f"{'a' * 16}-{'0' * 24}.parquet").write_bytes(b"not parquet: never opened for b")
+    older = tmp_path / "records" / f"{'1' * 24}.parquet"  # an older fcot's name: the keys' hash only
+    pq.write_table(pa.Table.from_pylist([row("b" * 16, 9)], schema=SCHEMA), older)
+    assert store.shards("b" * 16) == [b1, older]
+    assert store.keys("b" * 16) == {f"{'b' * 16}:{i}" for i in (0, 1, 2, 9)}
+    table = store.read(teacher_id="b" * 16, columns=["index"])
+    assert table.column_names == ["key", "teacher_id", "index"] and sorted(table.column("index").to_pylist()) == [
+        0, 1, 2, 9]
+
+
 def test_records_are_readable_by_ray_data_and_datasets(tmp_path, tiny_llama, ray_local):
     import datasets
     import ray

@@ -103,7 +103,7 @@ class TeacherWorker:
         self.engine = build_engine(self.cfg.engine, cache_dir=cache)
 
     def run(self, items: list[dict]) -> dict:
-        shard = self.store.shard_path([it["key"] for it in items])
+        shard = self.store.shard_path(self.teacher[0], [it["key"] for it in items])
         if shard.exists():  # this batch finished before (a retried task)
             records, generated = self.store.read(shards=[shard], columns=SLIM).to_pylist(), 0
         else:

@@ -171,7 +171,7 @@ def import_recorded(cfg: TeachConfig, store: RecordStore, wanted: list) -> list[
         records = from_openai_batch(cfg, path, wanted)
     if not records:
         raise FcotError(f"{path}: no record matches the selected questions ({', '.join(cfg.tasks)}, {cfg.split} split)")
-    done = store.keys()
+    done = store.keys(teacher_id(cfg))
     new = [r for r in records if r["key"] not in done]
     for start in range(0, len(new), 1000):
         store.write(new[start:start + 1000])

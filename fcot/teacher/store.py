@@ -2,8 +2,9 @@
 
 Rule: a sample is generated once. Its key is sha256(teacher_id, prompt, sample index, seed) (fcot.teacher.plan)
 and every record carries its teacher's id and identity, so one store holds many teachers without mixing them.
-Each shard is written atomically and named by the keys it holds, so a retried batch rewrites the same file
-instead of adding duplicates. Ray Data (`ray.data.read_parquet`) and `datasets`
+Each shard is written atomically and named TEACHER_ID-HASH, HASH of the keys it holds, so a retried batch rewrites
+the same file instead of adding duplicates, and a teacher's shards are found by name, none opened (shards of an
+older fcot, named HASH only, are opened to read their teacher ids). Ray Data (`ray.data.read_parquet`) and `datasets`
 (`load_dataset("parquet", data_files=...)`) read the folder directly.
 """
 
@@ -41,26 +42,30 @@ class RecordStore:
         found = sorted(self.root.glob("*.parquet")) if self.root.exists() else []
         if teacher_id is None:
             return found
-        return [s for s in found if self._fits(s)
-                and teacher_id in pq.read_table(s, columns=["teacher_id"]).column("teacher_id").to_pylist()]
+        older = [s for s in found if "-" not in s.stem and self._fits(s)
+                 and teacher_id in pq.read_table(s, columns=["teacher_id"]).column("teacher_id").to_pylist()]
+        return [s for s in found if s.stem.startswith(f"{teacher_id}-")] + older
 
-    def shard_path(self, keys: list[str]) -> Path:
-        return self.root / (hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24] + ".parquet")
+    def shard_path(self, teacher_id: str, keys: list[str]) -> Path:
+        digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24]
+        return self.root / f"{teacher_id}-{digest}.parquet"
 
     def write(self, rows: list[dict]) -> Path:
+        [tid] = {r["teacher_id"] for r in rows}  # a shard holds one teacher's records
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        return atomic_write_bytes(self.shard_path([r["key"] for r in rows]), buf.getvalue())
+        return atomic_write_bytes(self.shard_path(tid, [r["key"] for r in rows]), buf.getvalue())
 
     @staticmethod
     def _fits(path: Path) -> bool:
         return "teacher_id" in pq.read_schema(path).names  # shards of an older fcot have no teacher identity
 
-    def keys(self) -> set[str]:
+    def keys(self, teacher_id: str | None = None) -> set[str]:
+        """The sample keys in the store (of `teacher_id`'s shards), read from their key column only."""
         keys: set[str] = set()
-        for shard in self.shards():
-            if self._fits(shard):
+        for shard in self.shards(teacher_id):
+            if "-" in shard.stem or self._fits(shard):
                 keys.update(pq.read_table(shard, columns=["key"]).column("key").to_pylist())
         return keys
 
@@ -69,8 +74,8 @@ class RecordStore:
         """Records (of `teacher_id`, in `shards`), one row per key."""
         wanted = columns and list(dict.fromkeys(["key", "teacher_id", *columns]))
         tables = []
-        for s in shards if shards is not None else self.shards():
-            if not self._fits(s):
+        for s in shards if shards is not None else self.shards(teacher_id):
+            if "-" not in s.stem and not self._fits(s):
                 continue
             t = pq.read_table(s, schema=SCHEMA, columns=wanted)
             if teacher_id is not None:
