@@ -40,6 +40,7 @@ from fcot.errors import FcotError
 from fcot.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from fcot.methods import ChatTemplate, chat_completion, chat_prompt, get_method, method_names, uses_chat
 from fcot.models import resolve_model
+from fcot.progress import Progress
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
@@ -211,8 +212,13 @@ def _format_shards(cfg: CurateConfig, shards: list[Path]) -> tuple[int, float]:
     ds = ds.select_columns(RECORD_COLUMNS + ["path"])
     ds = ds.map_batches(Formatter, fn_constructor_kwargs=_formatter_kwargs(cfg),
                         compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
-    tables = list(ds.select_columns(FORMATTED_COLUMNS + ["path"]).iter_batches(batch_size=None,
-                                                                               batch_format="pyarrow"))
+    tables, seen = [], set()
+    with Progress(f"curate {cfg.method}", len(missing), "shards") as bar:  # shards reached by the formatter
+        for t in ds.select_columns(FORMATTED_COLUMNS + ["path"]).iter_batches(batch_size=None, batch_format="pyarrow"):
+            tables.append(t)
+            new = set(t.column("path").to_pylist()) - seen
+            seen |= new
+            bar.update(len(new))
     table = pa.concat_tables(tables)
     rows_of = defaultdict(list)  # shard name -> its rows, in one pass (thousands of shards in a large run)
     for i, p in enumerate(table.column("path").to_pylist()):

@@ -23,6 +23,7 @@ from fcot.errors import FcotError
 from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json, atomic_write_jsonl, read_json
 from fcot.methods import METHODS, ChatTemplate, asked, uses_chat
+from fcot.progress import Progress
 from fcot.prompts import (
     FORMATS,
     PREDICTION_PREFIX,
@@ -239,7 +240,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         EvalWorker, fn_constructor_kwargs={"cfg": resolved.model_dump()}, batch_size=e.batch_size,
         compute=ray.data.ActorPoolStrategy(size=e.replicas), num_cpus=e.cpus_per_replica,
         num_gpus=e.gpus_per_replica or None, batch_format="numpy")
-    rows = sorted(ds.take_all(), key=lambda r: (r["task"], r["index"]))
+    rows = []
+    with Progress(f"eval {cfg.method}", len(items), "questions") as bar:
+        for row in ds.iter_rows():
+            rows.append(row)
+            bar.update(1)
+    rows.sort(key=lambda r: (r["task"], r["index"]))
     rows = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()} for r in rows]  # numpy: plain
     cpu_s = sum(r.pop("_cpu_s") for r in rows) + cpu_seconds(children=False) - cpu_started
     gpu_s = sum(r.pop("_gpu_s") for r in rows)

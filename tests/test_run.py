@@ -4,6 +4,7 @@ from its last checkpoint."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,10 @@ def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
 
     finished = run_fcot("run", config, check=True)
     assert "[teacher] done before, skipped" in finished.stderr
+    # Progress of the long stages, as plain lines (not a terminal): training from its resumed step, evaluation.
+    logs = finished.stdout + finished.stderr
+    assert re.search(r"\[train\] (\d+)/\1 steps \(100%\), \d+ steps/min, epoch=3, tokens_per_s=\d+", logs), logs[-3000:]
+    assert re.search(r"\[eval fine_tune_cot\] 6/6 questions \(100%\)", logs), logs[-3000:]
     assert "[curate-fine_tune_cot] done before, skipped" in finished.stderr
     assert json.loads((run_dir / "stages" / "teacher.json").read_text()) == teacher_marker
     stages = {p.stem for p in (run_dir / "stages").glob("*.json")}
@@ -161,3 +166,25 @@ def test_nothing_before_evaluation_reads_the_test_split(tmp_path, tiny_llama, sh
     assert len(dev) == 10 and not set(dev) & {s.index for s in real("multiarith", "test")}
     selected = json.loads((tmp_path / "run" / "students" / "vanilla" / "model" / "fcot_selection.json").read_text())
     assert selected["selection"] == "best_dev"
+
+
+def test_progress_prints_a_line_now_and_then_with_rate_and_eta_where_there_is_no_terminal():
+    import io
+
+    from fcot.progress import Progress
+
+    out = io.StringIO()  # not a terminal: plain lines, not a bar
+    with Progress("train", 10, "steps", stream=out, every_s=3600, done=4) as p:  # resumed at step 4
+        for _ in range(3):
+            p.update(1, tokens_per_s=123)
+        assert out.getvalue() == ""  # no line before every_s has passed
+        assert re.fullmatch(r"\[train\] 7/10 steps \(70%\), \d+ steps/min, tokens_per_s=123, ETA \d+s", p.line())
+        p.every_s = 0
+        p.update(1)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[train] 8/10 steps (80%)") and "ETA" in lines[0]
+    assert lines[1].startswith("[train] 8/10 steps (80%)")  # the last line, at close
+    quiet = io.StringIO()
+    with Progress("eval", 5, "questions", enabled=False, stream=quiet) as p:
+        p.update(5)
+    assert quiet.getvalue() == ""

@@ -20,6 +20,7 @@ from pathlib import Path
 from fcot.engines import Request, build_engine, replica_options
 from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json
+from fcot.progress import Progress
 from fcot.prompts import FEW_SHOT_ANSWER_PREFIX, zero_shot_cot_step2, zero_shot_cot_step2_messages
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.scoring import format_prediction, score
@@ -113,12 +114,6 @@ class TeacherWorker:
                 **self.usage.take()}
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm  # only with a progress bar
-
-    return tqdm(total=total, unit="sample", disable=not enabled or total == 0, dynamic_ncols=True, smoothing=0.1)
-
-
 def teach(cfg: TeachConfig, on_shard=None) -> dict:
     """Run the teacher stage; returns the summary (also written to OUTPUT_DIR/summary.json).
 
@@ -184,7 +179,7 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
     load = [0] * len(actors)
     inflight: dict = {}
     tokens, started = 0, time.time()
-    with _progress(total, cfg.progress) as bar:
+    with Progress("teacher", total, "samples", cfg.progress) as bar:
         while queue or retry or inflight:
             for a in sorted(range(len(actors)), key=load.__getitem__):
                 # A lost batch again as it was (its shard name is its keys), else a full batch, or whatever is
@@ -225,8 +220,7 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
                     tokens += r["completion_tokens"] + r["answer_completion_tokens"]
                 more = sum(schedule(key) for key in landed if not flying[key])
                 bar.total += more
-                bar.update(len(result["records"]))
-                bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
+                bar.update(len(result["records"]), tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
                 if on_shard is not None:
                     on_shard(Path(result["shard"]))
     for actor in actors:

@@ -26,6 +26,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -40,6 +41,7 @@ from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json, read_json
 from fcot.methods import asked, uses_chat
 from fcot.models import resolve_model
+from fcot.progress import Progress
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.stats import accuracy_interval
 from fcot.tasks import Sample
@@ -276,6 +278,9 @@ def train_loop(config: dict) -> None:
     state["startup_s"] = round(time.time() - worker_started, 1)  # imports, data, model, deepspeed, resume
     step = state["step"]
     mb, accum = cfg.micro_batch_size, cfg.grad_accum
+    # Rank 0's progress, on its stdout: Ray forwards it to the driver's terminal and to the job's logs.
+    progress = Progress("train", total_steps, "steps", enabled=rank == 0, stream=sys.stdout, done=step)
+    progress_from = (time.perf_counter(), state["tokens"])
     for epoch in range(state["epoch"], cfg.epochs):
         if step >= total_steps:
             break
@@ -309,6 +314,8 @@ def train_loop(config: dict) -> None:
             step += 1
             state["tokens"] += int(real_tokens[batch_idx].sum())  # the global batch's real tokens
             state["examples"] += len(batch_idx)
+            tokens_per_s = (state["tokens"] - progress_from[1]) / max(time.perf_counter() - progress_from[0], 1e-9)
+            progress.update(1, epoch=epoch + 1, tokens_per_s=f"{tokens_per_s:.0f}")
             if step == STEADY_AFTER:  # one sync, here only: the steady-state clock starts
                 if cfg.use_gpu:
                     torch.cuda.synchronize()
@@ -385,6 +392,7 @@ def train_loop(config: dict) -> None:
             # Result.metrics is the last checkpoint's metrics: the summary travels with the last one.
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+    progress.close()
     if run is not None:
         run.finish()
 
