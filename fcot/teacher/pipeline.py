@@ -42,6 +42,7 @@ from fcot.teacher.store import RecordStore
 
 IN_FLIGHT = 2  # batches queued at each replica: the next one starts the moment the last one ends
 SLIM = ["task", "index", "sample_index", "correct", "rationale", "completion_tokens", "answer_completion_tokens"]
+SUMMED = ["temperature", "prompt_tokens", "answer_prompt_tokens"]  # the summary's other columns
 
 
 def generate_records(cfg: TeachConfig, engine, items: list[dict], teacher: tuple[str, str]) -> list[dict]:
@@ -242,7 +243,7 @@ def spent(cfg: TeachConfig, records: list[dict]) -> list[dict]:
 
 def summarize(cfg: TeachConfig, store: RecordStore, qs: list, wall_s: float, cost: dict) -> dict:
     wanted = {(q.task, q.index) for q in qs}
-    table = store.read(teacher_id=teacher_id(cfg)).to_pylist()
+    table = store.read(teacher_id=teacher_id(cfg), columns=SLIM + SUMMED).to_pylist()  # not prompts, not questions
     rows = spent(cfg, [r for r in table if (r["task"], r["index"]) in wanted])
     by_task = defaultdict(list)
     for r in rows:
