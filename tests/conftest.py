@@ -111,3 +111,13 @@ def lose_a_node(stage: str, config: Path, reference: Path | None = None) -> dict
     assert out["error"] is None, out["error"]
     assert out["at_loss"] == {"running": True, "victim_found": True}, f"no node was lost mid-stage: {out['at_loss']}"
     return out
+
+
+def first_epoch_committed(train_dir: Path) -> bool:
+    """A training run (its output_dir) has committed its first epoch's checkpoint: Ray Train writes this snapshot
+    once its controller has collected every worker's report for it (a checkpoint before that can be lost)."""
+    snapshot = Path(train_dir) / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
+    try:
+        return '"epoch_001"' in snapshot.read_text()
+    except OSError:
+        return False

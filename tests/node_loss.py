@@ -22,17 +22,7 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from fcot.config import load_config
-
-
-def _committed(snapshots) -> bool:
-    """A training run has committed its first epoch's checkpoint (Ray Train writes this snapshot then)."""
-    for path in snapshots:
-        try:
-            if '"epoch_001"' in Path(path).read_text():
-                return True
-        except OSError:
-            pass
-    return False
+from tests.conftest import first_epoch_committed
 
 
 def _teach():
@@ -50,7 +40,7 @@ def _train():
     from fcot.train.trainer import train
 
     def started(cfg):
-        return lambda: _committed([Path(cfg.output_dir) / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"])
+        return lambda: first_epoch_committed(cfg.output_dir)
 
     return TrainConfig, train, "RayTrainWorker", started, {"num_cpus": 1}
 
@@ -75,8 +65,7 @@ def _sweep():
     from fcot.sweep import SweepConfig, sweep
 
     def started(cfg):
-        return lambda: _committed(Path(cfg.output_dir).glob("trials/*/students/*/checkpoints/train/"
-                                                            "checkpoint_manager_snapshot.json"))
+        return lambda: any(map(first_epoch_committed, Path(cfg.output_dir).glob("trials/*/students/*")))
 
     return SweepConfig, sweep, "RayTrainWorker", started, {"num_cpus": 2}
 

@@ -16,7 +16,7 @@ from fcot.errors import FcotError
 from fcot.prompts import FORMATS
 from fcot.train.config import TrainConfig
 from fcot.train.data import IGNORE, Collator, pad_batch
-from tests.conftest import ROOT, lose_a_node, run_fcot
+from tests.conftest import ROOT, first_epoch_committed, lose_a_node, run_fcot
 
 FMT = FORMATS["fine_tune_cot"]
 
@@ -222,20 +222,12 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(tmp_path, tiny_llama, s
     data = curated(tmp_path / "data", samples, repeat=12)  # 96 rows: 12 steps per epoch
     # 6 epochs: the kill lands right after the first checkpoint with 60 steps of work left, on any machine.
     cfg = config(tmp_path, data, tiny_llama, "epochs=6", "deepspeed.stage=2", "max_failures=2")
-    # Ray Train commits a checkpoint when its controller has collected every worker's report, and writes
-    # the snapshot below then: a worker killed before that would take the uncommitted checkpoint with it.
-    snapshot = tmp_path / "out" / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
     killed = []
-
-    def committed() -> bool:
-        try:
-            return '"epoch_001"' in snapshot.read_text()
-        except OSError:
-            return False
 
     def kill_a_worker():
         deadline = time.time() + 300
-        while not committed() and time.time() < deadline:
+        # a worker killed before the checkpoint is committed would take it with it
+        while not first_epoch_committed(tmp_path / "out") and time.time() < deadline:
             time.sleep(0.1)
         # Our own Ray Train workers: descendants of this test process (it started the local cluster).
         workers = [p for p in psutil.Process().children(recursive=True)
