@@ -1,8 +1,11 @@
+import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,56 @@ def first_epoch_committed(train_dir: Path) -> bool:
         return '"epoch_001"' in snapshot.read_text()
     except OSError:
         return False
+
+
+def sums_task(folder: Path, n: int = 40) -> dict:
+    """A user task of n questions "What is A plus B?" (gold: the sum), written as JSONL into `folder`."""
+    path = Path(folder) / "sums.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = (i * 7919) % 100, (i * 104729) % 100
+            f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": str(a + b)}) + "\n")
+    return {"name": "sums", "path": str(path), "answer_type": "number", "test_fraction": 0.1}
+
+
+SUMS = re.compile(r"What is (\d+) plus (\d+)\?")
+
+
+class _Sums(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible /v1/completions that does sums: by seed % 6 a wrong sum, a rationale that two seeds
+    share (duplicates), two other right ones, or a long one; the answer step repeats the rationale's last number."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt, seed = body["prompt"], int(body.get("seed") or 0)
+        a, b = map(int, SUMS.search(prompt).groups())
+        if prompt.rstrip().endswith("Therefore, the answer is"):
+            text = f" {re.findall(r'[0-9]+', prompt.split('step by step.')[-1])[-1]}."
+        else:
+            total = a + b + (seed % 6 == 0)
+            text = [f" {a} and {b} make {total}.", f" We add {a} and {b}, which gives {total}.",
+                    f" We add {a} and {b}, which gives {total}.", f" {a} plus {b} is {total}.",
+                    " First " + " ".join(f"{a} then {b} again," for _ in range(12)) + f" so {total}.",
+                    f" The sum of {a} and {b} is {total}."][seed % 6]
+        data = json.dumps({"choices": [{"text": text, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def sums_server():
+    """A real HTTP server on 127.0.0.1 (its base URL): a teacher of many distinct, duplicate, wrong and long samples."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sums)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

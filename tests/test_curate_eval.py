@@ -1,6 +1,9 @@
 """Curation on Ray Data and evaluation on Ray, on CPU with tiny models and real 175B teacher records."""
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
@@ -12,7 +15,7 @@ from fcot.evaluate import EvalConfig, evaluate, predict_samples
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from fcot.teacher.store import RecordStore
-from tests.conftest import lose_a_node, recorded
+from tests.conftest import lose_a_node, recorded, sums_task
 
 
 def _rows(folder):
@@ -252,3 +255,55 @@ def test_a_worker_node_lost_mid_curation_or_evaluation_changes_no_output(tmp_pat
         return [{k: r[k] for k in ("task", "index", "completion", "prediction", "correct")} for r in rows]
 
     assert predictions("eval_lost") == predictions("eval_undisturbed")  # greedy: the same answers, none twice
+
+
+GOLDEN = Path(__file__).parent / "data" / "curated_golden.json"
+VOLATILE = ("cpu_s", "train_dir", "dev", "shards_formatted_at_curation", "teacher_id")  # paths, timings, the port
+
+
+def _golden_cases(tmp_path, recorded_teacher, sums_server, tiny_llama) -> dict:
+    """Curation's cases, each run on one store: the recorded 175B teacher (D = 1), and a scripted teacher of sums
+    on 127.0.0.1 (D = 6, and adaptive) whose samples are wrong, duplicated and too long by seed."""
+    sums = sums_task(tmp_path / "sums")
+    engine = {"kind": "openai", "model": "sums", "base_url": sums_server, "replicas": 1, "batch_size": 16}
+    fixed = {"tasks": [sums], "output_dir": str(tmp_path / "t6"), "progress": False, "engine": engine,
+             "sampling": {"num_samples": 6, "max_new_tokens": 64}}
+    adaptive = {**fixed, "output_dir": str(tmp_path / "ta"),
+                "sampling": {"max_new_tokens": 64, "adaptive": {"min_correct": 2, "max_samples": 6, "round_size": 2}}}
+    for teacher in (fixed, adaptive):
+        teach(load_config(TeachConfig, base=teacher))
+    ma = {"tasks": "multiarith", "teacher": recorded_teacher}
+    return {
+        "recorded": {**ma, "dev_fraction": 0.1, "max_length": 512},
+        "recorded_d1_short": {**ma, "dev_fraction": 0, "max_length": 150, "num_samples": 1},
+        "recorded_step_by_step_subset": {**ma, "method": "step_by_step", "train_questions": 0.3, "max_length": 300},
+        "vanilla_gold": {"method": "vanilla", "tasks": "multiarith", "dev_fraction": 0},
+        "sums_d4_dedupe_short": {"tasks": [sums], "teacher": fixed, "num_samples": 4, "dedupe": True,
+                                 "dev_fraction": 0.1, "max_length": 64},
+        "sums_d6": {"tasks": [sums], "teacher": fixed, "max_length": 128},
+        "sums_adaptive_dedupe": {"tasks": [sums], "teacher": adaptive, "dedupe": True, "max_length": 128},
+        "sums_vanilla_of_the_teachers_questions": {"method": "vanilla", "tasks": [sums], "teacher": fixed,
+                                                   "train_questions": 20},
+    }
+
+
+def test_curation_output_is_unchanged_on_the_curated_set_fixtures(tmp_path, recorded_teacher, sums_server,
+                                                                   tiny_llama, ray_local):
+    """Every case's curated rows (in file order) and stats equal those that fcot's curation of the driver's Python
+    loop wrote (commit b1aceee), kept in tests/data/curated_golden.json (FCOT_WRITE_GOLDEN=1 rewrites it)."""
+    got = {}
+    for name, case in _golden_cases(tmp_path, recorded_teacher, sums_server, tiny_llama).items():
+        summary = curate(load_config(CurateConfig, base={"student": str(tiny_llama),
+                                                         "output_dir": str(tmp_path / name), **case}))
+        rows = _rows(tmp_path / name / "train")
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+        got[name] = {"rows": len(rows), "sha256": digest,
+                     "summary": {k: v for k, v in summary.items() if k not in VOLATILE}}
+    got = json.loads(json.dumps(got, sort_keys=True))  # as the file holds it (JSON keys are strings)
+    if os.environ.get("FCOT_WRITE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert {n: g["summary"] for n, g in got.items()} == {n: w["summary"] for n, w in want.items()}
+    assert got == want
+    kinds = {k for g in got.values() for st in g["summary"]["tasks"].values() for k in st if k.startswith("dropped")}
+    assert kinds == {"dropped_incorrect", "dropped_duplicate", "dropped_too_long"}  # every rule had work to do
