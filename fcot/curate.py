@@ -12,9 +12,15 @@ the method (Fine-tune-CoT, decoder: `{q} ###` -> ` {rationale} --> {answer} END`
 longer than the student's max length (fcot.train.data.pair_length). Vanilla pairs come from the gold answers of
 the same questions.
 
-Formatting (tokenizing every rationale with the student's tokenizer) is done once per teacher shard and kept in
-OUTPUT_DIR/formatted/: `fcot run` formats each shard as the teacher writes it (ShardStreamer), and curation
-formats, on Ray Data, only the shards left, then selects.
+The flow, on Ray Data; the driver holds the questions and the counts, never a record or a pair:
+
+    teacher shards -> formatted parts (OUTPUT_DIR/formatted/: one per shard, tokenized once with the student's
+        tokenizer; `fcot run` formats each shard as the teacher writes it (ShardStreamer), curation formats the
+        shards left, in Ray Data actors that write the parts themselves)
+    -> read_parquet(the parts of this teacher's shards) -> groupby(task, index).map_groups(select_question):
+        a question's samples meet, the rules above apply, and it emits its kept pairs and one row of counts
+    -> the kept pairs written by Ray Data as OUTPUT_DIR/train/part-*.parquet, in (task, index, sample, part)
+       order; the counts summed in the driver into stats.json.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import os
 import random
 import shutil
 import sys
-from collections import Counter, defaultdict
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
@@ -45,9 +53,8 @@ from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
 from fcot.teacher.config import TeachConfig
-from fcot.teacher.pipeline import SLIM, spent
 from fcot.teacher.plan import questions as teacher_questions
-from fcot.teacher.plan import teacher_id
+from fcot.teacher.plan import rationale_digest, samples_used, teacher_id
 from fcot.teacher.store import RecordStore
 from fcot.train.data import pair_length
 
@@ -108,7 +115,9 @@ class CurateConfig(Config):
 
 class Formatter:
     """Formats and measures a method's pairs with the student's tokenizer (one per Ray Data actor): one row per
-    (record, task of the method), `part` the task's position."""
+    (record, task of the method), `part` the task's position. Each row also carries what selection compares
+    without the text: hashes of the record's stripped rationale (adaptive rounds count distinct ones) and of the
+    text dedupe compares (the rationale, else the first pair's completion)."""
 
     def __init__(self, method: str, student: str, max_length: int, chat_template: ChatTemplate = False):
         from transformers import AutoConfig, AutoTokenizer  # heavy: in the Ray Data actor only
@@ -125,11 +134,11 @@ class Formatter:
         n = len(batch["question"])
         tasks, keys = self.method.tasks, self.method.weight_keys()
         rows = [(i, part) for i in range(n) for part in range(len(tasks))]
+        rationales = [str(r) for r in batch["rationale"]] if "rationale" in batch else [""] * n
         prompts, completions = [], []
         for i, part in rows:
-            rationale = str(batch["rationale"][i]) if "rationale" in batch else ""
             prompt = tasks[part].render_prompt(str(batch["question"][i]), self.encoder_decoder)
-            completion = tasks[part].render_target(str(batch["gold"][i]), rationale, self.encoder_decoder)
+            completion = tasks[part].render_target(str(batch["gold"][i]), rationales[i], self.encoder_decoder)
             if self.chat:
                 prompt, completion = chat_prompt(self.tokenizer, prompt), chat_completion(self.tokenizer, prompt,
                                                                                            completion)
@@ -138,18 +147,25 @@ class Formatter:
         p_ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
         c_ids = self.tokenizer(completions, add_special_tokens=False).input_ids
         lengths = [pair_length(len(p), len(c), self.encoder_decoder) for p, c in zip(p_ids, c_ids)]
+        first = {i: completions[j] for j, (i, part) in enumerate(rows) if part == 0}
+        rationale_hash = [rationale_digest(r) for r in rationales]
+        text_hash = [rationale_digest(r or first[i]) for i, r in enumerate(rationales)]
         out = {name: [batch[name][i] for i, _ in rows] for name in batch}
         out.update(part=[part for _, part in rows], weight_key=[keys[part] or "" for _, part in rows],
                    prompt=prompts, completion=completions, length=lengths,
                    completion_length=[len(c) + 1 for c in c_ids],  # + the EOS the trainer appends
-                   too_long=[length > self.max_length for length in lengths])
+                   too_long=[length > self.max_length for length in lengths],
+                   rationale_hash=[rationale_hash[i] for i, _ in rows], text_hash=[text_hash[i] for i, _ in rows])
         out["cpu_s"] = [self.usage.take()["cpu_s"] / len(rows)] * len(rows)  # this actor's CPU time, spread out
         return out
 
 
-RECORD_COLUMNS = ["key", "task", "index", "sample_index", "question", "gold", "rationale"]
-FORMATTED_COLUMNS = ["key", "part", "weight_key", "prompt", "completion", "length", "completion_length", "too_long",
-                     "cpu_s"]
+RECORD_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "question", "gold", "rationale"]
+FORMATTED_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "rationale_hash", "text_hash",
+                     "part", "weight_key", "prompt", "completion", "length", "completion_length", "too_long"]
+PAIRS = pa.schema([("task", pa.string()), ("index", pa.int64()), ("sample_index", pa.int64()), ("part", pa.int64()),
+                   ("weight_key", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
+                   ("length", pa.int64()), ("completion_length", pa.int64())])  # a curated row (fcot.train.data)
 
 
 def _formatter_kwargs(cfg: CurateConfig) -> dict:
@@ -159,7 +175,7 @@ def _formatter_kwargs(cfg: CurateConfig) -> dict:
 
 def formatted_dir(cfg: CurateConfig) -> Path:
     """Formatted teacher shards for one formatting (method, student, max length): a part per teacher shard."""
-    key = hashlib.sha256(json.dumps([3, cfg.method, cfg.student, cfg.max_length, cfg.chat_template]).encode())
+    key = hashlib.sha256(json.dumps([4, cfg.method, cfg.student, cfg.max_length, cfg.chat_template]).encode())
     key = key.hexdigest()[:12]
     return Path(cfg.output_dir) / "formatted" / key
 
@@ -171,10 +187,26 @@ def records_dir(cfg: CurateConfig) -> Path:
     return path
 
 
-def _write_part(path: Path, columns: dict) -> None:
+def format_shard(formatter: Formatter, shard: Path, out: Path) -> float:
+    """Format one teacher shard into its part, OUT/SHARD_NAME (written whole); returns the formatter's CPU-s."""
+    table = pq.read_table(shard, columns=RECORD_COLUMNS)
+    columns = formatter({c: table.column(c).to_pylist() for c in RECORD_COLUMNS})
     buf = io.BytesIO()
-    pq.write_table(pa.table({c: list(columns[c]) for c in FORMATTED_COLUMNS}), buf)
-    atomic_write_bytes(path, buf.getvalue())
+    pq.write_table(pa.table({c: columns[c] for c in FORMATTED_COLUMNS}), buf)
+    atomic_write_bytes(out / shard.name, buf.getvalue())
+    return float(sum(columns["cpu_s"]))
+
+
+class ShardFormatter:
+    """A Ray Data actor that formats whole teacher shards, each into its part: no formatted row reaches the
+    driver, and a killed curation keeps the parts it finished."""
+
+    def __init__(self, out: str, **formatter_kwargs):
+        self.out, self.formatter = Path(out), Formatter(**formatter_kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        return {"shard": batch["shard"],
+                "cpu_s": [format_shard(self.formatter, Path(s), self.out) for s in batch["shard"]]}
 
 
 class ShardStreamer:
@@ -191,8 +223,7 @@ class ShardStreamer:
         try:
             if self.formatter is None:
                 self.formatter = Formatter(**_formatter_kwargs(self.cfg))
-            table = pq.read_table(shard, columns=RECORD_COLUMNS)
-            _write_part(self.out / shard.name, self.formatter({c: table.column(c).to_pylist() for c in RECORD_COLUMNS}))
+            format_shard(self.formatter, shard, self.out)
             self.formatted += 1
         except Exception as e:  # noqa: BLE001 - never stop the teacher; curation formats the shard later
             self.failed = True
@@ -201,32 +232,24 @@ class ShardStreamer:
 
 def _format_shards(cfg: CurateConfig, shards: list[Path]) -> tuple[int, float]:
     """Format, on Ray Data, the teacher shards that have no formatted part yet; returns how many, and the CPU
-    seconds the formatter actor spent."""
+    seconds the formatter actors spent."""
     import ray  # heavy: only when there is something to format
 
     out = formatted_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     missing = [s for s in shards if not (out / s.name).exists()]
     if not missing:
         return 0, 0.0
-    ds = ray.data.read_parquet([str(s.resolve()) for s in missing], include_paths=True)
-    ds = ds.select_columns(RECORD_COLUMNS + ["path"])
-    ds = ds.map_batches(Formatter, fn_constructor_kwargs=_formatter_kwargs(cfg),
-                        compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
-    tables, seen = [], set()
-    with Progress(f"curate {cfg.method}", len(missing), "shards") as bar:  # shards reached by the formatter
-        for t in ds.select_columns(FORMATTED_COLUMNS + ["path"]).iter_batches(batch_size=None, batch_format="pyarrow"):
-            tables.append(t)
-            new = set(t.column("path").to_pylist()) - seen
-            seen |= new
-            bar.update(len(new))
-    table = pa.concat_tables(tables)
-    rows_of = defaultdict(list)  # shard name -> its rows, in one pass (thousands of shards in a large run)
-    for i, p in enumerate(table.column("path").to_pylist()):
-        rows_of[Path(p).name].append(i)
-    for shard in missing:  # a part per shard, written whole: a killed curation keeps the parts it finished
-        part = table.take(rows_of[shard.name])
-        _write_part(out / shard.name, {c: part.column(c).to_pylist() for c in FORMATTED_COLUMNS})
-    return len(missing), float(sum(table.column("cpu_s").to_pylist()))
+    actors = max(1, min(len(missing), int(ray.cluster_resources().get("CPU", 1))))
+    ds = ray.data.from_items([{"shard": str(s.resolve())} for s in missing])
+    ds = ds.map_batches(ShardFormatter, fn_constructor_kwargs={"out": str(out.resolve()), **_formatter_kwargs(cfg)},
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), batch_size=1, num_cpus=1)
+    cpu = 0.0
+    with Progress(f"curate {cfg.method}", len(missing), "shards") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            cpu += float(batch["cpu_s"].sum())
+            bar.update(len(batch["shard"]))
+    return len(missing), cpu
 
 
 def split_questions(cfg: CurateConfig) -> tuple[list, set, set]:
@@ -249,100 +272,151 @@ def split_questions(cfg: CurateConfig) -> tuple[list, set, set]:
     return qs, dev, train
 
 
+def select_question(group: pa.Table, *, dev: frozenset, train: frozenset, adaptive, budget: int | None,
+                    num_samples: int | None, dedupe: bool, asked: int) -> pa.Table:
+    """One question's formatted pairs (a Ray Data group) -> the pairs curation keeps, in (sample, part) order,
+    and one row of counts (the `counts` column, JSON; null on pairs). See the module doc for the rules."""
+    started = time.process_time()
+    task, index = group["task"][0].as_py(), int(group["index"][0].as_py())
+    if (task, index) not in dev and (task, index) not in train:
+        return _question_rows(group, [], None)
+    cols = group.select(["sample_index", "part", "correct", "rationale_hash", "text_hash", "too_long"]).to_pydict()
+    records: dict[int, dict] = {}  # sample index -> its fields and its rows by part
+    for i, (sample, part) in enumerate(zip(cols["sample_index"], cols["part"])):
+        r = records.setdefault(sample, {"correct": cols["correct"][i], "rationale": cols["rationale_hash"][i],
+                                        "text": cols["text_hash"][i], "too_long": False, "rows": {}})
+        if part not in r["rows"]:  # a record stored twice (shards of an older fcot) counts once
+            r["rows"][part] = i
+            r["too_long"] |= cols["too_long"][i]
+    spent = len(records) if budget is None else samples_used(records, adaptive, budget)  # the teacher's rule
+    chosen = [k for k in sorted(records) if k < spent and (num_samples is None or k < num_samples)]
+    lengths = group["completion_length"].to_pylist()
+    counts: Counter = Counter()
+    keep, seen, longest = [], set(), 0  # longest: of the kept records' asked pairs
+    if (task, index) in dev:
+        counts["dev_samples"] = len(chosen)
+        chosen = []
+    for k in chosen:
+        r = records[k]
+        counts["samples"] += 1
+        if not r["correct"]:
+            counts["dropped_incorrect"] += 1
+            continue
+        if dedupe and r["text"] in seen:
+            counts["dropped_duplicate"] += 1
+            continue
+        seen.add(r["text"])
+        if r["too_long"]:  # a record is kept whole or not at all
+            counts["dropped_too_long"] += 1
+            continue
+        counts["kept"] += 1
+        keep += [r["rows"][p] for p in sorted(r["rows"])]
+        longest = max(longest, lengths[r["rows"][asked]])
+    cpu = time.process_time() - started
+    if "cpu_s" in group.column_names:  # the formatter's, when it ran in this pipeline (vanilla)
+        cpu += pc.sum(group["cpu_s"]).as_py() or 0.0
+    return _question_rows(group, keep, {"task": task, "train": (task, index) in train, "counts": dict(counts),
+                                        "completion_length_max": longest, "cpu_s": cpu})
+
+
+def _question_rows(group: pa.Table, keep: list[int], counts: dict | None) -> pa.Table:
+    pairs = group.take(pa.array(keep, pa.int64())).select(PAIRS.names).cast(PAIRS)
+    pairs = pairs.append_column("counts", pa.nulls(len(keep), pa.string()))
+    if counts is None:
+        return pairs
+    row = pa.table({**{c: pa.nulls(1, PAIRS.field(c).type) for c in PAIRS.names}, "counts": [json.dumps(counts)]})
+    return pa.concat_tables([pairs, row])
+
+
 def curate(cfg: CurateConfig) -> dict:
     """Write OUTPUT_DIR/train/*.parquet (task, index, sample_index, prompt, completion), dev.jsonl, stats.json."""
-    import ray  # heavy: Ray Data formats and writes
+    import ray  # heavy: Ray Data formats, selects and writes
+    from ray.data.expressions import col
 
     init_ray(cfg.ray_address)
     cpu_started = cpu_seconds(children=False)
     qs, dev, train_q = split_questions(cfg)
-    stats = {t: defaultdict(int) for t in cfg.tasks}
     formatted_now, worker_cpu = 0, 0.0
     method = get_method(cfg.method)
+    select = {"dev": frozenset(dev), "train": frozenset(train_q), "adaptive": None, "budget": None,
+              "num_samples": None, "dedupe": cfg.dedupe,
+              "asked": method.tasks.index(method.ask) if method.ask in method.tasks else 0}
     if not method.uses_rationales:  # the gold answers of the same questions
         ds = ray.data.from_items([{"key": f"{s.task}/{s.index}", "task": s.task, "index": s.index, "sample_index": 0,
-                                   "question": s.question, "gold": s.answer}
+                                   "correct": True, "question": s.question, "gold": s.answer}
                                   for s in qs if (s.task, s.index) in train_q])
         ds = ds.map_batches(Formatter, fn_constructor_kwargs=_formatter_kwargs(cfg),
                             compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
-        pairs = ds.take_all()
-        worker_cpu = sum(float(r["cpu_s"]) for r in pairs)
-        records = {r["key"]: {**r, "correct": True} for r in pairs if r["part"] == 0}
-        chosen = list(records.values())
     else:
-        store = RecordStore(records_dir(cfg))
         tid = teacher_id(cfg.teacher)
-        shards = store.shards(tid)  # other teachers' records in the same store are not this run's to format
+        shards = RecordStore(records_dir(cfg)).shards(tid)  # other teachers' records are not this run's to format
         formatted_now, worker_cpu = _format_shards(cfg, shards)
-        records = store.read(teacher_id=tid, shards=shards, columns=SLIM).to_pylist()
-        mine = [r for r in records if (r["task"], r["index"]) in train_q or (r["task"], r["index"]) in dev]
-        chosen = [r for r in spent(cfg.teacher, mine) if cfg.num_samples is None or r["sample_index"] < cfg.num_samples]
-        wanted = {r["key"] for r in chosen}
-        pairs = [p for s in shards for p in pq.read_table(formatted_dir(cfg) / s.name).to_pylist()
-                 if p["key"] in wanted]
-    pairs_of = defaultdict(list)  # record key -> its pairs, one per task of the method, in task order
-    for pair in sorted(pairs, key=lambda p: int(p["part"])):
-        pairs_of[pair["key"]].append(pair)
-    asked = method.tasks.index(method.ask) if method.ask in method.tasks else 0
-
-    kept, seen = [], set()
-    for r in sorted(chosen, key=lambda r: (r["task"], r["index"], r["sample_index"])):
-        task, index = str(r["task"]), int(r["index"])
-        st = stats[task]
-        if (task, index) in dev:
-            st["dev_samples"] += 1
-            continue
-        st["samples"] += 1
-        if not r["correct"]:
-            st["dropped_incorrect"] += 1
-            continue
-        text = str(r.get("rationale") or pairs_of[r["key"]][0]["completion"]).strip()
-        if cfg.dedupe and (task, index, text) in seen:
-            st["dropped_duplicate"] += 1
-            continue
-        seen.add((task, index, text))
-        if any(p["too_long"] for p in pairs_of[r["key"]]):  # a record is kept whole or not at all
-            st["dropped_too_long"] += 1
-            continue
-        st["kept"] += 1
-        for p in pairs_of[r["key"]]:
-            kept.append({"task": task, "index": index, "sample_index": int(r["sample_index"]), "part": int(p["part"]),
-                         "weight_key": str(p["weight_key"]), "prompt": str(p["prompt"]),
-                         "completion": str(p["completion"]), "length": int(p["length"]),
-                         "completion_length": int(p["completion_length"])})
+        ds = ray.data.read_parquet([str((formatted_dir(cfg) / s.name).resolve()) for s in shards])
+        ds = ds.filter(expr=col("teacher_id") == tid)  # a shard of an older fcot may hold several teachers
+        select.update(adaptive=cfg.teacher.sampling.adaptive, budget=cfg.teacher.sampling.budget,
+                      num_samples=cfg.num_samples)
+    # A question's samples meet in one group; the sort-based shuffle (fcot.ray_utils.init_ray) emits the groups in
+    # (task, index) order, so the curated set comes out sorted by question, then sample, then part.
+    selected = ds.groupby(["task", "index"]).map_groups(select_question, fn_kwargs=select,
+                                                        batch_format="pyarrow").materialize()
+    stats = {t: Counter() for t in cfg.tasks}
+    spread = {t: Counter() for t in cfg.tasks}  # kept records -> train questions
+    longest = {t: 0 for t in cfg.tasks}
+    counts = selected.filter(expr=col("counts").is_not_null()).select_columns(["counts"])
+    for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in map(json.loads, batch.column("counts").to_pylist()):
+            stats[row["task"]].update(row["counts"])
+            spread[row["task"]][row["counts"].get("kept", 0)] += row["train"]
+            longest[row["task"]] = max(longest[row["task"]], row["completion_length_max"])
+            worker_cpu += row["cpu_s"]
     for task in cfg.tasks:
-        train_t = {i for t, i in train_q if t == task}
-        per_question = Counter(r["index"] for r in kept if r["task"] == task and r["part"] == asked)
-        lengths = sorted(r["completion_length"] for r in kept if r["task"] == task and r["part"] == asked)
-        spread = Counter(per_question[i] for i in train_t)  # kept rationales -> questions (0 included)
-        stats[task].update(questions=len(train_t), dev_questions=sum(t == task for t, _ in dev),
-                           questions_without_sample=len(train_t - set(per_question)),
-                           kept_per_question=dict(sorted(spread.items())),
-                           completion_length_max=lengths[-1] if lengths else 0)
+        n_train = sum(t == task for t, _ in train_q)
+        spread[task][0] += n_train - sum(spread[task].values())  # questions with no record at all
+        stats[task] = {k: v for k, v in stats[task].items() if v}
+        stats[task].update(questions=n_train, dev_questions=sum(t == task for t, _ in dev),
+                           questions_without_sample=spread[task][0],
+                           kept_per_question={k: v for k, v in sorted(spread[task].items()) if v},
+                           completion_length_max=longest[task])
+    kept = sum(st.get("kept", 0) for st in stats.values())
     if not kept:
-        raise FcotError(f"curation kept no sample for {', '.join(cfg.tasks)} (see the stats: "
-                        f"{json.dumps({t: dict(s) for t, s in stats.items()})})")
+        raise FcotError(f"curation kept no sample for {', '.join(cfg.tasks)} (see the stats: {json.dumps(stats)})")
 
     out = Path(cfg.output_dir)
     tmp = out / ".train.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # Written here, in `kept`'s order (by question, then sample): a Ray Data write would order its rows as its blocks
-    # finish, which differs from run to run on a multi-node cluster, and training's seeded shuffle starts from it.
-    for part, start in enumerate(range(0, len(kept), ROWS_PER_FILE)):
-        pq.write_table(pa.Table.from_pylist(kept[start:start + ROWS_PER_FILE]), tmp / f"part-{part:05d}.parquet")
+    pairs = selected.filter(expr=col("counts").is_null()).drop_columns(["counts"])
+    pairs.write_parquet(str(tmp.resolve()), min_rows_per_file=ROWS_PER_FILE)
+    n_pairs = _name_in_order(tmp)
     shutil.rmtree(out / "train", ignore_errors=True)
     os.replace(tmp, out / "train")  # the curated set appears whole or not at all
     dev_rows = [s.to_dict() for s in qs if (s.task, s.index) in dev]
     atomic_write_jsonl(out / "dev.jsonl", dev_rows)
     summary = {"method": cfg.method, "num_samples": cfg.num_samples, "train_questions": cfg.train_questions,
                "teacher_id": teacher_id(cfg.teacher) if cfg.teacher else None,
-               "kept": sum(st.get("kept", 0) for st in stats.values()), "pairs": len(kept),
+               "kept": kept, "pairs": n_pairs,
                "max_length": cfg.max_length,  # training follows it (train.max_length)
-               "completion_length_max": max(r["completion_length"] for r in kept if r["part"] == asked),
+               "completion_length_max": max(longest.values()),
                "shards_formatted_at_curation": formatted_now, "train_dir": str(out / "train"),
                "cpu_s": round(worker_cpu + cpu_seconds(children=False) - cpu_started, 1),
                "dev": str(out / "dev.jsonl"), "dev_questions": len(dev),
-               "tasks": {t: dict(s) for t, s in stats.items()}}
+               "tasks": stats}
     atomic_write_json(out / "stats.json", summary)
     return summary
+
+
+def _name_in_order(folder: Path) -> int:
+    """Name Ray Data's files part-00000... in the order of their first rows (each file holds a range of questions,
+    in order: a sort's partitions), so the curated set reads in one order, which training's seeded shuffle starts
+    from; returns the row count."""
+    first, rows = {}, 0
+    for f in folder.glob("*.parquet"):
+        meta = pq.ParquetFile(f)
+        if meta.metadata.num_rows == 0:
+            f.unlink()
+            continue
+        rows += meta.metadata.num_rows
+        head = meta.read_row_group(0, columns=["task", "index", "sample_index", "part"]).slice(0, 1).to_pylist()[0]
+        first[f] = tuple(head.values())
+    for n, f in enumerate(sorted(first, key=first.get)):
+        f.rename(folder / f"part-{n:05d}.parquet")
+    return rows

@@ -20,6 +20,7 @@ import psutil
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray  # heavy (~1 s): only where Ray work starts
     from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
@@ -45,6 +46,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # never restarts: a node lost while a read lists its files fails the whole read (ActorDiedError: FooterReader).
     # The V1 reader runs plain read tasks, which Ray retries on another node. tests/test_curate_eval.py shows it.
     ctx.use_datasource_v2 = False
+    # Group-bys sort (Ray's default is a hash shuffle): curation's groups (questions) then come out in key order,
+    # which is the curated set's order. Set here, before any Dataset is made: a Dataset keeps a copy of the context.
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
 
 def auth_token() -> str | None:

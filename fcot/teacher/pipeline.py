@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from fcot.engines import Request, build_engine, replica_options
 from fcot.hardware import use_cpus
@@ -31,6 +34,7 @@ from fcot.teacher.plan import (
     model_name,
     prompt_repr,
     questions,
+    rationale_digest,
     samples_used,
     sampling_params,
     step1_prompt,
@@ -41,8 +45,8 @@ from fcot.teacher.recorded import import_recorded
 from fcot.teacher.store import RecordStore
 
 IN_FLIGHT = 2  # batches queued at each replica: the next one starts the moment the last one ends
-SLIM = ["task", "index", "sample_index", "correct", "rationale", "completion_tokens", "answer_completion_tokens"]
-SUMMED = ["temperature", "prompt_tokens", "answer_prompt_tokens"]  # the summary's other columns
+SUMMED = ["task", "index", "sample_index", "correct", "temperature", "prompt_tokens", "answer_prompt_tokens",
+          "completion_tokens", "answer_completion_tokens"]  # the summary's columns (adaptive: and the rationale)
 
 
 def generate_records(cfg: TeachConfig, engine, items: list[dict], teacher: tuple[str, str]) -> list[dict]:
@@ -107,12 +111,25 @@ class TeacherWorker:
     def run(self, items: list[dict]) -> dict:
         shard = self.store.shard_path(self.teacher[0], [it["key"] for it in items])
         if shard.exists():  # this batch finished before (a retried task)
-            records, generated = self.store.read(shards=[shard], columns=SLIM).to_pylist(), 0
+            records, generated = self.store.read(shards=[shard], columns=LANDED).to_pylist(), 0
         else:
             records, generated = generate_records(self.cfg, self.engine, items, self.teacher), len(items)
             self.store.write(records)
-        return {"shard": str(shard), "generated": generated, "records": [{k: r[k] for k in SLIM} for r in records],
-                **self.usage.take()}
+        landed = [{"task": r["task"], "index": r["index"], "sample_index": r["sample_index"],
+                   "tokens": r["completion_tokens"] + r["answer_completion_tokens"],
+                   "rule": stopping_fields(r, self.cfg.sampling.adaptive)} for r in records]
+        return {"shard": str(shard), "generated": generated, "records": landed, **self.usage.take()}
+
+
+LANDED = ["task", "index", "sample_index", "correct", "rationale", "completion_tokens", "answer_completion_tokens"]
+
+
+def stopping_fields(record: dict, adaptive) -> dict | None:
+    """What the driver keeps of a sample: the adaptive stopping rule's fields (fcot.teacher.plan.samples_used; the
+    rationale as its digest), nothing for a fixed D, so the driver's memory stays small at a million samples."""
+    if adaptive is None:
+        return None
+    return {"correct": record["correct"], "rationale": rationale_digest(record["rationale"])}
 
 
 def teach(cfg: TeachConfig, on_shard=None) -> dict:
@@ -129,8 +146,8 @@ def teach(cfg: TeachConfig, on_shard=None) -> dict:
     if cfg.engine.kind == "recorded":
         import_recorded(cfg, store, qs)
     else:
-        have = store.read(teacher_id=tid, columns=SLIM).to_pylist()
-        cost = _run_pool(cfg, qs, have, store, on_shard)
+        columns = ["task", "index", "sample_index", "correct"] + (["rationale"] if cfg.sampling.adaptive else [])
+        cost = _run_pool(cfg, qs, store.read(teacher_id=tid, columns=columns), store, on_shard)
     cost["cpu_s"] += cpu_seconds(children=False) - cpu_started
     summary = summarize(cfg, store, qs, time.time() - started, cost)
     atomic_write_json(out_dir / "summary.json", summary)  # the last run; each teacher's own in teachers/
@@ -138,24 +155,24 @@ def teach(cfg: TeachConfig, on_shard=None) -> dict:
     return summary
 
 
-def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, on_shard=None) -> dict:
+def _run_pool(cfg: TeachConfig, qs: list, have: pa.Table, store: RecordStore, on_shard=None) -> dict:
     """Generate what the questions still need on a pool of replicas; returns generated count and usage."""
     s = cfg.sampling
-    known: dict[tuple, dict[int, dict]] = defaultdict(dict)
-    for r in have:
-        known[(r["task"], r["index"])][r["sample_index"]] = r
+    known: dict[tuple, dict[int, dict | None]] = defaultdict(dict)  # samples in the store, by question
+    for r in have.to_pylist():
+        known[(r["task"], r["index"])][r["sample_index"]] = stopping_fields(r, s.adaptive)
     by_q = {(q.task, q.index): q for q in qs}
     prompts = {key: prompt_repr(cfg, q) for key, q in by_q.items()}
     tid = teacher_id(cfg)
     flying: dict[tuple, set[int]] = defaultdict(set)
-    queue: deque = deque()
+    queue: deque = deque()  # (question, sample index): a work item is made when its batch is sent
 
     def schedule(key) -> int:
         """Queue the samples question `key` needs now (its current round's missing ones); returns how many."""
         want = samples_used(known[key], s.adaptive, s.budget)
         todo = [k for k in range(want) if k not in known[key] and k not in flying[key]]
         flying[key].update(todo)
-        queue.extend(item(cfg, tid, by_q[key], k, prompts[key]) for k in todo)
+        queue.extend((key, k) for k in todo)
         return len(todo)
 
     total = sum(schedule(key) for key in by_q)
@@ -189,7 +206,8 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
                     if retry:
                         batch = retry.popleft()
                     else:
-                        batch = [queue.popleft() for _ in range(min(e.batch_size, len(queue)))]
+                        batch = [item(cfg, tid, by_q[key], k, prompts[key])
+                                 for key, k in (queue.popleft() for _ in range(min(e.batch_size, len(queue))))]
                     inflight[actors[a].run.remote(batch)] = (a, actors[a], batch)
                     load[a] += 1
             ready, _ = ray.wait(list(inflight), num_returns=1)
@@ -215,10 +233,10 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
                 landed = set()
                 for r in result["records"]:
                     key = (r["task"], r["index"])
-                    known[key][r["sample_index"]] = r
+                    known[key][r["sample_index"]] = r["rule"]
                     flying[key].discard(r["sample_index"])
                     landed.add(key)
-                    tokens += r["completion_tokens"] + r["answer_completion_tokens"]
+                    tokens += r["tokens"]
                 more = sum(schedule(key) for key in landed if not flying[key])
                 bar.total += more
                 bar.update(len(result["records"]), tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
@@ -229,42 +247,48 @@ def _run_pool(cfg: TeachConfig, qs: list, have: list[dict], store: RecordStore, 
     return cost
 
 
-def spent(cfg: TeachConfig, records: list[dict]) -> list[dict]:
-    """The records the teacher spent on its questions: the first D of each, or its adaptive rounds."""
+def spent(cfg: TeachConfig, table: pa.Table, qs: list) -> pa.Table:
+    """The records the teacher spent on its questions `qs`: the first D of each, or its adaptive rounds."""
+    mask = None
+    for task in cfg.tasks:  # the questions' records, read as columns
+        of_task = pc.and_(pc.equal(table["task"], task),
+                          pc.is_in(table["index"], pa.array([q.index for q in qs if q.task == task], pa.int64())))
+        mask = of_task if mask is None else pc.or_(mask, of_task)
+    table = table.filter(mask)
+    if cfg.sampling.adaptive is None:
+        return table.filter(pc.less(table["sample_index"], cfg.sampling.budget))
     by_q: dict[tuple, dict[int, dict]] = defaultdict(dict)
-    for r in records:
-        by_q[(r["task"], r["index"])][r["sample_index"]] = r
-    out = []
-    for key, recs in by_q.items():
+    for i, r in enumerate(table.select(["task", "index", "sample_index", "correct", "rationale"]).to_pylist()):
+        by_q[(r["task"], r["index"])][r["sample_index"]] = {**r, "row": i}
+    rows = []
+    for recs in by_q.values():
         n = samples_used(recs, cfg.sampling.adaptive, cfg.sampling.budget)
-        out += [recs[k] for k in sorted(recs) if k < n]
-    return out
+        rows += [recs[k]["row"] for k in sorted(recs) if k < n]
+    return table.take(pa.array(sorted(rows), pa.int64()))
 
 
 def summarize(cfg: TeachConfig, store: RecordStore, qs: list, wall_s: float, cost: dict) -> dict:
-    wanted = {(q.task, q.index) for q in qs}
-    table = store.read(teacher_id=teacher_id(cfg), columns=SLIM + SUMMED).to_pylist()  # not prompts, not questions
-    rows = spent(cfg, [r for r in table if (r["task"], r["index"]) in wanted])
-    by_task = defaultdict(list)
-    for r in rows:
-        by_task[r["task"]].append(r)
+    columns = SUMMED + (["rationale"] if cfg.sampling.adaptive else [])  # not prompts, not questions
+    table = spent(cfg, store.read(teacher_id=teacher_id(cfg), columns=columns), qs)
     tasks = {}
     for task in cfg.tasks:
-        rs = by_task.get(task, [])
-        greedy = [r for r in rs if r["temperature"] == 0]
-        per_q = Counter(r["index"] for r in rs)
+        rs = table.filter(pc.equal(table["task"], task))
+        greedy = rs.filter(pc.equal(rs["temperature"], 0))["correct"]
+        per_q = rs.group_by("index").aggregate([("index", "count")])["index_count"]
+        spread = per_q.value_counts().to_pylist()  # samples -> questions
         tasks[task] = {
             "questions": len(per_q), "samples": len(rs),
-            "accuracy_greedy": sum(r["correct"] for r in greedy) / len(greedy) if greedy else None,
-            "accuracy_all_samples": sum(r["correct"] for r in rs) / len(rs) if rs else None,
-            "questions_with_a_correct_sample": len({r["index"] for r in rs if r["correct"]}),
-            "prompt_tokens": sum(r["prompt_tokens"] + r["answer_prompt_tokens"] for r in rs),
-            "completion_tokens": sum(r["completion_tokens"] + r["answer_completion_tokens"] for r in rs),
-            "samples_per_question": dict(sorted(Counter(per_q.values()).items())),  # samples -> questions
+            "accuracy_greedy": pc.mean(greedy.cast(pa.float64())).as_py() if len(greedy) else None,
+            "accuracy_all_samples": pc.mean(rs["correct"].cast(pa.float64())).as_py() if len(rs) else None,
+            "questions_with_a_correct_sample": pc.count_distinct(rs.filter(rs["correct"])["index"]).as_py(),
+            "prompt_tokens": sum(pc.sum(rs[c]).as_py() or 0 for c in ("prompt_tokens", "answer_prompt_tokens")),
+            "completion_tokens": sum(pc.sum(rs[c]).as_py() or 0
+                                     for c in ("completion_tokens", "answer_completion_tokens")),
+            "samples_per_question": {s["values"]: s["counts"] for s in sorted(spread, key=lambda s: s["values"])},
         }
     precision = cfg.engine.precision()
     return {"output_dir": cfg.output_dir, "records_dir": str(store.root), "teacher_id": teacher_id(cfg),
             "teacher": teacher_identity(cfg), "precision": precision.to_dict() if precision else None,
             "planned": sum(t["samples"] for t in tasks.values()),
-            "records": len(rows), "generated": cost["generated"], "wall_s": round(wall_s, 2),
+            "records": len(table), "generated": cost["generated"], "wall_s": round(wall_s, 2),
             "cpu_s": round(cost["cpu_s"], 1), "gpu_s": round(cost["gpu_s"], 1), "tasks": tasks}

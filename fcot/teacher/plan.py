@@ -147,6 +147,11 @@ def plan(cfg: TeachConfig, tid: str | None = None) -> list[dict]:
     return [item(cfg, tid, s, k, p) for s in questions(cfg) for p in [prompt_repr(cfg, s)] for k in range(n)]
 
 
+def rationale_digest(text: str) -> str:
+    """A rationale's stripped text as 32 hex digits: what the adaptive rule and curation's dedupe compare."""
+    return hashlib.blake2b(text.strip().encode(), digest_size=16).hexdigest()
+
+
 def samples_used(records: dict[int, dict], adaptive: AdaptiveConfig | None, budget: int) -> int:
     """How many samples of one question (records by sample index) the teacher spends: its whole budget for a
     fixed D; for adaptive sampling, full rounds until min_correct distinct correct rationales are in. A round

@@ -84,10 +84,8 @@ class RecordStore:
         if not tables:
             return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(wanted)
         table = pa.concat_tables(tables)
-        seen: set[str] = set()
-        keep = []
-        for i, key in enumerate(table.column("key").to_pylist()):
-            if key not in seen:
-                seen.add(key)
-                keep.append(i)
-        return table.take(pa.array(keep, type=pa.int64()))
+        if pc.count_distinct(table["key"]).as_py() == len(table):
+            return table
+        rows = table.select(["key"]).append_column("row", pa.array(range(len(table)), pa.int64()))
+        first = rows.group_by("key", use_threads=False).aggregate([("row", "min")])["row_min"]
+        return table.take(pc.take(first, pc.sort_indices(first)))  # each key's first row, in the order read
