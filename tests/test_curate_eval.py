@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+import fcot.curate
 from fcot.config import load_config
 from fcot.curate import CurateConfig, ShardStreamer, curate
 from fcot.errors import FcotError
@@ -288,14 +289,17 @@ def _golden_cases(tmp_path, recorded_teacher, sums_server, tiny_llama) -> dict:
 
 
 def test_curation_output_is_unchanged_on_the_curated_set_fixtures(tmp_path, recorded_teacher, sums_server,
-                                                                   tiny_llama, ray_local):
+                                                                   tiny_llama, ray_local, monkeypatch):
     """Every case's curated rows (in file order) and stats equal those that fcot's curation of the driver's Python
-    loop wrote (commit b1aceee), kept in tests/data/curated_golden.json (FCOT_WRITE_GOLDEN=1 rewrites it)."""
-    got = {}
+    loop wrote (commit b1aceee), kept in tests/data/curated_golden.json (FCOT_WRITE_GOLDEN=1 rewrites it). Files
+    of at least 100 rows, so a case spans several files, whose names must give the rows' order."""
+    monkeypatch.setattr(fcot.curate, "ROWS_PER_FILE", 100)
+    got, files = {}, {}
     for name, case in _golden_cases(tmp_path, recorded_teacher, sums_server, tiny_llama).items():
         summary = curate(load_config(CurateConfig, base={"student": str(tiny_llama),
                                                          "output_dir": str(tmp_path / name), **case}))
         rows = _rows(tmp_path / name / "train")
+        files[name] = len(list((tmp_path / name / "train").glob("*.parquet")))
         digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
         got[name] = {"rows": len(rows), "sha256": digest,
                      "summary": {k: v for k, v in summary.items() if k not in VOLATILE}}
@@ -307,3 +311,4 @@ def test_curation_output_is_unchanged_on_the_curated_set_fixtures(tmp_path, reco
     assert got == want
     kinds = {k for g in got.values() for st in g["summary"]["tasks"].values() for k in st if k.startswith("dropped")}
     assert kinds == {"dropped_incorrect", "dropped_duplicate", "dropped_too_long"}  # every rule had work to do
+    assert files["recorded"] > 1, files
