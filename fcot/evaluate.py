@@ -10,6 +10,7 @@ majority-answer and random-guess rates, and whether the model's answers collapse
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,7 @@ from fcot.config import Config, PathStr, RayAddress
 from fcot.engines import Completion, EngineConfig, HFEngine, Request, build_engine
 from fcot.errors import FcotError
 from fcot.hardware import use_cpus
-from fcot.io import atomic_write_json, atomic_write_jsonl, read_json
+from fcot.io import atomic_file, atomic_write_json, read_json
 from fcot.methods import METHODS, ChatTemplate, asked, uses_chat
 from fcot.progress import Progress
 from fcot.prompts import (
@@ -43,6 +44,8 @@ BASELINES = ("zero_shot", "zero_shot_cot", "few_shot_cot")  # evaluation methods
 AUTO_MARGIN = 8  # "auto" generation length: the longest curated completion plus this many tokens
 AUTO_BASELINE = {"zero_shot": 64, "zero_shot_cot": 256, "few_shot_cot": 256}  # without curated stats
 AUTO_STUDENT = {True: 256, False: 64}  # a student method without curated stats, by whether it writes rationales
+# What the driver keeps of a prediction row for task_metrics (the texts go to predictions.jsonl only).
+SCORED = ("task", "index", "correct", "prediction", "k", "sample_correct", "correct_format", "contains_answer")
 
 
 class EvalConfig(Config):
@@ -234,23 +237,24 @@ def evaluate(cfg: EvalConfig) -> dict:
     # The model resolved and the dtype chosen here: workers run elsewhere (another directory, another node).
     resolved = cfg.model_copy(update={"engine": cfg.engine.resolved()})
     precision = cfg.engine.precision()
-    items = [{**s.to_dict(), "choices": None} for s in samples]
+    # In (task, index) order, which Ray Data keeps (fcot.ray_utils.init_ray): predictions.jsonl is written as rows land.
+    items = sorted(({**s.to_dict(), "choices": None} for s in samples), key=lambda r: (r["task"], r["index"]))
     e = cfg.engine
     ds = ray.data.from_items(items).map_batches(
         EvalWorker, fn_constructor_kwargs={"cfg": resolved.model_dump()}, batch_size=e.batch_size,
         compute=ray.data.ActorPoolStrategy(size=e.replicas), num_cpus=e.cpus_per_replica,
         num_gpus=e.gpus_per_replica or None, batch_format="numpy")
-    rows = []
-    with Progress(f"eval {cfg.method}", len(items), "questions") as bar:
-        for row in ds.iter_rows():
-            rows.append(row)
-            bar.update(1)
-    rows.sort(key=lambda r: (r["task"], r["index"]))
-    rows = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()} for r in rows]  # numpy: plain
-    cpu_s = sum(r.pop("_cpu_s") for r in rows) + cpu_seconds(children=False) - cpu_started
-    gpu_s = sum(r.pop("_gpu_s") for r in rows)
     out = Path(cfg.output_dir)
-    atomic_write_jsonl(out / "predictions.jsonl", rows)
+    rows, cpu_s, gpu_s = [], 0.0, 0.0  # rows: the fields the metrics read
+    with atomic_file(out / "predictions.jsonl", "w") as f, Progress(f"eval {cfg.method}", len(items),
+                                                                     "questions") as bar:
+        for row in ds.iter_rows():
+            row = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}  # numpy: plain
+            cpu_s, gpu_s = cpu_s + row.pop("_cpu_s"), gpu_s + row.pop("_gpu_s")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")  # every sample's text goes to the file only
+            rows.append({k: row[k] for k in SCORED})
+            bar.update(1)
+    cpu_s += cpu_seconds(children=False) - cpu_started
     metrics = {"model": cfg.engine.model, "method": cfg.method, "split": cfg.split,
                "self_consistency": cfg.self_consistency, "max_new_tokens": cfg.generation_length(),
                "precision": precision.to_dict() if precision else None,

@@ -195,6 +195,25 @@ def test_zero3_saves_gathered_weights(tmp_path, tiny_llama, samples, ray_local):
     AutoModelForCausalLM.from_pretrained(summary["model_dir"])  # loads without missing/unexpected weights
 
 
+def test_sharded_data_trains_on_the_exact_loss_of_every_global_batch(tmp_path, tiny_llama, samples, ray_local):
+    """shard_data: each of 2 workers tokenizes only its half of the curated set, and every step's loss is still
+    the token-weighted mean over the whole global batch. With one global batch per epoch (all 16 rows, of
+    different lengths), both modes step on the same batch, so their losses agree epoch after epoch."""
+    from fcot.train.trainer import train
+
+    data = curated(tmp_path / "data", samples[:8], repeat=2)  # 16 rows
+    runs = {}
+    for shard in ("false", "true"):
+        runs[shard] = train(config(tmp_path / shard, data, tiny_llama, "batch_size=16", "epochs=3",
+                                   "precision=fp32", f"shard_data={shard}"))
+    whole, sharded = runs["false"], runs["true"]
+    assert (whole["sharded_data"], sharded["sharded_data"]) == (False, True)
+    assert (whole["examples_per_worker"], sharded["examples_per_worker"]) == (16, 8)
+    assert whole["tokens"] == sharded["tokens"] and sharded["steps"] == 3
+    assert sharded["loss_curve"] == pytest.approx(whole["loss_curve"], abs=2e-4), (sharded, whole)
+    assert sharded["loss_curve"][-1] < sharded["loss_curve"][0] - 0.1  # it learned: the steps were not no-ops
+
+
 @pytest.mark.slow
 def test_t5_encoder_decoder_trains(tmp_path, samples, ray_local):
     from transformers import AutoModelForSeq2SeqLM

@@ -8,9 +8,8 @@ The engine answers at once: every Ray worker of the benchmark's cluster runs a s
 a model. It reads the two numbers of a synthetic question ("What is 17 plus 25?"), writes a one-line rationale
 and the sum (a wrong sum for every third seed, so curation has something to drop), and the answer step returns
 the sum. Everything else is fcot's own: `teach` (plan, keys, the replica pool, shard writes, the resume read),
-`curate` (store read, formatting on Ray Data, correctness, dedupe, first D, dev carve-out, the write), and the
-scoring, votes and intervals of evaluation (`predict_samples` with k = D samples per question on the canned
-engine, then `task_metrics`, in the driver).
+`curate` (formatting, correctness, dedupe, first D, dev carve-out and the write, on Ray Data), and `evaluate`
+(k = D samples per question on the canned engine in Ray Data actors: scoring, votes, predictions.jsonl, intervals).
 
 Each size runs in a fresh process (so its driver's peak RSS is its own): N = size / D train questions of a user
 task (a JSONL written under --work) x D = --samples. Printed per stage and size: microseconds per record
@@ -78,9 +77,8 @@ def one_size(size: int, d: int, work: Path) -> dict:
 
     from fcot.config import load_config
     from fcot.curate import CurateConfig, curate
-    from fcot.evaluate import predict_samples, task_metrics
+    from fcot.evaluate import EvalConfig, evaluate
     from fcot.ray_utils import init_ray
-    from fcot.tasks import load_split
     from fcot.teacher.config import TeachConfig
     from fcot.teacher.pipeline import teach
 
@@ -95,7 +93,6 @@ def one_size(size: int, d: int, work: Path) -> dict:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": canned_workers})
     init_ray()  # fcot's Ray Data settings on the cluster started above
-    canned_workers()  # the driver too (evaluation's bookkeeping below calls the engine here)
     out: dict = {"size": size, "questions": n, "samples": d, "us": {}, "rss_mb": {}}
     teacher = {"tasks": [task], "subset": n, "output_dir": str(work / f"teacher_{size}"), "progress": False,
                "engine": {"kind": "openai", "model": "canned", "base_url": "http://canned.invalid", "replicas": 2,
@@ -116,13 +113,13 @@ def one_size(size: int, d: int, work: Path) -> dict:
     out["rss_mb"]["curate"] = _rss_mb()
     out["kept"] = curated["kept"]
 
-    questions = [s.to_dict() for s in load_split("sums", "train")[:n]]
     t = time.perf_counter()
-    rows = predict_samples(CannedEngine(), questions, "fine_tune_cot", max_new_tokens=32, k=d)
-    metrics = task_metrics("sums", rows, load_split("sums", "train")[:n])
+    metrics = evaluate(load_config(EvalConfig, base={
+        "engine": {**teacher["engine"], "batch_size": 64}, "tasks": [task], "split": "train", "subset": n,
+        "self_consistency": d, "max_new_tokens": 32, "output_dir": str(work / f"eval_{size}")}))
     out["us"]["eval_bookkeeping"] = 1e6 * (time.perf_counter() - t) / (n * d)
     out["rss_mb"]["eval_bookkeeping"] = _rss_mb()
-    out["pass@k"] = metrics["pass@k"]
+    out["pass@k"] = metrics["tasks"]["sums"]["pass@k"]
     ray.shutdown()
     return out
 

@@ -93,6 +93,10 @@ class TrainConfig(Config):
     lora: LoraConfig | None = None  # a LoRA (or QLoRA) student instead of a full fine-tune
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
     packing: bool = False  # decoders: pack each micro-batch's examples into rows of <= max_length tokens
+    # Each worker reads and tokenizes only its part of the curated set (rows rank, rank + workers, ...); auto: from
+    # SHARD_ROWS rows on. Else every worker holds the whole set (faster for small sets). Either way the loss is the
+    # exact token-weighted mean over each global batch; the two modes draw different batches.
+    shard_data: bool | Literal["auto"] = "auto"
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: Annotated[int, PLACEMENT] = Field(1, ge=1)  # also each worker's torch threads
     use_gpu: bool = False  # one GPU per worker

@@ -1,11 +1,14 @@
 """The student stage on Ray Train: data-parallel fine-tuning with DeepSpeed ZeRO, resumable per epoch.
 
     driver: validate data + config -> Ray Data dataset -> TorchTrainer(num_workers) -> summary.json
-    worker: the whole curated set, read and tokenized once -> model -> deepspeed.initialize (ZeRO 0-3, a plain
-            torch AdamW; DeepSpeed's cpu_adam only with offload_optimizer) -> resume from ray.train.get_checkpoint()
-            -> per epoch: one seeded order of the examples shared by all ranks, cut into global batches;
-               rank r trains on its slice of each, in grad_accum micro-batches, with the loss weighted by the
-               global batch's label tokens (every rank knows them: no collective per step)
+    worker: the curated set read and tokenized once: whole, or (shard_data, a large set) only this rank's rows
+            r, r + world, ..., every rank's label token counts gathered once -> model -> deepspeed.initialize
+            (ZeRO 0-3, a plain torch AdamW; DeepSpeed's cpu_adam only with offload_optimizer) -> resume from
+            ray.train.get_checkpoint()
+            -> per epoch: one seeded order of all examples cut into global batches, rank r training on the r-th
+               slice of each (sharded: each rank's seeded order of its part, a global batch being every rank's
+               next slice), in grad_accum micro-batches, with the loss weighted by the global batch's label tokens
+               (every rank knows them: no collective per step)
             -> after each epoch: dev accuracy on rank 0 (sent to every rank, and to Tune in a sweep); the best
                epoch's weights kept as a candidate; a DeepSpeed checkpoint reported with ray.train.report
             -> the student: the best dev epoch (selection best_dev) or the last one, save_pretrained + tokenizer
@@ -53,6 +56,7 @@ STEADY_AFTER = 5  # steady-state tokens/s: counted from this optimizer step on (
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_TAG = "deepspeed"
 SELECTION_FILE = "fcot_selection.json"  # in a saved student: the epoch it is and why
+SHARD_ROWS = 200_000  # shard_data auto: from this many curated rows on, each worker tokenizes only its part
 DEFAULT_MAX_LENGTH = 512  # train.max_length with no curation stats to follow
 
 
@@ -189,15 +193,20 @@ def _save(model, tokenizer, out: Path, state_dict=None, selection: dict | None =
     os.replace(tmp, out)
 
 
-def _read_examples(collate: Collator, cfg: TrainConfig) -> tuple[list, list[float]]:
-    """The whole curated set (every worker holds it: the data sets fine-tuning uses fit in memory), tokenized once,
-    and each example's loss weight (its task's: the TrainConfig field the curated row names, else 1)."""
+def _read_examples(collate: Collator, cfg: TrainConfig, rank: int, world: int) -> tuple[list, list[float]]:
+    """The curated set tokenized once: whole, or with `world` > 1 only rows rank, rank + world, ... (the rows
+    arrive in the curated order on every rank); and each example's loss weight (its task's: the TrainConfig field
+    the curated row names, else 1)."""
     import ray.train  # heavy: workers only
 
-    examples, weights = [], []
+    examples, weights, seen = [], [], 0
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=4096, batch_format="numpy"):
-        examples += collate.encode(batch["prompt"], batch["completion"])
-        keys = batch[WEIGHT_KEY] if WEIGHT_KEY in batch else [""] * len(batch["prompt"])
+        n = len(batch["prompt"])
+        mine = slice((rank - seen) % world, n, world)  # global row seen + j is this rank's when it is rank mod world
+        seen += n
+        prompts, completions = batch["prompt"][mine], batch["completion"][mine]
+        examples += collate.encode(prompts, completions)
+        keys = batch[WEIGHT_KEY][mine] if WEIGHT_KEY in batch else [""] * len(prompts)
         weights += [float(getattr(cfg, str(k))) if k else 1.0 for k in keys]
     return examples, weights
 
@@ -239,9 +248,14 @@ def train_loop(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but for a LoRA student
     collate = Collator(tokenizer, cfg.max_length, encoder_decoder, cfg.packing)
     chat = uses_chat(cfg.chat_template, tokenizer, encoder_decoder)  # how the dev questions are asked
-    examples, weights = _read_examples(collate, cfg)
+    sharded = config["sharded"]
+    examples, weights = _read_examples(collate, cfg, rank, world if sharded else 1)
     label_tokens = np.array([collate.label_tokens(e) for e in examples], dtype=np.float64)
     real_tokens = np.array([collate.tokens(e) for e in examples], dtype=np.int64)
+    if sharded:  # every rank's counts, once: each rank then knows every global batch's label tokens
+        counts = [None] * world
+        dist.all_gather_object(counts, (label_tokens, real_tokens))
+        label_tokens, real_tokens = [c[0] for c in counts], [c[1] for c in counts]
 
     if cfg.deepspeed.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorized Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -270,6 +284,7 @@ def train_loop(config: dict) -> None:
             state = json.loads((Path(d) / STATE_FILE).read_text())
         state["resumed_from_step"] = state["step"]
         state["restarts"] += 1
+    state["examples_held"] = len(examples)  # by this worker (rank 0's is reported)
     run = _wandb_run(cfg, state) if rank == 0 else None
     dev_samples = [Sample(**s) for s in config["dev_samples"]] if config["dev_samples"] else None
     out = Path(cfg.output_dir)
@@ -288,16 +303,26 @@ def train_loop(config: dict) -> None:
         loss_sums, label_counts = [], []
         started = steady_from = time.perf_counter()
         steady_tokens = state["tokens"]
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))  # the same on every rank
+        if sharded:  # each rank's order of its part, the same on every rank
+            orders = [np.random.default_rng([cfg.seed, epoch, r]).permutation(len(part))
+                      for r, part in enumerate(label_tokens)]
+        else:
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))  # the same on every rank
         for s in range(step - epoch * per_epoch, per_epoch):
             if step >= total_steps:
                 break
-            batch_idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            if sharded:  # the global batch: every rank's next slice of its own order
+                slices = [o[s * mb * accum:(s + 1) * mb * accum] for o in orders]
+                global_labels = float(sum(label_tokens[r][x].sum() for r, x in enumerate(slices)))
+                global_tokens = int(sum(real_tokens[r][x].sum() for r, x in enumerate(slices)))
+                mine = slices[rank]
+            else:
+                batch_idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                global_labels, global_tokens = float(label_tokens[batch_idx].sum()), int(real_tokens[batch_idx].sum())
+                mine = batch_idx[rank * mb * accum:(rank + 1) * mb * accum]
             # Token-weighted loss over the global batch: DeepSpeed averages gradients over ranks and
             # micro-batches, so scale each micro-batch's loss sum by world * grad_accum / global label tokens.
-            global_labels = float(label_tokens[batch_idx].sum())
             scale = world * accum / max(global_labels, 1.0)
-            mine = batch_idx[rank * mb * accum:(rank + 1) * mb * accum]
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for a in range(accum):
                 part = mine[a * mb:(a + 1) * mb]
@@ -312,8 +337,8 @@ def train_loop(config: dict) -> None:
             loss_sums.append(loss_sum)  # summed over ranks once per epoch: no extra sync point per step
             label_counts.append(global_labels)
             step += 1
-            state["tokens"] += int(real_tokens[batch_idx].sum())  # the global batch's real tokens
-            state["examples"] += len(batch_idx)
+            state["tokens"] += global_tokens  # the global batch's real tokens
+            state["examples"] += cfg.batch_size
             tokens_per_s = (state["tokens"] - progress_from[1]) / max(time.perf_counter() - progress_from[0], 1e-9)
             progress.update(1, epoch=epoch + 1, tokens_per_s=f"{tokens_per_s:.0f}")
             if step == STEADY_AFTER:  # one sync, here only: the steady-state clock starts
@@ -469,7 +494,7 @@ def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bo
                "steady": {"tokens": state["steady_tokens"], "seconds": round(state["steady_s"], 3),
                           "tokens_per_s": round(state["steady_tokens"] / max(state["steady_s"], 1e-9), 1)},
                "cpu_s": round(state["cpu_s"], 1), "gpu_s": round(state["gpu_s"], 1),
-               "peak_memory_mb": state.get("peak_memory_mb")}
+               "peak_memory_mb": state.get("peak_memory_mb"), "examples_per_worker": state["examples_held"]}
     if state["best"] is not None:
         summary.update(best_dev_accuracy=state["best"]["accuracy"], best_epoch=state["best"]["epoch"])
         selected = next((d for d in state["dev"] if d["epoch"] == state["selected_epoch"]), None)
@@ -516,6 +541,7 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     rows = check_curated(cfg.data)
+    sharded = cfg.num_workers > 1 and (cfg.shard_data is True or (cfg.shard_data == "auto" and rows >= SHARD_ROWS))
     stats = _curation_stats(cfg.data)
     cfg = cfg.model_copy(update={"max_length": max_length(cfg, stats)})
     per_epoch, total_steps = plan_steps(cfg, rows)
@@ -556,17 +582,18 @@ def train(cfg: TrainConfig) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(), "model_path": model_path, "steps_per_epoch": per_epoch,
-                           "total_steps": total_steps, "dev_samples": dev_samples, "dev_max_new_tokens": dev_tokens},
+                           "total_steps": total_steps, "dev_samples": dev_samples, "dev_max_new_tokens": dev_tokens,
+                           "sharded": sharded},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="train", storage_path=str(out / "checkpoints"), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the whole set (see train_loop)
+        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the rows in order; keeps its own
     )
     result = trainer.fit()
-    summary = {"output_dir": str(out), "data": cfg.data, "model": cfg.model, "rows": rows,
+    summary = {"output_dir": str(out), "data": cfg.data, "model": cfg.model, "rows": rows, "sharded_data": sharded,
                "precision": precision.to_dict(),
                "steps_per_epoch": per_epoch, **result.metrics, "wall_s": round(time.time() - started, 2),
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
