@@ -128,7 +128,7 @@ class Formatter:
         self.chat = uses_chat(chat_template, self.tokenizer, self.encoder_decoder, "curate.chat_template")
         self.method = get_method(method)
         self.max_length = max_length
-        self.usage = Usage()
+        self.usage = Usage(children=False)  # taken once per batch: a tokenizer starts no process
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["question"])
@@ -144,9 +144,11 @@ class Formatter:
                                                                                            completion)
             prompts.append(prompt)
             completions.append(completion)
-        p_ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
+        # Lengths only; a question's D samples share their prompts, each tokenized once.
+        unique = list(dict.fromkeys(prompts))
+        prompt_length = dict(zip(unique, map(len, self.tokenizer(unique, add_special_tokens=False).input_ids)))
         c_ids = self.tokenizer(completions, add_special_tokens=False).input_ids
-        lengths = [pair_length(len(p), len(c), self.encoder_decoder) for p, c in zip(p_ids, c_ids)]
+        lengths = [pair_length(prompt_length[p], len(c), self.encoder_decoder) for p, c in zip(prompts, c_ids)]
         first = {i: completions[j] for j, (i, part) in enumerate(rows) if part == 0}
         rationale_hash = [rationale_digest(r) for r in rationales]
         text_hash = [rationale_digest(r or first[i]) for i, r in enumerate(rationales)]
