@@ -32,8 +32,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         else:
             # A private local cluster, its dashboard on loopback only: Ray Train V2 watches its controller through
             # the State API, which the dashboard serves (without it, a warning every second of every training).
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                     **kwargs)
+            # address "local": a plain ray.init() joins the cluster another process started on this machine (Ray
+            # records the last one in /tmp/ray), and then refuses num_cpus.
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                     dashboard_host="127.0.0.1", **kwargs)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # fcot prints its own progress with samples/s and tokens/s

@@ -434,3 +434,22 @@ def test_a_tensor_parallel_replica_holds_all_its_gpus_on_one_node():
     assert out["placed"] == [[out["big"], 4], [out["small"], 2]]
     assert out["refused"].startswith("key 'teacher.engine.tensor_parallel_size': each of the teacher engine")
     assert "largest: 4 GPU" in out["refused"]
+
+
+def test_fcot_starts_its_own_local_cluster_beside_another_one_on_the_machine(tmp_path, tiny_llama):
+    """Ray records the last cluster started on a machine (`ray_current_cluster` in its temp dir) and a plain
+    ray.init() joins it, then refuses num_cpus. With no ray_address, fcot starts its own cluster regardless: two
+    runs on one laptop at once, or a run beside another program's cluster. (Ray's temp dir, RAY_TMPDIR/ray, is
+    moved to a short folder of this test's, where the record of another cluster is written.)"""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fcot-rt-", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:6553")
+        cfg = {"engine": {"model": str(tiny_llama)}, "tasks": "multiarith", "subset": 2, "max_new_tokens": 4,
+               "output_dir": str(tmp_path / "eval")}
+        (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+        proc = run_fcot("eval", tmp_path / "eval.yaml", env={"RAY_TMPDIR": str(ray_tmp)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["tasks"]["multiarith"]["n"] == 2
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
