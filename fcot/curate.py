@@ -26,7 +26,6 @@ The flow, on Ray Data; the driver holds the questions and the counts, never a re
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from pydantic import Field, model_validator
 
 from fcot.config import Config, ModelRef, PathStr, RayAddress, read_yaml
 from fcot.errors import FcotError
-from fcot.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from fcot.io import atomic_file, atomic_write_json, atomic_write_jsonl
 from fcot.methods import ChatTemplate, chat_completion, chat_prompt, get_method, method_names, uses_chat
 from fcot.models import resolve_model
 from fcot.progress import Progress
@@ -193,9 +192,8 @@ def format_shard(formatter: Formatter, shard: Path, out: Path) -> float:
     """Format one teacher shard into its part, OUT/SHARD_NAME (written whole); returns the formatter's CPU-s."""
     table = pq.read_table(shard, columns=RECORD_COLUMNS)
     columns = formatter({c: table.column(c).to_pylist() for c in RECORD_COLUMNS})
-    buf = io.BytesIO()
-    pq.write_table(pa.table({c: columns[c] for c in FORMATTED_COLUMNS}), buf)
-    atomic_write_bytes(out / shard.name, buf.getvalue())
+    with atomic_file(out / shard.name) as f:
+        pq.write_table(pa.table({c: columns[c] for c in FORMATTED_COLUMNS}), f)
     return float(sum(columns["cpu_s"]))
 
 

@@ -45,6 +45,7 @@ from fcot.teacher.recorded import import_recorded
 from fcot.teacher.store import RecordStore
 
 IN_FLIGHT = 2  # batches queued at each replica: the next one starts the moment the last one ends
+LANDED = ["task", "index", "sample_index", "correct", "rationale", "completion_tokens", "answer_completion_tokens"]
 SUMMED = ["task", "index", "sample_index", "correct", "temperature", "prompt_tokens", "answer_prompt_tokens",
           "completion_tokens", "answer_completion_tokens"]  # the summary's columns (adaptive: and the rationale)
 
@@ -119,9 +120,6 @@ class TeacherWorker:
                    "tokens": r["completion_tokens"] + r["answer_completion_tokens"],
                    "rule": stopping_fields(r, self.cfg.sampling.adaptive)} for r in records]
         return {"shard": str(shard), "generated": generated, "records": landed, **self.usage.take()}
-
-
-LANDED = ["task", "index", "sample_index", "correct", "rationale", "completion_tokens", "answer_completion_tokens"]
 
 
 def stopping_fields(record: dict, adaptive) -> dict | None:
