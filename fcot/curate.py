@@ -12,6 +12,13 @@ the method (Fine-tune-CoT, decoder: `{q} ###` -> ` {rationale} --> {answer} END`
 longer than the student's max length (fcot.train.data.pair_length). Vanilla pairs come from the gold answers of
 the same questions.
 
+Labels (`label`, `filter`): "correct" means the sample's extracted answer equals the question's label, the gold
+answer, or with `label: majority` the most frequent answer among the question's (first D) samples, given when at
+least `min_votes` samples reach it (self-consistency; a question without gold is labeled so, one short of votes is
+dropped). `filter: all` keeps the samples that reach another answer too. A pair ends with the gold answer where
+the sample reached it, else with the sample's own answer: a kept rationale and its answer always agree. Dev
+questions (scored by gold) are carved from the questions that have gold.
+
 The flow, on Ray Data; the driver holds the questions and the counts, never a record or a pair:
 
     teacher shards -> formatted parts (OUTPUT_DIR/formatted/: one per shard, tokenized once with the student's
@@ -50,7 +57,8 @@ from fcot.models import resolve_model
 from fcot.progress import Progress
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
-from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
+from fcot.stats import wilson
+from fcot.tasks import DataDir, TaskNames, UserTask, load_split, require_gold, split_user_tasks
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.plan import questions as teacher_questions
 from fcot.teacher.plan import rationale_digest, samples_used, teacher_id
@@ -79,6 +87,9 @@ class CurateConfig(Config):
     num_samples: int | None = Field(None, ge=1)  # D: the first D samples of each question (None: all it spent)
     train_questions: float | None = None  # a count (>= 1) or a fraction (< 1) of the training questions
     dedupe: bool = False  # drop identical rationales of a question
+    label: Literal["gold", "majority"] = "gold"  # what a sample's answer must equal (see the module doc)
+    min_votes: int = Field(1, ge=1)  # label majority: the fewest samples that must reach the majority answer
+    filter: Literal["correct", "all"] = "correct"  # all: keep the samples that miss the label too
     student: ModelRef  # its tokenizer counts lengths, its config says decoder or encoder-decoder
     max_length: int = Field(512, ge=8)
     chat_template: ChatTemplate = False  # the student's chat template (fcot.methods.uses_chat); run: train's
@@ -101,6 +112,11 @@ class CurateConfig(Config):
         method_names([self.method])
         if get_method(self.method).uses_rationales and self.teacher is None:
             raise ValueError(f"method {self.method} needs the teacher (a mapping, or the path of its config)")
+        if self.label == "majority" and not get_method(self.method).uses_rationales:
+            raise ValueError(f"label majority: method {self.method} learns from gold answers, not teacher samples; "
+                             f"curate it with label gold")
+        if self.min_votes > 1 and self.label != "majority":
+            raise ValueError("min_votes applies to label majority")
         if isinstance(self.dev_fraction, float) and not 0 <= self.dev_fraction < 1:
             raise ValueError("dev_fraction must be in [0, 1) or auto")
         q = self.train_questions
@@ -135,9 +151,11 @@ class Formatter:
         rows = [(i, part) for i in range(n) for part in range(len(tasks))]
         rationales = [str(r) for r in batch["rationale"]] if "rationale" in batch else [""] * n
         prompts, completions = [], []
+        # The answer a pair ends with: gold where the sample reached it, else the sample's own (module doc).
+        answers = [str(batch["gold"][i] if batch["correct"][i] else batch["prediction"][i] or "") for i in range(n)]
         for i, part in rows:
             prompt = tasks[part].render_prompt(str(batch["question"][i]), self.encoder_decoder)
-            completion = tasks[part].render_target(str(batch["gold"][i]), rationales[i], self.encoder_decoder)
+            completion = tasks[part].render_target(answers[i], rationales[i], self.encoder_decoder)
             if self.chat:
                 prompt, completion = chat_prompt(self.tokenizer, prompt), chat_completion(self.tokenizer, prompt,
                                                                                            completion)
@@ -161,9 +179,11 @@ class Formatter:
         return out
 
 
-RECORD_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "question", "gold", "rationale"]
-FORMATTED_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "rationale_hash", "text_hash",
-                     "part", "weight_key", "prompt", "completion", "length", "completion_length", "too_long"]
+RECORD_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "prediction", "question", "gold",
+                  "rationale"]
+FORMATTED_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "prediction", "rationale_hash",
+                     "text_hash", "part", "weight_key", "prompt", "completion", "length", "completion_length",
+                     "too_long"]
 PAIRS = pa.schema([("task", pa.string()), ("index", pa.int64()), ("sample_index", pa.int64()), ("part", pa.int64()),
                    ("weight_key", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
                    ("length", pa.int64()), ("completion_length", pa.int64())])  # a curated row (fcot.train.data)
@@ -176,7 +196,7 @@ def _formatter_kwargs(cfg: CurateConfig) -> dict:
 
 def formatted_dir(cfg: CurateConfig) -> Path:
     """Formatted teacher shards for one formatting (method, student, max length): a part per teacher shard."""
-    key = hashlib.sha256(json.dumps([4, cfg.method, cfg.student, cfg.max_length, cfg.chat_template]).encode())
+    key = hashlib.sha256(json.dumps([5, cfg.method, cfg.student, cfg.max_length, cfg.chat_template]).encode())
     key = key.hexdigest()[:12]
     return Path(cfg.output_dir) / "formatted" / key
 
@@ -260,11 +280,11 @@ def split_questions(cfg: CurateConfig) -> tuple[list, set, set]:
         qs = [s for t in cfg.tasks for s in load_split(t, cfg.split, cfg.split_kind, cfg.data_dir)]
     dev, train = set(), set()
     for task in cfg.tasks:
-        indices = sorted(q.index for q in qs if q.task == task)
+        indices = sorted(q.index for q in qs if q.task == task and q.answer is not None)  # dev is scored by gold
         n_dev = auto_dev_size(len(indices)) if cfg.dev_fraction == "auto" else round(len(indices) * cfg.dev_fraction)
         random.Random(f"{cfg.seed}:{task}").shuffle(indices)
         dev.update((task, i) for i in indices[:n_dev])
-        pool = indices[n_dev:]
+        pool = indices[n_dev:] + sorted(q.index for q in qs if q.task == task and q.answer is None)
         random.Random(f"{cfg.seed}:{task}:train").shuffle(pool)  # a prefix of one order: nested subsets
         q = cfg.train_questions
         n = len(pool) if q is None else min(len(pool), int(q) if q >= 1 else max(1, math.floor(q * len(pool))))
@@ -272,19 +292,30 @@ def split_questions(cfg: CurateConfig) -> tuple[list, set, set]:
     return qs, dev, train
 
 
+def check_labels(cfg: CurateConfig, qs: list, train: set) -> None:
+    """With label gold, every training question needs its gold answer (stops naming the first without)."""
+    if cfg.label == "gold":
+        require_gold([s for s in qs if (s.task, s.index) in train],
+                     f"method {cfg.method} with curate.label gold learns from each training question's gold answer "
+                     f"(curate.label majority labels a question by the teacher's votes)")
+
+
 def select_question(group: pa.Table, *, dev: frozenset, train: frozenset, adaptive, budget: int | None,
-                    num_samples: int | None, dedupe: bool, asked: int) -> pa.Table:
+                    num_samples: int | None, dedupe: bool, asked: int, label: str = "gold", min_votes: int = 1,
+                    keep_all: bool = False) -> pa.Table:
     """One question's formatted pairs (a Ray Data group) -> the pairs curation keeps, in (sample, part) order,
     and one row of counts (the `counts` column, JSON; null on pairs). See the module doc for the rules."""
     started = time.process_time()
     task, index = group["task"][0].as_py(), int(group["index"][0].as_py())
     if (task, index) not in dev and (task, index) not in train:
         return _question_rows(group, [], None)
-    cols = group.select(["sample_index", "part", "correct", "rationale_hash", "text_hash", "too_long"]).to_pydict()
+    cols = group.select(["sample_index", "part", "correct", "prediction", "rationale_hash", "text_hash",
+                         "too_long"]).to_pydict()
     records: dict[int, dict] = {}  # sample index -> its fields and its rows by part
     for i, (sample, part) in enumerate(zip(cols["sample_index"], cols["part"])):
-        r = records.setdefault(sample, {"correct": cols["correct"][i], "rationale": cols["rationale_hash"][i],
-                                        "text": cols["text_hash"][i], "too_long": False, "rows": {}})
+        r = records.setdefault(sample, {"correct": cols["correct"][i], "prediction": cols["prediction"][i],
+                                        "rationale": cols["rationale_hash"][i], "text": cols["text_hash"][i],
+                                        "too_long": False, "rows": {}})
         if part not in r["rows"]:  # a record stored twice (shards of an older fcot) counts once
             r["rows"][part] = i
             r["too_long"] |= cols["too_long"][i]
@@ -296,11 +327,25 @@ def select_question(group: pa.Table, *, dev: frozenset, train: frozenset, adapti
     if (task, index) in dev:
         counts["dev_samples"] = len(chosen)
         chosen = []
+    majority = None
+    if label == "majority" and chosen:
+        votes = Counter(records[k]["prediction"] for k in chosen if records[k]["prediction"] is not None)
+        top, n_votes = votes.most_common(1)[0] if votes else (None, 0)  # a tie: the answer reached first
+        majority = top if n_votes >= min_votes else None
+        if majority is not None:
+            counts["labeled_questions"] = 1
+            gold_equal = next(records[k]["correct"] for k in chosen if records[k]["prediction"] == majority)
+            if gold_equal is not None:  # the question has gold
+                counts["labeled_with_gold"], counts["label_equals_gold"] = 1, int(gold_equal)
     for k in chosen:
         r = records[k]
         counts["samples"] += 1
-        if not r["correct"]:
-            counts["dropped_incorrect"] += 1
+        if label == "majority" and majority is None:
+            counts["dropped_unlabeled"] += 1  # fewer than min_votes samples agree
+            continue
+        agrees = r["correct"] if label == "gold" else r["prediction"] == majority
+        if not agrees and not (keep_all and r["prediction"] is not None):
+            counts["dropped_no_answer" if keep_all else "dropped_incorrect"] += 1
             continue
         if dedupe and r["text"] in seen:
             counts["dropped_duplicate"] += 1
@@ -310,6 +355,8 @@ def select_question(group: pa.Table, *, dev: frozenset, train: frozenset, adapti
             counts["dropped_too_long"] += 1
             continue
         counts["kept"] += 1
+        if not agrees:
+            counts["kept_off_label"] += 1  # filter all: a sample that reached another answer, with its own
         keep += [r["rows"][p] for p in sorted(r["rows"])]
         longest = max(longest, lengths[r["rows"][asked]])
     cpu = time.process_time() - started
@@ -317,6 +364,16 @@ def select_question(group: pa.Table, *, dev: frozenset, train: frozenset, adapti
         cpu += pc.sum(group["cpu_s"]).as_py() or 0.0
     return _question_rows(group, keep, {"task": task, "train": (task, index) in train, "counts": dict(counts),
                                         "completion_length_max": longest, "cpu_s": cpu})
+
+
+def label_stats(task_stats: dict, min_votes: int) -> dict:
+    """Majority labels of one task's training questions: how many got one, and how often it equals gold."""
+    labeled, with_gold, equal = (task_stats.pop(k, 0) for k in ("labeled_questions", "labeled_with_gold",
+                                                               "label_equals_gold"))
+    rate = equal / with_gold if with_gold else None
+    return {"min_votes": min_votes, "questions": task_stats["questions"], "labeled": labeled,
+            "labeled_with_gold": with_gold, "label_equals_gold": equal, "label_equals_gold_rate": rate,
+            "label_equals_gold_ci": list(wilson(rate, with_gold)) if with_gold else None}
 
 
 def _question_rows(group: pa.Table, keep: list[int], counts: dict | None) -> pa.Table:
@@ -338,12 +395,14 @@ def curate(cfg: CurateConfig) -> dict:
     qs, dev, train_q = split_questions(cfg)
     formatted_now, worker_cpu = 0, 0.0
     method = get_method(cfg.method)
+    check_labels(cfg, qs, train_q)
     select = {"dev": frozenset(dev), "train": frozenset(train_q), "adaptive": None, "budget": None,
-              "num_samples": None, "dedupe": cfg.dedupe,
+              "num_samples": None, "dedupe": cfg.dedupe, "label": cfg.label, "min_votes": cfg.min_votes,
+              "keep_all": cfg.filter == "all",
               "asked": method.tasks.index(method.ask) if method.ask in method.tasks else 0}
     if not method.uses_rationales:  # the gold answers of the same questions
         ds = ray.data.from_items([{"key": f"{s.task}/{s.index}", "task": s.task, "index": s.index, "sample_index": 0,
-                                   "correct": True, "question": s.question, "gold": s.answer}
+                                   "correct": True, "prediction": s.answer, "question": s.question, "gold": s.answer}
                                   for s in qs if (s.task, s.index) in train_q])
         ds = ds.map_batches(Formatter, fn_constructor_kwargs=_formatter_kwargs(cfg),
                             compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
@@ -377,6 +436,8 @@ def curate(cfg: CurateConfig) -> dict:
                            questions_without_sample=spread[task][0],
                            kept_per_question={k: v for k, v in sorted(spread[task].items()) if v},
                            completion_length_max=longest[task])
+        if cfg.label == "majority":
+            stats[task]["labels"] = label_stats(stats[task], cfg.min_votes)
     kept = sum(st.get("kept", 0) for st in stats.values())
     if not kept:
         raise FcotError(f"curation kept no sample for {', '.join(cfg.tasks)} (see the stats: {json.dumps(stats)})")

@@ -37,7 +37,7 @@ from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
 from fcot.scoring import format_prediction, score, summarize
 from fcot.stats import COLLAPSE_SHARE, accuracy_interval, most_frequent, random_guess
-from fcot.tasks import DataDir, Sample, TaskNames, UserTask, get_task, load_split, split_user_tasks
+from fcot.tasks import DataDir, Sample, TaskNames, UserTask, get_task, load_split, require_gold, split_user_tasks
 from fcot.teacher.plan import sample_seed
 
 BASELINES = ("zero_shot", "zero_shot_cot", "few_shot_cot")  # evaluation methods of the untrained student
@@ -219,10 +219,8 @@ def task_metrics(task: str, rows: list[dict], samples: list[Sample]) -> dict:
             "top_prediction": top, "top_prediction_share": share, "collapsed": share >= COLLAPSE_SHARE}
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Evaluate on Ray; writes predictions.jsonl and metrics.json under output_dir, returns the metrics."""
-    import ray  # heavy: only where Ray work starts
-
+def questions(cfg: EvalConfig) -> list[Sample]:
+    """The questions evaluated, each with its gold answer (a question without one stops here, named)."""
     samples = []
     for task in cfg.tasks:
         split = load_split(task, cfg.split, cfg.split_kind, cfg.data_dir)
@@ -232,6 +230,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         samples.extend(split[: cfg.subset] if cfg.subset else split)
     if not samples:
         raise FcotError(f"no questions to evaluate for tasks {cfg.tasks}")
+    require_gold(samples, f"evaluation on the {cfg.split} split scores every question against its gold answer")
+    return samples
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate on Ray; writes predictions.jsonl and metrics.json under output_dir, returns the metrics."""
+    import ray  # heavy: only where Ray work starts
+
+    samples = questions(cfg)
     init_ray(cfg.ray_address)
     started, cpu_started = time.time(), cpu_seconds(children=False)
     # The model resolved and the dtype chosen here: workers run elsewhere (another directory, another node).

@@ -232,6 +232,18 @@ def build_report(run_dir: str | Path) -> Path:
                              f"{s.get('dropped_duplicate', 0)} | {s.get('questions_without_sample', 0)} of "
                              f"{s.get('questions', 0)} | {spread or '—'} | {s.get('dev_questions', 0)} |")
         lines += ["", "Kept per question: how many training questions kept how many rationales (0: none)."]
+        labels = [(m, t, s["labels"]) for m, c in curates.items() for t, s in c["tasks"].items() if s.get("labels")]
+        if labels:
+            lines += ["", "Majority labels (`curate.label: majority`): a training question's label is the most "
+                      "frequent answer among its samples, given when at least `min_votes` reach it; where the question "
+                      "has gold, how often the label equals it, with its 95% Wilson interval.", "",
+                      "| method | task | labeled questions | min votes | label = gold |", "|" + " --- |" * 5]
+            for method, task, lab in labels:
+                equal = ("—" if not lab["labeled_with_gold"] else
+                         f"{lab['label_equals_gold']} of {lab['labeled_with_gold']} "
+                         f"({fmt_acc(lab['label_equals_gold_rate'], lab['label_equals_gold_ci'])})")
+                lines.append(f"| {method} | {task} | {lab['labeled']} of {lab['questions']} | {lab['min_votes']} | "
+                             f"{equal} |")
         if "fine_tune_cot" in curates:
             c = curates["fine_tune_cot"]["tasks"]
 

@@ -24,9 +24,10 @@ from pydantic import AfterValidator, Field, model_validator
 
 from fcot.bundled import prepare_missing
 from fcot.config import Config, PathStr, RayAddress, WandbMode, redacted, results_view, wandb_mode
-from fcot.curate import CurateConfig, ShardStreamer, curate
+from fcot.curate import CurateConfig, ShardStreamer, check_labels, curate, split_questions
 from fcot.errors import FcotError, user_error
 from fcot.evaluate import EvalConfig, evaluate
+from fcot.evaluate import questions as eval_questions
 from fcot.io import atomic_write_json, read_json
 from fcot.layout import RunLayout
 from fcot.methods import get_method, method_names
@@ -270,6 +271,14 @@ def dry_run(cfg: RunConfig) -> list[str]:
             if "fcot data download" not in str(e):
                 raise
             notes.append(f"task {task}: data not here ({e}); `fcot data download` before running")
+    try:  # a question without gold where gold is needed (a user task's record) stops the run here, named
+        for method in cfg.methods:
+            c = curate_config(cfg, method)
+            check_labels(c, *split_questions(c)[::2])
+        eval_questions(cfg.eval)
+    except FcotError as e:
+        if "fcot data download" not in str(e):
+            raise
     for key, model in (("teacher.engine.model", cfg.teacher.engine.model), ("train.model", cfg.train.model)):
         if key.startswith("teacher") and (cfg.teacher.engine.kind in ("openai", "recorded") or not cfg.uses_teacher):
             continue

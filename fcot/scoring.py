@@ -86,8 +86,8 @@ def is_correct(spec: TaskSpec, prediction: Prediction, answer) -> bool:
 @dataclass
 class Score:
     prediction: Prediction
-    correct: bool
-    contains_answer: bool
+    correct: bool | None  # None (and contains_answer None) for a question without gold
+    contains_answer: bool | None
     correct_format: bool
     complete: bool | None  # None when the finish reason is unknown
 
@@ -96,16 +96,16 @@ class Score:
                 "correct_format": self.correct_format, "complete": self.complete}
 
 
-def score(task: str | TaskSpec, completion: str, answer: str, prefix: str | None = None,
+def score(task: str | TaskSpec, completion: str, answer: str | None, prefix: str | None = None,
           finish_reason: str | None = None) -> Score:
-    """Score one completion against the gold answer with the paper's rules."""
+    """Score one completion against the gold answer with the paper's rules (without gold: the prediction only)."""
     spec = get_task(task) if isinstance(task, str) else task
-    gold = clean_answer(spec, answer)
+    gold = None if answer is None else clean_answer(spec, answer)
     prediction, found = predict(spec, completion, prefix)
     return Score(
         prediction=prediction,
-        correct=is_correct(spec, prediction, gold),
-        contains_answer=any(is_correct(spec, c, gold) for c in found),
+        correct=None if answer is None else is_correct(spec, prediction, gold),
+        contains_answer=None if answer is None else any(is_correct(spec, c, gold) for c in found),
         correct_format=prefix is None or prefix in completion,
         complete=None if finish_reason is None else finish_reason == "stop",
     )
@@ -145,8 +145,11 @@ def score_jsonl(task: str, input_path, prefix: str | None = None, output_path=No
         completion = require(rec, "completion", str, **where)
         if "answer" in rec:
             answer = str(require(rec, "answer", (str, int, float), **where))
-        elif index in gold:
+        elif gold.get(index) is not None:
             answer = gold[index]
+        elif index in gold:
+            raise FcotError(f"{input_path}, line {lineno}, key 'index': question {index} of task {task} has no gold "
+                            f"answer; give it as 'answer'")
         else:
             raise FcotError(f"{input_path}, line {lineno}, key 'index': {index} is not a record of task {task} "
                             f"(indices {min(gold)}–{max(gold)})")

@@ -312,3 +312,48 @@ def test_curation_output_is_unchanged_on_the_curated_set_fixtures(tmp_path, reco
     kinds = {k for g in got.values() for st in g["summary"]["tasks"].values() for k in st if k.startswith("dropped")}
     assert kinds == {"dropped_incorrect", "dropped_duplicate", "dropped_too_long"}  # every rule had work to do
     assert files["recorded"] > 1, files
+
+
+def _question(predictions, gold=None):
+    """One question's formatted rows (one part per sample), as curation's groupby hands them to select_question."""
+    import pyarrow as pa
+
+    n = len(predictions)
+    correct = [None if gold is None else p == gold for p in predictions]
+    return pa.table({"task": ["t"] * n, "index": [0] * n, "sample_index": list(range(n)), "part": [0] * n,
+                     "weight_key": [""] * n, "prompt": ["q ###"] * n,
+                     "completion": [f" r{k} --> {p} END" for k, p in enumerate(predictions)],
+                     "length": [10] * n, "completion_length": [6] * n, "correct": correct, "prediction": predictions,
+                     "rationale_hash": [f"h{k}" for k in range(n)], "text_hash": [f"h{k}" for k in range(n)],
+                     "too_long": [False] * n})
+
+
+def _select(group, **rule):
+    out = fcot.curate.select_question(group, dev=frozenset(), train=frozenset({("t", 0)}), adaptive=None,
+                                      budget=None, num_samples=rule.pop("num_samples", None), dedupe=False, asked=0,
+                                      **rule)
+    counts = json.loads(out.column("counts")[-1].as_py())["counts"]
+    return out.column("sample_index").to_pylist()[:-1], counts
+
+
+def test_majority_labels_min_votes_and_filter_all_on_a_hand_computed_question():
+    # Samples answer 7, 5, 7, None, 7, 5: the majority is 7 with 3 votes; gold is 5.
+    group = _question(["7", "5", "7", None, "7", "5"], gold="5")
+    assert _select(group) == ([1, 5], {"samples": 6, "dropped_incorrect": 4, "kept": 2})  # gold, as before
+    kept, counts = _select(group, label="majority", min_votes=3)
+    assert kept == [0, 2, 4] and counts == {"labeled_questions": 1, "labeled_with_gold": 1, "label_equals_gold": 0,
+                                            "samples": 6, "dropped_incorrect": 3, "kept": 3}
+    kept, counts = _select(group, label="majority", min_votes=4)  # 3 votes are too few: the question is dropped
+    assert kept == [] and counts == {"samples": 6, "dropped_unlabeled": 6}
+    kept, counts = _select(group, label="majority", keep_all=True)  # every sample with an answer, with its own
+    assert kept == [0, 1, 2, 4, 5] and counts["dropped_no_answer"] == 1 and counts["kept_off_label"] == 2
+    # The first D samples vote: of 7, 5, the tie goes to the answer reached first; no gold, nothing to compare.
+    kept, counts = _select(_question(["7", "5", "7", None, "7", "5"]), label="majority", num_samples=2)
+    assert kept == [0] and "labeled_with_gold" not in counts and counts["labeled_questions"] == 1
+
+
+def test_a_pair_ends_with_gold_where_the_sample_reached_it_else_with_its_own_answer(tiny_llama):
+    f = fcot.curate.Formatter("fine_tune_cot", str(tiny_llama), 512)
+    out = f({"question": ["How many?"] * 3, "gold": ["4.0", None, "4.0"], "correct": [True, None, False],
+             "prediction": ["4", "6", "3"], "rationale": ["Two and two.", "Three twice.", "Guess."]})
+    assert out["completion"] == [" Two and two. --> 4.0 END", " Three twice. --> 6 END", " Guess. --> 3 END"]

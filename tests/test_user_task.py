@@ -87,8 +87,60 @@ def test_a_bad_record_in_a_user_task_stops_the_run_with_one_line(tmp_path, tiny_
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     proc = run_fcot("run", "bad.yaml", cwd=tmp_path, env=_no_data_dir(tmp_path))
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == f"fcot: error: {tmp_path / 'data' / 'coins.jsonl'}, line 8, key 'solution': missing"
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"fcot: error: {tmp_path / 'data' / 'coins.jsonl'}, line 8, key 'solution': missing; ")
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_majority_labels_curate_a_user_task_whose_training_questions_have_no_answer(tmp_path, tiny_llama,
+                                                                                     shared_data):
+    """The training questions' answers hidden (test questions keep theirs): the recorded 175B teacher's answers
+    label them. Gold labels, or a test question without its answer, stop the run before any work, named."""
+    _coins(shared_data, tmp_path / "data" / "coins.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "data" / "coins.jsonl").read_text().splitlines()]
+    hidden = [{k: v for k, v in r.items() if k != "solution"} for r in rows[:60]]
+    (tmp_path / "data" / "coins.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hidden + rows[60:]))
+    (tmp_path / "data" / "split.json").write_text(json.dumps({"train": list(range(60)), "test": list(range(60, 80))}))
+    task = {**TASK, "split_file": "data/split.json"}
+    config = {
+        "name": "coins", "output_dir": "run", "tasks": [task], "methods": ["fine_tune_cot"], "baselines": [],
+        "wandb_mode": "disabled",
+        "teacher": {"subset": 40, "engine": {
+            "kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
+            "path": str(shared_data / "teacher_logs" / "coin_flip_zero_shot_cot.log")}},
+        "curate": {"label": "gold"},
+        "train": {"model": str(tiny_llama), "epochs": 1, "batch_size": 4, "max_steps": 2},
+        "eval": {"subset": 10},
+    }
+    (tmp_path / "gold.yaml").write_text(yaml.safe_dump(config))
+    proc = run_fcot("run", "gold.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        f"fcot: error: {tmp_path / 'data' / 'coins.jsonl'}, line 1, key 'solution': missing; method fine_tune_cot "
+        f"with curate.label gold"), proc.stderr
+
+    config["curate"] = {"label": "majority"}
+    (tmp_path / "majority.yaml").write_text(yaml.safe_dump(config))
+    run_fcot("run", "majority.yaml", cwd=tmp_path, check=True)
+    run = tmp_path / "run"
+    records = [r for f in (run / "teacher" / "records").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    assert len(records) == 40 and all(r["gold"] is None and r["correct"] is None for r in records)
+    answered = {r["index"]: r["prediction"] for r in records if r["prediction"] is not None}
+    stats = json.loads((run / "curated" / "fine_tune_cot" / "stats.json").read_text())["tasks"]["coins"]
+    assert stats["dev_questions"] == 0  # dev is scored by gold: none here
+    assert stats["labels"]["labeled"] == len(answered) > 30 and stats["labels"]["labeled_with_gold"] == 0
+    pairs = pq.read_table(run / "curated" / "fine_tune_cot" / "train").to_pylist()
+    assert {p["index"] for p in pairs} == set(answered) and stats["kept"] == len(pairs)
+    assert all(p["completion"].endswith(f" --> {answered[p['index']]} END") for p in pairs)
+    metrics = json.loads((run / "eval" / "fine_tune_cot" / "metrics.json").read_text())
+    assert metrics["tasks"]["coins"]["n"] == 10
+    assert "Majority labels" in (run / "report.md").read_text()
+
+    split = {"train": list(range(60)), "test": [0] + list(range(61, 80))}  # a test question without its answer
+    (tmp_path / "data" / "split.json").write_text(json.dumps(split))
+    proc = run_fcot("run", "majority.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        f"fcot: error: {tmp_path / 'data' / 'coins.jsonl'}, line 1, key 'solution': missing; evaluation on the test "
+        f"split"), proc.stderr
 
 
 def test_a_run_of_user_tasks_only_needs_no_data_dir(tmp_path, tiny_llama, shared_data):

@@ -12,6 +12,7 @@ from fcot.tasks.loading import (
     get_task,
     load_records,
     load_split,
+    require_gold,
     split_indices,
     task_names,
     task_sizes,
@@ -21,6 +22,7 @@ from fcot.tasks.synthetic import generate_coin_flip, generate_last_letters
 
 __all__ = [
     "TASKS", "DataDir", "Sample", "TaskNames", "TaskSpec", "UserTask", "data_dir", "get_task", "load_records",
-    "load_split", "split_indices", "task_names", "task_sizes", "jsonl_task", "read_task_file", "split_user_tasks",
+    "load_split", "require_gold", "split_indices", "task_names", "task_sizes", "jsonl_task", "read_task_file",
+    "split_user_tasks",
     "generate_coin_flip", "generate_last_letters",
 ]

@@ -11,6 +11,10 @@ registered with `jsonl_task` in the process that built the config. Validating a 
 definition travels with the config to every Ray worker (actors, Train workers, Tune trials, a cluster job),
 and a user task runs wherever a paper task does. Registering reads nothing; the file is read (and checked,
 record by record) when a split is loaded, which the driver does before any Ray work starts.
+
+A record may lack its answer (the key absent or null): the question has no gold answer. Only a training
+question may, and only where the teacher labels it (curate.label: majority); whatever needs gold (evaluation,
+gold-labeled curation) stops naming the record's file, line and key (fcot.tasks.loading.require_gold).
 """
 
 from __future__ import annotations
@@ -51,6 +55,16 @@ class UserTask(Config):
         return jsonl_task(**self.model_dump(), check=False)
 
 
+def _answer(obj: dict, dotted: str):
+    """The record's answer, None where the key is absent or null."""
+    value = obj
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            return None
+        value = value[part]
+    return value
+
+
 def _get(obj: dict, dotted: str, path: Path, line: int):
     value = obj
     for part in dotted.split("."):
@@ -88,11 +102,13 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
                 raise FcotError(f"{file}, line {line}, key {question_key!r}: expected str, got {type(q).__name__}")
             if not q.strip():
                 raise FcotError(f"{file}, line {line}, key {question_key!r}: empty")
-            a = _get(rec, answer_key, file, line)
-            if not isinstance(a, (str, int, float)) or isinstance(a, bool):
+            a = _answer(rec, answer_key)
+            if a is None:  # no gold: a training question may be labeled by the teacher (curate.label majority)
+                spec.extra["unanswered"][first + i] = f"{file}, line {line}, key {answer_key!r}"
+            elif not isinstance(a, (str, int, float)) or isinstance(a, bool):
                 raise FcotError(f"{file}, line {line}, key {answer_key!r}: expected a string or number, "
                                 f"got {type(a).__name__}")
-            a = str(a).strip()
+            a = None if a is None else str(a).strip()
             choices = None
             if choices_key:
                 choices = _get(rec, choices_key, file, line)
@@ -100,19 +116,20 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
                         or not 2 <= len(choices) <= len(LETTERS)):
                     raise FcotError(f"{file}, line {line}, key {choices_key!r}: expected a list of 2–{len(LETTERS)} "
                                     f"strings")
-                if a in choices and a not in LETTERS[: len(choices)]:
+                if a is not None and a in choices and a not in LETTERS[: len(choices)]:
                     a = LETTERS[choices.index(a)]
                 q = q.strip() + " " + verbalise(choices, LETTERS)
                 choices = tuple(choices)
-            if answer_type == "number":
+            if a is not None and answer_type == "number":
                 a = number_string(a, path=file, key=answer_key, line=line)
-            elif answer_type == "yes_no":
+            elif a is not None and answer_type == "yes_no":
                 a = a.lower().rstrip(".")
                 if a not in ("yes", "no"):
                     raise FcotError(f"{file}, line {line}, key {answer_key!r}: expected yes or no, got {a!r}")
-            elif answer_type == "letter" and a not in (LETTERS[: len(choices)] if choices else LETTERS):
+            elif a is not None and answer_type == "letter" and a not in (LETTERS[: len(choices)] if choices
+                                                                         else LETTERS):
                 raise FcotError(f"{file}, line {line}, key {answer_key!r}: expected a choice letter, got {a!r}")
-            if not a:
+            if a == "":
                 raise FcotError(f"{file}, line {line}, key {answer_key!r}: empty")
             out.append(Sample(name, first + i, q.strip(), a, choices))
         return out
@@ -135,7 +152,8 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
                   "test_fraction": test_fraction, "seed": seed}
     spec = TaskSpec(name, answer_type, (SourceFile(str(path), "", None),), reader, letters=LETTERS,
                     float_compare=answer_type == "number", description=f"user task from {path}",
-                    extra={"split": split, "definition": definition})
+                    extra={"split": split, "definition": definition,
+                           "unanswered": {}})  # index -> where its answer is missing (the reader fills it)
     if check:
         reader(spec, path, 0)
     return register_task(spec) if register else spec

@@ -147,6 +147,15 @@ def load_split(name: str, split: str = "train", kind: str = "default",
     return out
 
 
+def require_gold(samples: list[Sample], why: str) -> None:
+    """Stop at the first question without its gold answer, naming where it lacks it, and why it is needed."""
+    for s in samples:
+        if s.answer is None:
+            where = get_task(s.task).extra.get("unanswered", {}).get(s.index, f"task {s.task}, question {s.index}")
+            n = sum(x.answer is None for x in samples)
+            raise FcotError(f"{where}: missing; {why} ({n} of {len(samples)} questions lack it)")
+
+
 def task_sizes(name: str, kind: str = "default", root: str | os.PathLike | None = None) -> dict[str, int | None]:
     """{"train": n, "test": n}; None for a split that needs an absent optional file (aqua's train)."""
     _samples, missing = _load(name, data_dir(root))

@@ -26,7 +26,7 @@ class Sample:
     task: str
     index: int  # position in the task's records, file order (files concatenated, train file first)
     question: str
-    answer: str
+    answer: str | None  # the gold answer; None: a user task's question without one (fcot.tasks.custom)
     choices: tuple[str, ...] | None = None  # choice texts for (A), (B), ... where the task has them
 
     def to_dict(self) -> dict:

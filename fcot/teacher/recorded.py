@@ -72,7 +72,8 @@ def from_zero_shot_cot_log(cfg: TeachConfig, path: Path, wanted: list) -> list[d
             text = m.group(1).strip().rstrip(".") if m else None
             ours = [c.rstrip(".") for c in sample.choices]
             prediction = spec.letters[ours.index(text)] if text in ours else None
-        correct = prediction is not None and score(get_task(sample.task), str(prediction), sample.answer).correct
+        correct = None if sample.answer is None else (  # None: no gold to compare with
+            prediction is not None and score(get_task(sample.task), str(prediction), sample.answer).correct)
         out.append(_record(cfg, sample, 0, zero_shot_cot_step1(r.question), r.rationale, r.step2,
                            format_prediction(prediction), correct, "unknown", cfg.engine.model))
     if not out:
