@@ -13,9 +13,10 @@ the sum. Everything else is fcot's own: `teach` (plan, keys, the replica pool, s
 
 Each size runs in a fresh process (so its driver's peak RSS is its own): N = size / D train questions of a user
 task (a JSONL written under --work) x D = --samples. Printed per stage and size: microseconds per record
-(stage wall time / records) and the driver's peak RSS after that stage. The last line is JSON:
-{"us_per_record": {stage: {size: us}}, "driver_peak_rss_mb": {size: MB}, "growth": {stage: us at the largest
-size / us at the smallest}}.
+(stage wall time / records), the driver's peak RSS after that stage, and its memory during the stage by kind
+(MemorySampler: private, and the object-store pages it maps to read Ray objects). The last line is JSON:
+{"us_per_record": {stage: {size: us}}, "driver_peak_rss_mb": {size: MB}, "driver_peak_private_mb": {size: MB},
+"growth": {stage: us at the largest size / us at the smallest}}.
 """
 
 from __future__ import annotations
@@ -72,6 +73,43 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class MemorySampler:
+    """The driver's memory by kind, sampled every 20 ms from /proc/self/status: peak RSS during a stage, and its
+    parts at their own peaks: private (RssAnon: the driver's own objects) and shared (RssShmem: pages of Ray's
+    object store the driver mapped to read objects zero-copy; they belong to the store, bounded by its size)."""
+
+    KEYS = {"VmRSS": "rss", "RssAnon": "private", "RssShmem": "shared", "RssFile": "files"}
+
+    def __init__(self):
+        import threading
+
+        self.peak: dict = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _now(self) -> dict:
+        out = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in self.KEYS:
+                out[self.KEYS[key]] = int(line.split()[1]) / 1024
+        return out
+
+    def _run(self) -> None:
+        while True:
+            now = self._now()
+            with self.lock:
+                self.peak = {k: max(v, self.peak.get(k, 0.0)) for k, v in now.items()}
+            time.sleep(0.02)
+
+    def take(self) -> dict:
+        """Peaks since the last take (MB)."""
+        with self.lock:
+            peak = {k: max(v, self.peak.get(k, 0.0)) for k, v in self._now().items()}
+            self.peak = {}
+        return {k: round(v, 1) for k, v in peak.items()}
+
+
 def one_size(size: int, d: int, work: Path) -> dict:
     import ray
 
@@ -93,7 +131,8 @@ def one_size(size: int, d: int, work: Path) -> dict:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": canned_workers})
     init_ray()  # fcot's Ray Data settings on the cluster started above
-    out: dict = {"size": size, "questions": n, "samples": d, "us": {}, "rss_mb": {}}
+    out: dict = {"size": size, "questions": n, "samples": d, "us": {}, "rss_mb": {}, "memory_mb": {}}
+    memory = MemorySampler()
     teacher = {"tasks": [task], "subset": n, "output_dir": str(work / f"teacher_{size}"), "progress": False,
                "engine": {"kind": "openai", "model": "canned", "base_url": "http://canned.invalid", "replicas": 2,
                           "cpus_per_replica": 0.5, "batch_size": 256},
@@ -104,6 +143,7 @@ def one_size(size: int, d: int, work: Path) -> dict:
     records = summary["records"]
     out["us"]["teacher"] = 1e6 * (time.perf_counter() - t) / records
     out["rss_mb"]["teacher"] = _rss_mb()
+    out["memory_mb"]["teacher"] = memory.take()
 
     t = time.perf_counter()
     curated = curate(load_config(CurateConfig, base={
@@ -111,6 +151,7 @@ def one_size(size: int, d: int, work: Path) -> dict:
         "output_dir": str(work / f"cur_{size}"), "dev_fraction": 0.05, "max_length": 256}))
     out["us"]["curate"] = 1e6 * (time.perf_counter() - t) / records
     out["rss_mb"]["curate"] = _rss_mb()
+    out["memory_mb"]["curate"] = memory.take()
     out["kept"] = curated["kept"]
 
     t = time.perf_counter()
@@ -119,6 +160,7 @@ def one_size(size: int, d: int, work: Path) -> dict:
         "self_consistency": d, "max_new_tokens": 32, "output_dir": str(work / f"eval_{size}")}))
     out["us"]["eval_bookkeeping"] = 1e6 * (time.perf_counter() - t) / (n * d)
     out["rss_mb"]["eval_bookkeeping"] = _rss_mb()
+    out["memory_mb"]["eval_bookkeeping"] = memory.take()
     out["pass@k"] = metrics["tasks"]["sums"]["pass@k"]
     ray.shutdown()
     return out
@@ -152,9 +194,14 @@ def main() -> None:
         print(f"{size:>9,} records ({r['questions']:,} questions x {r['samples']}): "
               + ", ".join(f"{k} {v:.1f} us/record (driver peak {r['rss_mb'][k]:.0f} MB)" for k, v in r["us"].items()),
               flush=True)
+        print(" " * 10 + "driver memory during each stage, peak MB (rss; private; object-store pages): " + ", ".join(
+            f"{k} {m['rss']:.0f}; {m['private']:.0f}; {m['shared']:.0f}" for k, m in r["memory_mb"].items()),
+              flush=True)
     stages = list(results[0]["us"])
     print(json.dumps({"us_per_record": {s: {r["size"]: round(r["us"][s], 2) for r in results} for s in stages},
                       "driver_peak_rss_mb": {r["size"]: round(max(r["rss_mb"].values()), 1) for r in results},
+                      "driver_peak_private_mb": {r["size"]: max(m["private"] for m in r["memory_mb"].values())
+                                                 for r in results},
                       "growth": {s: round(results[-1]["us"][s] / results[0]["us"][s], 2) for s in stages}}))
 
 
