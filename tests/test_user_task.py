@@ -135,6 +135,13 @@ def test_majority_labels_curate_a_user_task_whose_training_questions_have_no_ans
     assert metrics["tasks"]["coins"]["n"] == 10
     assert "Majority labels" in (run / "report.md").read_text()
 
+    config["methods"] = ["fine_tune_cot", "vanilla"]  # vanilla learns from gold answers, whatever the label
+    (tmp_path / "vanilla.yaml").write_text(yaml.safe_dump(config))
+    proc = run_fcot("run", "vanilla.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        f"fcot: error: {tmp_path / 'data' / 'coins.jsonl'}, line 1, key 'solution': missing; method vanilla "
+    ), proc.stderr
+
     split = {"train": list(range(60)), "test": [0] + list(range(61, 80))}  # a test question without its answer
     (tmp_path / "data" / "split.json").write_text(json.dumps(split))
     proc = run_fcot("run", "majority.yaml", cwd=tmp_path)
