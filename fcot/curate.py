@@ -295,13 +295,13 @@ def split_questions(cfg: CurateConfig) -> tuple[list, set, set]:
 def check_labels(cfg: CurateConfig, qs: list, train: set) -> None:
     """With label gold, or for a method that learns from gold answers only (vanilla), every training question
     needs its gold answer (stops naming the first without)."""
-    if not get_method(cfg.method).uses_rationales:  # `fcot run` gives every method the run's curate.label
-        require_gold([s for s in qs if (s.task, s.index) in train],
-                     f"method {cfg.method} learns from each training question's gold answer")
-    elif cfg.label == "gold":
-        require_gold([s for s in qs if (s.task, s.index) in train],
-                     f"method {cfg.method} with curate.label gold learns from each training question's gold answer "
-                     f"(curate.label majority labels a question by the teacher's votes)")
+    rationales = get_method(cfg.method).uses_rationales
+    if rationales and cfg.label == "majority":  # fcot run gives every method the run's label: vanilla needs gold
+        return
+    why = (f"method {cfg.method} learns from each training question's gold answer" if not rationales else
+           f"method {cfg.method} with curate.label gold learns from each training question's gold answer "
+           f"(curate.label majority labels a question by the teacher's votes)")
+    require_gold([s for s in qs if (s.task, s.index) in train], why)
 
 
 def select_question(group: pa.Table, *, dev: frozenset, train: frozenset, adaptive, budget: int | None,
