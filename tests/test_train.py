@@ -107,6 +107,14 @@ def test_packing_masks_loss_and_attention(tiny_llama, samples, tmp_path):
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         assert torch.allclose(losses[0], losses[1], rtol=1e-5), (path, losses)
         assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6), path
+        # _loss_sum asks for the logits of target positions only: the same sum as every position's cross-entropy.
+        b = pad_batch(encoded, c.pad_id)
+        model.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                                     ignore_index=IGNORE, reduction="sum")
+        assert torch.allclose(full, losses[0], rtol=1e-5), (path, full, losses[0])
         # The check can fail: the same row attended as one sequence (examples see each other) gives another loss.
         model.set_attn_implementation("sdpa")
         row = c.collate(encoded)
@@ -163,6 +171,26 @@ def test_zero2_two_workers_loss_decreases_and_model_loads(tmp_path, tiny_llama, 
     ids = tok(FMT.render_prompt(samples[0].question), return_tensors="pt", add_special_tokens=False).input_ids
     out = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+
+
+@pytest.mark.slow
+def test_patience_stops_once_dev_stops_improving_and_a_rerun_trains_no_further(tmp_path, tiny_llama, samples,
+                                                                             ray_local):
+    from fcot.train.trainer import train
+
+    data = curated(tmp_path / "data", samples[:4], repeat=4)  # 16 rows: 2 steps per epoch
+    dev = tmp_path / "dev.jsonl"  # questions it never trains on: its dev accuracy soon stops improving
+    dev.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in samples[4:8]))
+    cfg = config(tmp_path, data, tiny_llama, "epochs=12", "patience=2", f"dev={{path: {dev}, max_new_tokens: 6}}")
+    summary = train(cfg)
+    accuracies = [d["accuracy"] for d in summary["dev"]]
+    best = summary["best_epoch"]
+    assert best == 1 + accuracies.index(max(accuracies)) == summary["selected_epoch"]
+    # Stopped after the two evaluations that did not beat the best one, long before the 12 planned epochs.
+    assert summary["stopped_early"] == summary["epochs"] == len(accuracies) == best + 2 < 12, accuracies
+    assert summary["steps"] == 2 * summary["epochs"] and summary["planned_steps"] == 24
+    again = train(cfg)  # the same output_dir: the run is over, nothing trains again
+    assert again["steps"] == summary["steps"] and len(again["dev"]) == len(accuracies)
 
 
 @pytest.mark.slow

@@ -111,6 +111,9 @@ class TrainConfig(Config):
     dev: DevConfig | None = None
     # best_dev: the epoch with the best dev accuracy is the student (needs dev); last: the last epoch
     selection: Literal["best_dev", "last"] = "best_dev"
+    # Early stopping: stop once this many dev evaluations in a row have not beaten the best one (None: every epoch).
+    # The lr schedule still spans train.epochs; the student is the best dev epoch (or the last, selection: last).
+    patience: int | None = Field(None, ge=1)
     user_tasks: list[UserTask] = []  # definitions of user tasks the dev set scores (registered in the workers)
     # inside a Tune trial: report each epoch's metrics to Tune (ASHA and other schedulers)
     report_to_tune: Annotated[bool, PLACEMENT] = False

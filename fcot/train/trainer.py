@@ -10,7 +10,8 @@
                next slice), in grad_accum micro-batches, with the loss weighted by the global batch's label tokens
                (every rank knows them: no collective per step)
             -> after each epoch: dev accuracy on rank 0 (sent to every rank, and to Tune in a sweep); the best
-               epoch's weights kept as a candidate; a DeepSpeed checkpoint reported with ray.train.report
+               epoch's weights kept as a candidate; a DeepSpeed checkpoint reported with ray.train.report;
+               with train.patience, the last epoch once that many dev evaluations have not beaten the best
             -> the student: the best dev epoch (selection best_dev) or the last one, save_pretrained + tokenizer
                in output_dir/model (ZeRO-3 weights gathered)
 
@@ -164,12 +165,15 @@ def _loss_sum(engine, batch: dict, encoder_decoder: bool):
         # A packed row carries position_ids and where each example starts, for fcot.train.attention.
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q",
                                         "max_length_q") if k in batch}
-        logits = engine(**inputs, use_cache=False).logits[:, :-1]
+        # Logits only where some row's next token is a target: the vocabulary head and the loss skip the prompt.
         labels = labels[:, 1:]
+        keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
+        logits = engine(**inputs, use_cache=False, logits_to_keep=keep).logits
+        labels = labels[:, keep]
     if "weights" not in batch:
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     # A method with several tasks (fcot.methods): each token's loss times its task's weight.
-    weights = batch["weights"] if encoder_decoder else batch["weights"][:, 1:]
+    weights = batch["weights"] if encoder_decoder else batch["weights"][:, 1:][:, keep]
     losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
     return (losses * weights.flatten()).sum()
 
@@ -297,7 +301,7 @@ def train_loop(config: dict) -> None:
     progress = Progress("train", total_steps, "steps", enabled=rank == 0, stream=sys.stdout, done=step)
     progress_from = (time.perf_counter(), state["tokens"])
     for epoch in range(state["epoch"], cfg.epochs):
-        if step >= total_steps:
+        if step >= total_steps or state.get("stopped_early"):
             break
         engine.train()
         loss_sums, label_counts = [], []
@@ -381,6 +385,10 @@ def train_loop(config: dict) -> None:
                         _save(engine.module, tokenizer, candidates / f"epoch_{epoch + 1:03d}", gathered, selection)
                         for old in sorted(candidates.glob("epoch_*"))[:-2]:  # keep the best and the one before it
                             shutil.rmtree(old, ignore_errors=True)
+            since_best = sum(d["epoch"] > state["best"]["epoch"] for d in state["dev"])
+            if cfg.patience and since_best >= cfg.patience and not last:
+                state["stopped_early"] = epoch + 1
+                last = True
         if state["dev"]:
             metrics["dev_accuracy"] = state["dev"][-1]["accuracy"]
         used = usage.take()  # every worker's CPU and GPU time this epoch, summed (kept in the checkpoint)
@@ -417,6 +425,8 @@ def train_loop(config: dict) -> None:
             # Result.metrics is the last checkpoint's metrics: the summary travels with the last one.
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+        if last:
+            break
     progress.close()
     if run is not None:
         run.finish()
@@ -491,6 +501,7 @@ def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bo
                "startup_s": state["startup_s"], "resumed_from_step": state["resumed_from_step"],
                "restarts": state["restarts"], "model_dir": str(model_dir), "encoder_decoder": encoder_decoder,
                "parameters": parameters, "dev": state["dev"], "selected_epoch": state["selected_epoch"],
+               "stopped_early": state.get("stopped_early"),
                "steady": {"tokens": state["steady_tokens"], "seconds": round(state["steady_s"], 3),
                           "tokens_per_s": round(state["steady_tokens"] / max(state["steady_s"], 1e-9), 1)},
                "cpu_s": round(state["cpu_s"], 1), "gpu_s": round(state["gpu_s"], 1),
