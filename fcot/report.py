@@ -195,10 +195,13 @@ def build_report(run_dir: str | Path) -> Path:
             params = f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "—"
             loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "—"
             lines.append(f"| {method} | {params} | {r['steps']} | {loss} | {r['tokens_per_s']:.0f} | "
-                         f"{r.get('selected_epoch', '—')} of {r.get('epochs', '—')} | "
+                         f"{r.get('selected_epoch', '—')} of {r.get('epochs', '—')}"
+                         f"{' (early stop)' if r.get('stopped_early') else ''} | "
                          f"{fmt_acc(r.get('selected_dev_accuracy'), r.get('selected_dev_accuracy_ci'))} | "
                          f"{dev[0]['n'] if dev else '—'} |")
-        lines += ["", "The dev accuracy of every epoch is in the plot, with its 95% interval for the dev split's size."]
+        lines += ["", "The dev accuracy of every epoch is in the plot, with its 95% interval for the dev split's size."
+                  + (" Early stop: training ended once `train.patience` dev evaluations in a row had not beaten the "
+                     "best." if any(r.get("stopped_early") for r in trains.values()) else "")]
 
         def draw_curves(plt):
             fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
