@@ -1,13 +1,15 @@
 """Where a pretrained student's epoch goes on this machine, and what each setting buys: SmolLM2-135M-Instruct (or
 --model) fine-tuned on the 175B teacher's rationales of one task, in one process with all of the machine's cores.
 
-    .venv/bin/python experiments/bench/student.py [--task coin_flip] [--steps 8] [--batch-size 8] [--rounds 2]
+    .venv/bin/python experiments/bench/student.py [--task coin_flip] [--method fine_tune_cot|vanilla] [--steps 8]
+                                                  [--batch-size 8] [--rounds 2]
 
 Setups, each the one before it plus one change:
   fp32_padded           fp32, padded micro-batches, logits at every position (how the MultiArith run trained)
   fp32_packed           + packed rows (fcot.train.attention)
   bf16_packed           + bf16 autocast (skipped where the CPU has no native bf16: there it runs ~77x slower)
   bf16_packed_targets   + logits only at target positions (what fcot's trainer does since logits_to_keep)
+  bf16_packed_targets_fused  + torch's fused AdamW (one kernel over all parameters, not a loop per tensor)
   lora_packed_targets   the same as a LoRA student (r 16, all linear layers)
 Every setup trains the same batches (the same seeded order) for --steps optimizer steps after 2 warm-up steps; the
 rounds interleave the setups and each keeps its best round (other jobs skew a single run). Per setup: tokens/s
@@ -28,15 +30,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 LOGS = {"coin_flip": "coin_flip", "last_letter_concatenation": "last_letters",
         "date_understanding": "date_understanding", "multiarith": "multiarith"}
-SETUPS = ["fp32_padded", "fp32_packed", "bf16_packed", "bf16_packed_targets", "lora_packed_targets"]
+SETUPS = ["fp32_padded", "fp32_packed", "bf16_packed", "bf16_packed_targets", "bf16_packed_targets_fused",
+          "lora_packed_targets"]
 
 
-def rows(task: str, logs: Path) -> list[tuple[str, str]]:
-    """The task's rationales that reached the gold answer, as (prompt, completion) in the Fine-tune-CoT format."""
+def rows(task: str, logs: Path, method: str) -> list[tuple[str, str]]:
+    """The task's rationales that reached the gold answer, as (prompt, completion) in the method's format (vanilla:
+    the same questions with their answers only)."""
     from fcot.prompts import FORMATS
     from fcot.teacher.logs import parse_zero_shot_cot_log
 
-    fmt = FORMATS["fine_tune_cot"]
+    fmt = FORMATS[method]
     path = logs / f"{LOGS[task]}_zero_shot_cot.log"
     if not path.exists():
         sys.exit(f"{path}: no such teacher log (--logs)")
@@ -78,7 +82,7 @@ def measure(setup: str, model_path: str, data: list[tuple[str, str]], args) -> d
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=setup.endswith("fused") or None)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     collate = Collator(tokenizer, 512, encoder_decoder=False, packing=packing)
     order = random.Random(0).sample(data, len(data))
@@ -93,7 +97,7 @@ def measure(setup: str, model_path: str, data: list[tuple[str, str]], args) -> d
         inputs = {k: v for k, v in batch.items() if k not in ("tokens", "label_tokens")}
         t0 = time.perf_counter()
         with autocast:
-            loss = loss_sum(model, inputs, setup.endswith("targets")) / batch["label_tokens"]
+            loss = loss_sum(model, inputs, "targets" in setup) / batch["label_tokens"]
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -113,6 +117,7 @@ def measure(setup: str, model_path: str, data: list[tuple[str, str]], args) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="coin_flip", choices=sorted(LOGS))
+    parser.add_argument("--method", default="fine_tune_cot", choices=["fine_tune_cot", "vanilla"])
     parser.add_argument("--model", default=None, help="a local model folder (default: the bundled SmolLM2-135M)")
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps per setup and round")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (the paper: 8)")
@@ -129,9 +134,9 @@ def main() -> None:
     args.bf16 = cpu_bf16()
     setups = [s for s in SETUPS if args.bf16 or not s.startswith("bf16")]
     model_path = args.model or resolve_model("smollm2-135m")
-    data = rows(args.task, Path(args.logs))
-    print(f"{args.task}: {len(data)} rationales; {model_path}; {args.steps} steps of {args.batch_size} after 2; "
-          f"{torch.get_num_threads()} threads; native bf16: {args.bf16}", file=sys.stderr)
+    data = rows(args.task, Path(args.logs), args.method)
+    print(f"{args.task}, {args.method}: {len(data)} examples; {model_path}; {args.steps} steps of "
+          f"{args.batch_size} after 2; {torch.get_num_threads()} threads; native bf16: {args.bf16}", file=sys.stderr)
     best: dict[str, dict] = {}
     for r in range(args.rounds):
         for setup in setups:
@@ -142,9 +147,9 @@ def main() -> None:
     first = best[setups[0]]["tokens_per_s"]
     print(json.dumps({"tokens_per_s": {s: best[s]["tokens_per_s"] for s in setups},
                       "speedup_vs_first": {s: round(best[s]["tokens_per_s"] / first, 3) for s in setups},
-                      "split": {s: best[s]["split"] for s in setups}, "task": args.task, "steps": args.steps,
-                      "batch_size": args.batch_size, "threads": torch.get_num_threads(), "native_bf16": args.bf16,
-                      "best_of": args.rounds}))
+                      "split": {s: best[s]["split"] for s in setups}, "task": args.task, "method": args.method,
+                      "steps": args.steps, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                      "native_bf16": args.bf16, "best_of": args.rounds}))
 
 
 if __name__ == "__main__":
