@@ -73,6 +73,8 @@ def task_section(task: str, run: Path) -> tuple[list[str], dict]:
                     f"{e['n']} | {100 * e['correct_format']:.0f}% | {top} |")
     rows.append(f"| {task} | majority answer (`{ref['majority_answer']}`) | | {fmt_acc(ref['majority'])} | "
                 f"{ref['n']} | | |")
+    if ref.get("random") is not None:
+        rows.append(f"| {task} | random guess among the choices | | {fmt_acc(ref['random'])} | {ref['n']} | | |")
     paper_diff = paper["fine_tune_cot"] - paper["vanilla"]
     facts = {"task": task, "diff": diff, "paper_diff": paper_diff, "evals": evals, "trains": trains,
              "diff_row": f"| {task} | {fmt_diff(*diff)} | {paper_diff:+.2f} |"}
