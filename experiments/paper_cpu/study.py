@@ -48,22 +48,17 @@ def run_task(task: str, runs: Path) -> float:
     return time.time() - started
 
 
-def _outcomes(run: Path, method: str) -> dict:
-    from fcot.report import _outcomes as outcomes
-
-    return outcomes(run / "eval" / method / "predictions.jsonl")
-
-
-def task_section(task: str, run: Path) -> tuple[list[str], dict]:
-    """The task's rows and its facts for the headline."""
-    from fcot.io import read_json
-    from fcot.report import comparison
+def task_section(task: str, run: Path, stages: dict) -> tuple[list[str], dict]:
+    """The task's rows and its facts for the headline, from the run's stage markers."""
+    from fcot.layout import RunLayout
+    from fcot.report import _outcomes, comparison
     from fcot.stats import fmt_acc, fmt_diff
 
-    stages = {p.stem: read_json(p) for p in (run / "stages").glob("*.json")}
+    layout = RunLayout(run)
     evals = {m: stages[f"eval-{m}"]["result"]["tasks"][task] for m in METHODS if f"eval-{m}" in stages}
     trains = {m: stages[f"train-{m}"]["result"] for m in METHODS if f"train-{m}" in stages}
-    diff = comparison(_outcomes(run, "fine_tune_cot"), _outcomes(run, "vanilla"), task)
+    diff = comparison(*(_outcomes(layout.eval(m) / "predictions.jsonl") for m in ("fine_tune_cot", "vanilla")),
+                      task)
     paper = PAPER[task]
     ref = evals["fine_tune_cot"]
     rows = []
@@ -119,10 +114,7 @@ def training_rows(task: str, trains: dict) -> list[str]:
     return rows
 
 
-def cost_rows(task: str, run: Path) -> tuple[list[str], float, float]:
-    from fcot.io import read_json
-
-    summary = read_json(run / "summary.json")
+def cost_rows(task: str, summary: dict) -> tuple[list[str], float, float]:
     rows, wall, cpu = [], 0.0, 0.0
     for name in summary["order"]:
         m = summary["stages"][name]
@@ -133,27 +125,29 @@ def cost_rows(task: str, run: Path) -> tuple[list[str], float, float]:
 
 
 def write_report(tasks: list[str], runs: Path, out: Path, call_s: dict) -> Path:
+    from fcot.hardware import cpu_bf16
+    from fcot.io import atomic_write_text, read_json
+
     out.mkdir(parents=True, exist_ok=True)
     accuracy, diffs, training, cost, heads = [], [], [], [], []
     total_wall = total_cpu = 0.0
     for task in tasks:
-        rows, facts = task_section(task, runs / task)
+        summary = read_json(runs / task / "summary.json")
+        rows, facts = task_section(task, runs / task, summary["stages"])
         accuracy += rows
         diffs.append(facts["diff_row"])
         heads.append(headline(facts))
         training += training_rows(task, facts["trains"])
-        c, wall, cpu = cost_rows(task, runs / task)
+        c, wall, cpu = cost_rows(task, summary)
         cost += c
         total_wall, total_cpu = total_wall + wall, total_cpu + cpu
         (out / task).mkdir(exist_ok=True)
         for name in ("report.md", "accuracy.png", "curves.png", "cost.png", "kept.png"):
             if (runs / task / name).exists():
                 shutil.copy2(runs / task / name, out / task / name)
-    import torch
-
     cpu_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    bf16 = cpu_bf16()
     lines = [
         "# Fine-tune-CoT on a 2-core CPU: a pretrained 135M student on the recorded 175B rationales", "",
         "What reproduced the paper's comparison of Fine-tune-CoT against vanilla fine-tuning (the sign of the "
@@ -183,11 +177,7 @@ def write_report(tasks: list[str], runs: Path, out: Path, call_s: dict) -> Path:
         f"All tasks: {total_wall:.0f} s of stages ({total_wall / 60:.1f} min), {total_cpu:.0f} CPU-seconds."
         + (" This invocation: " + ", ".join(f"{t} {s:.0f} s" for t, s in call_s.items()) + "." if call_s else ""),
         ""]
-    path = out / "report.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "report.md", "\n".join(lines))
 
 
 def main() -> None:
