@@ -116,12 +116,13 @@ def lose_a_node(stage: str, config: Path, reference: Path | None = None) -> dict
     return out
 
 
-def first_epoch_committed(train_dir: Path) -> bool:
-    """A training run (its output_dir) has committed its first epoch's checkpoint: Ray Train writes this snapshot
-    once its controller has collected every worker's report for it (a checkpoint before that can be lost)."""
+def epoch_committed(train_dir: Path) -> bool:
+    """A training run (its output_dir) has committed an epoch's checkpoint: Ray Train writes this snapshot once its
+    controller has collected every worker's report for it (a checkpoint before that can be lost). It lists the
+    checkpoints kept (train.keep_checkpoints), so epoch_001 leaves it when a later epoch is committed."""
     snapshot = Path(train_dir) / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
     try:
-        return '"epoch_001"' in snapshot.read_text()
+        return '"epoch_' in snapshot.read_text()
     except OSError:
         return False
 

@@ -22,7 +22,7 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from fcot.config import load_config
-from tests.conftest import first_epoch_committed
+from tests.conftest import epoch_committed
 
 
 def _teach():
@@ -40,7 +40,7 @@ def _train():
     from fcot.train.trainer import train
 
     def started(cfg):
-        return lambda: first_epoch_committed(cfg.output_dir)
+        return lambda: epoch_committed(cfg.output_dir)
 
     return TrainConfig, train, "RayTrainWorker", started, {"num_cpus": 1}
 
@@ -62,10 +62,12 @@ def _evaluate():
 
 
 def _sweep():
-    from fcot.sweep import SweepConfig, sweep
+    from fcot.sweep import SweepConfig, sweep, trials
 
     def started(cfg):
-        return lambda: any(map(first_epoch_committed, Path(cfg.output_dir).glob("trials/*/students/*")))
+        # Every trial has committed an epoch, so whichever trial the victim node trains can resume.
+        n = len(trials(cfg)[2])
+        return lambda: sum(map(epoch_committed, Path(cfg.output_dir).glob("trials/*/students/*"))) == n
 
     return SweepConfig, sweep, "RayTrainWorker", started, {"num_cpus": 2}
 

@@ -13,7 +13,7 @@ import time
 import psutil
 import yaml
 
-from tests.conftest import ROOT, first_epoch_committed, run_fcot
+from tests.conftest import ROOT, epoch_committed, run_fcot
 
 
 def _config(tmp_path, tiny_llama, shared_data):
@@ -57,7 +57,7 @@ def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
     deadline = time.time() + 1200  # generous: CI machines are small and noisy
 
     def committed() -> bool:
-        return first_epoch_committed(student)
+        return epoch_committed(student)
 
     while not committed() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)

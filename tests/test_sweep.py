@@ -142,10 +142,11 @@ def test_trials_at_once_counts_gpus_as_well_as_cpus(shared_data):
 
 def test_a_worker_node_lost_mid_sweep_retries_its_trial_which_resumes(tmp_path, tiny_llama, shared_data):
     """Two trials at once on a ray.cluster_utils.Cluster (a head without CPUs, two 2-CPU worker nodes): the node
-    training one of them removed without grace once a trial's first epoch is committed, a fresh node added.
+    training one of them removed without grace once both trials have committed an epoch (of 8, so that
+    neither has finished), a fresh node added.
     Training is told not to restart itself (train.max_failures 0), so the trial fails; Tune starts it again
     (sweep.trial_retries) and it resumes from its checkpoint. The sweep ends with every trial done."""
-    run = _run(shared_data, {"model": str(tiny_llama), "epochs": 3, "max_failures": 0})
+    run = _run(shared_data, {"model": str(tiny_llama), "epochs": 8, "max_failures": 0})
     sweep_dir = tmp_path / "sweep"
     spec = {"name": "lost", "output_dir": str(sweep_dir), "run": run, "param_space": {"train.lr": [1e-3, 3e-3]},
             "wandb_mode": "disabled", "trial_retries": 1}

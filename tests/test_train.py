@@ -16,7 +16,7 @@ from fcot.errors import FcotError
 from fcot.prompts import FORMATS
 from fcot.train.config import TrainConfig
 from fcot.train.data import IGNORE, Collator, pad_batch
-from tests.conftest import ROOT, first_epoch_committed, lose_a_node, run_fcot
+from tests.conftest import ROOT, epoch_committed, lose_a_node, run_fcot
 
 FMT = FORMATS["fine_tune_cot"]
 
@@ -274,7 +274,7 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(tmp_path, tiny_llama, s
     def kill_a_worker():
         deadline = time.time() + 300
         # a worker killed before the checkpoint is committed would take it with it
-        while not first_epoch_committed(tmp_path / "out") and time.time() < deadline:
+        while not epoch_committed(tmp_path / "out") and time.time() < deadline:
             time.sleep(0.1)
         # Our own Ray Train workers: descendants of this test process (it started the local cluster).
         workers = [p for p in psutil.Process().children(recursive=True)
