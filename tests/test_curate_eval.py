@@ -292,8 +292,10 @@ def test_curation_output_is_unchanged_on_the_curated_set_fixtures(tmp_path, reco
                                                                    tiny_llama, ray_local, monkeypatch):
     """Every case's curated rows (in file order) and stats equal those that fcot's curation of the driver's Python
     loop wrote (commit b1aceee), kept in tests/data/curated_golden.json (FCOT_WRITE_GOLDEN=1 rewrites it). Files
-    of at least 100 rows, so a case spans several files, whose names must give the rows' order."""
+    of at least 100 rows and a block per 16 KiB of formatted parts, so a case spans several files (one or more per
+    block of the sort), whose names must give the rows' order."""
     monkeypatch.setattr(fcot.curate, "ROWS_PER_FILE", 100)
+    monkeypatch.setattr(fcot.curate, "PART_BYTES", 16 << 10)
     got, files = {}, {}
     for name, case in _golden_cases(tmp_path, recorded_teacher, sums_server, tiny_llama).items():
         summary = curate(load_config(CurateConfig, base={"student": str(tiny_llama),
