@@ -57,6 +57,9 @@ class EngineConfig(Config):
     kv_cache_gib: float = Field(1.0, gt=0)  # vllm on CPU: KV cache per replica (GPUs use gpu_memory_utilization)
     # openai
     base_url: str | None = None
+    # the served model's tokenizer (an alias or folder): the vocabulary of its logprobs' token ids (hf and vllm use
+    # the model's own)
+    tokenizer: ModelRef | None = None
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from a file
     max_concurrency: Annotated[int, PLACEMENT] = Field(8, ge=1)
     timeout_s: Annotated[float, PLACEMENT] = Field(120.0, gt=0)
@@ -152,6 +155,17 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: int = 0  # k: the top-k logprobs at each generated token (0: none)
+
+
+@dataclass
+class TokenLogprobs:
+    """The model's next-token distribution at each generated token, as its top k: the token it emitted, and the
+    ids and logprobs of the k likeliest (the model's own log-softmax: before temperature, top-p and the noise)."""
+
+    tokens: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
 
 
 @dataclass
@@ -160,6 +174,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: TokenLogprobs | None = None
 
 
 def continues_assistant(messages) -> bool:
@@ -240,6 +255,28 @@ class _SeededSampler:
         return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
 
 
+class _TopK:
+    """A logits processor that keeps each step's top-k log-softmax of the scores it is given (the model's raw
+    logits when it runs first) and changes nothing."""
+
+    def __init__(self, k: int):
+        self.k, self.ids, self.logprobs = k, [], []
+
+    def __call__(self, input_ids, scores):
+        import torch  # heavy: see gumbel_noise
+
+        values, ids = torch.log_softmax(scores.float(), dim=-1).topk(self.k, dim=-1)
+        self.ids.append(ids)
+        self.logprobs.append(values)
+        return scores
+
+    def rows(self) -> tuple[list, list]:
+        """(rows x steps x k) ids and logprobs as lists."""
+        import torch  # heavy: see gumbel_noise
+
+        return torch.stack(self.ids, 1).tolist(), torch.stack(self.logprobs, 1).tolist()
+
+
 class HFEngine:
     """transformers `generate`: left-padded micro-batches of similar length, KV cache, per-row seeds."""
 
@@ -287,7 +324,7 @@ class HFEngine:
         lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
         # Batch requests with the same settings and similar prompt lengths together.
         def settings(r: Request) -> tuple:
-            return r.max_new_tokens, r.temperature, r.top_p, r.stop
+            return r.max_new_tokens, r.temperature, r.top_p, r.stop, r.logprobs
 
         order = sorted(range(len(requests)), key=lambda i: (settings(requests[i]), lengths[i]))
         results: list[Completion | None] = [None] * len(requests)
@@ -313,11 +350,13 @@ class HFEngine:
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         if self.synced_gpus:
             kwargs["synced_gpus"] = True
+        processors = [top_k := _TopK(first.logprobs)] if first.logprobs else []  # first: the raw logits
         if first.temperature > 0:
             # Decoders continue the padded prompt; encoder-decoders start from the decoder start token.
             width = 1 if self.encoder_decoder else enc.input_ids.shape[1]
-            kwargs["logits_processor"] = [_SeededSampler([r.seed for r in requests], first.temperature, first.top_p,
-                                                         width)]
+            processors.append(_SeededSampler([r.seed for r in requests], first.temperature, first.top_p, width))
+        if processors:
+            kwargs["logits_processor"] = processors
         if first.stop:
             kwargs.update(stop_strings=list(first.stop), tokenizer=self.tokenizer)
         if self.encoder_decoder:
@@ -328,7 +367,8 @@ class HFEngine:
         new = out[:, 1:] if self.encoder_decoder else out[:, enc.input_ids.shape[1]:]
         completions = []
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        for row, mask in zip(new.tolist(), enc.attention_mask.sum(dim=1).tolist()):
+        top_ids, top_logprobs = top_k.rows() if first.logprobs else ([None] * len(requests),) * 2
+        for row, mask, ids, lps in zip(new.tolist(), enc.attention_mask.sum(dim=1).tolist(), top_ids, top_logprobs):
             # Tokens after the first EOS are padding; EOS itself counts as generated.
             n = next((k + 1 for k, t in enumerate(row) if t == eos), len(row))
             if eos != pad:
@@ -339,7 +379,9 @@ class HFEngine:
                 at = text.find(s)
                 if at != -1:
                     text, stopped = text[:at], True
-            completions.append(Completion(text, "stop" if stopped else "length", int(mask), n))
+            # The distributions of the tokens kept (a stop string cuts the text, not the tokens it came in).
+            logprobs = TokenLogprobs(row[:n], ids[:n], lps[:n]) if ids is not None else None
+            completions.append(Completion(text, "stop" if stopped else "length", int(mask), n, logprobs))
         return completions
 
 
@@ -409,15 +451,23 @@ class VLLMEngine:
         prompts = [self._prompt(r) for r in requests]
         # One request per sample with its own seed; prefix caching shares the question's prompt across the D
         # samples (vLLM's own n>1 fans out into per-sample requests the same way).
+        # Logprobs: vLLM's default logprobs_mode, raw_logprobs, is the model's own distribution.
         params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                 seed=r.seed if r.temperature > 0 else None, stop=list(r.stop) or None)
+                                 seed=r.seed if r.temperature > 0 else None, stop=list(r.stop) or None,
+                                 logprobs=r.logprobs or None)
                   for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         results = []
-        for out in outputs:
+        for r, out in zip(requests, outputs):
             o = out.outputs[0]
+            logprobs = None
+            if r.logprobs:  # each step: the top k and the emitted token (k + 1 entries when it is not among them)
+                steps = [sorted(((lp.logprob, t) for t, lp in step.items()), reverse=True)[:r.logprobs]
+                         for step in o.logprobs]
+                logprobs = TokenLogprobs(list(o.token_ids), [[t for _, t in s] for s in steps],
+                                         [[v for v, _ in s] for s in steps])
             results.append(Completion(o.text, "stop" if o.finish_reason == "stop" else "length",
-                                      len(out.prompt_token_ids), len(o.token_ids)))
+                                      len(out.prompt_token_ids), len(o.token_ids), logprobs))
         return results
 
 
@@ -486,20 +536,45 @@ class OpenAIEngine:
                       seed=r.seed, n=1)
         if r.stop:
             common["stop"] = list(r.stop)
+        if r.logprobs:  # tokens as "token_id:N" (vLLM's servers), so that they index the tokenizer's vocabulary
+            common["return_tokens_as_token_ids"] = True
         if r.messages is None:
-            data = self._post("/v1/completions", {**common, "prompt": r.prompt})
+            data = self._post("/v1/completions", {**common, "prompt": r.prompt, **({"logprobs": r.logprobs}
+                                                                                   if r.logprobs else {})})
             choice = data["choices"][0]
             text = choice["text"]
         else:
             body = {**common, "messages": list(r.messages)}
+            if r.logprobs:
+                body.update(logprobs=True, top_logprobs=r.logprobs)
             if continues_assistant(r.messages):  # vLLM-style servers continue the assistant's turn
                 body.update(add_generation_prompt=False, continue_final_message=True)
             data = self._post("/v1/chat/completions", body)
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
         usage = data.get("usage") or {}
+        logprobs = self._logprobs(choice.get("logprobs"), r.logprobs) if r.logprobs else None
         return Completion(text, "stop" if choice.get("finish_reason") == "stop" else "length",
-                          usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                          usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), logprobs)
+
+    def _logprobs(self, got: dict | None, k: int) -> TokenLogprobs:
+        """A choice's `logprobs` (completions: tokens + top_logprobs dicts; chat: content entries) as ids."""
+        if got is None:
+            raise FcotError(f"{self.base_url}: asked for logprobs (teacher.sampling.logprobs), the answer has none")
+        if "content" in got:  # chat
+            steps = [(c["token"], {t["token"]: t["logprob"] for t in c["top_logprobs"]}) for c in got["content"]]
+        else:
+            steps = list(zip(got["tokens"], got["top_logprobs"]))
+
+        def token_id(token: str) -> int:
+            if not token.startswith("token_id:"):
+                raise FcotError(f"{self.base_url}: logprobs name tokens as text ({token!r}), not ids: fcot stores "
+                                f"token ids and needs a server that returns them (vLLM: return_tokens_as_token_ids)")
+            return int(token.removeprefix("token_id:"))
+
+        tops = [sorted(((lp, token_id(t)) for t, lp in (top or {}).items()), reverse=True)[:k] for _, top in steps]
+        return TokenLogprobs([token_id(t) for t, _ in steps], [[t for _, t in s] for s in tops],
+                             [[v for v, _ in s] for s in tops])
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         return list(self.pool.map(self._one, requests))

@@ -94,3 +94,24 @@ def fingerprint(name: str) -> str | None:
         return None
     stat = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
     return _fingerprint(str(folder), stat)
+
+
+def tokenizer_identity(name: str) -> str:
+    """A hash of a model's vocabulary (token -> id, special tokens included): equal for two models whose token ids
+    mean the same, whatever else differs. A hub id or a served model without a local folder is its own name."""
+    try:
+        folder = Path(resolve_model(name))
+    except FcotError:
+        return name
+    if not folder.is_dir():
+        return name
+    stat = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
+    return _vocabulary(str(folder), stat)
+
+
+@functools.lru_cache(maxsize=16)
+def _vocabulary(folder: str, stat: tuple) -> str:
+    from transformers import AutoTokenizer  # heavy: only where logprobs are asked for
+
+    vocab = AutoTokenizer.from_pretrained(folder).get_vocab()
+    return "vocab-" + hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]

@@ -77,3 +77,30 @@ def test_one_engine_config_builds_the_engines_of_teacher_and_evaluation(tiny_lla
         EngineConfig(kind="vllm", gpus_per_replica=2, tensor_parallel_size=4)
     with pytest.raises(ValueError, match="base_url"):
         EngineConfig(kind="openai")
+
+
+def test_hf_logprobs_are_the_models_own_top_k_at_each_emitted_token_and_change_no_sample(tiny_llama):
+    """The top-k logprobs the hf engine returns are those of a teacher-forced forward pass over prompt + emitted
+    tokens (the raw log-softmax, before temperature and noise), for greedy and sampled rows in a padded batch; the
+    texts are those generated without logprobs."""
+    engine = HFEngine(str(tiny_llama), dtype="float32", device=DEVICE, batch_size=8)
+    prompts = ["Q: There are 3 cars and 2 more arrive. How many cars?\nA: Let's think step by step.",
+               "Q: Tom has 12 apples?\nA:"]
+    for temperature in (0.0, 0.7):
+        plain = [Request(prompt=p, max_new_tokens=10, temperature=temperature, seed=5 + i)
+                 for i, p in enumerate(prompts)]
+        asked = [Request(**{**r.__dict__, "logprobs": 4}) for r in plain]
+        got, before = engine.generate(asked), engine.generate(plain)
+        assert [c.text for c in got] == [c.text for c in before] and all(c.logprobs is None for c in before)
+        for prompt, c in zip(prompts, got):
+            lp = c.logprobs
+            assert len(lp.tokens) == len(lp.top_ids) == len(lp.top_logprobs) == c.completion_tokens > 0
+            ids = engine.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(DEVICE)
+            full = torch.cat([ids, torch.tensor([lp.tokens], device=DEVICE)], dim=1)
+            with torch.no_grad():
+                logits = engine.model(full).logits[0, ids.shape[1] - 1:-1].float()
+            values, top = torch.log_softmax(logits, -1).topk(4, dim=-1)
+            assert lp.top_ids == top.tolist()
+            assert torch.allclose(torch.tensor(lp.top_logprobs), values.cpu(), atol=1e-4)
+            if temperature == 0:  # greedy emits the top token
+                assert lp.tokens == [t[0] for t in lp.top_ids]

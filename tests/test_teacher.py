@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -174,3 +175,48 @@ def test_a_worker_node_lost_mid_run_loses_nothing_and_repeats_nothing(tmp_path, 
     assert len(rows) == 96 and len({r["key"] for r in rows}) == 96  # exactly N x D, none twice
     # Generated = N x D plus at most the batches in flight on the lost replica (IN_FLIGHT of them, 4 samples each).
     assert 96 <= out["result"]["generated"] <= 96 + 2 * 4, out["result"]
+
+
+def test_teacher_logprobs_are_stored_as_one_column_read_only_when_asked(tmp_path, tiny_llama, ray_local):
+    """teacher.sampling.logprobs: k: each record carries its rationale tokens' top-k ids and logprobs (float16),
+    one per emitted token; a store read without naming the column leaves it out; a shard written without the column
+    (an older fcot) reads as null; the teacher is another teacher (its identity names k and the tokenizer)."""
+    import pyarrow as pa
+
+    from fcot.models import tokenizer_identity
+    from fcot.teacher.plan import teacher_id
+    from fcot.teacher.store import SCHEMA
+
+    cfg = _cfg(tmp_path, tiny_llama, **{"sampling.logprobs": 3, "engine.replicas": 1})
+    summary = teach(cfg)
+    assert summary["teacher"]["logprobs"] == 3 and summary["teacher"]["tokenizer"] == tokenizer_identity(tiny_llama)
+    assert teacher_id(cfg) != teacher_id(_cfg(tmp_path, tiny_llama))
+    shards = sorted((tmp_path / "teacher" / "records").glob("*.parquet"))
+    assert pq.read_schema(shards[0]).field("logprobs").type == SCHEMA.field("logprobs").type  # float16 inside
+    store = RecordStore(tmp_path / "teacher" / "records")
+    assert "logprobs" not in store.read(teacher_id(cfg)).column_names
+    rows = store.read(teacher_id(cfg), columns=["completion_tokens", "logprobs"]).to_pylist()
+    assert len(rows) == 12
+    for r in rows:
+        lp = r["logprobs"]
+        assert len(lp["tokens"]) == len(lp["top_ids"]) == len(lp["top_logprobs"]) == r["completion_tokens"]
+        assert all(len(t) == 3 for t in lp["top_ids"]) and all(v[0] >= v[1] >= v[2] for v in lp["top_logprobs"])
+        assert all(sum(math.exp(x) for x in v) <= 1.01 for v in lp["top_logprobs"])  # a part of a distribution
+    older = tmp_path / "older"
+    older.mkdir()
+    without = pa.schema([f for f in SCHEMA if f.name != "logprobs"])
+    pq.write_table(pq.read_table(shards[0], columns=without.names), older / shards[0].name)
+    again = RecordStore(older).read(teacher_id(cfg), columns=["index", "logprobs"]).to_pylist()
+    assert again and all(r["logprobs"] is None for r in again)
+
+
+def test_logprobs_are_refused_where_the_teacher_cannot_give_them_naming_the_key(tmp_path, tiny_llama, shared_data):
+    from fcot.errors import FcotError
+    from tests.conftest import recorded
+
+    with pytest.raises(FcotError, match=r"key 'teacher.sampling.logprobs': a recorded teacher's outputs carry no"):
+        load_config(TeachConfig, base={**recorded(tmp_path, shared_data), "sampling": {"logprobs": 2}})
+    served = {"kind": "openai", "model": "served", "base_url": "http://127.0.0.1:9"}
+    with pytest.raises(FcotError, match=r"key 'teacher.engine.tokenizer': logprobs from a served model"):
+        _cfg(tmp_path, tiny_llama, engine=served, **{"sampling.logprobs": 2})
+    assert _cfg(tmp_path, tiny_llama, engine={**served, "tokenizer": str(tiny_llama)}, **{"sampling.logprobs": 2})

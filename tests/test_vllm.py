@@ -321,6 +321,54 @@ def test_openai_engine_chat_continues_the_assistant_turn_on_vllm_server(tmp_path
     _no_secret_in(tmp_path / "chat")
 
 
+def _is_models_top_k(model, prompt: str, lp: dict, k: int, atol: float) -> None:
+    """`lp` (a record's logprobs) holds, at each emitted token, the k largest log-softmax values of a teacher-forced
+    hf forward pass of `model` over prompt + emitted tokens, at their ids (compared by value: near-ties may swap)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, hf = AutoTokenizer.from_pretrained(model), AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + lp["tokens"]])).logits[0, len(ids) - 1:-1]
+    logprobs = torch.log_softmax(logits.float(), -1)
+    assert len(lp["tokens"]) == len(lp["top_ids"]) == len(lp["top_logprobs"]) > 0
+    for row, top_ids, values in zip(logprobs, lp["top_ids"], lp["top_logprobs"]):
+        assert len(top_ids) == k
+        assert torch.allclose(row[top_ids], torch.tensor(values), atol=atol)
+        assert torch.allclose(row.topk(k).values, torch.tensor(values), atol=atol)
+
+
+def test_teacher_logprobs_from_vllm_and_its_openai_server_are_the_models_own_top_k(tmp_path, vllm_tiny, vllm_server,
+                                                                                     ray_local, monkeypatch):
+    """teacher.sampling.logprobs through the vllm engine (records, float16) and through the openai engine against
+    vLLM's server (completions and chat): the model's own top-k at each token, as an hf forward pass computes it."""
+    require_vllm()
+    from fcot.engines import TokenLogprobs
+
+    cfg = _cfg(tmp_path / "v", vllm_tiny, _vllm_engine(vllm_tiny), subset=2,
+               **{"sampling.num_samples": 2, "sampling.logprobs": 3})
+    teach(cfg)
+    rows = _rows(tmp_path / "v")
+    assert len(rows) == 4
+    for r in rows:
+        assert len(r["logprobs"]["tokens"]) == r["completion_tokens"]
+        _is_models_top_k(vllm_tiny, r["prompt"], r["logprobs"], 3, atol=2e-2)  # float16 in the store
+    monkeypatch.setenv("FCOT_TEST_API_KEY", API_KEY)
+    engine = OpenAIEngine(SERVED_NAME, vllm_server["base_url"], api_key_env="FCOT_TEST_API_KEY")
+    prompt = "Q: There are 3 cars and 2 more arrive. How many cars?\nA: Let's think step by step."
+    messages = ({"role": "user", "content": "How many cars?"}, {"role": "assistant", "content": "Let's think"})
+    texts = [prompt, None]
+    got = engine.generate([Request(prompt=prompt, max_new_tokens=8, temperature=0.7, seed=3, logprobs=4),
+                           Request(messages=messages, max_new_tokens=8, logprobs=4)])
+    from transformers import AutoTokenizer
+
+    texts[1] = render_chat(AutoTokenizer.from_pretrained(vllm_tiny), messages)
+    for text, c in zip(texts, got):
+        assert isinstance(c.logprobs, TokenLogprobs) and len(c.logprobs.tokens) == c.completion_tokens
+        _is_models_top_k(vllm_tiny, text, c.logprobs.__dict__, 4, atol=1e-3)
+
+
 def test_openai_engine_reads_the_key_only_from_the_named_variable(vllm_server, monkeypatch):
     require_vllm()
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # the right key, but in a variable the config does not name
@@ -341,15 +389,36 @@ COMPLETION = {"choices": [{"text": " 3 + 2 = 5.", "finish_reason": "stop"}],
               "usage": {"prompt_tokens": 7, "completion_tokens": 6}}
 
 
+def _with_logprobs(body: dict) -> dict:
+    """COMPLETION with logprobs as vLLM's /v1/completions gives them when `body` asks: per token its text (or
+    `token_id:N` with return_tokens_as_token_ids), its logprob, and the top k + the emitted one."""
+    k, as_ids = body["logprobs"], body.get("return_tokens_as_token_ids")
+    emitted = [(11, -0.1), (12, -0.7), (13, -2.0)]  # (token id, logprob), beside two others at -1.0 and -1.5
+
+    def name(t):
+        return f"token_id:{t}" if as_ids else f"w{t}"
+
+    def step(t, lp):  # the k likeliest, and the emitted token (k + 1 entries when it is not among them)
+        likeliest = sorted({t: lp, t + 100: -1.0, t + 200: -1.5}.items(), key=lambda x: -x[1])[:k]
+        return {name(i): v for i, v in likeliest} | {name(t): lp}
+
+    top = [step(t, lp) for t, lp in emitted]
+    logprobs = {"tokens": [name(t) for t, _ in emitted], "token_logprobs": [lp for _, lp in emitted],
+                "top_logprobs": top, "text_offset": [0, 2, 4]}
+    return {**COMPLETION, "choices": [{**COMPLETION["choices"][0], "logprobs": logprobs}]}
+
+
 class _Scripted(http.server.BaseHTTPRequestHandler):
-    """Answers POSTs from server.script in order ((status, json body, headers)), then 200 with COMPLETION."""
+    """Answers POSTs from server.script in order ((status, json body, headers)), then 200 with COMPLETION (with
+    logprobs when asked, as vLLM's server gives them)."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.server.lock:
             self.server.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body,
                                      "t": time.monotonic()})
-            status, payload, headers = self.server.script.pop(0) if self.server.script else (200, COMPLETION, {})
+            status, payload, headers = self.server.script.pop(0) if self.server.script else (
+                200, _with_logprobs(body) if body.get("logprobs") else COMPLETION, {})
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -433,3 +502,24 @@ def test_openai_engine_honours_retry_after_in_seconds_and_as_an_http_date(script
     # the date: 4 s from when it was written, to the second (so 3-4 s), less the ~1 s already waited
     assert 0.9 <= gaps[0] < 1.6 and 1.5 <= gaps[1] < 3.5
     assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0 and retry_after_s("soon") is None
+
+
+def test_openai_engine_reads_logprobs_as_token_ids_and_refuses_token_text(scripted_server):
+    """A vLLM-style answer with logprobs: the emitted tokens and each step's top k (the emitted one dropped when it is
+    not among them), by id; a server that names tokens by their text is refused, naming what fcot needs."""
+    url = f"http://127.0.0.1:{scripted_server.server_address[1]}"
+    engine = OpenAIEngine("m", url, max_retries=0, timeout_s=10)
+    [c] = engine.generate([Request(prompt="Q: 3 cars and 2 more?\nA:", max_new_tokens=8, logprobs=2)])
+    assert scripted_server.seen[0]["body"]["logprobs"] == 2
+    assert scripted_server.seen[0]["body"]["return_tokens_as_token_ids"] is True
+    assert c.logprobs.tokens == [11, 12, 13]
+    assert c.logprobs.top_ids == [[11, 111], [12, 112], [113, 213]]  # step 3: the emitted one is not in the top 2
+    assert c.logprobs.top_logprobs == [[-0.1, -1.0], [-0.7, -1.0], [-1.0, -1.5]]
+
+    class Plain(OpenAIEngine):  # a server that ignores return_tokens_as_token_ids
+        def _post(self, path, body):
+            return super()._post(path, {k: v for k, v in body.items() if k != "return_tokens_as_token_ids"})
+
+    plain = Plain("m", url, max_retries=0, timeout_s=10)
+    with pytest.raises(FcotError, match=r"logprobs name tokens as text \('w11'\), not ids.*return_tokens_as_token_ids"):
+        plain.generate([Request(prompt="Q?", max_new_tokens=8, logprobs=2)])

@@ -37,6 +37,8 @@ class SamplingConfig(Config):
     answer_max_new_tokens: int = Field(32, ge=1)  # step 2 (the answer)
     seed: int = 0
     stop: list[str] = []  # step-1 stop strings (the paper uses none)
+    # k: each rationale token's top-k token ids and logprobs, stored with the record (for KD students; 0: none)
+    logprobs: int = Field(0, ge=0, le=20)
     adaptive: AdaptiveConfig | None = None  # instead of a fixed D (num_samples then stays 1)
 
     @model_validator(mode="after")
@@ -95,6 +97,12 @@ class TeachConfig(Config):
             raise ValueError("subset must be a count >= 1 or a fraction in (0, 1)")
         if self.prompt == "few_shot_cot" and self.prompt_style != "completion":
             raise ValueError("prompt few_shot_cot works with prompt_style completion")
+        if self.sampling.logprobs and self.engine.kind == "recorded":
+            raise FcotError("key 'teacher.sampling.logprobs': a recorded teacher's outputs carry no logprobs; "
+                            "set it to 0, or generate with an hf, vllm or openai engine")
+        if self.sampling.logprobs and self.engine.kind == "openai" and not self.engine.tokenizer:
+            raise FcotError("key 'teacher.engine.tokenizer': logprobs from a served model are token ids of its "
+                            "tokenizer; name it (an alias or a local folder), so students can be checked against it")
         return self
 
     def demands(self, prefix: str = "") -> list[Demand]:

@@ -42,7 +42,7 @@ from fcot.teacher.plan import (
     teacher_identity,
 )
 from fcot.teacher.recorded import import_recorded
-from fcot.teacher.store import RecordStore
+from fcot.teacher.store import RecordStore, record
 
 IN_FLIGHT = 2  # batches queued at each replica: the next one starts the moment the last one ends
 LANDED = ["task", "index", "sample_index", "correct", "rationale", "completion_tokens", "answer_completion_tokens"]
@@ -60,7 +60,7 @@ def generate_records(cfg: TeachConfig, engine, items: list[dict], teacher: tuple
     for it in items:
         prompt, messages = step1_prompt(cfg, it["task"], it["question"])
         step1.append(Request(prompt=prompt, messages=messages, max_new_tokens=s.max_new_tokens,
-                             temperature=temperature, top_p=top_p, seed=int(it["seed"]),
+                             temperature=temperature, top_p=top_p, seed=int(it["seed"]), logprobs=s.logprobs,
                              stop=tuple(s.stop) or (("\nQ:",) if cfg.prompt == "few_shot_cot" else ())))
     first = engine.generate(step1)
     if cfg.prompt == "few_shot_cot":  # the answer is in the completion, after "The answer is"
@@ -80,17 +80,16 @@ def generate_records(cfg: TeachConfig, engine, items: list[dict], teacher: tuple
             result = score(spec, out.text, it["gold"], prefix=FEW_SHOT_ANSWER_PREFIX)
         else:
             result = score(spec, ans.text, it["gold"], prefix=None)  # the paper: first candidate of step 2
-        records.append({
-            "task": it["task"], "index": int(it["index"]), "sample_index": int(it["sample_index"]), "key": it["key"],
-            "teacher_id": tid, "teacher": identity, "question": it["question"], "gold": it["gold"],
-            "prompt": it["prompt"], "rationale": out.text, "answer_text": ans.text if ans else "",
-            "prediction": format_prediction(result.prediction), "correct": result.correct,
-            "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens, "answer_prompt_tokens": ans.prompt_tokens if ans else 0,
-            "answer_completion_tokens": ans.completion_tokens if ans else 0, "engine": cfg.engine.kind,
-            "model": model_name(cfg), "prompt_style": cfg.prompt_style, "temperature": temperature, "top_p": top_p,
-            "max_new_tokens": s.max_new_tokens, "seed": int(it["seed"]), "created_at": now,
-        })
+        answer = {"answer_text": ans.text, "answer_prompt_tokens": ans.prompt_tokens,
+                  "answer_completion_tokens": ans.completion_tokens} if ans else {}
+        records.append(record(
+            task=it["task"], index=int(it["index"]), sample_index=int(it["sample_index"]), key=it["key"],
+            teacher_id=tid, teacher=identity, question=it["question"], gold=it["gold"], prompt=it["prompt"],
+            rationale=out.text, prediction=format_prediction(result.prediction), correct=result.correct,
+            finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+            engine=cfg.engine.kind, model=model_name(cfg), prompt_style=cfg.prompt_style, temperature=temperature,
+            top_p=top_p, max_new_tokens=s.max_new_tokens, seed=int(it["seed"]), created_at=now,
+            logprobs=out.logprobs, **answer))
     return records
 
 

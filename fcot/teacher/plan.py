@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fcot.errors import FcotError
 from fcot.io import read_json
-from fcot.models import ALIASES, fingerprint
+from fcot.models import ALIASES, fingerprint, tokenizer_identity
 from fcot.prompts import COT_TRIGGER, few_shot_cot, zero_shot_cot_step1
 from fcot.tasks import Sample, load_split
 from fcot.teacher.config import AdaptiveConfig, TeachConfig
@@ -75,7 +75,15 @@ def teacher_identity(cfg: TeachConfig) -> dict:
         ident["format"] = e.format
     if cfg.prompt == "few_shot_cot":
         ident["exemplars_sha256"] = _file_sha256(cfg.few_shot_exemplars) if cfg.few_shot_exemplars else "paper"
+    if cfg.sampling.logprobs:  # records with them are other records; their token ids index this tokenizer
+        ident["logprobs"] = cfg.sampling.logprobs
+        ident["tokenizer"] = tokenizer_identity(teacher_tokenizer(cfg))
     return ident
+
+
+def teacher_tokenizer(cfg: TeachConfig) -> str:
+    """The teacher's tokenizer as a model reference: the served model's `engine.tokenizer`, else the model's."""
+    return cfg.engine.tokenizer or cfg.engine.model
 
 
 def teacher_id(cfg: TeachConfig) -> str:

@@ -25,7 +25,7 @@ from fcot.tasks import get_task
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.logs import parse_zero_shot_cot_log
 from fcot.teacher.plan import plan, sample_key, sample_seed, sampling_params, teacher_id, teacher_identity
-from fcot.teacher.store import RecordStore
+from fcot.teacher.store import RecordStore, record
 
 
 def _stem(question: str) -> str:
@@ -37,17 +37,15 @@ def _record(cfg, sample, sample_index, prompt, rationale, answer_text, predictio
             model, temperature=0.0, tokens=(0, 0, 0, 0)) -> dict:
     # Repeated questions (MultiArith has some) are distinct records: the seed tells them apart, as in generation.
     seed = sample_seed(cfg.sampling.seed, sample.task, sample.index, sample_index)
-    return {
-        "task": sample.task, "index": sample.index, "sample_index": sample_index,
-        "key": sample_key(teacher_id(cfg), prompt, sample_index, seed),
-        "teacher_id": teacher_id(cfg), "teacher": json.dumps(teacher_identity(cfg), sort_keys=True),
-        "question": sample.question, "gold": sample.answer,
-        "prompt": prompt, "rationale": rationale, "answer_text": answer_text, "prediction": prediction,
-        "correct": correct, "finish_reason": finish_reason, "prompt_tokens": tokens[0], "completion_tokens": tokens[1],
-        "answer_prompt_tokens": tokens[2], "answer_completion_tokens": tokens[3], "engine": "recorded", "model": model,
-        "prompt_style": "completion", "temperature": temperature, "top_p": 1.0,
-        "max_new_tokens": cfg.sampling.max_new_tokens, "seed": seed, "created_at": time.time(),
-    }
+    return record(
+        task=sample.task, index=sample.index, sample_index=sample_index,
+        key=sample_key(teacher_id(cfg), prompt, sample_index, seed), teacher_id=teacher_id(cfg),
+        teacher=json.dumps(teacher_identity(cfg), sort_keys=True), question=sample.question, gold=sample.answer,
+        prompt=prompt, rationale=rationale, answer_text=answer_text, prediction=prediction, correct=correct,
+        finish_reason=finish_reason, prompt_tokens=tokens[0], completion_tokens=tokens[1],
+        answer_prompt_tokens=tokens[2], answer_completion_tokens=tokens[3], engine="recorded", model=model,
+        prompt_style="completion", temperature=temperature, top_p=1.0, max_new_tokens=cfg.sampling.max_new_tokens,
+        seed=seed, created_at=time.time())
 
 
 def from_zero_shot_cot_log(cfg: TeachConfig, path: Path, wanted: list) -> list[dict]:

@@ -4,8 +4,10 @@ Rule: a sample is generated once. Its key is sha256(teacher_id, prompt, sample i
 and every record carries its teacher's id and identity, so one store holds many teachers without mixing them.
 Each shard is written atomically and named TEACHER_ID-HASH, HASH of the keys it holds, so a retried batch rewrites
 the same file instead of adding duplicates, and a teacher's shards are found by name, none opened (shards of an
-older fcot, named HASH only, are opened to read their teacher ids). Ray Data (`ray.data.read_parquet`) and `datasets`
-(`load_dataset("parquet", data_files=...)`) read the folder directly.
+older fcot, named HASH only, are opened to read their teacher ids). A record is made by `record` alone, the live
+teacher's and the importer's alike. Its `logprobs` column (teacher.sampling.logprobs: the top-k distribution at
+each rationale token, float16) is read only when asked for by name; shards written without it read as null.
+Ray Data (`ray.data.read_parquet`) and `datasets` (`load_dataset("parquet", data_files=...)`) read the folder directly.
 """
 
 from __future__ import annotations
@@ -29,7 +31,25 @@ SCHEMA = pa.schema([
     ("answer_prompt_tokens", pa.int32()), ("answer_completion_tokens", pa.int32()),
     ("engine", pa.string()), ("model", pa.string()), ("prompt_style", pa.string()), ("temperature", pa.float32()),
     ("top_p", pa.float32()), ("max_new_tokens", pa.int32()), ("seed", pa.int64()), ("created_at", pa.float64()),
+    ("logprobs", pa.struct([("tokens", pa.list_(pa.int32())), ("top_ids", pa.list_(pa.list_(pa.int32()))),
+                            ("top_logprobs", pa.list_(pa.list_(pa.float16())))])),
 ])
+UNLESS_ASKED = {"logprobs"}  # columns `RecordStore.read` leaves out unless named: they dwarf the rest
+OPTIONAL = {"answer_text": "", "answer_prompt_tokens": 0, "answer_completion_tokens": 0, "logprobs": None}
+
+
+def record(**fields) -> dict:
+    """A teacher record: every column of SCHEMA by name (those of OPTIONAL may be left out); a missing or unknown
+    name is a bug, and raised here rather than written as null."""
+    row = {**OPTIONAL, **fields}
+    if row.keys() != set(SCHEMA.names):
+        names = set(SCHEMA.names)
+        raise KeyError(f"a record's fields differ from the store's schema: missing {sorted(names - row.keys())}, "
+                       f"unknown {sorted(row.keys() - names)}")
+    if row["logprobs"] is not None and not isinstance(row["logprobs"], dict):  # fcot.engines.TokenLogprobs
+        lp = row["logprobs"]
+        row["logprobs"] = {"tokens": lp.tokens, "top_ids": lp.top_ids, "top_logprobs": lp.top_logprobs}
+    return row
 
 
 class RecordStore:
@@ -71,8 +91,9 @@ class RecordStore:
 
     def read(self, teacher_id: str | None = None, shards: list[Path] | None = None,
              columns: list[str] | None = None) -> pa.Table:
-        """Records (of `teacher_id`, in `shards`), one row per key."""
-        wanted = columns and list(dict.fromkeys(["key", "teacher_id", *columns]))
+        """Records (of `teacher_id`, in `shards`), one row per key: `columns`, or all but UNLESS_ASKED."""
+        columns = columns or [c for c in SCHEMA.names if c not in UNLESS_ASKED]
+        wanted = list(dict.fromkeys(["key", "teacher_id", *columns]))
         tables = []
         for s in shards if shards is not None else self.shards(teacher_id):
             if "-" not in s.stem and not self._fits(s):
@@ -82,7 +103,7 @@ class RecordStore:
                 t = t.filter(pc.equal(t.column("teacher_id"), teacher_id))
             tables.append(t)
         if not tables:
-            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(wanted)
+            return SCHEMA.empty_table().select(wanted)
         table = pa.concat_tables(tables)
         if pc.count_distinct(table["key"]).as_py() == len(table):
             return table
