@@ -84,29 +84,30 @@ def _fingerprint(folder: str, stat: tuple) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(name: str) -> str | None:
-    """A content hash of a local model folder (its configs and weights), None for a hub id or a served model."""
+def _local(name: str) -> tuple[str, tuple] | None:
+    """A model's local folder and its files' (name, size, mtime) (the caches' key), None for a hub id or a served
+    model."""
     try:
         folder = Path(resolve_model(name))
     except FcotError:
         return None
     if not folder.is_dir():
         return None
-    stat = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
-    return _fingerprint(str(folder), stat)
+    return str(folder), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                              for p in sorted(folder.iterdir()) if p.is_file())
+
+
+def fingerprint(name: str) -> str | None:
+    """A content hash of a local model folder (its configs and weights), None for a hub id or a served model."""
+    local = _local(name)
+    return _fingerprint(*local) if local else None
 
 
 def tokenizer_identity(name: str) -> str:
     """A hash of a model's vocabulary (token -> id, special tokens included): equal for two models whose token ids
     mean the same, whatever else differs. A hub id or a served model without a local folder is its own name."""
-    try:
-        folder = Path(resolve_model(name))
-    except FcotError:
-        return name
-    if not folder.is_dir():
-        return name
-    stat = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
-    return _vocabulary(str(folder), stat)
+    local = _local(name)
+    return _vocabulary(*local) if local else name
 
 
 @functools.lru_cache(maxsize=16)
