@@ -31,7 +31,7 @@ from fcot.evaluate import questions as eval_questions
 from fcot.io import atomic_write_json, read_json
 from fcot.layout import RunLayout
 from fcot.methods import get_method, method_names
-from fcot.models import ALIASES, models_dir, resolve_model
+from fcot.models import ALIASES, models_dir, resolve_model, tokenizer_identity
 from fcot.prompts import templates_sha256
 from fcot.ray_utils import cpu_seconds
 from fcot.report import build_report
@@ -39,7 +39,8 @@ from fcot.resources import Demand, check_local, check_resources, largest
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
-from fcot.train.config import DevConfig, TrainConfig
+from fcot.teacher.plan import teacher_id, teacher_tokenizer
+from fcot.train.config import DevConfig, ObjectiveConfig, TrainConfig
 from fcot.train.trainer import train
 
 
@@ -116,6 +117,21 @@ class RunConfig(Config):
                 raise ValueError(f"{key} {getattr(self, key)!r} is not one of methods ({', '.join(self.methods)})")
         return self
 
+    @model_validator(mode="after")
+    def _kd_teacher(self):
+        """A KD student learns the teacher's logprobs, token ids of the teacher's tokenizer: they must be stored,
+        and mean the same tokens to the student."""
+        if self.train.objective.kind != "kd":
+            return self
+        if not self.teacher.sampling.logprobs:
+            raise FcotError("key 'train.objective': kd learns from the teacher's top-k logprobs; set "
+                            "teacher.sampling.logprobs (e.g. 20)")
+        teacher = teacher_tokenizer(self.teacher)
+        if tokenizer_identity(self.train.model) != tokenizer_identity(teacher):
+            raise FcotError(f"key 'train.objective': kd needs the student's tokenizer to be the teacher's; the student "
+                            f"{self.train.model} and the teacher {teacher} tokenize differently")
+        return self
+
     @property
     def uses_teacher(self) -> bool:
         """Some method learns from the teacher's rationales (vanilla fine-tuning alone asks it nothing)."""
@@ -143,9 +159,13 @@ def train_config(cfg: RunConfig, method: str) -> TrainConfig:
     w = cfg.train.wandb
     wandb = w.model_copy(update={"group": w.group or cfg.name, "name": f"train-{method}",
                                  "mode": cfg.wandb_mode if w.mode == "auto" else w.mode})
+    # KD: the students of rationales learn the teacher's distribution over them; vanilla fine-tuning has none.
+    objective = (cfg.train.objective.model_copy(update={"records": str(Path(cfg.teacher.output_dir) / "records"),
+                                                        "teacher_id": teacher_id(cfg.teacher)})
+                 if cfg.train.objective.kind == "kd" and get_method(method).uses_rationales else ObjectiveConfig())
     return cfg.train.model_copy(update={
         "data": str(curated / "train"), "output_dir": str(cfg.layout.student(method)), "dev": dev, "wandb": wandb,
-        "report_to_tune": cfg.train.report_to_tune and method == cfg.methods[0]})
+        "report_to_tune": cfg.train.report_to_tune and method == cfg.methods[0], "objective": objective})
 
 
 def eval_config(cfg: RunConfig, method: str) -> EvalConfig:

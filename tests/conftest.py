@@ -143,7 +143,9 @@ SUMS = re.compile(r"What is (\d+) plus (\d+)\?")
 
 class _Sums(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible /v1/completions that does sums: by seed % 6 a wrong sum, a rationale that two seeds
-    share (duplicates), two other right ones, or a long one; the answer step repeats the rationale's last number."""
+    share (duplicates), two other right ones, or a long one; the answer step repeats the rationale's last number.
+    Asked for logprobs, it answers as vLLM does with return_tokens_as_token_ids: its text's tokens (tiny_llama's
+    tokenizer) as `token_id:N`, each with a made-up top k (the emitted token first)."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -157,7 +159,14 @@ class _Sums(http.server.BaseHTTPRequestHandler):
                     f" We add {a} and {b}, which gives {total}.", f" {a} plus {b} is {total}.",
                     " First " + " ".join(f"{a} then {b} again," for _ in range(12)) + f" so {total}.",
                     f" The sum of {a} and {b} is {total}."][seed % 6]
-        data = json.dumps({"choices": [{"text": text, "finish_reason": "stop"}],
+        choice = {"text": text, "finish_reason": "stop"}
+        if body.get("logprobs"):
+            ids = self.server.tokenizer(text, add_special_tokens=False).input_ids
+            vocab = len(self.server.tokenizer)
+            top = [{f"token_id:{(t + j * 7) % vocab}": -0.2 - j for j in range(body["logprobs"])} for t in ids]
+            choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in ids], "token_logprobs": [-0.2] * len(ids),
+                                  "top_logprobs": top}
+        data = json.dumps({"choices": [choice],
                            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -170,9 +179,12 @@ class _Sums(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="session")
-def sums_server():
+def sums_server(tiny_llama):
     """A real HTTP server on 127.0.0.1 (its base URL): a teacher of many distinct, duplicate, wrong and long samples."""
+    from transformers import AutoTokenizer
+
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sums)
+    server.tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -13,7 +13,7 @@ import time
 import psutil
 import yaml
 
-from tests.conftest import ROOT, epoch_committed, run_fcot
+from tests.conftest import ROOT, epoch_committed, run_fcot, sums_task
 
 
 def _config(tmp_path, tiny_llama, shared_data):
@@ -184,3 +184,40 @@ def test_progress_prints_a_line_now_and_then_with_rate_and_eta_where_there_is_no
     with Progress("eval", 5, "questions", enabled=False, stream=quiet) as p:
         p.update(5)
     assert quiet.getvalue() == ""
+
+
+def _kd_config(tmp_path, sums_server, tokenizer, student, logprobs=4):
+    """A run of a served teacher of sums (tests.conftest) that returns logprobs, its tokenizer `tokenizer`."""
+    cfg = {"name": "kd", "output_dir": str(tmp_path / "kd"), "tasks": ["sums"], "methods": ["fine_tune_cot"],
+           "user_tasks": [sums_task(tmp_path / "data", 24)], "baselines": [], "wandb_mode": "disabled",
+           "teacher": {"progress": False, "engine": {"kind": "openai", "model": "sums", "base_url": sums_server,
+                                                     "tokenizer": str(tokenizer)},
+                       "sampling": {"num_samples": 2, "logprobs": logprobs}},
+           "curate": {"max_length": 256},
+           "train": {"model": str(student), "epochs": 1, "batch_size": 4, "num_workers": 1,
+                     "objective": {"kind": "kd", "temperature": 2.0, "alpha": 0.5}},
+           "eval": {"subset": 4, "max_new_tokens": 8}}
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fcot_run_trains_a_kd_student_on_the_teachers_logprobs_and_refuses_another_tokenizer(tmp_path, tiny_llama,
+                                                                                             sums_server):
+    """train.objective kd end to end on the local Ray cluster: a served teacher's top-4 logprobs are stored, the
+    student (same tokenizer) learns them on its rationale tokens. Refused when the config is read: a student of
+    another tokenizer (naming both models), a teacher that stores no logprobs."""
+    from fcot.bundled import make_tiny_model
+
+    run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, tiny_llama), check=True)
+    trained = json.loads((tmp_path / "kd" / "stages" / "train-fine_tune_cot.json").read_text())["result"]
+    assert trained["objective"] == "kd" and trained["steps"] > 0
+    kd = trained["kd_tokens"]
+    assert 0 < kd["with_teacher"] < kd["labels"]  # the rationale's tokens, not " --> answer END"
+    other = make_tiny_model(tmp_path / "other-vocab", "llama", vocab_texts=["a b c d e f g h", "1 2 3 4 5 6 7 8 9"])
+    refused = run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, other))
+    assert refused.returncode != 0
+    assert "the student" in refused.stderr and str(other) in refused.stderr and str(tiny_llama) in refused.stderr
+    assert "tokenize differently" in refused.stderr
+    no_logprobs = run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, tiny_llama, logprobs=0))
+    assert no_logprobs.returncode != 0 and "set teacher.sampling.logprobs" in no_logprobs.stderr

@@ -367,3 +367,56 @@ def test_packed_attention_honours_a_sliding_window_and_refuses_a_soft_cap():
         assert torch.allclose(out, want, atol=1e-5), window
     with pytest.raises(FcotError, match="softcap.*set train.packing: false"):
         packed_attention(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6, softcap=50.0)
+
+
+def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens(tiny_llama):
+    """The teacher's rationale tokens, re-tokenized inside the student's completion (` {rationale} --> {answer}
+    END`, the same tokenizer), all get its top-k; the KD loss sum is the same padded or packed, and equals
+    (1 - alpha) x cross-entropy + alpha x T^2 x KL(renormalized teacher top-k at T || student at T), computed here
+    position by position from a full forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    from fcot.train import attention
+    from fcot.train.config import ObjectiveConfig
+    from fcot.train.data import teacher_targets
+    from fcot.train.trainer import _loss_sum
+
+    tok = tokenizer(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rationales = [" There are 3 cars and 2 more arrive, so 3 + 2 = 5.", " Tom has 12 apples and gives away 5."]
+    prompts = ["There are 3 cars and 2 more arrive. How many cars? ###", "Tom has 12 apples. How many left? ###"]
+    completions = [f"{r} --> {a} END" for r, a in zip(rationales, ("5", "7"))]
+    g = torch.Generator().manual_seed(0)
+    k, vocab = 4, model.config.vocab_size
+    logprobs = []
+    for r in rationales:  # a made-up teacher: its emitted tokens, and k ids with logprobs at each
+        emitted = tok(r, add_special_tokens=False).input_ids
+        top = [[t] + torch.randint(0, vocab, (k - 1,), generator=g).tolist() for t in emitted]
+        values = torch.randn(len(emitted), k, generator=g).sort(-1, descending=True).values - 1.0
+        logprobs.append({"tokens": emitted, "top_ids": top, "top_logprobs": values.tolist()})
+    objective = ObjectiveConfig(kind="kd", temperature=2.0, alpha=0.7)
+    losses = []
+    for packing in (False, True):
+        c = Collator(tok, 160, encoder_decoder=False, packing=packing)
+        encoded = c.encode(prompts, completions)
+        targets = [teacher_targets(e, lp) for e, lp in zip(encoded, logprobs)]
+        assert [len(t) for t in targets] == [len(lp["tokens"]) for lp in logprobs]  # every rationale token
+        if packing:
+            model.set_attn_implementation(attention.NAME)
+        with torch.no_grad():
+            losses.append(_loss_sum(model, c.collate(encoded, targets=targets), False, objective))
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5), losses
+    model.set_attn_implementation("sdpa")
+    ce = kl = 0.0
+    for e, t in zip(encoded, targets):
+        ids, labels = e
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        ce += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=IGNORE,
+                                                reduction="sum")
+        for pos, top, lps in t:
+            p = torch.softmax(torch.tensor(lps) / 2.0, -1)
+            q = torch.log_softmax(logits[pos - 1] / 2.0, -1)[top]
+            kl += 4.0 * (p * (p.log() - q)).sum()
+    assert torch.allclose(losses[0], 0.3 * ce + 0.7 * kl, rtol=1e-4), (losses[0], ce, kl)
+    assert not torch.allclose(losses[0], ce, rtol=1e-3)  # the KD term counts

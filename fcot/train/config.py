@@ -39,6 +39,19 @@ class LoraConfig(Config):
     quantize: Literal["4bit"] | None = None  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only)
 
 
+class ObjectiveConfig(Config):
+    """What the student learns. sft: cross-entropy on the completion's tokens. kd: also the teacher's distribution
+    over the rationale's tokens, its top-k logprobs stored with the records (teacher.sampling.logprobs): loss =
+    (1 - alpha) x cross-entropy + alpha x temperature^2 x KL(teacher's renormalized top-k || student), per label
+    token. A decoder student whose tokenizer is the teacher's; `fcot run` fills in `records` and `teacher_id`."""
+
+    kind: Literal["sft", "kd"] = "sft"
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+    records: PathStr | None = None  # kd: the teacher's record store (its records/ folder)
+    teacher_id: str | None = None  # kd: whose records in it
+
+
 class WandbConfig(Config):
     project: str = "fcot"
     # auto: online with WANDB_API_KEY set, else offline (sync later with `wandb sync`)
@@ -86,6 +99,7 @@ class TrainConfig(Config):
     # Set and different from the curation's: an error naming both keys (a shorter limit would cut the answers off).
     max_length: int | None = Field(None, ge=8)
     rationale_weight: float = Field(1.0, ge=0)  # step_by_step: loss = label loss + rationale_weight x rationale loss
+    objective: ObjectiveConfig = ObjectiveConfig()
     # The student prompted through its chat template (the question as the user turn, the completion as the assistant
     # turn, the loss on the assistant's tokens); auto: when its tokenizer has one. Off unless asked, so the paper's
     # plain `{q} ###` format stays the default. `fcot run` gives it to curation and evaluation too.

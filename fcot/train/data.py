@@ -11,6 +11,10 @@ kept record).
 - encoder-decoders (T5): encoder input = prompt, labels = completion + EOS.
 
 Labels are aligned with input_ids (the HF convention): the loss shifts them for decoders.
+
+A KD student (train.objective kd) also gets the teacher's top-k at the completion tokens that are the teacher's
+own rationale tokens (`teacher_targets`: the same tokenizer, so the rationale re-tokenized is, token for token,
+what the teacher emitted, but where BPE merges differ at its edges; those tokens get cross-entropy only).
 A micro-batch is either padded to its longest example, or (decoders, `packing`) its examples are packed
 back to back into one row without padding: position_ids restart at 0 for each example, and `cu_seq_lens_q`
 tells fcot.train.attention where each starts, so examples do not attend to each other and attention costs what
@@ -19,6 +23,7 @@ each example's own length costs.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -77,6 +82,18 @@ def decoder_example(prompt_ids: list[int], completion_ids: list[int], eos: int, 
 def seq2seq_example(prompt_ids: list[int], completion_ids: list[int], eos: int, max_length: int):
     """(encoder input_ids, labels): the prompt, and completion + EOS."""
     return prompt_ids[:max_length], (completion_ids + [eos])[:max_length]
+
+
+def teacher_targets(example: tuple[list[int], list[int]], logprobs: dict) -> list:
+    """[(label position, top ids, top logprobs)] of a decoder example (as truncated): each target token that is
+    the teacher's emitted token in a common run of at least two tokens of the targets and the teacher's tokens
+    (difflib's matching blocks, in order: a lone coincidence, e.g. a digit of the answer, is not a match)."""
+    labels = example[1]
+    at = [p for p, t in enumerate(labels) if t != IGNORE]
+    blocks = difflib.SequenceMatcher(None, [labels[p] for p in at], logprobs["tokens"],
+                                     autojunk=False).get_matching_blocks()
+    return [(at[a + j], logprobs["top_ids"][b + j], logprobs["top_logprobs"][b + j])
+            for a, b, size in blocks if size >= 2 for j in range(size)]
 
 
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
@@ -150,9 +167,11 @@ class Collator:
     def label_tokens(example: tuple[list[int], list[int]]) -> int:
         return sum(1 for t in example[1] if t != IGNORE)
 
-    def collate(self, examples: list[tuple[list[int], list[int]]], weights=None) -> dict:
+    def collate(self, examples: list[tuple[list[int], list[int]]], weights=None, targets=None) -> dict:
         """`weights` (one per example, a method's task weights): each example's label tokens weigh that much in
-        the loss (a `weights` tensor aligned with the labels; left out when all are 1)."""
+        the loss (a `weights` tensor aligned with the labels; left out when all are 1). `targets` (one list per
+        example, `teacher_targets`): the teacher's top-k at those label positions, as `kd_at` (flat indices into
+        `labels`), `kd_ids` and `kd_logprobs` (one row of k per position)."""
         import torch  # heavy: kept out of the CLI's imports
 
         if self.encoder_decoder:
@@ -169,6 +188,16 @@ class Collator:
                 out["weights"] = torch.tensor([per_token], dtype=torch.float32)
             else:
                 out["weights"] = torch.tensor(weights, dtype=torch.float32)[:, None].expand_as(out["labels"])
+        if targets is not None:
+            width, starts = out["labels"].shape[1], [0]
+            for ids, _ in examples:  # where each example begins in the flattened labels
+                starts.append(starts[-1] + len(ids) if self.packing else starts[-1] + width)
+            at = [starts[e] + pos for e, rows in enumerate(targets) for pos, _, _ in rows]
+            k = max((len(ids) for rows in targets for _, ids, _ in rows), default=1)
+            out["kd_at"] = torch.tensor(at, dtype=torch.long)
+            out["kd_ids"] = torch.tensor([ids for rows in targets for _, ids, _ in rows], dtype=torch.long).view(-1, k)
+            out["kd_logprobs"] = torch.tensor([lp for rows in targets for _, _, lp in rows],
+                                              dtype=torch.float32).view(-1, k)
         return out
 
     def __call__(self, batch: dict) -> dict:

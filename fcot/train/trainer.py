@@ -49,9 +49,10 @@ from fcot.progress import Progress
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.stats import accuracy_interval
 from fcot.tasks import Sample
+from fcot.teacher.store import RecordStore
 from fcot.train import ds_ops
 from fcot.train.config import TrainConfig
-from fcot.train.data import COLUMNS, IGNORE, WEIGHT_KEY, Collator, check_curated, load_dev_samples
+from fcot.train.data import COLUMNS, IGNORE, WEIGHT_KEY, Collator, check_curated, load_dev_samples, teacher_targets
 
 STEADY_AFTER = 5  # steady-state tokens/s: counted from this optimizer step on (start-up, first kernels excluded)
 STATE_FILE = "trainer_state.json"
@@ -152,8 +153,9 @@ def _wandb_run(cfg: TrainConfig, state: dict):
                       config=cfg.model_dump(), settings=wandb.Settings(silent=True))
 
 
-def _loss_sum(engine, batch: dict, encoder_decoder: bool):
-    """Sum of token cross-entropies of a micro-batch (labels aligned with inputs, HF style)."""
+def _loss_sum(engine, batch: dict, encoder_decoder: bool, objective=None):
+    """Sum of token cross-entropies of a micro-batch (labels aligned with inputs, HF style); with a kd `objective`
+    (and the batch's teacher targets) (1 - alpha) x that + alpha x T^2 x the sum of KL(teacher || student)."""
     import torch.nn.functional as F  # heavy: workers only
 
     labels = batch["labels"]
@@ -166,16 +168,35 @@ def _loss_sum(engine, batch: dict, encoder_decoder: bool):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q",
                                         "max_length_q") if k in batch}
         # Logits only where some row's next token is a target: the vocabulary head and the loss skip the prompt.
+        width = labels.shape[1]
         labels = labels[:, 1:]
         keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
         logits = engine(**inputs, use_cache=False, logits_to_keep=keep).logits
         labels = labels[:, keep]
     if "weights" not in batch:
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    # A method with several tasks (fcot.methods): each token's loss times its task's weight.
-    weights = batch["weights"] if encoder_decoder else batch["weights"][:, 1:][:, keep]
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
-    return (losses * weights.flatten()).sum()
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    else:  # a method with several tasks (fcot.methods): each token's loss times its task's weight
+        weights = batch["weights"] if encoder_decoder else batch["weights"][:, 1:][:, keep]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+        ce = (losses * weights.flatten()).sum()
+    if objective is None or objective.kind != "kd" or not len(batch.get("kd_at", ())):
+        return ce if objective is None or objective.kind != "kd" else (1 - objective.alpha) * ce
+    # The label at (row, p) is predicted by the logits at p - 1, which sit in `keep`'s column of p - 1.
+    column = keep.new_full((width - 1,), -1)
+    column[keep] = keep.new_tensor(range(len(keep)))
+    rows, p = batch["kd_at"] // width, batch["kd_at"] % width
+    return (1 - objective.alpha) * ce + objective.alpha * kd_sum(logits[rows, column[p - 1]], batch["kd_ids"],
+                                                                 batch["kd_logprobs"], objective.temperature)
+
+
+def kd_sum(student_logits, top_ids, top_logprobs, temperature: float):
+    """T^2 x the sum over positions of KL(p || q): p the teacher's top-k renormalized at temperature T (softmax of
+    its logprobs / T over the k), q the student's softmax over its whole vocabulary at T, read at the k ids."""
+    import torch  # heavy: workers only
+
+    teacher = torch.log_softmax(top_logprobs.float() / temperature, -1)
+    student = torch.log_softmax(student_logits.float() / temperature, -1).gather(-1, top_ids)
+    return temperature ** 2 * (teacher.exp() * (teacher - student)).sum()
 
 
 def _full_state_dict(engine, stage: int):
@@ -197,22 +218,38 @@ def _save(model, tokenizer, out: Path, state_dict=None, selection: dict | None =
     os.replace(tmp, out)
 
 
-def _read_examples(collate: Collator, cfg: TrainConfig, rank: int, world: int) -> tuple[list, list[float]]:
+def _read_examples(collate: Collator, cfg: TrainConfig, rank: int, world: int) -> tuple[list, list[float], list]:
     """The curated set tokenized once: whole, or with `world` > 1 only rows rank, rank + world, ... (the rows
-    arrive in the curated order on every rank); and each example's loss weight (its task's: the TrainConfig field
-    the curated row names, else 1)."""
+    arrive in the curated order on every rank); each example's loss weight (its task's: the TrainConfig field
+    the curated row names, else 1); and for a KD student each example's teacher targets (else an empty list)."""
     import ray.train  # heavy: workers only
 
-    examples, weights, seen = [], [], 0
+    teacher = _teacher_logprobs(cfg) if cfg.objective.kind == "kd" else None
+    examples, weights, targets, seen = [], [], [], 0
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=4096, batch_format="numpy"):
         n = len(batch["prompt"])
         mine = slice((rank - seen) % world, n, world)  # global row seen + j is this rank's when it is rank mod world
         seen += n
         prompts, completions = batch["prompt"][mine], batch["completion"][mine]
-        examples += collate.encode(prompts, completions)
+        encoded = collate.encode(prompts, completions)
+        examples += encoded
         keys = batch[WEIGHT_KEY][mine] if WEIGHT_KEY in batch else [""] * len(prompts)
         weights += [float(getattr(cfg, str(k))) if k else 1.0 for k in keys]
-    return examples, weights
+        if teacher is not None:
+            rows = zip(batch["task"][mine], batch["index"][mine], batch["sample_index"][mine])
+            targets += [teacher_targets(e, teacher[(str(t), int(i), int(k))]) for e, (t, i, k) in zip(encoded, rows)]
+    return examples, weights, targets
+
+
+def _teacher_logprobs(cfg: TrainConfig) -> dict:
+    """The KD teacher's logprobs of its records, by (task, index, sample index)."""
+    table = RecordStore(cfg.objective.records).read(cfg.objective.teacher_id,
+                                                     columns=["task", "index", "sample_index", "logprobs"])
+    out = {(r["task"], r["index"], r["sample_index"]): r["logprobs"] for r in table.to_pylist()}
+    if not out or any(v is None for v in out.values()):
+        raise FcotError(f"train.objective kd: the records of teacher {cfg.objective.teacher_id} in "
+                        f"{cfg.objective.records} carry no logprobs (teacher.sampling.logprobs)")
+    return out
 
 
 def train_loop(config: dict) -> None:
@@ -248,12 +285,15 @@ def train_loop(config: dict) -> None:
     model_path = config["model_path"]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model, encoder_decoder = _student(cfg, model_path, device)
+    if encoder_decoder and cfg.objective.kind == "kd":
+        raise FcotError("key 'train.objective': kd trains decoder students (the teacher's token positions); "
+                        f"{cfg.model} is an encoder-decoder")
     parameters = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but for a LoRA student
     collate = Collator(tokenizer, cfg.max_length, encoder_decoder, cfg.packing)
     chat = uses_chat(cfg.chat_template, tokenizer, encoder_decoder)  # how the dev questions are asked
     sharded = config["sharded"]
-    examples, weights = _read_examples(collate, cfg, rank, world if sharded else 1)
+    examples, weights, targets = _read_examples(collate, cfg, rank, world if sharded else 1)
     label_tokens = np.array([collate.label_tokens(e) for e in examples], dtype=np.float64)
     real_tokens = np.array([collate.tokens(e) for e in examples], dtype=np.int64)
     if sharded:  # every rank's counts, once: each rank then knows every global batch's label tokens
@@ -291,6 +331,10 @@ def train_loop(config: dict) -> None:
         state["resumed_from_step"] = state["step"]
         state["restarts"] += 1
     state["examples_held"] = len(examples)  # by this worker (rank 0's is reported)
+    state["objective"] = cfg.objective.kind
+    if targets:  # of this worker's label tokens, those with the teacher's distribution (rank 0's is reported)
+        state["kd_tokens"] = {"with_teacher": sum(map(len, targets)), "labels": int(sum(
+            collate.label_tokens(e) for e in examples))}
     run = _wandb_run(cfg, state) if rank == 0 else None
     dev_samples = [Sample(**s) for s in config["dev_samples"]] if config["dev_samples"] else None
     out = Path(cfg.output_dir)
@@ -333,11 +377,12 @@ def train_loop(config: dict) -> None:
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for a in range(accum):
                 part = mine[a * mb:(a + 1) * mb]
-                b = collate.collate([examples[i] for i in part], [weights[i] for i in part])
+                b = collate.collate([examples[i] for i in part], [weights[i] for i in part],
+                                    [targets[i] for i in part] if targets else None)
                 b = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in b.items()
                      if k not in ("tokens", "label_tokens")}
                 with autocast:
-                    loss = _loss_sum(engine, b, encoder_decoder)
+                    loss = _loss_sum(engine, b, encoder_decoder, cfg.objective)
                 engine.backward(loss * scale)
                 engine.step()  # steps the optimizer and lr schedule at the accumulation boundary only
                 loss_sum += loss.detach().double()
@@ -508,7 +553,8 @@ def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bo
                "steady": {"tokens": state["steady_tokens"], "seconds": round(state["steady_s"], 3),
                           "tokens_per_s": round(state["steady_tokens"] / max(state["steady_s"], 1e-9), 1)},
                "cpu_s": round(state["cpu_s"], 1), "gpu_s": round(state["gpu_s"], 1),
-               "peak_memory_mb": state.get("peak_memory_mb"), "examples_per_worker": state["examples_held"]}
+               "peak_memory_mb": state.get("peak_memory_mb"), "examples_per_worker": state["examples_held"],
+               "objective": state.get("objective"), "kd_tokens": state.get("kd_tokens")}
     if state["best"] is not None:
         summary.update(best_dev_accuracy=state["best"]["accuracy"], best_epoch=state["best"]["epoch"])
         selected = next((d for d in state["dev"] if d["epoch"] == state["selected_epoch"]), None)
@@ -555,6 +601,12 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     rows = check_curated(cfg.data)
+    o = cfg.objective
+    if o.kind == "kd" and not (o.records and o.teacher_id):
+        raise FcotError("key 'train.objective': kd needs objective.records (the teacher's records/ folder) and "
+                        "objective.teacher_id (fcot run sets both)")
+    if o.kind == "kd":  # absolute: the workers run in other directories
+        cfg = cfg.model_copy(update={"objective": o.model_copy(update={"records": str(Path(o.records).resolve())})})
     sharded = cfg.num_workers > 1 and (cfg.shard_data is True or (cfg.shard_data == "auto" and rows >= SHARD_ROWS))
     stats = _curation_stats(cfg.data)
     cfg = cfg.model_copy(update={"max_length": max_length(cfg, stats)})
