@@ -273,6 +273,13 @@ def build_report(run_dir: str | Path) -> Path:
     tokens = sum(t.get("prompt_tokens", 0) + t.get("completion_tokens", 0)
                  for r in teachers.values() for t in (r.get("tasks") or {}).values())
     lines += ["", f"Teacher tokens (prompt + completion, both steps, every teacher): {tokens:,}."]
+    for name, r in teachers.items():  # what a record costs on disk, and its share for the stored logprobs
+        st = r.get("store")
+        if st and st["records"]:
+            lp = (f"; {(st['bytes'] - st['logprobs_bytes']) / st['records']:,.0f} without its top-"
+                  f"{r['teacher']['logprobs']} logprobs" if st["logprobs_bytes"] else "")
+            lines.append(f"Teacher records of {name} on disk: {st['records']:,} in {st['bytes'] / 1e6:,.2f} MB, "
+                         f"{st['bytes'] / st['records']:,.0f} bytes per record{lp}.")
 
     def draw_cost(plt):
         fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(stages)), 3))

@@ -214,6 +214,12 @@ def test_fcot_run_trains_a_kd_student_on_the_teachers_logprobs_and_refuses_anoth
     assert trained["objective"] == "kd" and trained["steps"] > 0
     kd = trained["kd_tokens"]
     assert 0 < kd["with_teacher"] < kd["labels"]  # the rationale's tokens, not " --> answer END"
+    teacher = json.loads((tmp_path / "kd" / "teacher" / "summary.json").read_text())
+    store, n = teacher["store"], teacher["records"]
+    assert store["records"] == n > 0 and 0 < store["logprobs_bytes"] < store["bytes"]
+    per_record, without = store["bytes"] / n, (store["bytes"] - store["logprobs_bytes"]) / n
+    assert (f"{per_record:,.0f} bytes per record; {without:,.0f} without its top-4 logprobs"
+            in (tmp_path / "kd" / "report.md").read_text())
     other = make_tiny_model(tmp_path / "other-vocab", "llama", vocab_texts=["a b c d e f g h", "1 2 3 4 5 6 7 8 9"])
     refused = run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, other))
     assert refused.returncode != 0

@@ -287,5 +287,6 @@ def summarize(cfg: TeachConfig, store: RecordStore, qs: list, wall_s: float, cos
     return {"output_dir": cfg.output_dir, "records_dir": str(store.root), "teacher_id": teacher_id(cfg),
             "teacher": teacher_identity(cfg), "precision": precision.to_dict() if precision else None,
             "planned": sum(t["samples"] for t in tasks.values()),
-            "records": len(table), "generated": cost["generated"], "wall_s": round(wall_s, 2),
+            "records": len(table), "store": store.footprint(teacher_id(cfg)), "generated": cost["generated"],
+            "wall_s": round(wall_s, 2),
             "cpu_s": round(cost["cpu_s"], 1), "gpu_s": round(cost["gpu_s"], 1), "tasks": tasks}

@@ -77,6 +77,18 @@ class RecordStore:
         pq.write_table(table, buf)
         return atomic_write_bytes(self.shard_path(tid, [r["key"] for r in rows]), buf.getvalue())
 
+    def footprint(self, teacher_id: str) -> dict:
+        """What a teacher's records take on disk, from the shards' parquet footers (no data read): records, bytes,
+        and the bytes of the `logprobs` column among them (compressed column chunks)."""
+        records = size = logprobs = 0
+        for shard in self.shards(teacher_id):
+            meta = pq.ParquetFile(shard).metadata
+            records += meta.num_rows
+            size += shard.stat().st_size
+            logprobs += sum(rg.column(c).total_compressed_size for rg in map(meta.row_group, range(meta.num_row_groups))
+                            for c in range(rg.num_columns) if rg.column(c).path_in_schema.startswith("logprobs."))
+        return {"records": records, "bytes": size, "logprobs_bytes": logprobs}
+
     @staticmethod
     def _fits(path: Path) -> bool:
         return "teacher_id" in pq.read_schema(path).names  # shards of an older fcot have no teacher identity
