@@ -151,12 +151,14 @@ class Formatter:
         tasks, keys = self.method.tasks, self.method.weight_keys()
         rows = [(i, part) for i in range(n) for part in range(len(tasks))]
         rationales = [str(r) for r in batch["rationale"]] if "rationale" in batch else [""] * n
+        # A teacher that said nothing before its answer gives a rationale method nothing to learn: no pair, dropped.
+        blank = [self.method.uses_rationales and not r.strip() for r in rationales]
         prompts, completions = [], []
         # The answer a pair ends with: gold where the sample reached it, else the sample's own (module doc).
         answers = [str(batch["gold"][i] if batch["correct"][i] else batch["prediction"][i] or "") for i in range(n)]
         for i, part in rows:
             prompt = tasks[part].render_prompt(str(batch["question"][i]), self.encoder_decoder)
-            completion = tasks[part].render_target(answers[i], rationales[i], self.encoder_decoder)
+            completion = "" if blank[i] else tasks[part].render_target(answers[i], rationales[i], self.encoder_decoder)
             if self.chat:
                 prompt, completion = chat_prompt(self.tokenizer, prompt), chat_completion(self.tokenizer, prompt,
                                                                                            completion)
@@ -175,7 +177,8 @@ class Formatter:
                    prompt=prompts, completion=completions, length=lengths,
                    completion_length=[len(c) + 1 for c in c_ids],  # + the EOS the trainer appends
                    too_long=[length > self.max_length for length in lengths],
-                   rationale_hash=[rationale_hash[i] for i, _ in rows], text_hash=[text_hash[i] for i, _ in rows])
+                   rationale_hash=[rationale_hash[i] for i, _ in rows], text_hash=[text_hash[i] for i, _ in rows],
+                   no_rationale=[blank[i] for i, _ in rows])
         out["cpu_s"] = [self.usage.take()["cpu_s"] / len(rows)] * len(rows)  # this actor's CPU time, spread out
         return out
 
@@ -184,7 +187,7 @@ RECORD_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct
                   "rationale"]
 FORMATTED_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "prediction", "rationale_hash",
                      "text_hash", "part", "weight_key", "prompt", "completion", "length", "completion_length",
-                     "too_long"]
+                     "too_long", "no_rationale"]
 PAIRS = pa.schema([("task", pa.string()), ("index", pa.int64()), ("sample_index", pa.int64()), ("part", pa.int64()),
                    ("weight_key", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
                    ("length", pa.int64()), ("completion_length", pa.int64())])  # a curated row (fcot.train.data)
@@ -197,7 +200,7 @@ def _formatter_kwargs(cfg: CurateConfig) -> dict:
 
 def formatted_dir(cfg: CurateConfig) -> Path:
     """Formatted teacher shards for one formatting (method, student, max length): a part per teacher shard."""
-    key = hashlib.sha256(json.dumps([5, cfg.method, cfg.student, cfg.max_length, cfg.chat_template]).encode())
+    key = hashlib.sha256(json.dumps([6, cfg.method, cfg.student, cfg.max_length, cfg.chat_template]).encode())
     key = key.hexdigest()[:12]
     return Path(cfg.output_dir) / "formatted" / key
 
@@ -315,12 +318,12 @@ def select_question(group: pa.Table, *, dev: frozenset, train: frozenset, adapti
     if (task, index) not in dev and (task, index) not in train:
         return _question_rows(group, [], None)
     cols = group.select(["sample_index", "part", "correct", "prediction", "rationale_hash", "text_hash",
-                         "too_long"]).to_pydict()
+                         "too_long", "no_rationale"]).to_pydict()
     records: dict[int, dict] = {}  # sample index -> its fields and its rows by part
     for i, (sample, part) in enumerate(zip(cols["sample_index"], cols["part"])):
         r = records.setdefault(sample, {"correct": cols["correct"][i], "prediction": cols["prediction"][i],
                                         "rationale": cols["rationale_hash"][i], "text": cols["text_hash"][i],
-                                        "too_long": False, "rows": {}})
+                                        "too_long": False, "blank": cols["no_rationale"][i], "rows": {}})
         if part not in r["rows"]:  # a record stored twice (shards of an older fcot) counts once
             r["rows"][part] = i
             r["too_long"] |= cols["too_long"][i]
@@ -347,6 +350,9 @@ def select_question(group: pa.Table, *, dev: frozenset, train: frozenset, adapti
         counts["samples"] += 1
         if label == "majority" and majority is None:
             counts["dropped_unlabeled"] += 1  # fewer than min_votes samples agree
+            continue
+        if r["blank"]:
+            counts["dropped_no_rationale"] += 1
             continue
         agrees = r["correct"] if label == "gold" else r["prediction"] == majority
         if not agrees and not (keep_all and r["prediction"] is not None):

@@ -225,16 +225,18 @@ def build_report(run_dir: str | Path) -> Path:
         lines += ["", f"![curves]({_plot(layout.root / 'curves.png', draw_curves)})", ""]
 
     if curates:
-        lines += ["## Curation", "", "| method | task | samples | kept | incorrect | too long | duplicates | "
+        lines += ["## Curation", "", "| method | task | samples | kept | incorrect or none | too long | duplicates | "
                   "questions without a sample | kept per question | dev questions |", "|" + " --- |" * 10]
         for method, c in curates.items():
             for task, s in c["tasks"].items():
                 spread = ", ".join(f"{k}: {v}" for k, v in (s.get("kept_per_question") or {}).items())
                 lines.append(f"| {method} | {task} | {s.get('samples', 0)} | {s.get('kept', 0)} | "
-                             f"{s.get('dropped_incorrect', 0)} | {s.get('dropped_too_long', 0)} | "
+                             f"{sum(s.get(f'dropped_{k}', 0) for k in ('incorrect', 'no_answer', 'no_rationale'))} | "
+                             f"{s.get('dropped_too_long', 0)} | "
                              f"{s.get('dropped_duplicate', 0)} | {s.get('questions_without_sample', 0)} of "
                              f"{s.get('questions', 0)} | {spread or '—'} | {s.get('dev_questions', 0)} |")
-        lines += ["", "Kept per question: how many training questions kept how many rationales (0: none)."]
+        lines += ["", "Incorrect or none: samples off the label (`curate.filter: correct`), or with no answer or no "
+                  "rationale. Kept per question: how many training questions kept how many rationales (0: none)."]
         labels = [(m, t, s["labels"]) for m, c in curates.items() for t, s in c["tasks"].items() if s.get("labels")]
         if labels:
             lines += ["", "Majority labels (`curate.label: majority`): a training question's label is the most "

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -327,7 +328,7 @@ def _question(predictions, gold=None):
                      "completion": [f" r{k} --> {p} END" for k, p in enumerate(predictions)],
                      "length": [10] * n, "completion_length": [6] * n, "correct": correct, "prediction": predictions,
                      "rationale_hash": [f"h{k}" for k in range(n)], "text_hash": [f"h{k}" for k in range(n)],
-                     "too_long": [False] * n})
+                     "too_long": [False] * n, "no_rationale": [False] * n})
 
 
 def _select(group, **rule):
@@ -352,6 +353,20 @@ def test_majority_labels_min_votes_and_filter_all_on_a_hand_computed_question():
     # The first D samples vote: of 7, 5, the tie goes to the answer reached first; no gold, nothing to compare.
     kept, counts = _select(_question(["7", "5", "7", None, "7", "5"]), label="majority", num_samples=2)
     assert kept == [0] and "labeled_with_gold" not in counts and counts["labeled_questions"] == 1
+
+
+def test_a_sample_without_a_rationale_is_dropped_and_counted_not_a_crash(tiny_llama):
+    """A teacher that answered without a word of reasoning (a blank rationale, its answer right) gives a rationale
+    method no pair: the formatter marks it (it used to raise "needs a rationale" and stop curation), selection drops
+    it as dropped_no_rationale. Vanilla learns from the answer alone and keeps it."""
+    batch = {"question": ["How many?"] * 2, "gold": ["4", "4"], "correct": [True, True], "prediction": ["4", "4"],
+             "rationale": ["Two and two.", "  "]}
+    out = fcot.curate.Formatter("fine_tune_cot", str(tiny_llama), 512)(batch)
+    assert out["no_rationale"] == [False, True] and out["completion"][1] == ""
+    assert fcot.curate.Formatter("vanilla", str(tiny_llama), 512)(batch)["no_rationale"] == [False, False]
+    group = _question(["4", "4"], gold="4").drop_columns(["no_rationale"]).append_column(
+        "no_rationale", pa.array(out["no_rationale"]))
+    assert _select(group) == ([0], {"samples": 2, "dropped_no_rationale": 1, "kept": 1})
 
 
 def test_a_pair_ends_with_gold_where_the_sample_reached_it_else_with_its_own_answer(tiny_llama):
