@@ -278,8 +278,9 @@ def build_report(run_dir: str | Path) -> Path:
     for name, r in teachers.items():  # what a record costs on disk, and its share for the stored logprobs
         st = r.get("store")
         if st and st["records"]:
-            lp = (f"; {(st['bytes'] - st['logprobs_bytes']) / st['records']:,.0f} without its top-"
-                  f"{r['teacher']['logprobs']} logprobs" if st["logprobs_bytes"] else "")
+            k = (r.get("teacher") or {}).get("logprobs")  # asked for: else the column holds nulls only
+            without = (st["bytes"] - st["logprobs_bytes"]) / st["records"]
+            lp = f"; {without:,.0f} without its top-{k} logprobs" if k else ""
             lines.append(f"Teacher records of {name} on disk: {st['records']:,} in {st['bytes'] / 1e6:,.2f} MB, "
                          f"{st['bytes'] / st['records']:,.0f} bytes per record{lp}.")
 
