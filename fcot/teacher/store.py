@@ -12,6 +12,7 @@ Ray Data (`ray.data.read_parquet`) and `datasets` (`load_dataset("parquet", data
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from pathlib import Path
@@ -46,9 +47,8 @@ def record(**fields) -> dict:
         names = set(SCHEMA.names)
         raise KeyError(f"a record's fields differ from the store's schema: missing {sorted(names - row.keys())}, "
                        f"unknown {sorted(row.keys() - names)}")
-    if row["logprobs"] is not None and not isinstance(row["logprobs"], dict):  # fcot.engines.TokenLogprobs
-        lp = row["logprobs"]
-        row["logprobs"] = {"tokens": lp.tokens, "top_ids": lp.top_ids, "top_logprobs": lp.top_logprobs}
+    if dataclasses.is_dataclass(row["logprobs"]):  # fcot.engines.TokenLogprobs: its fields are the column's
+        row["logprobs"] = dataclasses.asdict(row["logprobs"])
     return row
 
 
