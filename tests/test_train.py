@@ -369,11 +369,12 @@ def test_packed_attention_honours_a_sliding_window_and_refuses_a_soft_cap():
         packed_attention(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6, softcap=50.0)
 
 
-def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens(tiny_llama):
+@pytest.mark.parametrize("temperature, alpha", [(2.0, 0.7), (1.0, 0.5)])
+def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens(tiny_llama, temperature, alpha):
     """The teacher's rationale tokens, re-tokenized inside the student's completion (` {rationale} --> {answer}
     END`, the same tokenizer), all get its top-k; the KD loss sum is the same padded or packed, and equals
     (1 - alpha) x cross-entropy + alpha x T^2 x KL(renormalized teacher top-k at T || student at T), computed here
-    position by position from a full forward pass."""
+    position by position from a full forward pass. At T = 1 the trainer reads the cross-entropy's log-softmax."""
     from transformers import AutoModelForCausalLM
 
     from fcot.train import attention
@@ -394,7 +395,7 @@ def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens
         top = [[t] + torch.randint(0, vocab, (k - 1,), generator=g).tolist() for t in emitted]
         values = torch.randn(len(emitted), k, generator=g).sort(-1, descending=True).values - 1.0
         logprobs.append({"tokens": emitted, "top_ids": top, "top_logprobs": values.tolist()})
-    objective = ObjectiveConfig(kind="kd", temperature=2.0, alpha=0.7)
+    objective = ObjectiveConfig(kind="kd", temperature=temperature, alpha=alpha)
     losses = []
     for packing in (False, True):
         c = Collator(tok, 160, encoder_decoder=False, packing=packing)
@@ -415,8 +416,8 @@ def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens
         ce += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=IGNORE,
                                                 reduction="sum")
         for pos, top, lps in t:
-            p = torch.softmax(torch.tensor(lps) / 2.0, -1)
-            q = torch.log_softmax(logits[pos - 1] / 2.0, -1)[top]
-            kl += 4.0 * (p * (p.log() - q)).sum()
-    assert torch.allclose(losses[0], 0.3 * ce + 0.7 * kl, rtol=1e-4), (losses[0], ce, kl)
+            p = torch.softmax(torch.tensor(lps) / temperature, -1)
+            q = torch.log_softmax(logits[pos - 1] / temperature, -1)[top]
+            kl += temperature ** 2 * (p * (p.log() - q)).sum()
+    assert torch.allclose(losses[0], (1 - alpha) * ce + alpha * kl, rtol=1e-4), (losses[0], ce, kl)
     assert not torch.allclose(losses[0], ce, rtol=1e-3)  # the KD term counts

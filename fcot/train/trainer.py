@@ -173,29 +173,42 @@ def _loss_sum(engine, batch: dict, encoder_decoder: bool, objective=None):
         keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
         logits = engine(**inputs, use_cache=False, logits_to_keep=keep).logits
         labels = labels[:, keep]
+    # cross_entropy is log_softmax then nll_loss: done apart, KD at T = 1 reads the same log-softmax.
+    logprobs = F.log_softmax(logits.float(), -1).flatten(0, 1)
     if "weights" not in batch:
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        ce = F.nll_loss(logprobs, labels.flatten(), ignore_index=IGNORE, reduction="sum")
     else:  # a method with several tasks (fcot.methods): each token's loss times its task's weight
         weights = batch["weights"] if encoder_decoder else batch["weights"][:, 1:][:, keep]
-        losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
-        ce = (losses * weights.flatten()).sum()
+        ce = (F.nll_loss(logprobs, labels.flatten(), ignore_index=IGNORE, reduction="none") * weights.flatten()).sum()
     if objective is None or objective.kind != "kd" or not len(batch.get("kd_at", ())):
         return ce if objective is None or objective.kind != "kd" else (1 - objective.alpha) * ce
     # The label at (row, p) is predicted by the logits at p - 1, which sit in `keep`'s column of p - 1.
     column = keep.new_full((width - 1,), -1)
     column[keep] = keep.new_tensor(range(len(keep)))
-    rows, p = batch["kd_at"] // width, batch["kd_at"] % width
-    return (1 - objective.alpha) * ce + objective.alpha * kd_sum(logits[rows, column[p - 1]], batch["kd_ids"],
-                                                                 batch["kd_logprobs"], objective.temperature)
+    at = batch["kd_at"] // width * len(keep) + column[batch["kd_at"] % width - 1]  # a row of `logprobs`
+    ids, t = batch["kd_ids"], objective.temperature
+    if t == 1:  # k values per position, read in place: no copy of whole-vocabulary rows
+        student = logprobs[at.unsqueeze(1), ids]
+    else:
+        student = F.log_softmax(logits.flatten(0, 1)[at].float() / t, -1).gather(-1, ids)
+    return (1 - objective.alpha) * ce + objective.alpha * kl_sum(student, batch["kd_logprobs"], t)
 
 
 def kd_sum(student_logits, top_ids, top_logprobs, temperature: float):
+    """KD's term from the student's logits at the target positions (one row per position): see kl_sum."""
+    import torch  # heavy: workers only
+
+    student = torch.log_softmax(student_logits.float() / temperature, -1).gather(-1, top_ids)
+    return kl_sum(student, top_logprobs, temperature)
+
+
+def kl_sum(student, top_logprobs, temperature: float):
     """T^2 x the sum over positions of KL(p || q): p the teacher's top-k renormalized at temperature T (softmax of
-    its logprobs / T over the k), q the student's softmax over its whole vocabulary at T, read at the k ids."""
+    its logprobs / T over the k), q the student's softmax over its whole vocabulary at T, `student` its log q at
+    the k ids."""
     import torch  # heavy: workers only
 
     teacher = torch.log_softmax(top_logprobs.float() / temperature, -1)
-    student = torch.log_softmax(student_logits.float() / temperature, -1).gather(-1, top_ids)
     return temperature ** 2 * (teacher.exp() * (teacher - student)).sum()
 
 
