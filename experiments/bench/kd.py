@@ -2,15 +2,16 @@
 its stored top-k logprobs than from its sampled tokens alone?
 
     FCOT_DATA_DIR=../shared/data .venv/bin/python experiments/bench/kd.py [--questions 150] [--samples 4]
-        [--epochs 8] [--label gold|majority|both] [--out runs/bench_kd]
+        [--epochs 12] [--hidden 128] [--layers 4] [--label gold|majority|both] [--out runs/bench_kd]
 
 The teacher: the bundled SmolLM2-135M-Instruct, live (hf engine), zero-shot CoT with D samples per question and
 `teacher.sampling.logprobs: 20`, on the first --questions MultiArith training questions. The students: a
-SmolLM2-shaped model of ~3.3M parameters (2 layers, hidden 64, SmolLM2's tokenizer: KD needs the teacher's token
-ids), random init, the same seed. Both train on the same curated records (`curate.filter: all`: every sample with an
-answer, as OpenThoughts found verification did not help), for the same steps (`--epochs`, `train.selection: last`),
-one with `train.objective: sft`, one with `{kind: kd, temperature: 1, alpha: 0.5}`. `curate.train_questions: 0.8`
-keeps a fifth of the teacher's questions out of training: their rationales are the held-out set.
+SmolLM2-shaped model of ~7.3M parameters (4 layers, hidden 128, SmolLM2's tokenizer: KD needs the teacher's token
+ids; 6.3M of it the embedding), random init, the same seed. Both train on the same curated records
+(`curate.filter: all`: every sample with an answer, as OpenThoughts found verification did not help), for the same
+steps (`--epochs`, `train.selection: last`), one with `train.objective: sft`, one with
+`{kind: kd, temperature: 1, alpha: 0.5}`. `curate.train_questions: 0.8` keeps a fifth of the teacher's questions
+out of training: their rationales are the held-out set.
 
 Measured per student: the per-token KL(teacher's top-20, renormalized || student) over the held-out rationale tokens
 (the same alignment and KL as training, fcot.train.data.teacher_targets and fcot.train.trainer.kd_sum, T = 1), and
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TEACHER_LOGPROBS = 20
 
 
-def make_student(dest: Path, seed: int = 0) -> Path:
+def make_student(dest: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     """A SmolLM2-shaped decoder of a few million parameters, random init, with SmolLM2's own tokenizer."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
@@ -48,8 +49,8 @@ def make_student(dest: Path, seed: int = 0) -> Path:
         return dest
     teacher = resolve_model("smollm2-135m")
     config = AutoConfig.from_pretrained(teacher)
-    config.update(dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16))
+    config.update(dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4))
     torch.manual_seed(seed)
     tmp = dest.with_name(dest.name + ".tmp")
     LlamaForCausalLM(config).save_pretrained(tmp)
@@ -75,8 +76,9 @@ def hidden_gold_task(folder: Path, questions: int) -> dict:
 
 def run_config(args, out: Path, student: Path, objective: dict, label: str, task) -> dict:
     majority = label == "majority"
+    name = f"{label}_{student.name}_e{args.epochs}_{run_name(objective)}"  # a new setting never reuses a finished run
     return {
-        "name": f"kd-{label}-{run_name(objective)}", "output_dir": str(out / f"{label}_{run_name(objective)}"),
+        "name": f"kd-{name}", "output_dir": str(out / name),
         "tasks": [task if majority else "multiarith"], "methods": ["fine_tune_cot"], "baselines": [],
         "wandb_mode": "disabled",
         "teacher": {"output_dir": str(out / f"teacher_{label}"), "subset": args.questions,
@@ -207,7 +209,9 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=150)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=128, help="the student's hidden size (4 heads, MLP 4x)")
+    p.add_argument("--layers", type=int, default=4, help="the student's layers")
     p.add_argument("--test", type=int, default=90, help="test questions evaluated")
     p.add_argument("--label", choices=["gold", "majority", "both"], default="both")
     p.add_argument("--alpha", type=float, default=0.5, help="train.objective.alpha of the KD student")
@@ -216,7 +220,7 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    student = make_student(out / "student-smollm2-3m")
+    student = make_student(out / f"student-smollm2-h{args.hidden}x{args.layers}", args.hidden, args.layers)
     runs = {label: bench(args, out, student, label)
             for label in (["gold", "majority"] if args.label == "both" else [args.label])}
     for label, r in runs.items():
