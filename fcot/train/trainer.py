@@ -188,10 +188,10 @@ def _loss_sum(engine, batch: dict, encoder_decoder: bool, objective=None):
     at = batch["kd_at"] // width * len(keep) + column[batch["kd_at"] % width - 1]  # a row of `logprobs`
     ids, t = batch["kd_ids"], objective.temperature
     if t == 1:  # k values per position, read in place: no copy of whole-vocabulary rows
-        student = logprobs[at.unsqueeze(1), ids]
+        kd = kl_sum(logprobs[at.unsqueeze(1), ids], batch["kd_logprobs"], t)
     else:
-        student = F.log_softmax(logits.flatten(0, 1)[at].float() / t, -1).gather(-1, ids)
-    return (1 - objective.alpha) * ce + objective.alpha * kl_sum(student, batch["kd_logprobs"], t)
+        kd = kd_sum(logits.flatten(0, 1)[at], ids, batch["kd_logprobs"], t)
+    return (1 - objective.alpha) * ce + objective.alpha * kd
 
 
 def kd_sum(student_logits, top_ids, top_logprobs, temperature: float):
