@@ -24,8 +24,9 @@ The flow, on Ray Data; the driver holds the questions and the counts, never a re
     teacher shards -> formatted parts (OUTPUT_DIR/formatted/: one per shard, tokenized once with the student's
         tokenizer; `fcot run` formats each shard as the teacher writes it (ShardStreamer), curation formats the
         shards left, in Ray Data actors that write the parts themselves)
-    -> read_parquet(the parts of this teacher's shards) -> groupby(task, index).map_groups(select_question):
-        a question's samples meet, the rules above apply, and it emits its kept pairs and one row of counts
+    -> read_parquet(the parts of this teacher's shards) -> sort(task, index) -> map_batches(select_block), a
+        block at a time: a question's samples meet in one block, the rules above apply to the block's columns,
+        and it emits its kept pairs and one row of counts by task
     -> the kept pairs written by Ray Data as OUTPUT_DIR/train/part-*.parquet, in (task, index, sample, part)
        order; the counts summed in the driver into stats.json.
 """
@@ -44,6 +45,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -166,21 +168,25 @@ class Formatter:
             completions.append(completion)
         # Lengths only; a question's D samples share their prompts, each tokenized once.
         unique = list(dict.fromkeys(prompts))
-        prompt_length = dict(zip(unique, map(len, self.tokenizer(unique, add_special_tokens=False).input_ids)))
-        c_ids = self.tokenizer(completions, add_special_tokens=False).input_ids
-        lengths = [pair_length(prompt_length[p], len(c), self.encoder_decoder) for p, c in zip(prompts, c_ids)]
+        prompt_length = dict(zip(unique, self.token_counts(unique)))
+        c_lengths = self.token_counts(completions)
+        lengths = [pair_length(prompt_length[p], c, self.encoder_decoder) for p, c in zip(prompts, c_lengths)]
         first = {i: completions[j] for j, (i, part) in enumerate(rows) if part == 0}
         rationale_hash = [rationale_digest(r) for r in rationales]
         text_hash = [rationale_digest(r or first[i]) for i, r in enumerate(rationales)]
         out = {name: [batch[name][i] for i, _ in rows] for name in batch}
         out.update(part=[part for _, part in rows], weight_key=[keys[part] or "" for _, part in rows],
                    prompt=prompts, completion=completions, length=lengths,
-                   completion_length=[len(c) + 1 for c in c_ids],  # + the EOS the trainer appends
+                   completion_length=[c + 1 for c in c_lengths],  # + the EOS the trainer appends
                    too_long=[length > self.max_length for length in lengths],
                    rationale_hash=[rationale_hash[i] for i, _ in rows], text_hash=[text_hash[i] for i, _ in rows],
                    no_rationale=[blank[i] for i, _ in rows])
         out["cpu_s"] = [self.usage.take()["cpu_s"] / len(rows)] * len(rows)  # this actor's CPU time, spread out
         return out
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Each text's length in tokens, without special tokens."""
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
 
 
 RECORD_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "prediction", "question", "gold",
@@ -308,73 +314,133 @@ def check_labels(cfg: CurateConfig, qs: list, train: set) -> None:
     require_gold([s for s in qs if (s.task, s.index) in train], why)
 
 
-def select_question(group: pa.Table, *, dev: frozenset, train: frozenset, adaptive, budget: int | None,
-                    num_samples: int | None, dedupe: bool, asked: int, label: str = "gold", min_votes: int = 1,
-                    keep_all: bool = False) -> pa.Table:
-    """One question's formatted pairs (a Ray Data group) -> the pairs curation keeps, in (sample, part) order,
-    and one row of counts (the `counts` column, JSON; null on pairs). See the module doc for the rules."""
+def select_block(block: pa.Table, *, dev: frozenset, train: frozenset, adaptive, budget: int | None,
+                 num_samples: int | None, dedupe: bool, asked: int, label: str = "gold", min_votes: int = 1,
+                 keep_all: bool = False) -> pa.Table:
+    """A block of whole questions' formatted rows (the sort puts each question's rows in one block) -> the pairs
+    curation keeps, in (task, index, sample, part) order, and one row of counts by task (the `counts` column,
+    JSON; null on pairs). See the module doc for the rules; they are applied to whole columns (numpy), per record
+    (the first row of a sample) and per question (a run of records), in the order of the module doc."""
     started = time.process_time()
-    task, index = group["task"][0].as_py(), int(group["index"][0].as_py())
-    if (task, index) not in dev and (task, index) not in train:
-        return _question_rows(group, [], None)
-    cols = group.select(["sample_index", "part", "correct", "prediction", "rationale_hash", "text_hash",
-                         "too_long", "no_rationale"]).to_pydict()
-    records: dict[int, dict] = {}  # sample index -> its fields and its rows by part
-    for i, (sample, part) in enumerate(zip(cols["sample_index"], cols["part"])):
-        r = records.setdefault(sample, {"correct": cols["correct"][i], "prediction": cols["prediction"][i],
-                                        "rationale": cols["rationale_hash"][i], "text": cols["text_hash"][i],
-                                        "too_long": False, "blank": cols["no_rationale"][i], "rows": {}})
-        if part not in r["rows"]:  # a record stored twice (shards of an older fcot) counts once
-            r["rows"][part] = i
-            r["too_long"] |= cols["too_long"][i]
-    spent = len(records) if budget is None else samples_used(records, adaptive, budget)  # the teacher's rule
-    chosen = [k for k in sorted(records) if k < spent and (num_samples is None or k < num_samples)]
-    lengths = group["completion_length"].to_pylist()
-    counts: Counter = Counter()
-    keep, seen, longest = [], set(), 0  # longest: of the kept records' asked pairs
-    if (task, index) in dev:
-        counts["dev_samples"] = len(chosen)
-        chosen = []
-    majority = None
-    if label == "majority" and chosen:
-        votes = Counter(records[k]["prediction"] for k in chosen if records[k]["prediction"] is not None)
-        top, n_votes = votes.most_common(1)[0] if votes else (None, 0)  # a tie: the answer reached first
-        majority = top if n_votes >= min_votes else None
-        if majority is not None:
-            counts["labeled_questions"] = 1
-            gold_equal = next(records[k]["correct"] for k in chosen if records[k]["prediction"] == majority)
-            if gold_equal is not None:  # the question has gold
-                counts["labeled_with_gold"], counts["label_equals_gold"] = 1, int(gold_equal)
-    for k in chosen:
-        r = records[k]
-        counts["samples"] += 1
-        if label == "majority" and majority is None:
-            counts["dropped_unlabeled"] += 1  # fewer than min_votes samples agree
+    if block.num_rows == 0:
+        return _pairs(block, np.zeros(0, bool))
+    keys = ["task", "index", "sample_index", "part"]
+    order = pc.sort_indices(block, [(k, "ascending") for k in keys]).to_numpy()
+    tasks, task_code = _codes(block["task"])
+    t, idx, sample, part = (a[order] for a in (task_code, *(block[k].to_numpy() for k in keys[1:])))
+    new = [np.r_[True, a[1:] != a[:-1]] for a in (t, idx, sample, part)]
+    new_q = new[0] | new[1]
+    new_rec = new_q | new[2]
+    unique = new_rec | new[3]  # a record stored twice (shards of an older fcot) counts once
+    block, t, idx, sample, new_q, new_rec = (a.take(order[unique]) if isinstance(a, pa.Table) else a[unique]
+                                             for a in (block, t, idx, sample, new_q, new_rec))
+    q_of_row, rec_of_row = np.cumsum(new_q) - 1, np.cumsum(new_rec) - 1
+    rec_start = np.flatnonzero(new_rec)
+    rec_q, rec_sample = q_of_row[rec_start], sample[rec_start]
+    q_start = np.flatnonzero(new_q)
+    q_key = list(zip((tasks[i] for i in t[q_start]), idx[q_start].tolist()))
+    in_dev, in_train = (np.array([k in s for k in q_key], bool) for s in (dev, train))
+    n_q = len(q_start)
+
+    def per_record(name):
+        return block[name].take(pa.array(rec_start))
+
+    correct = per_record("correct").cast(pa.bool_())  # null where the question has no gold
+    _, pred_code = _codes(per_record("prediction"))
+    has_pred, correct_true = pred_code >= 0, correct.fill_null(False).to_numpy()
+    too_long = np.logical_or.reduceat(block["too_long"].to_numpy(), rec_start)
+    blank = per_record("no_rationale").to_numpy()
+    if budget is None:
+        spent = np.bincount(rec_q, minlength=n_q)[rec_q]  # vanilla: the question's one record
+    elif adaptive is None:
+        spent = budget
+    else:  # the teacher's rule, replayed on the question's records
+        rationale, bounds = per_record("rationale_hash").to_pylist(), np.searchsorted(rec_q, np.arange(n_q + 1))
+        spent = np.zeros(len(rec_q), np.int64)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            records = {int(rec_sample[r]): {"rationale": rationale[r], "correct": correct_true[r]} for r in range(a, b)}
+            spent[a:b] = samples_used(records, adaptive, budget)
+    chosen = (rec_sample < spent) & (True if num_samples is None else rec_sample < num_samples)
+    dev_samples = chosen & in_dev[rec_q]
+    chosen &= in_train[rec_q] & ~in_dev[rec_q]
+    counts = {"samples": chosen, "dev_samples": dev_samples}
+    agrees, rest, q_counts = correct_true, chosen, {}
+    if label == "majority":
+        labeled, agrees, q_counts = _majority(rec_q, n_q, chosen, pred_code, correct, min_votes)
+        counts["dropped_unlabeled"] = chosen & ~labeled
+        rest = chosen & labeled
+    counts["dropped_no_rationale"] = rest & blank
+    rest = rest & ~blank
+    miss = rest & ~agrees & ~(keep_all & has_pred)
+    counts["dropped_no_answer" if keep_all else "dropped_incorrect"] = miss
+    rest &= ~miss
+    if dedupe:  # a question's first record of each text, of those that reached here
+        _, text_code = _codes(per_record("text_hash"))
+        reached = np.flatnonzero(rest)
+        _, first = np.unique(rec_q[reached] * (text_code.max() + 1) + text_code[reached], return_index=True)
+        counts["dropped_duplicate"] = rest.copy()
+        counts["dropped_duplicate"][reached[first]] = False
+        rest &= ~counts["dropped_duplicate"]
+    counts["dropped_too_long"] = rest & too_long  # a record is kept whole or not at all
+    kept = rest & ~too_long
+    counts.update(kept=kept, kept_off_label=kept & ~agrees)  # filter all: a sample that reached another answer
+    kept_rows = kept[rec_of_row]
+    asked_lengths = np.where(kept_rows & (block["part"].to_numpy() == asked), block["completion_length"].to_numpy(), 0)
+    kept_per_q = np.bincount(rec_q, weights=kept, minlength=n_q).astype(int)
+    by_task = {}
+    for code, task in enumerate(tasks):
+        q_mask, rec_mask = t[q_start] == code, t[rec_start] == code
+        if not (q_mask & (in_dev | in_train)).any():
             continue
-        if r["blank"]:
-            counts["dropped_no_rationale"] += 1
-            continue
-        agrees = r["correct"] if label == "gold" else r["prediction"] == majority
-        if not agrees and not (keep_all and r["prediction"] is not None):
-            counts["dropped_no_answer" if keep_all else "dropped_incorrect"] += 1
-            continue
-        if dedupe and r["text"] in seen:
-            counts["dropped_duplicate"] += 1
-            continue
-        seen.add(r["text"])
-        if r["too_long"]:  # a record is kept whole or not at all
-            counts["dropped_too_long"] += 1
-            continue
-        counts["kept"] += 1
-        if not agrees:
-            counts["kept_off_label"] += 1  # filter all: a sample that reached another answer, with its own
-        keep += [r["rows"][p] for p in sorted(r["rows"])]
-        longest = max(longest, lengths[r["rows"][asked]])
+        c = {k: int(v[rec_mask].sum()) for k, v in counts.items()}
+        c.update({k: int((v & q_mask).sum()) for k, v in q_counts.items()})
+        spread = Counter(kept_per_q[q_mask & in_train & ~in_dev].tolist())
+        by_task[task] = {"counts": {k: v for k, v in c.items() if v},
+                         "kept_per_question": {str(k): v for k, v in spread.items()},
+                         "completion_length_max": int(asked_lengths[t == code].max(initial=0))}
     cpu = time.process_time() - started
-    if "cpu_s" in group.column_names:  # the formatter's, when it ran in this pipeline (vanilla)
-        cpu += pc.sum(group["cpu_s"]).as_py() or 0.0
-    return _question_rows(group, keep, {"task": task, "train": (task, index) in train, "counts": dict(counts),
-                                        "completion_length_max": longest, "cpu_s": cpu})
+    if "cpu_s" in block.column_names:  # the formatter's, when it ran in this pipeline (vanilla)
+        cpu += pc.sum(block["cpu_s"]).as_py() or 0.0
+    return _pairs(block, kept_rows, {"tasks": by_task, "cpu_s": cpu})
+
+
+def _majority(rec_q: np.ndarray, n_q: int, chosen: np.ndarray, pred_code: np.ndarray, correct: pa.ChunkedArray,
+              min_votes: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Label majority over a block's records (`rec_q` their questions, in sample order): a question's label is the
+    answer most of its chosen samples reach (a tie: the one reached first), given when at least min_votes do.
+    Returns per record whether its question is labeled and whether it reaches the label, and per question the
+    counts of label_stats (labeled; its label has a gold answer to compare; it equals gold)."""
+    voter = np.flatnonzero(chosen & (pred_code >= 0))
+    _, first, votes = np.unique(rec_q[voter] * (pred_code.max() + 1) + pred_code[voter], return_index=True,
+                                return_counts=True)
+    first = voter[first]  # the first record of each (question, answer)
+    top = np.lexsort((first, -votes, rec_q[first]))  # by question; the most votes, then the one reached first
+    top = top[np.r_[True, np.diff(rec_q[first[top]]) != 0]]
+    label_rec = np.full(n_q, -1)  # per question, the first record that reaches its label
+    label_rec[rec_q[first[top]]] = np.where(votes[top] >= min_votes, first[top], -1)
+    labeled_q = label_rec >= 0
+    gold = correct.take(pa.array(label_rec[labeled_q]))  # null where the question has no gold
+    with_gold, equal = np.zeros(n_q, bool), np.zeros(n_q, bool)
+    with_gold[labeled_q], equal[labeled_q] = gold.is_valid().to_numpy(), gold.fill_null(False).to_numpy()
+    labeled = labeled_q[rec_q]
+    agrees = labeled & (pred_code >= 0) & (pred_code == pred_code[label_rec[rec_q]])
+    return labeled, agrees, {"labeled_questions": labeled_q, "labeled_with_gold": with_gold,
+                             "label_equals_gold": equal}
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[list, np.ndarray]:
+    """A column's distinct values and each row's code into them (-1 for null)."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    return encoded.dictionary.to_pylist(), encoded.indices.fill_null(-1).to_numpy()
+
+
+def _pairs(block: pa.Table, keep: np.ndarray, counts: dict | None = None) -> pa.Table:
+    pairs = block.filter(pa.array(keep, pa.bool_())).select(PAIRS.names).cast(PAIRS)
+    pairs = pairs.append_column("counts", pa.nulls(len(pairs), pa.string()))
+    if counts is None:
+        return pairs
+    row = pa.table({**{c: pa.nulls(1, PAIRS.field(c).type) for c in PAIRS.names}, "counts": [json.dumps(counts)]})
+    return pa.concat_tables([pairs, row])
 
 
 def label_stats(task_stats: dict, min_votes: int) -> dict:
@@ -385,15 +451,6 @@ def label_stats(task_stats: dict, min_votes: int) -> dict:
     return {"min_votes": min_votes, "questions": task_stats["questions"], "labeled": labeled,
             "labeled_with_gold": with_gold, "label_equals_gold": equal, "label_equals_gold_rate": rate,
             "label_equals_gold_ci": list(wilson(rate, with_gold)) if with_gold else None}
-
-
-def _question_rows(group: pa.Table, keep: list[int], counts: dict | None) -> pa.Table:
-    pairs = group.take(pa.array(keep, pa.int64())).select(PAIRS.names).cast(PAIRS)
-    pairs = pairs.append_column("counts", pa.nulls(len(keep), pa.string()))
-    if counts is None:
-        return pairs
-    row = pa.table({**{c: pa.nulls(1, PAIRS.field(c).type) for c in PAIRS.names}, "counts": [json.dumps(counts)]})
-    return pa.concat_tables([pairs, row])
 
 
 def curate(cfg: CurateConfig) -> dict:
@@ -430,19 +487,21 @@ def curate(cfg: CurateConfig) -> dict:
         ds = ds.filter(expr=col("teacher_id") == tid)  # a shard of an older fcot may hold several teachers
         select.update(adaptive=cfg.teacher.sampling.adaptive, budget=cfg.teacher.sampling.budget,
                       num_samples=cfg.num_samples)
-    # A question's samples meet in one group; the sort-based shuffle (fcot.ray_utils.init_ray) emits the groups in
-    # (task, index) order, so the curated set comes out sorted by question, then sample, then part.
-    selected = ds.groupby(["task", "index"]).map_groups(select_question, fn_kwargs=select,
-                                                        batch_format="pyarrow").materialize()
+    # A question's samples meet in one block: the sort partitions by range of (task, index), and emits its blocks
+    # in that order, so the curated set comes out sorted by question, then sample, then part. A whole block per
+    # call (batch_size None), as Ray Data's own map_groups does, with the rules applied to its columns at once.
+    selected = ds.sort(["task", "index"]).map_batches(select_block, fn_kwargs=select, batch_size=None,
+                                                      batch_format="pyarrow").materialize()
     stats = {t: Counter() for t in cfg.tasks}
     spread = {t: Counter() for t in cfg.tasks}  # kept records -> train questions
     longest = {t: 0 for t in cfg.tasks}
     counts = selected.filter(expr=col("counts").is_not_null()).select_columns(["counts"])
     for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in map(json.loads, batch.column("counts").to_pylist()):
-            stats[row["task"]].update(row["counts"])
-            spread[row["task"]][row["counts"].get("kept", 0)] += row["train"]
-            longest[row["task"]] = max(longest[row["task"]], row["completion_length_max"])
+            for task, got in row["tasks"].items():
+                stats[task].update(got["counts"])
+                spread[task].update({int(k): n for k, n in got["kept_per_question"].items()})
+                longest[task] = max(longest[task], got["completion_length_max"])
             worker_cpu += row["cpu_s"]
     for task in cfg.tasks:
         n_train = sum(t == task for t, _ in train_q)

@@ -318,7 +318,7 @@ def test_curation_output_is_unchanged_on_the_curated_set_fixtures(tmp_path, reco
 
 
 def _question(predictions, gold=None):
-    """One question's formatted rows (one part per sample), as curation's groupby hands them to select_question."""
+    """One question's formatted rows (one part per sample), as curation's sort hands them to select_block."""
     import pyarrow as pa
 
     n = len(predictions)
@@ -332,10 +332,10 @@ def _question(predictions, gold=None):
 
 
 def _select(group, **rule):
-    out = fcot.curate.select_question(group, dev=frozenset(), train=frozenset({("t", 0)}), adaptive=None,
-                                      budget=None, num_samples=rule.pop("num_samples", None), dedupe=False, asked=0,
-                                      **rule)
-    counts = json.loads(out.column("counts")[-1].as_py())["counts"]
+    out = fcot.curate.select_block(group, dev=frozenset(), train=frozenset({("t", 0)}), adaptive=None,
+                                   budget=None, num_samples=rule.pop("num_samples", None), dedupe=False, asked=0,
+                                   **rule)
+    counts = json.loads(out.column("counts")[-1].as_py())["tasks"]["t"]["counts"]
     return out.column("sample_index").to_pylist()[:-1], counts
 
 
@@ -344,7 +344,7 @@ def test_majority_labels_min_votes_and_filter_all_on_a_hand_computed_question():
     group = _question(["7", "5", "7", None, "7", "5"], gold="5")
     assert _select(group) == ([1, 5], {"samples": 6, "dropped_incorrect": 4, "kept": 2})  # gold, as before
     kept, counts = _select(group, label="majority", min_votes=3)
-    assert kept == [0, 2, 4] and counts == {"labeled_questions": 1, "labeled_with_gold": 1, "label_equals_gold": 0,
+    assert kept == [0, 2, 4] and counts == {"labeled_questions": 1, "labeled_with_gold": 1,  # label_equals_gold 0
                                             "samples": 6, "dropped_incorrect": 3, "kept": 3}
     kept, counts = _select(group, label="majority", min_votes=4)  # 3 votes are too few: the question is dropped
     assert kept == [] and counts == {"samples": 6, "dropped_unlabeled": 6}
