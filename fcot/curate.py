@@ -194,6 +194,8 @@ RECORD_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct
 FORMATTED_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "prediction", "rationale_hash",
                      "text_hash", "part", "weight_key", "prompt", "completion", "length", "completion_length",
                      "too_long", "no_rationale"]
+SELECTED_COLUMNS = ["task", "index", "sample_index", "part", "weight_key", "prompt", "completion", "length",
+                    "completion_length", "correct", "prediction", "too_long", "no_rationale"]  # select_block's input
 PAIRS = pa.schema([("task", pa.string()), ("index", pa.int64()), ("sample_index", pa.int64()), ("part", pa.int64()),
                    ("weight_key", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
                    ("length", pa.int64()), ("completion_length", pa.int64())])  # a curated row (fcot.train.data)
@@ -483,7 +485,10 @@ def curate(cfg: CurateConfig) -> dict:
         # behind groupby 1 GB of the driver's memory and 1.8x the time (scale.py); a block per PART_BYTES of parts.
         blocks = max(2 * int(ray.cluster_resources().get("CPU", 1)),
                      math.ceil(sum(p.stat().st_size for p in parts) / PART_BYTES))
-        ds = ray.data.read_parquet([str(p) for p in parts], override_num_blocks=blocks)
+        # Only what selection reads goes through the sort: the hashes when a rule compares them, never the key.
+        columns = ["teacher_id", *SELECTED_COLUMNS, *["rationale_hash"] * bool(cfg.teacher.sampling.adaptive),
+                   *["text_hash"] * cfg.dedupe]
+        ds = ray.data.read_parquet([str(p) for p in parts], columns=columns, override_num_blocks=blocks)
         ds = ds.filter(expr=col("teacher_id") == tid)  # a shard of an older fcot may hold several teachers
         select.update(adaptive=cfg.teacher.sampling.adaptive, budget=cfg.teacher.sampling.budget,
                       num_samples=cfg.num_samples)
