@@ -48,8 +48,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # never restarts: a node lost while a read lists its files fails the whole read (ActorDiedError: FooterReader).
     # The V1 reader runs plain read tasks, which Ray retries on another node. tests/test_curate_eval.py shows it.
     ctx.use_datasource_v2 = False
-    # Group-bys sort (Ray's default is a hash shuffle): curation's groups (questions) then come out in key order,
-    # which is the curated set's order. Set here, before any Dataset is made: a Dataset keeps a copy of the context.
+    # Group-bys sort (Ray's default is a hash shuffle), so groups come out in key order, as curation's own sort by
+    # question does. Set here, before any Dataset is made: a Dataset keeps a copy of the context.
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
 

@@ -355,6 +355,29 @@ def test_majority_labels_min_votes_and_filter_all_on_a_hand_computed_question():
     assert kept == [0] and "labeled_with_gold" not in counts and counts["labeled_questions"] == 1
 
 
+def test_a_block_of_several_questions_and_tasks_is_selected_per_question_and_counted_per_task():
+    """The sort hands select_block whole questions, their rows in any order: it orders them by (task, index, sample,
+    part), counts a record stored twice once, keeps no dev question's sample, and counts by task."""
+    def question(task, index, predictions, gold):
+        q = _question(predictions, gold)
+        return q.set_column(0, "task", pa.array([task] * len(q))).set_column(1, "index", pa.array([index] * len(q)))
+
+    block = pa.concat_tables([question("b", 3, ["1", "2"], "2"), question("a", 7, ["5", "5", "4"], "5"),
+                              question("a", 2, ["9", "9"], "9")])
+    block = pa.concat_tables([block, block.slice(1, 1)])  # b/3's sample 1 stored twice
+    block = block.take(pa.array([6, 2, 0, 5, 3, 1, 4, 7]))  # any order
+    out = fcot.curate.select_block(block, dev=frozenset({("a", 2)}), train=frozenset({("a", 7), ("b", 3)}),
+                                   adaptive=None, budget=None, num_samples=None, dedupe=False, asked=0)
+    pairs = out.slice(0, len(out) - 1)
+    assert list(zip(*(pairs.column(c).to_pylist() for c in ("task", "index", "sample_index")))) == [
+        ("a", 7, 0), ("a", 7, 1), ("b", 3, 1)]
+    counts = json.loads(out.column("counts")[-1].as_py())["tasks"]
+    assert counts == {"a": {"counts": {"samples": 3, "dev_samples": 2, "dropped_incorrect": 1, "kept": 2},
+                            "kept_per_question": {"2": 1}, "completion_length_max": 6},
+                      "b": {"counts": {"samples": 2, "dropped_incorrect": 1, "kept": 1},
+                            "kept_per_question": {"1": 1}, "completion_length_max": 6}}
+
+
 def test_a_sample_without_a_rationale_is_dropped_and_counted_not_a_crash(tiny_llama):
     """A teacher that answered without a word of reasoning (a blank rationale, its answer right) gives a rationale
     method no pair: the formatter marks it (it used to raise "needs a rationale" and stop curation), selection drops
