@@ -8,8 +8,11 @@ The engine answers at once: every Ray worker of the benchmark's cluster runs a s
 a model. It reads the two numbers of a synthetic question ("What is 17 plus 25?"), writes a one-line rationale
 and the sum (a wrong sum for every third seed, so curation has something to drop), and the answer step returns
 the sum. Everything else is fcot's own: `teach` (plan, keys, the replica pool, shard writes, the resume read),
-`curate` (formatting, correctness, dedupe, first D, dev carve-out and the write, on Ray Data), and `evaluate`
+`curate` (formatting, correctness, dedupe, first D, dev carve-out and the write, on Ray Data; run a second time
+with the shards already formatted, as `fcot run` leaves them, to time selection and the write alone), and `evaluate`
 (k = D samples per question on the canned engine in Ray Data actors: scoring, votes, predictions.jsonl, intervals).
+Last, `teacher_streaming`: the teacher again into a new store, as `fcot run` runs it, formatting each shard for
+curation in the driver as it is written (`ShardStreamer`), so its curation is the `curate_parts_ready` case.
 
 Each size runs in a fresh process (so its driver's peak RSS is its own): N = size / D train questions of a user
 task (a JSONL written under --work) x D = --samples. Printed per stage and size: microseconds per record
@@ -114,7 +117,7 @@ def one_size(size: int, d: int, work: Path) -> dict:
     import ray
 
     from fcot.config import load_config
-    from fcot.curate import CurateConfig, curate
+    from fcot.curate import CurateConfig, ShardStreamer, curate
     from fcot.evaluate import EvalConfig, evaluate
     from fcot.ray_utils import init_ray
     from fcot.teacher.config import TeachConfig
@@ -145,13 +148,16 @@ def one_size(size: int, d: int, work: Path) -> dict:
     out["rss_mb"]["teacher"] = _rss_mb()
     out["memory_mb"]["teacher"] = memory.take()
 
-    t = time.perf_counter()
-    curated = curate(load_config(CurateConfig, base={
-        "tasks": [task], "teacher": teacher, "student": str(work / "tokenizer"),
-        "output_dir": str(work / f"cur_{size}"), "dev_fraction": 0.05, "max_length": 256}))
-    out["us"]["curate"] = 1e6 * (time.perf_counter() - t) / records
-    out["rss_mb"]["curate"] = _rss_mb()
-    out["memory_mb"]["curate"] = memory.take()
+    curation = {"tasks": [task], "teacher": teacher, "student": str(work / "tokenizer"),
+                "output_dir": str(work / f"cur_{size}"), "dev_fraction": 0.05, "max_length": 256}
+    # Twice: from the bare store (every shard formatted here), then with its parts formatted, as `fcot run` leaves
+    # them (it formats each shard while the teacher runs): selection and the write alone.
+    for stage in ("curate", "curate_parts_ready"):
+        t = time.perf_counter()
+        curated = curate(load_config(CurateConfig, base=curation))
+        out["us"][stage] = 1e6 * (time.perf_counter() - t) / records
+        out["rss_mb"][stage] = _rss_mb()
+        out["memory_mb"][stage] = memory.take()
     out["kept"] = curated["kept"]
 
     t = time.perf_counter()
@@ -162,6 +168,18 @@ def one_size(size: int, d: int, work: Path) -> dict:
     out["rss_mb"]["eval_bookkeeping"] = _rss_mb()
     out["memory_mb"]["eval_bookkeeping"] = memory.take()
     out["pass@k"] = metrics["tasks"]["sums"]["pass@k"]
+
+    # The teacher again, into a new store, as `fcot run` runs it: each shard formatted for curation in this process
+    # as it is written (ShardStreamer); curation then finds every part ready (the curate_parts_ready row).
+    streamed = {**teacher, "output_dir": str(work / f"teacher_{size}_streamed")}
+    streamer = ShardStreamer(load_config(CurateConfig, base={**curation, "teacher": streamed,
+                                                             "output_dir": str(work / f"cur_{size}_s")}))
+    t = time.perf_counter()
+    teach(load_config(TeachConfig, base=streamed), on_shard=streamer)
+    out["us"]["teacher_streaming"] = 1e6 * (time.perf_counter() - t) / records
+    out["rss_mb"]["teacher_streaming"] = _rss_mb()
+    out["memory_mb"]["teacher_streaming"] = memory.take()
+    out["streamed_shards"] = streamer.formatted
     ray.shutdown()
     return out
 
@@ -192,8 +210,8 @@ def main() -> None:
         r = json.loads(lines[-1][5:])
         results.append(r)
         print(f"{size:>9,} records ({r['questions']:,} questions x {r['samples']}): "
-              + ", ".join(f"{k} {v:.1f} us/record (driver peak {r['rss_mb'][k]:.0f} MB)" for k, v in r["us"].items()),
-              flush=True)
+              + ", ".join(f"{k} {v:.1f} us/record (driver peak {r['rss_mb'][k]:.0f} MB)" for k, v in r["us"].items())
+              + f"; {r['streamed_shards']} shards formatted while the streaming teacher ran", flush=True)
         print(" " * 10 + "driver memory during each stage, peak MB (rss; private; object-store pages): " + ", ".join(
             f"{k} {m['rss']:.0f}; {m['private']:.0f}; {m['shared']:.0f}" for k, m in r["memory_mb"].items()),
               flush=True)
