@@ -194,11 +194,10 @@ RECORD_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct
 FORMATTED_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "prediction", "rationale_hash",
                      "text_hash", "part", "weight_key", "prompt", "completion", "length", "completion_length",
                      "too_long", "no_rationale"]
-SELECTED_COLUMNS = ["task", "index", "sample_index", "part", "weight_key", "prompt", "completion", "length",
-                    "completion_length", "correct", "prediction", "too_long", "no_rationale"]  # select_block's input
 PAIRS = pa.schema([("task", pa.string()), ("index", pa.int64()), ("sample_index", pa.int64()), ("part", pa.int64()),
                    ("weight_key", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
                    ("length", pa.int64()), ("completion_length", pa.int64())])  # a curated row (fcot.train.data)
+SELECTED_COLUMNS = PAIRS.names + ["correct", "prediction", "too_long", "no_rationale"]  # select_block's input
 
 
 def _formatter_kwargs(cfg: CurateConfig) -> dict:
@@ -489,7 +488,7 @@ def curate(cfg: CurateConfig) -> dict:
         columns = ["teacher_id", *SELECTED_COLUMNS, *["rationale_hash"] * bool(cfg.teacher.sampling.adaptive),
                    *["text_hash"] * cfg.dedupe]
         ds = ray.data.read_parquet([str(p) for p in parts], columns=columns, override_num_blocks=blocks)
-        ds = ds.filter(expr=col("teacher_id") == tid)  # a shard of an older fcot may hold several teachers
+        ds = ds.filter(expr=col("teacher_id") == tid).drop_columns(["teacher_id"])  # an older shard: many teachers
         select.update(adaptive=cfg.teacher.sampling.adaptive, budget=cfg.teacher.sampling.budget,
                       num_samples=cfg.num_samples)
     # A question's samples meet in one block: the sort partitions by range of (task, index), and emits its blocks
