@@ -524,8 +524,8 @@ class OpenAIEngine:
                 if response.status_code != 429 and response.status_code < 500:
                     raise FcotError(f"{url}: {error}")
                 asked = retry_after_s(response.headers.get("retry-after"))
-                if response.status_code == 429 and asked is not None:
-                    delay = min(asked, 60.0)  # the server says when; at most a minute
+                if response.status_code in (429, 503) and asked is not None:
+                    delay = min(asked, 60.0)  # the server says when (RFC 9110: on 429 and 503); at most a minute
             if attempt == self.max_retries:
                 raise FcotError(f"{url}: gave up after {attempt + 1} attempts ({error})")
             time.sleep(delay)

@@ -135,10 +135,10 @@ def _step1_tokens(model, row) -> int:
     return len(tok(text, add_special_tokens=False).input_ids)
 
 
-def _teach_cli(tmp_path, cfg: TeachConfig, env: dict | None = None) -> dict:
+def _teach_cli(tmp_path, cfg: TeachConfig, env: dict | None = None, cluster: str | None = None) -> dict:
     config = tmp_path / f"{Path(cfg.output_dir).name}.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump()))
-    finished = run_fcot("teach", config, check=True, env=env)
+    finished = run_fcot("teach", config, check=True, env=env, cluster=cluster)
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
@@ -166,7 +166,7 @@ def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_o
 
     # The same samples through `fcot teach` (a fresh driver and Ray), batched 12 at a time instead of 4.
     other = _cfg(tmp_path / "b", vllm_tiny, _vllm_engine(vllm_tiny), **{"engine.batch_size": 12})
-    summary = _teach_cli(tmp_path, other)
+    summary = _teach_cli(tmp_path, other, cluster=ray_local)
     assert (summary["records"], summary["generated"]) == (12, 12)
     by_key = {r["key"]: r for r in _rows(tmp_path / "b")}
     assert set(by_key) == {r["key"] for r in rows}
@@ -490,10 +490,11 @@ def test_openai_engine_429_with_retry_after_on_the_last_attempt_gives_up_clearly
     assert len(scripted_server.seen) == 3
 
 
-def test_openai_engine_honours_retry_after_in_seconds_and_as_an_http_date(scripted_server):
+def test_openai_engine_honours_retry_after_on_429_and_503_in_seconds_and_as_an_http_date(scripted_server):
     when = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=4), usegmt=True)
     scripted_server.script += [(429, {"error": "slow down"}, {"Retry-After": "1"}),
-                               (429, {"error": "slow down"}, {"Retry-After": when})]  # RFC 9110: both forms
+                               (503, {"error": "overloaded"}, {"Retry-After": when})]  # RFC 9110: both forms,
+    # on 429 and on 503 (a 503 without the header backs off by itself: 0.5-1.5 s at this attempt)
     url = f"http://127.0.0.1:{scripted_server.server_address[1]}"
     engine = OpenAIEngine("m", url, max_retries=3, timeout_s=10)
     [c] = engine.generate([Request(prompt="Q?", max_new_tokens=4)])
