@@ -16,6 +16,9 @@ SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
 # Every test reads the tasks from ../shared/data unless it says otherwise.
 os.environ["FCOT_DATA_DIR"] = str(SHARED_DATA)
 os.environ.setdefault("WANDB_MODE", "offline")
+# Ray Train's controller polls its workers every 2 s by default, so each of the suite's ~30 short trainings waits up
+# to 2 s to be seen starting, reporting and ending; the local clusters the tests start inherit this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +42,10 @@ def data_copy(tmp_path, shared_data):
     _load.cache_clear()
 
 
-def run_fcot(*args, env=None, check=False, cwd=None):
-    """Run the real console entry point in a subprocess."""
-    full_env = {**os.environ, **(env or {})}
+def run_fcot(*args, env=None, check=False, cwd=None, cluster=None):
+    """Run the real console entry point in a subprocess. `cluster`: the address of a running Ray cluster for it to
+    join (RAY_ADDRESS, as on a real cluster), e.g. the session's `ray_local`; without it, fcot starts its own."""
+    full_env = {**os.environ, **({"RAY_ADDRESS": cluster} if cluster else {}), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "fcot.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd or ROOT, timeout=600)
     if check and proc.returncode != 0:
@@ -62,14 +66,15 @@ def tiny_llama(tmp_path_factory, shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray cluster for the in-process tests of a session."""
+def ray_local() -> str:
+    """One local Ray cluster for the session (its address): the in-process tests use it, and `fcot` commands that
+    need not start their own join it (run_fcot(..., cluster=ray_local)), as Ray's own suites share one cluster."""
     import ray
 
     from fcot.ray_utils import init_ray
 
     init_ray(num_cpus=2)
-    yield
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 

@@ -41,7 +41,7 @@ def _spent(records_dir, rule) -> dict:
 
 
 @pytest.mark.slow
-def test_adaptive_teacher_stops_early_resumes_after_a_kill_and_extends(tmp_path, smollm2):
+def test_adaptive_teacher_stops_early_resumes_after_a_kill_and_extends(tmp_path, smollm2, ray_local):
     cfg = {"tasks": "coin_flip", "subset": 10, "output_dir": str(tmp_path / "teacher"), "progress": False,
            "prompt": "few_shot_cot",
            "few_shot_exemplars": str(ROOT / "experiments" / "prompts" / "coin_flip_state_tracking.json"),
@@ -59,7 +59,7 @@ def test_adaptive_teacher_stops_early_resumes_after_a_kill_and_extends(tmp_path,
     done = RecordStore(records).keys()
     assert done, "no shard was written before the kill"
 
-    finished = json.loads(run_fcot("teach", config, check=True).stdout.strip().splitlines()[-1])
+    finished = json.loads(run_fcot("teach", config, check=True, cluster=ray_local).stdout.strip().splitlines()[-1])
     after = RecordStore(records).keys()
     assert done < after and finished["generated"] == len(after) - len(done)  # nothing finished was redone
     rule = AdaptiveConfig(min_correct=1, max_samples=6, round_size=2)
@@ -68,12 +68,12 @@ def test_adaptive_teacher_stops_early_resumes_after_a_kill_and_extends(tmp_path,
     per_q = finished["tasks"]["coin_flip"]["samples_per_question"]
     assert sum(per_q.values()) == 10 and "2" in per_q and len(per_q) > 1  # some stopped at once, some went on
 
-    again = json.loads(run_fcot("teach", config, check=True).stdout.strip().splitlines()[-1])
+    again = json.loads(run_fcot("teach", config, check=True, cluster=ray_local).stdout.strip().splitlines()[-1])
     assert again["generated"] == 0
 
     cfg["sampling"]["adaptive"]["min_correct"] = 2  # ask more of every question: only the missing samples
     config.write_text(yaml.safe_dump(cfg))
-    more = json.loads(run_fcot("teach", config, check=True).stdout.strip().splitlines()[-1])
+    more = json.loads(run_fcot("teach", config, check=True, cluster=ray_local).stdout.strip().splitlines()[-1])
     grown = RecordStore(records).keys()
     assert after <= grown and more["generated"] == len(grown) - len(after) > 0
     assert more["records"] == sum(_spent(records, AdaptiveConfig(min_correct=2, max_samples=6, round_size=2)).values())

@@ -79,12 +79,13 @@ def test_the_cli_prints_a_worker_s_error_as_one_line(tmp_path, tiny_llama):
     assert last.startswith(f"fcot: error: {stats}: invalid JSON") and "Traceback" not in last
 
 
-def test_a_failed_stage_keeps_what_the_run_finished_and_says_how_to_resume(tmp_path, tiny_llama, shared_data):
+def test_a_failed_stage_keeps_what_the_run_finished_and_says_how_to_resume(tmp_path, tiny_llama, shared_data,
+                                                                          ray_local):
     config = {"tasks": "multiarith", "output_dir": str(tmp_path / "run"), "methods": ["vanilla"], "baselines": [],
               "teacher": {"subset": 30}, "wandb_mode": "disabled",
               "train": {"model": str(tiny_llama), "batch_size": 64, "num_workers": 1}}  # 20 pairs < one batch
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    proc = run_fcot("run", tmp_path / "run.yaml")
+    proc = run_fcot("run", tmp_path / "run.yaml", cluster=ray_local)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "stage train-vanilla failed:" in last and "fewer than batch_size=64" in last

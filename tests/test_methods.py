@@ -84,7 +84,7 @@ def test_train_max_length_follows_curation_and_a_mismatch_names_both_keys(tmp_pa
 
 
 @pytest.mark.slow
-def test_fcot_run_with_three_methods_compares_them_with_intervals(tmp_path, tiny_llama, shared_data):
+def test_fcot_run_with_three_methods_compares_them_with_intervals(tmp_path, tiny_llama, shared_data, ray_local):
     config = {
         "name": "three", "output_dir": "run", "tasks": ["coin_flip"], "wandb_mode": "disabled",
         "methods": ["fine_tune_cot", "step_by_step", "vanilla"], "baselines": [],
@@ -95,7 +95,7 @@ def test_fcot_run_with_three_methods_compares_them_with_intervals(tmp_path, tiny
         "eval": {"subset": 12},
     }
     (tmp_path / "three.yaml").write_text(yaml.safe_dump(config))
-    run_fcot("run", "three.yaml", cwd=tmp_path, check=True)
+    run_fcot("run", "three.yaml", cwd=tmp_path, check=True, cluster=ray_local)
     run = tmp_path / "run"
     report = (run / "report.md").read_text()
     assert report.splitlines()[2].startswith("**coin_flip: ") and "Fine-tune-CoT" in report.splitlines()[2]
@@ -133,7 +133,7 @@ def test_chat_template_students_are_asked_in_their_template(smollm2, tiny_llama)
 
 
 @pytest.mark.slow
-def test_fcot_run_with_a_chat_template_lora_student(tmp_path, smollm2):
+def test_fcot_run_with_a_chat_template_lora_student(tmp_path, smollm2, ray_local):
     config = {
         "name": "chat", "output_dir": "run", "tasks": ["coin_flip"], "wandb_mode": "disabled",
         "methods": ["fine_tune_cot"], "baselines": [],
@@ -145,7 +145,7 @@ def test_fcot_run_with_a_chat_template_lora_student(tmp_path, smollm2):
         "eval": {"subset": 3, "engine": {"cpus_per_replica": 2}},
     }
     (tmp_path / "chat.yaml").write_text(yaml.safe_dump(config))
-    run_fcot("run", "chat.yaml", cwd=tmp_path, check=True)
+    run_fcot("run", "chat.yaml", cwd=tmp_path, check=True, cluster=ray_local)
     rows = _rows(tmp_path / "run" / "curated" / "fine_tune_cot" / "train")
     assert rows and all(r["prompt"].startswith("<|im_start|>system") for r in rows)
     assert all(r["prompt"].endswith("<|im_start|>assistant\n") and r["completion"].endswith(" END") for r in rows)

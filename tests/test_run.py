@@ -203,13 +203,13 @@ def _kd_config(tmp_path, sums_server, tokenizer, student, logprobs=4):
 
 
 def test_fcot_run_trains_a_kd_student_on_the_teachers_logprobs_and_refuses_another_tokenizer(tmp_path, tiny_llama,
-                                                                                             sums_server):
+                                                                                             sums_server, ray_local):
     """train.objective kd end to end on the local Ray cluster: a served teacher's top-4 logprobs are stored, the
     student (same tokenizer) learns them on its rationale tokens. Refused when the config is read: a student of
     another tokenizer (naming both models), a teacher that stores no logprobs."""
     from fcot.bundled import make_tiny_model
 
-    run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, tiny_llama), check=True)
+    run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, tiny_llama), check=True, cluster=ray_local)
     trained = json.loads((tmp_path / "kd" / "stages" / "train-fine_tune_cot.json").read_text())["result"]
     assert trained["objective"] == "kd" and trained["steps"] > 0
     kd = trained["kd_tokens"]
@@ -221,9 +221,10 @@ def test_fcot_run_trains_a_kd_student_on_the_teachers_logprobs_and_refuses_anoth
     assert (f"{per_record:,.0f} bytes per record; {without:,.0f} without its top-4 logprobs"
             in (tmp_path / "kd" / "report.md").read_text())
     other = make_tiny_model(tmp_path / "other-vocab", "llama", vocab_texts=["a b c d e f g h", "1 2 3 4 5 6 7 8 9"])
-    refused = run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, other))
+    refused = run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, other), cluster=ray_local)
     assert refused.returncode != 0
     assert "the student" in refused.stderr and str(other) in refused.stderr and str(tiny_llama) in refused.stderr
     assert "tokenize differently" in refused.stderr
-    no_logprobs = run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, tiny_llama, logprobs=0))
+    no_logprobs = run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, tiny_llama, logprobs=0),
+                           cluster=ray_local)
     assert no_logprobs.returncode != 0 and "set teacher.sampling.logprobs" in no_logprobs.stderr

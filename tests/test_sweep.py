@@ -37,7 +37,7 @@ def _train_indices(run_dir, method):
 
 
 def test_data_size_sweep_in_one_store_trains_each_trial_on_its_own_questions_and_resumes(tmp_path, tiny_llama,
-                                                                                          shared_data):
+                                                                                          shared_data, ray_local):
     run = _run(shared_data, {"model": str(tiny_llama), "epochs": 1, "max_steps": 2})
     sweep_dir = tmp_path / "sweep"
     spec = {"name": "t", "output_dir": str(sweep_dir), "run": run, "param_space": {"curate.train_questions": [6, 12]},
@@ -58,7 +58,7 @@ def test_data_size_sweep_in_one_store_trains_each_trial_on_its_own_questions_and
     first_markers = {p.name: p.read_text() for p in (first / "stages").glob("*.json")}
     assert len(first_markers) == 4  # teacher (found in the shared store), curate, train, eval
 
-    out = run_fcot("sweep", config, check=True)
+    out = run_fcot("sweep", config, check=True, cluster=ray_local)
     assert "resuming" in out.stderr
     results = json.loads((sweep_dir / "results.json").read_text())
     trials = {t["curate.train_questions"]: t for t in results["trials"]}
@@ -86,7 +86,7 @@ def test_data_size_sweep_in_one_store_trains_each_trial_on_its_own_questions_and
     assert "`t`" in (tmp_path / "study" / "report.md").read_text()
 
 
-def test_asha_stops_the_trial_whose_learning_rate_is_absurd(tmp_path, tiny_llama, shared_data):
+def test_asha_stops_the_trial_whose_learning_rate_is_absurd(tmp_path, tiny_llama, shared_data, ray_local):
     run = {
         "tasks": ["coin_flip"], "methods": ["vanilla"], "baselines": [],  # vanilla: answers in a few steps
         "teacher": {"subset": 60},  # the questions (60: 10 dev, 50 to train on); vanilla reads no records
@@ -100,7 +100,7 @@ def test_asha_stops_the_trial_whose_learning_rate_is_absurd(tmp_path, tiny_llama
             "max_concurrent_trials": 1}
     config = tmp_path / "asha.yaml"
     config.write_text(yaml.safe_dump(spec))
-    swept = run_fcot("sweep", config, check=True)
+    swept = run_fcot("sweep", config, check=True, cluster=ray_local)
     assert "invalid value" not in swept.stderr  # Tune's loggers get the epochs' scalars only
     results = json.loads((tmp_path / "sweep" / "results.json").read_text())
     trials = {t["train.lr"]: t for t in results["trials"]}

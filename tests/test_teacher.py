@@ -131,7 +131,7 @@ def test_a_killed_replica_is_replaced_and_the_run_completes_without_duplicates(t
     assert len(rows) == 48 and len({r["key"] for r in rows}) == 48  # exactly N x D, no duplicates
 
 
-def test_killed_driver_resumes_without_generating_finished_samples_again(tmp_path, tiny_llama):
+def test_killed_driver_resumes_without_generating_finished_samples_again(tmp_path, tiny_llama, ray_local):
     config = tmp_path / "teach.yaml"
     cfg = _cfg(tmp_path, tiny_llama, subset=12, **{"sampling.num_samples": 4, "sampling.max_new_tokens": 48,
                                                   "engine.batch_size": 4, "engine.replicas": 1})
@@ -154,7 +154,7 @@ def test_killed_driver_resumes_without_generating_finished_samples_again(tmp_pat
     done = len(RecordStore(records).keys())
     assert 0 < done < 48
 
-    finished = run_fcot("teach", config, check=True)
+    finished = run_fcot("teach", config, check=True, cluster=ray_local)
     summary = json.loads(finished.stdout.strip().splitlines()[-1])
     assert summary["records"] == 48
     assert summary["generated"] == 48 - done  # nothing finished before the kill was generated again

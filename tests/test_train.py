@@ -318,14 +318,14 @@ def _cmdline(p) -> list[str]:
 
 
 @pytest.mark.slow
-def test_fcot_train_logged_to_wandb_prints_each_progress_line_once(tmp_path, tiny_llama, samples):
+def test_fcot_train_logged_to_wandb_prints_each_progress_line_once(tmp_path, tiny_llama, samples, ray_local):
     """W&B wraps a worker's sys.stdout, and Ray Train's print patch then sent each line to it and to its logger:
     the driver showed every progress line twice."""
     data = curated(tmp_path / "data", samples[:4], repeat=4)  # 16 rows: 2 steps of 8
     cfg = tmp_path / "train.yaml"
     cfg.write_text(f"data: {data}\nmodel: {tiny_llama}\noutput_dir: {tmp_path / 'out'}\nnum_workers: 1\n"
                    "batch_size: 8\nepochs: 1\nwandb: {mode: offline}\n")
-    proc = run_fcot("train", cfg, env={"WANDB_DIR": str(tmp_path)}, check=True)
+    proc = run_fcot("train", cfg, env={"WANDB_DIR": str(tmp_path)}, check=True, cluster=ray_local)
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "[train] 2/2 steps (100%)" in line]
     assert len(lines) == 1, proc.stdout + proc.stderr
 

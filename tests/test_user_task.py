@@ -26,7 +26,7 @@ TASK = {"name": "coins", "path": "data/coins.jsonl", "question_key": "problem", 
         "answer_type": "yes_no"}
 
 
-def test_fcot_run_on_a_user_task_defined_in_yaml(tmp_path, tiny_llama, shared_data):
+def test_fcot_run_on_a_user_task_defined_in_yaml(tmp_path, tiny_llama, shared_data, ray_local):
     _coins(shared_data, tmp_path / "data" / "coins.jsonl")
     config = {
         "name": "coins", "output_dir": "run", "tasks": [TASK], "methods": ["fine_tune_cot"],
@@ -39,7 +39,7 @@ def test_fcot_run_on_a_user_task_defined_in_yaml(tmp_path, tiny_llama, shared_da
         "eval": {"subset": 10},
     }
     (tmp_path / "coins.yaml").write_text(yaml.safe_dump(config))
-    run_fcot("run", "coins.yaml", cwd=tmp_path, check=True)  # relative paths: against tmp_path
+    run_fcot("run", "coins.yaml", cwd=tmp_path, check=True, cluster=ray_local)  # relative paths: against tmp_path
 
     run = tmp_path / "run"
     assert (run / "report.md").exists()
@@ -59,7 +59,7 @@ def test_fcot_run_on_a_user_task_defined_in_yaml(tmp_path, tiny_llama, shared_da
              "engine": {"kind": "hf", "model": str(tiny_llama), "dtype": "float32"},
              "sampling": {"num_samples": 2, "max_new_tokens": 6, "answer_max_new_tokens": 3}}
     (tmp_path / "teach.yaml").write_text(yaml.safe_dump(teach))
-    out = run_fcot("teach", "teach.yaml", cwd=tmp_path, check=True)
+    out = run_fcot("teach", "teach.yaml", cwd=tmp_path, check=True, cluster=ray_local)
     assert json.loads(out.stdout.strip().splitlines()[-1])["tasks"]["coins"]["samples"] == 8
 
     # `fcot score` with the task file: the same definitions.
@@ -93,7 +93,7 @@ def test_a_bad_record_in_a_user_task_stops_the_run_with_one_line(tmp_path, tiny_
 
 
 def test_majority_labels_curate_a_user_task_whose_training_questions_have_no_answer(tmp_path, tiny_llama,
-                                                                                     shared_data):
+                                                                                     shared_data, ray_local):
     """The training questions' answers hidden (test questions keep theirs): the recorded 175B teacher's answers
     label them. Gold labels, or a test question without its answer, stop the run before any work, named."""
     _coins(shared_data, tmp_path / "data" / "coins.jsonl")
@@ -120,7 +120,7 @@ def test_majority_labels_curate_a_user_task_whose_training_questions_have_no_ans
 
     config["curate"] = {"label": "majority"}
     (tmp_path / "majority.yaml").write_text(yaml.safe_dump(config))
-    run_fcot("run", "majority.yaml", cwd=tmp_path, check=True)
+    run_fcot("run", "majority.yaml", cwd=tmp_path, check=True, cluster=ray_local)
     run = tmp_path / "run"
     records = [r for f in (run / "teacher" / "records").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
     assert len(records) == 40 and all(r["gold"] is None and r["correct"] is None for r in records)
