@@ -29,6 +29,9 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_the_main_command_runs_the_quickstart_from_a_fresh_clone():
     main, _ = readme_commands()
     clone = ROOT.parent / f".fcot-readme-{uuid.uuid4().hex[:8]}"  # beside the project: ../shared resolves
+    # The clone shares this checkout's .venv (below): set it up for this pyproject first, or the clone's setup.sh
+    # (on a changed pyproject.toml) would reinstall fcot editable from the clone, which is deleted afterwards.
+    subprocess.run(["bash", "scripts/setup.sh"], cwd=ROOT, check=True, capture_output=True)
     try:
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         # The environment `bash scripts/setup.sh` made here (a clone of the same commit has the same
