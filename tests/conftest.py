@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -106,19 +107,40 @@ def smollm2() -> str:
     return str(prepare("smollm2-135m", log=lambda m: None))
 
 
-def lose_a_node(stage: str, config: Path, reference: Path | None = None) -> dict:
-    """Run `stage` on CONFIG on a multi-node Ray cluster of this machine, a worker node removed mid-stage
-    (tests/node_loss.py, in a subprocess: the in-process tests share one local cluster); returns what it printed."""
-    args = [str(config)] + ([str(reference)] if reference else [])
-    proc = subprocess.run([sys.executable, "-m", "tests.node_loss", stage, *args], capture_output=True, text=True,
-                          timeout=1500, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[-1].removeprefix("RESULT "))
-    assert out["error"] is None, out["error"]
-    assert out["at_loss"] == {"running": True, "victim_found": True}, f"no node was lost mid-stage: {out['at_loss']}"
-    return out
+@pytest.fixture(scope="session")
+def lose_a_node(tmp_path_factory):
+    """lose_a_node(stage, CONFIG, REFERENCE=None) runs `stage` on CONFIG on a multi-node Ray cluster of this machine,
+    a worker node removed mid-stage, and returns what it reported (tests/node_loss.py). One process and one cluster
+    serve the session's node-loss tests (each on fresh worker nodes): the in-process tests share another cluster."""
+    folder = tmp_path_factory.mktemp("node_loss")
+    log = (folder / "cluster.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "tests.node_loss"], stdin=subprocess.PIPE, stdout=log,
+                              stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    asked = iter(range(1_000_000))
+
+    def lose(stage: str, config: Path, reference: Path | None = None) -> dict:
+        result = folder / f"result-{next(asked)}.json"
+        request = {"stage": stage, "config": str(config), "reference": str(reference) if reference else None,
+                   "result": str(result)}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        deadline = time.time() + 1500
+        while not result.exists() and server.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert result.exists(), f"no result from tests/node_loss.py:\n{(folder / 'cluster.log').read_text()[-6000:]}"
+        out = json.loads(result.read_text())
+        assert out["error"] is None, out["error"]
+        assert out["at_loss"] == {"running": True, "victim_found": True}, f"no node lost mid-stage: {out['at_loss']}"
+        return out
+
+    yield lose
+    server.stdin.close()
+    try:
+        server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    log.close()
 
 
 def epoch_committed(train_dir: Path) -> bool:

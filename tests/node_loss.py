@@ -1,11 +1,14 @@
-"""A worker node lost mid-stage: `python -m tests.node_loss STAGE CONFIG [REFERENCE_CONFIG]`, from the repo root.
+"""A worker node lost mid-stage, on one multi-node Ray cluster of this machine for the whole test session:
+`python -m tests.node_loss`, from the repo root (conftest's `lose_a_node` fixture starts it, once).
 
-A ray.cluster_utils.Cluster on this machine, as Ray's own fault-tolerance tests use: a head without CPUs (where the
-driver runs, as on a real cluster) and two worker nodes. With REFERENCE_CONFIG the stage first runs undisturbed
-on it. Then the stage runs on CONFIG in a thread; once its work is under way (the stage's trigger below), a worker
-node holding one of its processes is removed without grace, as a preempted spot node is, and 2 s later a fresh
-node joins, as an autoscaler adds one. Prints one line: `RESULT {"result", "reference", "error", "at_loss"}`.
-The only processes it kills are those of the node it removed (Cluster.remove_node), all started here.
+A ray.cluster_utils.Cluster, as Ray's own fault-tolerance tests use: a head without CPUs (where this driver runs,
+as on a real cluster), started once. Each request (a JSON line on stdin: stage, config, optional reference config,
+result path) adds two fresh worker nodes for its stage. With a reference config the stage first runs undisturbed
+on it. Then the stage runs on its config in a thread; once its work is under way (the stage's trigger below), a
+worker node holding one of its processes is removed without grace, as a preempted spot node is, and 2 s later a
+fresh node joins, as an autoscaler adds one. The request's worker nodes are then removed and its result written
+(atomically) as JSON: {"result", "reference", "error", "at_loss"}. Closing stdin shuts the cluster down.
+The only processes it kills are those of the nodes it added and removed (Cluster.remove_node), all started here.
 """
 
 from __future__ import annotations
@@ -88,11 +91,10 @@ def _holding(nodes, title: str):
     return None
 
 
-def main(stage: str, config: str, reference: str | None = None) -> None:
+def scenario(cluster: Cluster, stage: str, config: str, reference: str | None = None) -> dict:
     config_cls, fn, title, started, node_args = STAGES[stage]()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(**node_args) for _ in range(2)]
     try:
-        nodes = [cluster.add_node(**node_args) for _ in range(2)]
         cluster.wait_for_nodes()
         at = [f"ray_address={cluster.address}"]
         out = {"reference": fn(load_config(config_cls, reference, at)) if reference else None, "error": None}
@@ -113,15 +115,33 @@ def main(stage: str, config: str, reference: str | None = None) -> None:
         out["at_loss"] = {"running": runner.is_alive(), "victim_found": victim is not None}
         if victim is not None:
             cluster.remove_node(victim, allow_graceful=False)  # a spot node gone: no drain, no goodbye
+            nodes.remove(victim)
             time.sleep(2)
-            cluster.add_node(**node_args)
+            nodes.append(cluster.add_node(**node_args))
         runner.join(timeout=900)
         out.update(result=result, error=errors[0] if errors else None)
-        print("RESULT " + json.dumps(out, default=str))
+        return out
+    finally:
+        for node in nodes:  # this request's nodes: the next one starts on fresh ones
+            cluster.remove_node(node)
+
+
+def main() -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            try:
+                out = scenario(cluster, request["stage"], request["config"], request.get("reference"))
+            except BaseException as e:  # noqa: BLE001 - the test reports it; the next request still runs
+                out = {"error": f"{type(e).__name__}: {e}"[:3000], "at_loss": None, "result": None}
+            target = Path(request["result"])
+            target.with_suffix(".tmp").write_text(json.dumps(out, default=str))
+            target.with_suffix(".tmp").replace(target)
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

@@ -17,7 +17,7 @@ from fcot.evaluate import EvalConfig, evaluate, predict_samples
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from fcot.teacher.store import RecordStore
-from tests.conftest import lose_a_node, recorded, sums_task
+from tests.conftest import recorded, sums_task
 
 
 def _rows(folder):
@@ -229,7 +229,8 @@ def _config_file(path, cfg):
     return path
 
 
-def test_a_worker_node_lost_mid_curation_or_evaluation_changes_no_output(tmp_path, recorded_teacher, tiny_llama):
+def test_a_worker_node_lost_mid_curation_or_evaluation_changes_no_output(tmp_path, recorded_teacher, tiny_llama,
+                                                                         lose_a_node):
     """On a ray.cluster_utils.Cluster (a head without CPUs, two one-CPU worker nodes), curation and evaluation
     each run once undisturbed and once with the node of their Ray Data actor (the formatter; an engine replica)
     removed without grace mid-stage and a fresh node added: Ray Data restarts the actor elsewhere and retries its

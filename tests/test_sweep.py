@@ -13,7 +13,7 @@ import yaml
 
 from fcot.config import load_config
 from fcot.sweep import SweepConfig, best_point, trial_name
-from tests.conftest import ROOT, lose_a_node, run_fcot
+from tests.conftest import ROOT, run_fcot
 from tests.test_run import _kill_tree
 
 
@@ -140,7 +140,7 @@ def test_trials_at_once_counts_gpus_as_well_as_cpus(shared_data):
     assert trials_at_once(cpu_only, {"CPU": 64}) == 64 // (largest(cpu_only, "CPU") + 1)
 
 
-def test_a_worker_node_lost_mid_sweep_retries_its_trial_which_resumes(tmp_path, tiny_llama, shared_data):
+def test_a_worker_node_lost_mid_sweep_retries_its_trial_which_resumes(tmp_path, tiny_llama, shared_data, lose_a_node):
     """Two trials at once on a ray.cluster_utils.Cluster (a head without CPUs, two 2-CPU worker nodes): the node
     training one of them removed without grace once both trials have committed an epoch (of 8, so that
     neither has finished), a fresh node added.

@@ -19,7 +19,7 @@ from fcot.config import load_config
 from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from fcot.teacher.store import RecordStore
-from tests.conftest import ROOT, lose_a_node, run_fcot
+from tests.conftest import ROOT, run_fcot
 
 
 def _cfg(tmp_path, model, **over) -> TeachConfig:
@@ -162,7 +162,7 @@ def test_killed_driver_resumes_without_generating_finished_samples_again(tmp_pat
     assert len({r["key"] for r in rows}) == 48
 
 
-def test_a_worker_node_lost_mid_run_loses_nothing_and_repeats_nothing(tmp_path, tiny_llama):
+def test_a_worker_node_lost_mid_run_loses_nothing_and_repeats_nothing(tmp_path, tiny_llama, lose_a_node):
     """A head without CPUs and two one-CPU worker nodes (ray.cluster_utils.Cluster), a replica on each: one node
     removed without grace when the first shard lands, a fresh node added. The run completes with exactly N x D
     distinct samples, and only the lost batches are generated again."""

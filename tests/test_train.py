@@ -16,7 +16,7 @@ from fcot.errors import FcotError
 from fcot.prompts import FORMATS
 from fcot.train.config import TrainConfig
 from fcot.train.data import IGNORE, Collator, pad_batch
-from tests.conftest import ROOT, epoch_committed, lose_a_node, run_fcot
+from tests.conftest import ROOT, epoch_committed, run_fcot
 
 FMT = FORMATS["fine_tune_cot"]
 
@@ -294,7 +294,7 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(tmp_path, tiny_llama, s
 
 
 @pytest.mark.slow
-def test_a_worker_node_lost_mid_training_resumes_from_the_last_checkpoint(tmp_path, tiny_llama, samples):
+def test_a_worker_node_lost_mid_training_resumes_from_the_last_checkpoint(tmp_path, tiny_llama, samples, lose_a_node):
     """Two training workers, one on each of two one-CPU worker nodes of a ray.cluster_utils.Cluster: the node of
     one removed without grace once the first epoch's checkpoint is committed, a fresh node added. The group
     restarts from that checkpoint on the nodes it then has and ends after exactly the planned steps."""
