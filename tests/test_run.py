@@ -45,10 +45,10 @@ def _kill_tree(proc):
     psutil.wait_procs(tree, timeout=30)
 
 
-def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
+def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data, ray_local):
     """The `fcot run` process (and the local Ray cluster it started) killed mid-training, right after the first
     epoch's checkpoint is committed: the same command skips the finished stages and resumes training from that
-    checkpoint, not from step 0."""
+    checkpoint, not from step 0 (on the session's cluster: the killed run's went with it)."""
     config = _config(tmp_path, tiny_llama, shared_data)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fcot.cli", "run", str(config)], cwd=ROOT, env=dict(os.environ),
@@ -66,7 +66,7 @@ def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
     assert not (run_dir / "stages" / "train-fine_tune_cot.json").exists(), "training ended before the kill"
     teacher_marker = json.loads((run_dir / "stages" / "teacher.json").read_text())
 
-    finished = run_fcot("run", config, check=True)
+    finished = run_fcot("run", config, check=True, cluster=ray_local)
     assert "[teacher] done before, skipped" in finished.stderr
     # Progress of the long stages, as plain lines (not a terminal): training from its resumed step, evaluation.
     logs = finished.stdout + finished.stderr
@@ -92,7 +92,7 @@ def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data):
 
     # Placement and logging keys changed (a resized cluster, W&B off): nothing is redone.
     again = run_fcot("run", config, "eval.engine.replicas=2", "teacher.progress=false", "wandb_mode=disabled",
-                     "train.keep_checkpoints=2", "train.max_failures=5", check=True)
+                     "train.keep_checkpoints=2", "train.max_failures=5", check=True, cluster=ray_local)
     assert again.stderr.count("done before, skipped") == 5, again.stderr[-2000:]
     rebuilt = run_fcot("report", run_dir, check=True)
     assert rebuilt.stdout.strip().endswith("report.md")

@@ -4,8 +4,10 @@ directory the command runs in; a bad record stops the run with one line naming f
 it) and key; a run of user tasks only needs no data directory."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from tests.conftest import run_fcot
@@ -26,8 +28,13 @@ TASK = {"name": "coins", "path": "data/coins.jsonl", "question_key": "problem", 
         "answer_type": "yes_no"}
 
 
-def test_fcot_run_on_a_user_task_defined_in_yaml(tmp_path, tiny_llama, shared_data, ray_local):
-    _coins(shared_data, tmp_path / "data" / "coins.jsonl")
+@pytest.fixture(scope="module")
+def coins_run(tmp_path_factory, tiny_llama, shared_data) -> Path:
+    """`fcot run` of a user task (coins, from YAML) in a folder of its own, relative paths against it, without
+    FCOT_DATA_DIR and with no ~/.cache/fcot/data (a run of user tasks only needs no data dir), on a Ray cluster it
+    starts itself (the empty cache reaches every worker): the run the tests below look at from two sides."""
+    folder = tmp_path_factory.mktemp("coins")
+    _coins(shared_data, folder / "data" / "coins.jsonl")
     config = {
         "name": "coins", "output_dir": "run", "tasks": [TASK], "methods": ["fine_tune_cot"],
         "baselines": ["zero_shot"], "wandb_mode": "disabled",
@@ -38,9 +45,13 @@ def test_fcot_run_on_a_user_task_defined_in_yaml(tmp_path, tiny_llama, shared_da
         "train": {"model": str(tiny_llama), "epochs": 2, "batch_size": 4, "num_workers": 2, "max_steps": 3},
         "eval": {"subset": 10},
     }
-    (tmp_path / "coins.yaml").write_text(yaml.safe_dump(config))
-    run_fcot("run", "coins.yaml", cwd=tmp_path, check=True, cluster=ray_local)  # relative paths: against tmp_path
+    (folder / "coins.yaml").write_text(yaml.safe_dump(config))
+    run_fcot("run", "coins.yaml", cwd=folder, env=_no_data_dir(folder), check=True)
+    return folder
 
+
+def test_fcot_run_on_a_user_task_defined_in_yaml(coins_run, tiny_llama, ray_local):
+    tmp_path = coins_run
     run = tmp_path / "run"
     assert (run / "report.md").exists()
     stages = {p.stem for p in (run / "stages").glob("*.json")}
@@ -150,12 +161,8 @@ def test_majority_labels_curate_a_user_task_whose_training_questions_have_no_ans
         f"split"), proc.stderr
 
 
-def test_a_run_of_user_tasks_only_needs_no_data_dir(tmp_path, tiny_llama, shared_data):
-    _coins(shared_data, tmp_path / "data" / "coins.jsonl")
-    config = {"tasks": [TASK], "output_dir": "run", "methods": ["vanilla"], "baselines": [], "wandb_mode": "disabled",
-              "train": {"model": str(tiny_llama), "epochs": 1, "batch_size": 4, "max_steps": 2}, "eval": {"subset": 8}}
-    (tmp_path / "units.yaml").write_text(yaml.safe_dump(config))
-    run_fcot("run", "units.yaml", cwd=tmp_path, env=_no_data_dir(tmp_path), check=True)
-    assert not (tmp_path / "empty-cache" / "fcot" / "data").exists()
-    metrics = json.loads((tmp_path / "run" / "eval" / "vanilla" / "metrics.json").read_text())
-    assert metrics["tasks"]["coins"]["n"] == 8
+def test_a_run_of_user_tasks_only_needs_no_data_dir(coins_run):
+    # The coins run had no FCOT_DATA_DIR and an empty user cache: it downloaded nothing, and evaluated its student.
+    assert not (coins_run / "empty-cache" / "fcot" / "data").exists()
+    metrics = json.loads((coins_run / "run" / "eval" / "fine_tune_cot" / "metrics.json").read_text())
+    assert metrics["tasks"]["coins"]["n"] == 10
