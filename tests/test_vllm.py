@@ -176,11 +176,12 @@ def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_o
 
 def test_a_vllm_replica_runs_as_many_threads_as_the_cpus_it_reserved(vllm_tiny, ray_local):
     """vLLM's CPU worker binds its OpenMP threads to every core of the node by default; in a replica of one CPU
-    its engine process must run one thread, unbound (Ray does not pin cores)."""
+    its engine must run one thread, unbound (Ray does not pin cores). On CPU the engine runs in the replica's own
+    process (no engine process spawned), so that process is the one to look at, after it has generated."""
     require_vllm()
     import ray
 
-    from fcot.engines import EngineConfig, build_engine
+    from fcot.engines import EngineConfig, Request, build_engine
     from fcot.hardware import use_cpus
 
     @ray.remote(num_cpus=1)
@@ -189,18 +190,26 @@ def test_a_vllm_replica_runs_as_many_threads_as_the_cpus_it_reserved(vllm_tiny, 
             use_cpus(1)
             self.engine = build_engine(EngineConfig.model_validate(engine))
 
-        def engine_env(self) -> list[dict]:
-            import psutil
+        def threads(self) -> dict:
+            import os
 
-            keys = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND")
-            return [{k: c.environ().get(k) for k in keys} for c in psutil.Process().children(recursive=True)]
+            import psutil
+            import torch
+
+            [done] = self.engine.generate([Request(prompt="Q: 1 + 1?", max_new_tokens=4)])
+            me = psutil.Process()
+            return {"generated": done.completion_tokens, "children": len(me.children(recursive=True)),
+                    "torch_threads": torch.get_num_threads(), "affinity": len(me.cpu_affinity()),
+                    **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND")}}
 
     replica = Replica.remote(_vllm_engine(vllm_tiny))
     try:
-        children = ray.get(replica.engine_env.remote())
+        seen = ray.get(replica.threads.remote())
     finally:
         ray.kill(replica)
-    assert children and all(c == {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"} for c in children)
+    assert seen["generated"] > 0 and seen["children"] == 0, seen
+    assert seen == {**seen, "torch_threads": 1, "affinity": os.cpu_count(), "OMP_NUM_THREADS": "1",
+                    "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def test_a_lora_student_under_zero3_and_packing_is_an_adapter_that_hf_and_vllm_evaluate_alike(
