@@ -65,7 +65,7 @@ def test_the_message_comes_through_ray_train_workers(ray_local, tmp_path):
     assert _found(train) == MESSAGE
 
 
-def test_the_cli_prints_a_worker_s_error_as_one_line(tmp_path, tiny_llama):
+def test_the_cli_prints_a_worker_s_error_as_one_line(tmp_path, tiny_llama, ray_local):
     """The evaluation's replicas (Ray Data actors) read the curated stats for the generation length: a broken
     file fails there, inside a worker, and the user sees that file named in one line."""
     stats = tmp_path / "stats.json"
@@ -73,7 +73,7 @@ def test_the_cli_prints_a_worker_s_error_as_one_line(tmp_path, tiny_llama):
     cfg = {"engine": {"model": str(tiny_llama)}, "tasks": "multiarith", "subset": 2, "curated": str(stats),
            "output_dir": str(tmp_path / "eval")}
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
-    proc = run_fcot("eval", tmp_path / "eval.yaml")
+    proc = run_fcot("eval", tmp_path / "eval.yaml", cluster=ray_local)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"fcot: error: {stats}: invalid JSON") and "Traceback" not in last
