@@ -1,4 +1,5 @@
 import http.server
+import itertools
 import json
 import os
 import re
@@ -116,7 +117,7 @@ def lose_a_node(tmp_path_factory):
     log = (folder / "cluster.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "tests.node_loss"], stdin=subprocess.PIPE, stdout=log,
                               stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    asked = iter(range(1_000_000))
+    asked = itertools.count()
 
     def lose(stage: str, config: Path, reference: Path | None = None) -> dict:
         result = folder / f"result-{next(asked)}.json"

@@ -25,6 +25,7 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from fcot.config import load_config
+from fcot.io import atomic_write_text
 from tests.conftest import epoch_committed
 
 
@@ -133,11 +134,9 @@ def main() -> None:
             request = json.loads(line)
             try:
                 out = scenario(cluster, request["stage"], request["config"], request.get("reference"))
-            except BaseException as e:  # noqa: BLE001 - the test reports it; the next request still runs
+            except Exception as e:  # noqa: BLE001 - the test reports it; the next request still runs
                 out = {"error": f"{type(e).__name__}: {e}"[:3000], "at_loss": None, "result": None}
-            target = Path(request["result"])
-            target.with_suffix(".tmp").write_text(json.dumps(out, default=str))
-            target.with_suffix(".tmp").replace(target)
+            atomic_write_text(request["result"], json.dumps(out, default=str))
     finally:
         ray.shutdown()
         cluster.shutdown()
