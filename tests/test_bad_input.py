@@ -77,7 +77,7 @@ def test_split_file_with_wrong_types(data_copy):
 def test_missing_data_dir(tmp_path):
     proc = run_fcot("tasks", "--data-dir", tmp_path / "nowhere")
     assert proc.returncode == 2
-    assert f"data dir {tmp_path / 'nowhere'} does not exist: run `fcot data download`" in proc.stderr
+    assert f"data dir {tmp_path / 'nowhere'} does not exist: run `fcot data download --task " in proc.stderr
 
 
 def test_unreadable_task_file(data_copy):
@@ -97,7 +97,7 @@ def test_data_dir_that_is_a_file(tmp_path):
 
 def test_missing_task_file(data_copy):
     (data_copy / "datasets" / "SVAMP" / "SVAMP.json").unlink()
-    message = r"SVAMP/SVAMP.json: file not found \(task svamp\); run `fcot data download --task svamp`"
+    message = r"SVAMP/SVAMP.json: file not found \(task svamp\); run `fcot data download --task svamp` or set FCOT_DATA"
     with pytest.raises(FcotError, match=message):
         load_records("svamp", data_copy)
 

@@ -13,6 +13,9 @@ def test_experiments_has_the_papers_36_configs_and_a_quickstart():
     names = {p.name for p in RUN_CONFIGS}
     assert "quickstart.yaml" in names
     assert len([p for p in RUN_CONFIGS if p.parent.name == "paper"]) == 36
+    # Each finds its data through the data dir or `log: TASK`, never a path to this project's ../shared/data.
+    for p in RUN_CONFIGS:
+        assert not [ln for ln in p.read_text().splitlines() if "shared/" in ln.split("#")[0]], p
 
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))

@@ -1,7 +1,9 @@
+import json
 import re
 
 import pytest
 
+from fcot.errors import FcotError
 from fcot.tasks import TASKS, load_records, load_split, split_indices, task_sizes
 from tests.conftest import run_fcot
 
@@ -85,3 +87,42 @@ def test_aqua_train_needs_its_file(shared_data):
     with pytest.raises(FcotError, match=r"aqua, train split needs datasets/AQuA/train.json .*fcot data download"):
         load_split("aqua", "train")
     assert len(load_split("aqua", "test")) == 254
+
+
+def test_the_quickstarts_files_ship_with_fcot_byte_for_byte_as_published():
+    """What `fcot data download --task coin_flip` would fetch, pinned by the same sha256."""
+    import hashlib
+
+    from fcot.tasks.download import _planned
+    from fcot.tasks.loading import BUNDLED
+
+    planned = _planned(["coin_flip"], None)
+    assert len(planned) == 3
+    for rel, _url, sha in planned:
+        assert hashlib.sha256((BUNDLED / rel).read_bytes()).hexdigest() == sha, rel
+
+
+def test_coin_flip_needs_no_data_dir_and_a_data_dir_that_has_a_file_wins(tmp_path, monkeypatch, data_copy):
+    from fcot.tasks.loading import _load
+    from fcot.teacher.config import TeachConfig
+
+    nowhere = tmp_path / "nowhere"
+    monkeypatch.setenv("FCOT_DATA_DIR", str(nowhere))
+    assert task_sizes("coin_flip") == {"train": 350, "test": 150}
+    engine = TeachConfig(tasks=["coin_flip"], engine={"kind": "recorded", "log": "coin_flip"}).engine
+    assert engine.path.endswith("fcot/data/bundled/teacher_logs/coin_flip_zero_shot_cot.log")
+    # A task fcot does not ship names the command that fetches it, for its questions and its recorded log.
+    fix = "run `fcot data download --task svamp` or set FCOT_DATA_DIR to a data dir that has it"
+    with pytest.raises(FcotError, match=re.escape(f"data dir {nowhere} does not exist: {fix}")):
+        load_split("svamp", "train")
+    with pytest.raises(FcotError, match=re.escape(f"{nowhere}/teacher_logs/svamp_zero_shot_cot.log: file not found; "
+                                                  f"{fix}")):
+        TeachConfig(tasks=["svamp"], engine={"kind": "recorded", "log": "svamp"})
+    # The data dir's own copy is read where it has one: here a split with the first two test questions swapped.
+    path = data_copy / "splits" / "coin_flip__default.json"
+    split = json.loads(path.read_text())
+    split["test"][:2] = split["test"][1::-1]
+    path.write_text(json.dumps(split))
+    _load.cache_clear()
+    assert [s.index for s in load_split("coin_flip", "test", root=data_copy)][:2] == split["test"][:2]
+    assert split_indices("coin_flip", root=nowhere)["test"][:2] == split["test"][1::-1]

@@ -9,6 +9,7 @@ from fcot.tasks.loading import (
     DataDir,
     TaskNames,
     data_dir,
+    data_file,
     get_task,
     load_records,
     load_split,
@@ -21,8 +22,8 @@ from fcot.tasks.registry import TASKS, Sample, TaskSpec
 from fcot.tasks.synthetic import generate_coin_flip, generate_last_letters
 
 __all__ = [
-    "TASKS", "DataDir", "Sample", "TaskNames", "TaskSpec", "UserTask", "data_dir", "get_task", "load_records",
-    "load_split", "require_gold", "split_indices", "task_names", "task_sizes", "jsonl_task", "read_task_file",
-    "split_user_tasks",
+    "TASKS", "DataDir", "Sample", "TaskNames", "TaskSpec", "UserTask", "data_dir", "data_file", "get_task",
+    "load_records", "load_split", "require_gold", "split_indices", "task_names", "task_sizes", "jsonl_task",
+    "read_task_file", "split_user_tasks",
     "generate_coin_flip", "generate_last_letters",
 ]

@@ -34,11 +34,27 @@ TaskNames = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, 
 DataDir = Annotated[str | None, AfterValidator(lambda v: str(data_dir(v)))]
 
 
-def _check_data_dir(root: Path) -> None:
+# The quickstart's files (coin flip's questions, split and recorded 175B log), shipped with fcot and laid out like a
+# data dir: read only where the data dir lacks them, so a data dir that has a file wins.
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "bundled"
+
+
+def data_file(root: Path, rel: str) -> Path:
+    """`rel` in the data dir `root`; where the data dir lacks it, fcot's own copy, if it ships one."""
+    path = root / rel
+    if not path.exists() and (BUNDLED / rel).is_file():
+        return BUNDLED / rel
+    return path
+
+
+def _missing(root: Path, rel: str, task: str) -> FcotError:
+    """The error for a file of `task` that neither the data dir nor fcot has, naming the way to get it."""
+    fix = f"run `fcot data download --task {task}` or set FCOT_DATA_DIR to a data dir that has it"
     if not root.exists():
-        raise FcotError(f"data dir {root} does not exist: run `fcot data download` or set FCOT_DATA_DIR")
+        return FcotError(f"data dir {root} does not exist: {fix}")
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
-        raise FcotError(f"data dir {root} is not a readable directory")
+        return FcotError(f"data dir {root} is not a readable directory")
+    return FcotError(f"{root / rel}: file not found (task {task}); {fix}")
 
 
 def register_task(spec: TaskSpec) -> TaskSpec:
@@ -73,15 +89,13 @@ def get_task(name: str) -> TaskSpec:
 
 
 def _source_path(root: Path, rel: str) -> Path:
-    return root / "datasets" / rel  # an absolute `rel` (user task) wins over the root
+    return data_file(root, f"datasets/{rel}") if not Path(rel).is_absolute() else Path(rel)  # a user task's file
 
 
 @functools.lru_cache(maxsize=32)
 def _load(name: str, root: Path) -> tuple[tuple[Sample, ...], tuple[tuple[int, int, str], ...]]:
     """(samples, missing): `missing` lists (first, last, file) index ranges of absent optional files."""
     spec = get_task(name)
-    if "definition" not in spec.extra:  # a user task reads its own file: it needs no data dir
-        _check_data_dir(root)
     samples: list[Sample] = []
     missing: list[tuple[int, int, str]] = []
     first = 0
@@ -91,8 +105,10 @@ def _load(name: str, root: Path) -> tuple[tuple[Sample, ...], tuple[tuple[int, i
             missing.append((first, first + src.records - 1, src.path))
             first += src.records  # keep the paper's index space: later files start after it
             continue
+        if not path.exists() and "definition" in spec.extra:  # a user task reads its own file, not the data dir's
+            raise FcotError(f"{path}: file not found (task {name})")
         if not path.exists():
-            raise FcotError(f"{path}: file not found (task {name}); run `fcot data download --task {name}`")
+            raise _missing(root, f"datasets/{src.path}", name)
         part = spec.reader(spec, path, first)
         if src.records is not None and len(part) != src.records:
             raise FcotError(f"{path}: expected {src.records} records, found {len(part)}")
@@ -114,8 +130,10 @@ def split_indices(name: str, kind: str = "default", root: str | os.PathLike | No
         return spec.extra["split"]()
     if kind not in spec.split_kinds:
         raise FcotError(f"task {name} has no {kind!r} split; it has: {', '.join(spec.split_kinds)}")
-    _check_data_dir(root)
-    path = root / "splits" / f"{name}__{kind}.json"
+    rel = f"splits/{name}__{kind}.json"
+    path = data_file(root, rel)
+    if not path.exists():
+        raise _missing(root, rel, name)
     split = read_json(path)
     if not isinstance(split, dict):
         raise FcotError(f"{path}: expected an object with 'train' and 'test' lists")

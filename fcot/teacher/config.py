@@ -10,7 +10,7 @@ from fcot.config import PLACEMENT, Config, PathStr, RayAddress
 from fcot.engines import EngineConfig
 from fcot.errors import FcotError
 from fcot.resources import Demand
-from fcot.tasks import DataDir, TaskNames, UserTask, data_dir, split_user_tasks
+from fcot.tasks import DataDir, TaskNames, UserTask, data_dir, data_file, split_user_tasks
 from fcot.tasks.registry import TEACHER_LOGS, teacher_log
 
 
@@ -86,8 +86,12 @@ class TeachConfig(Config):
             if engine["log"] not in TEACHER_LOGS:
                 raise FcotError(f"key 'engine.log': no recorded log for {engine['log']!r}; "
                                 f"known: {', '.join(TEACHER_LOGS)}")
-            path = str(data_dir(data.get("data_dir")) / teacher_log(engine["log"]))
-            recorded = {"format": "zero_shot_cot_log", "model": "text-davinci-002", **engine, "path": path}
+            root = data_dir(data.get("data_dir"))
+            path = data_file(root, teacher_log(engine["log"]))
+            if not path.exists():
+                raise FcotError(f"key 'engine.log': {path}: file not found; run `fcot data download --task "
+                                f"{engine['log']}` or set FCOT_DATA_DIR to a data dir that has it")
+            recorded = {"format": "zero_shot_cot_log", "model": "text-davinci-002", **engine, "path": str(path)}
             data = {**data, "engine": recorded}
         return data
 
