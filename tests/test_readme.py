@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 import uuid
+import zipfile
 
 import pytest
 
@@ -23,6 +24,41 @@ def test_ci_runs_exactly_the_readme_test_command():
     main, tests = readme_commands()
     assert main.startswith("bash scripts/setup.sh && ") and "fcot run experiments/quickstart.yaml" in main
     assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == tests
+
+
+def _wheel(folder, name: str, version: str):
+    """A minimal valid pure-Python wheel: what pip reads to resolve a pin, nothing else."""
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": "",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as whl:
+        for path, text in files.items():
+            whl.writestr(path, text)
+        whl.writestr(f"{dist}/RECORD", "".join(f"{p},,\n" for p in [*files, f"{dist}/RECORD"]))
+
+
+def test_setup_takes_torch_from_the_index_that_has_the_right_build(tmp_path):
+    """GPU: PyPI's torch (CUDA). CPU: PyTorch's CPU index, unless the pin installs from local disk with no index."""
+    gpu_bin, wheelhouse = tmp_path / "bin", tmp_path / "wheels"
+    gpu_bin.mkdir()
+    wheelhouse.mkdir()
+    (gpu_bin / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (gpu_bin / "nvidia-smi").chmod(0o755)
+    _wheel(wheelhouse, "torch", "2.13.0")
+    # No pip configuration of this machine's (its wheelhouse of torch's CPU build); then one of ours, or a GPU.
+    bare = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"} | {"PIP_CONFIG_FILE": os.devnull}
+    cases = {"cpu": bare, "cpu, torch in a local wheelhouse": bare | {"PIP_FIND_LINKS": str(wheelhouse)},
+             "gpu": bare | {"PATH": f"{gpu_bin}{os.pathsep}{os.environ['PATH']}"}}
+    printed = {}
+    for case, env in cases.items():
+        proc = subprocess.run(["bash", "scripts/setup.sh", "--print-torch-command"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        printed[case] = proc.stdout.strip()
+    plain = ".venv/bin/python -m pip install -q torch==2.13.0"
+    assert printed == {"cpu": f"{plain} --index-url https://download.pytorch.org/whl/cpu",
+                       "cpu, torch in a local wheelhouse": plain, "gpu": plain}
 
 
 @pytest.mark.slow
