@@ -2,15 +2,18 @@
 `python -m torch.utils.collect_env` and `vllm collect-env` — the first thing to paste into a bug report (`--json`).
 
 It reads the CPU (model, the features that decide speed, oneDNN's bf16), cores, memory, GPUs and their bf16, the
-builds of the libraries fcot runs on, the Ray cluster a run would join, and, for a run config (default: the
+builds of the libraries fcot runs on, the Ray cluster a run would join (with an address: its nodes, with their
+CPUs, GPUs and memory, or why it could not connect), and, for a run config (default: the
 quickstart), the precision and threads of each stage, by the same rules the stages use (fcot.hardware).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import platform
+import socket
 import sys
 
 import psutil
@@ -46,9 +49,32 @@ def _gpus() -> list[dict]:
 def _ray(address: str | None) -> dict:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        return {"address": address, "joins": f"the cluster at {address} (RAY_ADDRESS or the config's ray_address)"}
+        return {"address": address, "joins": f"the cluster at {address} (RAY_ADDRESS or the config's ray_address)",
+                **_cluster(address)}
     return {"address": None, "joins": f"a private local cluster that fcot starts ({os.cpu_count()} CPUs, its "
                                       "dashboard on 127.0.0.1)"}
+
+
+def _cluster(address: str) -> dict:
+    """{"nodes": [...]} of the Ray cluster at `address`, joined as a run's driver would join it, or {"error": why}."""
+    import ray  # heavy: asked for
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if port.isdigit():  # HOST:PORT (not "auto"): Ray's driver retries an unreachable one for minutes, so knock first
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            return {"error": f"could not connect: nothing answers at {address} ({e})"}
+    try:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        nodes = [{"address": n["NodeManagerAddress"], "alive": n["Alive"], "cpus": n["Resources"].get("CPU", 0),
+                  "gpus": n["Resources"].get("GPU", 0), "memory_gib": round(n["Resources"].get("memory", 0) / 2**30, 1)}
+                 for n in ray.nodes()]
+    except Exception as e:  # whatever Ray raises for an unreachable or refusing cluster: the report says it
+        return {"error": f"could not connect: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"}
+    finally:
+        ray.shutdown()
+    return {"nodes": sorted(nodes, key=lambda n: (not n["alive"], n["address"]))}
 
 
 def stage_settings(cfg) -> list[dict]:
@@ -113,7 +139,17 @@ def render(info: dict) -> str:
     b = info["builds"]
     lines.append("builds:   " + ", ".join(f"{k} {v}" for k, v in b.items() if v and k not in ("platform",)
                                           and not k.startswith("torch_")) + f" (torch CUDA: {b['torch_cuda']})")
-    lines.append(f"Ray:      joins {info['ray']['joins']}")
+    ray_info = info["ray"]
+    lines.append(f"Ray:      joins {ray_info['joins']}")
+    if ray_info.get("error"):
+        lines.append(f"          {ray_info['error']}")
+    alive = [n for n in ray_info.get("nodes", []) if n["alive"]]
+    if "nodes" in ray_info:
+        lines.append(f"          {len(alive)} nodes alive: {sum(n['cpus'] for n in alive):g} CPUs, "
+                     f"{sum(n['gpus'] for n in alive):g} GPUs, {sum(n['memory_gib'] for n in alive):.1f} GiB")
+    for n in ray_info.get("nodes", []):
+        lines.append(f"          node {n['address']}: {n['cpus']:g} CPUs, {n['gpus']:g} GPUs, {n['memory_gib']} GiB"
+                     + ("" if n["alive"] else " (dead)"))
     auto = info["precision_auto"]
     lines.append(f"auto:     CPU -> {auto['cpu']['dtype']} ({auto['cpu']['why']})")
     lines.append(f"          GPU -> {auto['cuda']['dtype']} ({auto['cuda']['why']})")

@@ -120,6 +120,21 @@ def test_fcot_env_prints_what_it_sees_and_chooses():
     assert "oneDNN bf16" in text and "train-fine_tune_cot" in text and "Ray:" in text
 
 
+def test_fcot_env_with_an_address_lists_the_clusters_nodes_or_says_it_could_not_connect(ray_local):
+    import socket
+
+    info = json.loads(run_fcot("env", "--json", check=True, cluster=ray_local).stdout)["ray"]
+    assert info["address"] == ray_local and "error" not in info
+    assert [(n["cpus"], n["gpus"], n["alive"]) for n in info["nodes"]] == [(2, 0, True)]
+    assert info["nodes"][0]["memory_gib"] > 0
+    assert "1 nodes alive: 2 CPUs, 0 GPUs" in run_fcot("env", check=True, cluster=ray_local).stdout
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+        info = json.loads(run_fcot("env", "--json", check=True, cluster=closed).stdout)["ray"]
+    assert "nodes" not in info and info["error"].startswith(f"could not connect: nothing answers at {closed}")
+
+
 def test_stage_settings_follow_the_config(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_bf16", lambda: False)
     cfg = load_config(RunConfig, ROOT / "experiments" / "quickstart.yaml",
