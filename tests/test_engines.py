@@ -14,6 +14,7 @@ from fcot.engines import (
     build_engine,
     gumbel_noise,
 )
+from tests.conftest import run_fcot
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -104,3 +105,12 @@ def test_hf_logprobs_are_the_models_own_top_k_at_each_emitted_token_and_change_n
             assert torch.allclose(torch.tensor(lp.top_logprobs), values.cpu(), atol=1e-4)
             if temperature == 0:  # greedy emits the top token
                 assert lp.tokens == [t[0] for t in lp.top_ids]
+
+
+def test_fcot_models_prepare_says_which_copy_it_made_and_keeps(tmp_path):
+    env = {"FCOT_MODELS_DIR": str(tmp_path / "models")}
+    first = run_fcot("models", "prepare", "tiny-llama", env=env, check=True).stderr
+    folder = tmp_path / "models" / "tiny-llama"
+    assert f"tiny-llama: ready at {folder} (a random llama model, built locally)" in first
+    again = run_fcot("models", "prepare", "tiny-llama", env=env, check=True).stderr
+    assert f"tiny-llama: already prepared at {folder} (a random llama model, built locally)" in again
