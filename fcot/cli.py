@@ -7,14 +7,18 @@ import argparse
 import json
 import os
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from fcot.bundled import prepare
 from fcot.config import absolute_path, load_config
+from fcot.console import to_log
 from fcot.curate import CurateConfig, curate
 from fcot.environment import collect, render
-from fcot.errors import user_error
+from fcot.errors import FcotError, user_error
 from fcot.evaluate import EvalConfig, evaluate, prediction_prefix
+from fcot.export import export
 from fcot.io import atomic_write_jsonl
 from fcot.methods import METHODS
 from fcot.prompts import PREDICTION_PREFIX
@@ -108,6 +112,23 @@ def cmd_train(args) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}))  # the curve: summary.json
 
 
+@contextmanager
+def quiet_console(log_path: Path, verbose: bool):
+    """fcot's lines on the console, the rest in `log_path` (fcot.console); an error, whoever raises it, leaves in
+    one line naming the log (which keeps its traceback)."""
+    try:
+        with to_log(log_path, verbose) as say:
+            try:
+                yield say
+            except Exception:
+                traceback.print_exc()  # into the log: fd 2 is its pipe here
+                raise
+    except Exception as e:
+        found = user_error(e)
+        first = (str(found) if found else f"{type(e).__name__}: {str(e).strip()}").splitlines() or [""]
+        raise FcotError(f"{first[0]} (full output and traceback: {log_path})") from None
+
+
 def cmd_run(args) -> None:
     cfg = load_config(RunConfig, args.config, args.overrides)
     if args.dry_run:
@@ -115,8 +136,12 @@ def cmd_run(args) -> None:
             print(note, file=sys.stderr)
         print(json.dumps({"config": args.config, "valid": True, "run_dir": cfg.output_dir}))
         return
-    summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
-    print(f"report: {summary['run_dir']}/report.md", file=sys.stderr)
+    notes = dry_run(cfg)  # config errors stop here, before any work or file
+    with quiet_console(Path(cfg.output_dir) / "output.log", args.verbose) as say:
+        for note in notes:
+            say(note)
+        summary = run(cfg, log=say, checked=True)
+        say(f"report: {summary['run_dir']}/report.md")
     print(json.dumps({"run_dir": summary["run_dir"], "report": f"{summary['run_dir']}/report.md"}))
 
 
@@ -135,8 +160,12 @@ def cmd_sweep(args) -> None:
             print(note, file=sys.stderr)
         print(json.dumps({"config": args.config, "valid": True}))
         return
-    results = sweep(cfg, log=lambda m: print(m, file=sys.stderr))
-    print(f"report: {results['sweep_dir']}/report.md", file=sys.stderr)
+    notes = dry_run_sweep(cfg)  # config errors stop here, before any work or file
+    with quiet_console(Path(cfg.output_dir) / "output.log", args.verbose) as say:
+        for note in notes:
+            say(note)
+        results = sweep(cfg, log=say, checked=True)
+        say(f"report: {results['sweep_dir']}/report.md")
     print(json.dumps({"sweep_dir": results["sweep_dir"], "best": results["best"], "trials": len(results["trials"])}))
 
 
@@ -149,6 +178,11 @@ def cmd_env(args) -> None:
         print(json.dumps(info, indent=1))
         return
     print(render(info) + (f"\n(stages of {config})" if config else ""))
+
+
+def cmd_export(args) -> None:
+    dest = export(args.run_dir, args.to, push_to_hub=args.push_to_hub, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"dataset": str(dest)}))
 
 
 def cmd_models_prepare(args) -> None:
@@ -211,11 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (e.g. experiments/quickstart.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x train.epochs=2")
     p.add_argument("--dry-run", action="store_true", help="validate tasks, models, resources and paths; run nothing")
+    p.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and W&B's output on the console "
+                                                          "too (by default it goes to OUTPUT_DIR/output.log only)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("sweep", help="Ray Tune sweep over run-config keys (D, lr, student, data size, teacher)")
     p.add_argument("config", help="YAML sweep config (see experiments/sweeps/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/sweeps/x")
     p.add_argument("--dry-run", action="store_true", help="validate every trial's config; run nothing")
+    p.add_argument("--verbose", action="store_true", help="show Ray's, Tune's and W&B's output on the console too")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="rebuild report.md and its plots from a run or sweep directory; several "
                                       "sweep directories: one study figure across them")
@@ -229,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--json", action="store_true", help="one JSON object, for bug reports")
     p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("export", help="a run's curated sets and teacher records as a Hugging Face dataset folder "
+                                      "(load_from_disk), with a dataset card")
+    p.add_argument("run_dir")
+    p.add_argument("--to", required=True, help="the dataset folder to write (must not exist)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also push it to the Hugging Face hub as this dataset repo")
+    p.set_defaults(func=cmd_export)
 
     add_submit_parsers(sub)  # `fcot submit`, `fcot jobs`: Ray Jobs on a cluster
 

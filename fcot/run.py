@@ -274,7 +274,9 @@ def _wandb_log(cfg: RunConfig, job_type: str, metrics: dict) -> None:
             if isinstance(v, (int, float)) and v is not None:
                 flat[f"{task}/{k}"] = v
     run = wandb.init(project="fcot", group=cfg.name, job_type=job_type, name=f"{cfg.name}-{job_type}", mode=mode,
-                     dir=cfg.output_dir, config=redacted(cfg.model_dump()), reinit="create_new")
+                     dir=cfg.output_dir, config=redacted(cfg.model_dump()), reinit="create_new",
+                     # metrics only: no history tables on the console, no copy of the driver's console in the run
+                     settings=wandb.Settings(silent=True, console="off"))
     run.log(flat)
     run.finish()
 
@@ -356,9 +358,10 @@ def run_stages(cfg: RunConfig, log=print, on_stage=None) -> dict[str, dict]:
     return markers
 
 
-def run(cfg: RunConfig, log=print) -> dict:
-    """Run (or resume) every stage; returns the run summary (also RUN_DIR/summary.json) and writes report.md."""
-    for note in dry_run(cfg):  # config errors stop here, before any work
+def run(cfg: RunConfig, log=print, checked: bool = False) -> dict:
+    """Run (or resume) every stage; returns the run summary (also RUN_DIR/summary.json) and writes report.md.
+    `checked`: the caller ran `dry_run(cfg)` already (and showed its notes)."""
+    for note in [] if checked else dry_run(cfg):  # config errors stop here, before any work
         log(note)
     _prepare_models(cfg, log)
     layout = cfg.layout

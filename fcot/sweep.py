@@ -245,15 +245,16 @@ def trials_at_once(demands: list[Demand], cluster: dict[str, float]) -> int:
     return max(1, int(min(fits)))
 
 
-def sweep(cfg: SweepConfig, log=print) -> dict:
-    """Run (or resume) a sweep; writes results.json and report.md, and returns the results."""
+def sweep(cfg: SweepConfig, log=print, checked: bool = False) -> dict:
+    """Run (or resume) a sweep; writes results.json and report.md, and returns the results. `checked`: the caller
+    ran `dry_run_sweep(cfg)` already (and showed its notes)."""
     import ray  # heavy: only where Ray work starts
     from ray import tune
 
     sweep_dir = Path(cfg.output_dir)
     planned = trials(cfg)
     base, max_d, runs = planned
-    for note in dry_run_sweep(cfg, planned):  # every trial's config is valid before anything runs
+    for note in [] if checked else dry_run_sweep(cfg, planned):  # every trial's config is valid before anything runs
         log(note)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(sweep_dir / "sweep.json", redacted(cfg.model_dump()))

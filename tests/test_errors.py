@@ -90,5 +90,8 @@ def test_a_failed_stage_keeps_what_the_run_finished_and_says_how_to_resume(tmp_p
     last = proc.stderr.strip().splitlines()[-1]
     assert "stage train-vanilla failed:" in last and "fewer than batch_size=64" in last
     assert "finished stages kept" in last and "curate-vanilla" in last and "run the same command again" in last
+    log = tmp_path / "run" / "output.log"  # the console said where the rest went; the log keeps the traceback
+    assert last.endswith(f" (full output and traceback: {log})") and "Traceback" not in proc.stderr
+    assert "Traceback (most recent call last)" in log.read_text()
     marker = json.loads((tmp_path / "run" / "stages" / "curate-vanilla.json").read_text())
     assert marker["result"]["kept"] == 20
