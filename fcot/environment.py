@@ -10,9 +10,9 @@ quickstart), the precision and threads of each stage, by the same rules the stag
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import os
 import platform
+import re
 import socket
 import sys
 
@@ -21,6 +21,8 @@ import psutil
 from fcot.curate import CurateConfig
 from fcot.evaluate import EvalConfig
 from fcot.hardware import choose, cpu_bf16, cpu_info, cuda_bf16, threads_for
+from fcot.ray_utils import auth_headers
+from fcot.resources import cluster_nodes
 from fcot.run import stages
 from fcot.teacher.config import TeachConfig
 from fcot.train.config import TrainConfig
@@ -56,25 +58,20 @@ def _ray(address: str | None) -> dict:
 
 
 def _cluster(address: str) -> dict:
-    """{"nodes": [...]} of the Ray cluster at `address`, joined as a run's driver would join it, or {"error": why}."""
-    import ray  # heavy: asked for
-
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    """{"nodes": [...]} alive in the Ray cluster at `address` (fcot.resources.cluster_nodes, as `fcot submit` reads
+    them), or {"error": why not}."""
+    host, _, port = re.sub(r"^\w+://", "", address).rstrip("/").rpartition(":")
     if port.isdigit():  # HOST:PORT (not "auto"): Ray's driver retries an unreachable one for minutes, so knock first
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except OSError as e:
             return {"error": f"could not connect: nothing answers at {address} ({e})"}
     try:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        nodes = [{"address": n["NodeManagerAddress"], "alive": n["Alive"], "cpus": n["Resources"].get("CPU", 0),
-                  "gpus": n["Resources"].get("GPU", 0), "memory_gib": round(n["Resources"].get("memory", 0) / 2**30, 1)}
-                 for n in ray.nodes()]
-    except Exception as e:  # whatever Ray raises for an unreachable or refusing cluster: the report says it
+        nodes = cluster_nodes(address, auth_headers())
+    except Exception as e:  # whatever Ray raises for a cluster that refuses or fails: the report says it
         return {"error": f"could not connect: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"}
-    finally:
-        ray.shutdown()
-    return {"nodes": sorted(nodes, key=lambda n: (not n["alive"], n["address"]))}
+    return {"nodes": [{"cpus": n.get("CPU", 0), "gpus": n.get("GPU", 0),
+                       "memory_gib": round(n.get("memory", 0) / 2**30, 1)} for n in nodes]}
 
 
 def stage_settings(cfg) -> list[dict]:
@@ -143,13 +140,12 @@ def render(info: dict) -> str:
     lines.append(f"Ray:      joins {ray_info['joins']}")
     if ray_info.get("error"):
         lines.append(f"          {ray_info['error']}")
-    alive = [n for n in ray_info.get("nodes", []) if n["alive"]]
+    nodes = ray_info.get("nodes", [])
     if "nodes" in ray_info:
-        lines.append(f"          {len(alive)} nodes alive: {sum(n['cpus'] for n in alive):g} CPUs, "
-                     f"{sum(n['gpus'] for n in alive):g} GPUs, {sum(n['memory_gib'] for n in alive):.1f} GiB")
-    for n in ray_info.get("nodes", []):
-        lines.append(f"          node {n['address']}: {n['cpus']:g} CPUs, {n['gpus']:g} GPUs, {n['memory_gib']} GiB"
-                     + ("" if n["alive"] else " (dead)"))
+        lines.append(f"          {len(nodes)} nodes alive: {sum(n['cpus'] for n in nodes):g} CPUs, "
+                     f"{sum(n['gpus'] for n in nodes):g} GPUs, {sum(n['memory_gib'] for n in nodes):.1f} GiB")
+    for i, n in enumerate(nodes):
+        lines.append(f"          node {i}: {n['cpus']:g} CPUs, {n['gpus']:g} GPUs, {n['memory_gib']} GiB")
     auto = info["precision_auto"]
     lines.append(f"auto:     CPU -> {auto['cpu']['dtype']} ({auto['cpu']['why']})")
     lines.append(f"          GPU -> {auto['cuda']['dtype']} ({auto['cuda']['why']})")
