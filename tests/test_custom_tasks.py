@@ -57,3 +57,39 @@ def test_user_task_bad_input(tmp_path):
         jsonl_task("t3", path, answer_type="float")
     with pytest.raises(FcotError, match="task name 'multiarith' is taken by a built-in task"):
         jsonl_task("multiarith", path, answer_type="text")
+
+
+def test_a_user_task_reads_the_same_from_every_format_datasets_loads(tmp_path, shared_data):
+    import datasets
+
+    examples = json.loads((shared_data / "datasets" / "coin_flip" / "coin_flip.json").read_text())["examples"][:30]
+    rows = [{"problem": e["question"], "solution": e["answer"]} for e in examples]
+    rows[3]["solution"] = None  # a question without its gold answer (teacher-labeled curation may take it)
+    (tmp_path / "coins.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_csv(tmp_path / "coins.csv", index=False)
+    ds.to_parquet(tmp_path / "coins.parquet")
+    ds.to_json(tmp_path / "coins.json", lines=False)
+    ds.save_to_disk(tmp_path / "coins_saved")
+    datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "coins_dict")
+    keys = {"question_key": "problem", "answer_key": "solution", "answer_type": "yes_no"}
+    expected = [(s.index, s.question, s.answer) for s in load_records(jsonl_task("coins_jsonl", tmp_path /
+                                                                                 "coins.jsonl", **keys).name)]
+    assert len(expected) == 30 and expected[3][2] is None and expected[0][2] in ("yes", "no")
+    for name in ("coins.csv", "coins.parquet", "coins.json", "coins_saved", "coins_dict"):
+        task = jsonl_task(f"coins_{name.replace('.', '_')}", tmp_path / name, **keys)
+        assert [(s.index, s.question, s.answer) for s in load_records(task.name)] == expected, name
+    assert "row 4, key 'solution'" in task.extra["unanswered"][3]
+
+    # A bad row of a CSV file is named as a row, as a bad line of a JSONL file is named as a line.
+    rows[7]["solution"] = "maybe"
+    datasets.Dataset.from_list(rows).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(FcotError, match=rf"^{tmp_path / 'bad.csv'}, row 8, key 'solution': expected yes or no, "
+                                        rf"got 'maybe'$"):
+        jsonl_task("bad_csv", tmp_path / "bad.csv", **keys)
+    (tmp_path / "coins.xlsx").write_text("not read")
+    with pytest.raises(FcotError, match=r"coins.xlsx: a user task's file is JSONL or what `datasets` reads"):
+        jsonl_task("xlsx", tmp_path / "coins.xlsx", **keys)
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(tmp_path / "two")
+    with pytest.raises(FcotError, match=r"two: a dataset of 2 splits \(train, test\): set path to one split's"):
+        jsonl_task("two", tmp_path / "two", **keys)

@@ -1,4 +1,5 @@
-"""User tasks: any JSONL file as a task, by a field mapping and an answer type.
+"""User tasks: any JSONL file (or any file `datasets` reads: CSV, Parquet, JSON, Arrow, a `save_to_disk` folder) as a
+task, by a field mapping and an answer type.
 
 In Python, `jsonl_task(name, path, ...)` registers a task in this process. In configs, an entry of `tasks`
 may be a definition instead of a name, with the same options:
@@ -39,7 +40,7 @@ ANSWER_TYPES = ("number", "letter", "yes_no", "text")
 
 
 class UserTask(Config):
-    """A task from a JSONL file (the options of `jsonl_task`)."""
+    """A task from a JSONL file, or any file `datasets` reads (the options of `jsonl_task`)."""
 
     name: str = Field(min_length=1)
     path: PathStr
@@ -69,15 +70,56 @@ def _get(obj: dict, dotted: str, path: Path, line: int):
     value = obj
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise FcotError(f"{path}, line {line}, key {dotted!r}: missing")
+            raise FcotError(f"{path}, {line}, key {dotted!r}: missing")
         value = value[part]
     return value
+
+
+# What `datasets` reads a user task's file as, by suffix; a folder is one written by `Dataset.save_to_disk`.
+BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".arrow": "arrow"}
+
+
+def records(path: Path):
+    """(where, record) for each record of a user task's file, `where` as one points at it: JSONL ("line 8", as an
+    editor numbers lines); any other file `datasets` reads (CSV, TSV, Parquet, JSON, Arrow) or a `save_to_disk`
+    folder ("row 8", from 1)."""
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".ndjson"):
+        for line, rec in iter_jsonl(path):
+            yield f"line {line}", rec
+        return
+    for row, rec in enumerate(_dataset(path), 1):
+        yield f"row {row}", rec
+
+
+def _dataset(path: Path):
+    import datasets  # heavy: a user task's file that is not JSONL
+
+    datasets.disable_progress_bars()
+    builder = "load_from_disk" if path.is_dir() else BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise FcotError(f"{path}: a user task's file is JSONL or what `datasets` reads "
+                        f"({', '.join(BUILDERS)}, or a save_to_disk folder), not {path.suffix or 'no suffix'}")
+    try:
+        if builder != "load_from_disk":
+            return datasets.load_dataset(builder, data_files=str(path), split="train",
+                                         **({"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}))
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # whatever the format's reader raises: the file and the reader, in one line
+        raise FcotError(f"{path}: cannot read it with datasets ({builder}): {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise FcotError(f"{path}: a dataset of {len(ds)} splits ({', '.join(ds)}): set path to one split's "
+                            f"folder, e.g. {path / next(iter(ds))}")
+        ds = next(iter(ds.values()))
+    return ds
 
 
 def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "question", answer_key: str = "answer",
                answer_type: AnswerType = "text", choices_key: str | None = None, split_file: str | None = None,
                test_fraction: float = 0.3, seed: int = 0, register: bool = True, check: bool = True) -> TaskSpec:
-    """Make a task from a JSONL file. Keys may be dotted (`question.stem`).
+    """Make a task from a JSONL file, or a CSV, TSV, Parquet, JSON or Arrow file or a `save_to_disk` folder (read
+    with `datasets`; errors name its row). Keys may be dotted (`question.stem`).
 
     `choices_key` names a list of choice texts: they are verbalised like the paper's multiple choice
     tasks and the answer must be a letter (or the text of one choice, turned into its letter).
@@ -95,18 +137,18 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
 
     def reader(spec: TaskSpec, file: Path, first: int) -> list[Sample]:
         out = []
-        for line, rec in iter_jsonl(file):  # errors name the line as an editor does
+        for line, rec in records(file):  # errors name the line as an editor does (or the row)
             i = len(out)
             q = _get(rec, question_key, file, line)
             if not isinstance(q, str):
-                raise FcotError(f"{file}, line {line}, key {question_key!r}: expected str, got {type(q).__name__}")
+                raise FcotError(f"{file}, {line}, key {question_key!r}: expected str, got {type(q).__name__}")
             if not q.strip():
-                raise FcotError(f"{file}, line {line}, key {question_key!r}: empty")
+                raise FcotError(f"{file}, {line}, key {question_key!r}: empty")
             a = _answer(rec, answer_key)
             if a is None:  # no gold: a training question may be labeled by the teacher (curate.label majority)
-                spec.extra["unanswered"][first + i] = f"{file}, line {line}, key {answer_key!r}"
+                spec.extra["unanswered"][first + i] = f"{file}, {line}, key {answer_key!r}"
             elif not isinstance(a, (str, int, float)) or isinstance(a, bool):
-                raise FcotError(f"{file}, line {line}, key {answer_key!r}: expected a string or number, "
+                raise FcotError(f"{file}, {line}, key {answer_key!r}: expected a string or number, "
                                 f"got {type(a).__name__}")
             a = None if a is None else str(a).strip()
             choices = None
@@ -114,23 +156,23 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
                 choices = _get(rec, choices_key, file, line)
                 if (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
                         or not 2 <= len(choices) <= len(LETTERS)):
-                    raise FcotError(f"{file}, line {line}, key {choices_key!r}: expected a list of 2–{len(LETTERS)} "
+                    raise FcotError(f"{file}, {line}, key {choices_key!r}: expected a list of 2–{len(LETTERS)} "
                                     f"strings")
                 if a is not None and a in choices and a not in LETTERS[: len(choices)]:
                     a = LETTERS[choices.index(a)]
                 q = q.strip() + " " + verbalise(choices, LETTERS)
                 choices = tuple(choices)
             if a is not None and answer_type == "number":
-                a = number_string(a, path=file, key=answer_key, line=line)
+                a = number_string(a, path=f"{file}, {line}", key=answer_key)
             elif a is not None and answer_type == "yes_no":
                 a = a.lower().rstrip(".")
                 if a not in ("yes", "no"):
-                    raise FcotError(f"{file}, line {line}, key {answer_key!r}: expected yes or no, got {a!r}")
+                    raise FcotError(f"{file}, {line}, key {answer_key!r}: expected yes or no, got {a!r}")
             elif a is not None and answer_type == "letter" and a not in (LETTERS[: len(choices)] if choices
                                                                          else LETTERS):
-                raise FcotError(f"{file}, line {line}, key {answer_key!r}: expected a choice letter, got {a!r}")
+                raise FcotError(f"{file}, {line}, key {answer_key!r}: expected a choice letter, got {a!r}")
             if a == "":
-                raise FcotError(f"{file}, line {line}, key {answer_key!r}: empty")
+                raise FcotError(f"{file}, {line}, key {answer_key!r}: empty")
             out.append(Sample(name, first + i, q.strip(), a, choices))
         return out
 
