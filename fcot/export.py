@@ -47,6 +47,11 @@ def _records(records_dir: Path) -> pa.Table:
                           ("sample_index", "ascending")])
 
 
+def _count(value) -> str:
+    """A curation count or fraction as written in a config: 160.0 -> 160, 0.5 -> 0.5, None -> all."""
+    return "all" if value is None else f"{value:g}"
+
+
 def _card(run: Path, config: dict, splits: dict[str, int], curated: dict[str, dict], teachers: list[dict]) -> str:
     lines = ["---", "tags:", "- fine-tune-cot", "- chain-of-thought", "- distillation", "---", "",
              f"# {config.get('name', run.name)}: Fine-tune-CoT data exported by fcot", "",
@@ -64,8 +69,8 @@ def _card(run: Path, config: dict, splits: dict[str, int], curated: dict[str, di
     lines += ["", "## Curation (what was kept)", ""]
     cfg = config.get("curate", {})
     lines.append(f"Filter: {cfg.get('filter', 'correct')} (a rationale is kept when its answer equals the "
-                 f"{cfg.get('label', 'gold')} label); samples per question: {cfg.get('num_samples') or 'all'}; "
-                 f"training questions: {cfg.get('train_questions') or 'all':g}; at most {cfg.get('max_length')} tokens "
+                 f"{cfg.get('label', 'gold')} label); samples per question: {_count(cfg.get('num_samples'))}; "
+                 f"training questions: {_count(cfg.get('train_questions'))}; at most {cfg.get('max_length')} tokens "
                  f"for prompt and completion (student {cfg.get('student')}).")
     lines += ["", "| method | teacher | task | questions | kept | dropped (incorrect) | dev questions (not here) |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -149,7 +149,7 @@ def test_each_stage_config_states_its_demand_and_the_check_names_the_key(tmp_pat
                            "eval.engine.gpus_per_replica=1", "eval.engine.replicas=3"])
     demands = {d.key: d for d in cfg.demands()}  # the run's stage chain: teacher, curation, training, evaluations
     assert demands["teacher.engine.replicas"].count == 2 and demands["teacher.engine.replicas"].unit["GPU"] == 4
-    assert demands["train.num_workers"].unit == {"CPU": 1.0, "GPU": 1.0}
+    assert demands["train.num_workers"].unit == {"CPU": 2.0, "GPU": 1.0}
     assert demands["eval.engine.replicas"].count == 3 and demands["eval.engine.replicas"].unit["GPU"] == 1
     two_gpu_nodes = [{"CPU": 8}, {"CPU": 48, "GPU": 4}, {"CPU": 48, "GPU": 4}]
     check_demands(list(demands.values()), two_gpu_nodes)

@@ -38,7 +38,7 @@ def test_dry_run_from_the_cli(shared_data, tmp_path):
     ("train.epochs=many", "key 'train.epochs': input should be a valid integer"),
     ("teacher.engine.kind=gpt", "key 'teacher.engine.kind': input should be 'hf', 'vllm', 'openai' or 'recorded'"),
     ("train.model=./no/such/model", "key 'train.model': model folder"),
-    ("train.num_workers=4", "key 'train.num_workers': 4 training workers x 1 CPUs > 2 CPUs"),
+    ("train.num_workers=4", "key 'train.num_workers': 4 training workers x 2 CPUs > 2 CPUs"),
     ("tasks=[multiarithmetic]", "unknown task 'multiarithmetic'"),
     ("output_dir=s3://bucket/runs/q", "key 'output_dir': s3://bucket/runs/q: object storage URIs are not supported; "
                                       "use a path every node mounts"),
@@ -80,7 +80,8 @@ def test_sweep_run_section_merges_into_its_base_config(shared_data, tmp_path, mo
     cfg = load_config(SweepConfig, ROOT / "experiments" / "sweeps" / "cpu.yaml", [f"output_dir={tmp_path}"])
     quickstart = read_yaml(ROOT / "experiments" / "quickstart.yaml")
     run = load_config(RunConfig, base=trial_dict(base_run(cfg), {"train.lr": 0.003, "train.seed": 2}, 1))
-    assert run.train.model == quickstart["train"]["model"] and run.train.epochs == cfg.run["train"]["epochs"]
-    assert run.train.batch_size == quickstart["train"]["batch_size"] and run.train.lr == 0.003 and run.train.seed == 2
+    assert run.train.model == cfg.run["train"]["model"] and run.train.epochs == cfg.run["train"]["epochs"]
+    assert run.train.packing == quickstart["train"]["packing"] and run.train.lr == 0.003 and run.train.seed == 2
     assert run.extra_teachers == {} and run.baselines == []
-    assert run.teacher.engine.kind == "recorded" and run.curate.max_length == quickstart["curate"]["max_length"]
+    assert run.teacher.engine.kind == "recorded" and run.curate.max_length == cfg.run["curate"]["max_length"]
+    assert run.eval.engine.batch_size == quickstart["eval"]["engine"]["batch_size"]

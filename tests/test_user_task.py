@@ -4,6 +4,7 @@ directory the command runs in; a bad record stops the run with one line naming f
 it) and key; a run of user tasks only needs no data directory."""
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,28 +16,36 @@ from tests.conftest import run_fcot
 
 def _coins(shared_data, path, break_record=None):
     """The coin-flip questions in a file of the user's own, with their own keys (the recorded 175B teacher's log
-    matches them by question text)."""
+    matches them by question text): JSONL, or CSV or Parquet as `datasets` writes them."""
     examples = json.loads((shared_data / "datasets" / "coin_flip" / "coin_flip.json").read_text())["examples"]
     rows = [{"problem": e["question"], "solution": e["answer"]} for e in examples]
     if break_record is not None:
         del rows[break_record]["solution"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import datasets
+
+        getattr(datasets.Dataset.from_list(rows), f"to_{path.suffix[1:]}")(path, **(
+            {"index": False} if path.suffix == ".csv" else {}))
 
 
 TASK = {"name": "coins", "path": "data/coins.jsonl", "question_key": "problem", "answer_key": "solution",
         "answer_type": "yes_no"}
 
 
-@pytest.fixture(scope="module")
-def coins_run(tmp_path_factory, tiny_llama, shared_data) -> Path:
-    """`fcot run` of a user task (coins, from YAML) in a folder of its own, relative paths against it, without
-    FCOT_DATA_DIR and with no ~/.cache/fcot/data (a run of user tasks only needs no data dir), on a Ray cluster it
-    starts itself (the empty cache reaches every worker): the run the tests below look at from two sides."""
-    folder = tmp_path_factory.mktemp("coins")
-    _coins(shared_data, folder / "data" / "coins.jsonl")
+@pytest.fixture(scope="module", params=["jsonl", "csv", "parquet"])
+def coins_run(request, tmp_path_factory, tiny_llama, shared_data) -> Path:
+    """`fcot run` of a user task (coins, from YAML; its file JSONL, CSV or Parquet) in a folder of its own, relative
+    paths against it, without FCOT_DATA_DIR and with no ~/.cache/fcot/data (a run of user tasks only needs no data
+    dir), on a Ray cluster it starts itself (the empty cache reaches every worker): the run the tests below look at
+    from two sides."""
+    folder = tmp_path_factory.mktemp(f"coins-{request.param}")
+    _coins(shared_data, folder / "data" / f"coins.{request.param}")
+    task = {**TASK, "path": f"data/coins.{request.param}"}
     config = {
-        "name": "coins", "output_dir": "run", "tasks": [TASK], "methods": ["fine_tune_cot"],
+        "name": "coins", "output_dir": "run", "tasks": [task], "methods": ["fine_tune_cot"],
         "baselines": ["zero_shot"], "wandb_mode": "disabled",
         "teacher": {"subset": 40, "engine": {
             "kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
@@ -63,10 +72,29 @@ def test_fcot_run_on_a_user_task_defined_in_yaml(coins_run, tiny_llama, ray_loca
     metrics = json.loads((run / "eval" / "fine_tune_cot" / "metrics.json").read_text())
     assert metrics["tasks"]["coins"]["n"] == 10 and metrics["tasks"]["coins"]["random"] == 0.5
     saved = json.loads((run / "config.json").read_text())
-    assert saved["tasks"] == ["coins"] and saved["user_tasks"][0]["path"] == str(tmp_path / "data" / "coins.jsonl")
+    data_file = next((tmp_path / "data").glob("coins.*"))
+    assert saved["tasks"] == ["coins"] and saved["user_tasks"][0]["path"] == str(data_file)
+
+    # The curated set and the teacher's records, handed on as a Hugging Face dataset folder with its card.
+    import datasets
+
+    out = run_fcot("export", "run", "--to", "exported", cwd=tmp_path, check=True)
+    assert json.loads(out.stdout)["dataset"] == str(tmp_path / "exported")
+    exported = datasets.load_from_disk(tmp_path / "exported")
+    assert set(exported) == {"fine_tune_cot", "teacher_records"}
+    assert exported["fine_tune_cot"].to_list() == pq.read_table(run / "curated" / "fine_tune_cot" / "train").to_pylist()
+    assert sorted((r["index"], r["rationale"]) for r in exported["teacher_records"]) == sorted(
+        (r["index"], r["rationale"]) for r in records)
+    card = (tmp_path / "exported" / "README.md").read_text()
+    kept = len(exported["fine_tune_cot"])
+    assert "text-davinci-002 (recorded engine)" in card
+    assert re.search(rf"\| fine_tune_cot \| \w+ \| coins \| \d+ \| {kept} \| \d+ \|", card), card
+    again = run_fcot("export", "run", "--to", "exported", cwd=tmp_path)
+    assert again.returncode == 2 and "exported exists: export writes a new folder" in again.stderr
 
     # The same definition, on a generating teacher: its replicas (Ray actors) score the user task.
-    teach = {"tasks": [TASK], "subset": 4, "output_dir": "taught", "progress": False,
+    teach = {"tasks": [{**TASK, "path": f"data/{data_file.name}"}], "subset": 4, "output_dir": "taught",
+             "progress": False,
              "engine": {"kind": "hf", "model": str(tiny_llama), "dtype": "float32"},
              "sampling": {"num_samples": 2, "max_new_tokens": 6, "answer_max_new_tokens": 3}}
     (tmp_path / "teach.yaml").write_text(yaml.safe_dump(teach))
