@@ -119,7 +119,7 @@ def export(run_dir: str | os.PathLike, to: str | os.PathLike, push_to_hub: str |
     if push_to_hub:
         try:
             dd.push_to_hub(push_to_hub)
-            from huggingface_hub import HfApi
+            from huggingface_hub import HfApi  # only when pushing
 
             HfApi().upload_file(path_or_fileobj=str(dest / "README.md"), path_in_repo="README.md",
                                 repo_id=push_to_hub, repo_type="dataset")
