@@ -131,12 +131,12 @@ def quiet_console(log_path: Path, verbose: bool):
 
 def cmd_run(args) -> None:
     cfg = load_config(RunConfig, args.config, args.overrides)
+    notes = dry_run(cfg)  # config errors stop here, before any work or file
     if args.dry_run:
-        for note in dry_run(cfg):
+        for note in notes:
             print(note, file=sys.stderr)
         print(json.dumps({"config": args.config, "valid": True, "run_dir": cfg.output_dir}))
         return
-    notes = dry_run(cfg)  # config errors stop here, before any work or file
     with quiet_console(Path(cfg.output_dir) / "output.log", args.verbose) as say:
         for note in notes:
             say(note)
@@ -155,12 +155,12 @@ def cmd_report(args) -> None:
 
 def cmd_sweep(args) -> None:
     cfg = load_config(SweepConfig, args.config, args.overrides)
+    notes = dry_run_sweep(cfg)  # config errors stop here, before any work or file
     if args.dry_run:
-        for note in dry_run_sweep(cfg):
+        for note in notes:
             print(note, file=sys.stderr)
         print(json.dumps({"config": args.config, "valid": True}))
         return
-    notes = dry_run_sweep(cfg)  # config errors stop here, before any work or file
     with quiet_console(Path(cfg.output_dir) / "output.log", args.verbose) as say:
         for note in notes:
             say(note)
