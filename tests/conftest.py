@@ -110,19 +110,20 @@ def smollm2() -> str:
 
 @pytest.fixture(scope="session")
 def lose_a_node(tmp_path_factory):
-    """lose_a_node(stage, CONFIG, REFERENCE=None) runs `stage` on CONFIG on a multi-node Ray cluster of this machine,
-    a worker node removed mid-stage, and returns what it reported (tests/node_loss.py). One process and one cluster
-    serve the session's node-loss tests (each on fresh worker nodes): the in-process tests share another cluster."""
+    """lose_a_node(stage, CONFIG, REFERENCE=None, replace=True) runs `stage` on CONFIG on a multi-node Ray cluster of
+    this machine, a worker node removed mid-stage (and a fresh one added unless replace=False), and returns what it
+    reported (tests/node_loss.py). One process and one cluster serve the session's node-loss tests (each on fresh
+    worker nodes): the in-process tests share another cluster."""
     folder = tmp_path_factory.mktemp("node_loss")
     log = (folder / "cluster.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "tests.node_loss"], stdin=subprocess.PIPE, stdout=log,
                               stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     asked = itertools.count()
 
-    def lose(stage: str, config: Path, reference: Path | None = None) -> dict:
+    def lose(stage: str, config: Path, reference: Path | None = None, replace: bool = True) -> dict:
         result = folder / f"result-{next(asked)}.json"
         request = {"stage": stage, "config": str(config), "reference": str(reference) if reference else None,
-                   "result": str(result)}
+                   "result": str(result), "replace": replace}
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()
         deadline = time.time() + 1500

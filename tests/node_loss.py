@@ -1,15 +1,15 @@
-"""A worker node lost mid-stage, on one multi-node Ray cluster of this machine for the whole test session:
-`python -m tests.node_loss`, from the repo root (conftest's `lose_a_node` fixture starts it, once).
+"""A worker node lost mid-stage, on one multi-node Ray cluster of this machine for the whole test session: `python -m
+tests.node_loss`, from the repo root (conftest's `lose_a_node` fixture starts it, once).
 
-A ray.cluster_utils.Cluster, as Ray's own fault-tolerance tests use: a head without CPUs (where this driver runs,
-as on a real cluster), started once. Each request (a JSON line on stdin: stage, config, optional reference config,
-result path) adds two fresh worker nodes for its stage. With a reference config the stage first runs undisturbed
-on it. Then the stage runs on its config in a thread; once its work is under way (the stage's trigger below), a
-worker node holding one of its processes is removed without grace, as a preempted spot node is, and 2 s later a
-fresh node joins, as an autoscaler adds one. The request's worker nodes are then removed and its result written
-(atomically) as JSON: {"result", "reference", "error", "at_loss"}. Closing stdin shuts the cluster down.
-The only processes it kills are those of the nodes it added and removed (Cluster.remove_node), all started here.
-"""
+A ray.cluster_utils.Cluster, as Ray's own fault-tolerance tests use: a head without CPUs (where this driver runs, as on
+a real cluster), started once. Each request (a JSON line on stdin: stage, config, optional reference config, result
+path) adds two fresh worker nodes for its stage. With a reference config the stage first runs undisturbed on it. Then
+the stage runs on its config in a thread; once its work is under way (the stage's trigger below), a worker node holding
+one of its processes is removed without grace, as a preempted spot node is, and 2 s later a fresh node joins, as an
+autoscaler adds one (unless the request says `"replace": false`: an autoscaler out of capacity, a drained spot pool; the
+stage must finish on the node left). The request's worker nodes are then removed and its result written (atomically) as
+JSON: {"result", "reference", "error", "at_loss"}. Closing stdin shuts the cluster down. The only processes it kills are
+those of the nodes it added and removed (Cluster.remove_node), all started here."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def _holding(nodes, title: str):
     return None
 
 
-def scenario(cluster: Cluster, stage: str, config: str, reference: str | None = None) -> dict:
+def scenario(cluster: Cluster, stage: str, config: str, reference: str | None = None, replace: bool = True) -> dict:
     config_cls, fn, title, started, node_args = STAGES[stage]()
     nodes = [cluster.add_node(**node_args) for _ in range(2)]
     try:
@@ -117,8 +117,9 @@ def scenario(cluster: Cluster, stage: str, config: str, reference: str | None = 
         if victim is not None:
             cluster.remove_node(victim, allow_graceful=False)  # a spot node gone: no drain, no goodbye
             nodes.remove(victim)
-            time.sleep(2)
-            nodes.append(cluster.add_node(**node_args))
+            if replace:
+                time.sleep(2)
+                nodes.append(cluster.add_node(**node_args))
         runner.join(timeout=900)
         out.update(result=result, error=errors[0] if errors else None)
         return out
@@ -133,7 +134,8 @@ def main() -> None:
         for line in sys.stdin:
             request = json.loads(line)
             try:
-                out = scenario(cluster, request["stage"], request["config"], request.get("reference"))
+                out = scenario(cluster, request["stage"], request["config"], request.get("reference"),
+                               request.get("replace", True))
             except Exception as e:  # noqa: BLE001 - the test reports it; the next request still runs
                 out = {"error": f"{type(e).__name__}: {e}"[:3000], "at_loss": None, "result": None}
             atomic_write_text(request["result"], json.dumps(out, default=str))

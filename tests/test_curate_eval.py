@@ -233,14 +233,14 @@ def test_a_worker_node_lost_mid_curation_or_evaluation_changes_no_output(tmp_pat
                                                                          lose_a_node):
     """On a ray.cluster_utils.Cluster (a head without CPUs, two one-CPU worker nodes), curation and evaluation
     each run once undisturbed and once with the node of their Ray Data actor (the formatter; an engine replica)
-    removed without grace mid-stage and a fresh node added: Ray Data restarts the actor elsewhere and retries its
-    work, and the outputs are the same rows."""
+    removed without grace mid-stage and no node added (an autoscaler out of capacity): Ray Data restarts the actor
+    on the node left and retries its work, and the outputs are the same rows."""
     def curation(name):
         return _config_file(tmp_path / f"{name}.yaml", load_config(CurateConfig, base={
             "tasks": "multiarith", "teacher": recorded_teacher, "student": str(tiny_llama),
             "output_dir": str(tmp_path / name), "dev_fraction": 0.1, "max_length": 512}))
 
-    out = lose_a_node("curate", curation("lost"), reference=curation("undisturbed"))
+    out = lose_a_node("curate", curation("lost"), reference=curation("undisturbed"), replace=False)
     assert out["result"]["tasks"] == out["reference"]["tasks"] and out["result"]["kept"] > 250
     assert _rows(tmp_path / "lost" / "train") == _rows(tmp_path / "undisturbed" / "train")
     assert (tmp_path / "lost" / "dev.jsonl").read_text() == (tmp_path / "undisturbed" / "dev.jsonl").read_text()
@@ -250,7 +250,8 @@ def test_a_worker_node_lost_mid_curation_or_evaluation_changes_no_output(tmp_pat
             "engine": {"model": str(tiny_llama), "replicas": 2, "batch_size": 2}, "tasks": "multiarith",
             "subset": 40, "max_new_tokens": 32, "output_dir": str(tmp_path / name)}))
 
-    out = lose_a_node("evaluate", evaluation("eval_lost"), reference=evaluation("eval_undisturbed"))
+    out = lose_a_node("evaluate", evaluation("eval_lost"), reference=evaluation("eval_undisturbed"),
+                      replace=False)
     assert out["result"]["tasks"]["multiarith"]["n"] == 40
 
     def predictions(name):

@@ -164,13 +164,14 @@ def test_killed_driver_resumes_without_generating_finished_samples_again(tmp_pat
 
 def test_a_worker_node_lost_mid_run_loses_nothing_and_repeats_nothing(tmp_path, tiny_llama, lose_a_node):
     """A head without CPUs and two one-CPU worker nodes (ray.cluster_utils.Cluster), a replica on each: one node
-    removed without grace when the first shard lands, a fresh node added. The run completes with exactly N x D
-    distinct samples, and only the lost batches are generated again."""
+    removed without grace when the first shard lands, and no node added (an autoscaler out of capacity): the
+    replacement replica can never be placed, so the surviving one runs the lost batches and the rest. The run
+    completes with exactly N x D distinct samples, and only the lost batches are generated again."""
     cfg = _cfg(tmp_path, tiny_llama, subset=24, **{"sampling.num_samples": 4, "sampling.max_new_tokens": 48,
                                                   "engine.batch_size": 4})
     config = tmp_path / "teach.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump()))
-    out = lose_a_node("teach", config)
+    out = lose_a_node("teach", config, replace=False)
     rows = _all_rows(tmp_path / "teacher")
     assert len(rows) == 96 and len({r["key"] for r in rows}) == 96  # exactly N x D, none twice
     # Generated: what the replicas reported, each batch once. A batch in flight on the lost replica (IN_FLIGHT of

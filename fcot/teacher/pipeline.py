@@ -2,8 +2,9 @@
 
     driver: questions -> the samples each still needs (a fixed D, or adaptive rounds) minus those in the store
       -> batches to a pool of Ray actors, each an engine replica (hf, vLLM, or an OpenAI-compatible server),
-         two batches in flight per replica so none waits between batches; a replica that dies is restarted
-         and its batch rerun
+         two batches in flight per replica so none waits between batches; a replica that dies (its node lost)
+         is replaced and its batch rerun on the replicas that are up: a replacement takes work once it is placed
+         and has loaded its model, so when the cluster has no room for it the survivors finish the stage
       -> each replica writes its batch as one parquet shard, atomically, before returning its records
       -> as batches land: a question's next adaptive round is queued once its round is in (other questions keep
          the replicas busy meanwhile), `on_shard` gets each new shard (`fcot run` formats it for curation)
@@ -45,6 +46,7 @@ from fcot.teacher.recorded import import_recorded
 from fcot.teacher.store import RecordStore, record
 
 IN_FLIGHT = 2  # batches queued at each replica: the next one starts the moment the last one ends
+PLACEMENT_TIMEOUT_S = 600  # how long a run with every replica lost waits for a replacement to be placed
 LANDED = ["task", "index", "sample_index", "correct", "rationale", "completion_tokens", "answer_completion_tokens"]
 SUMMED = ["task", "index", "sample_index", "correct", "temperature", "prompt_tokens", "answer_prompt_tokens",
           "completion_tokens", "answer_completion_tokens"]  # the summary's columns (adaptive: and the rationale)
@@ -190,13 +192,28 @@ def _run_pool(cfg: TeachConfig, qs: list, have: pa.Table, store: RecordStore, on
         return replica.remote(resolved.model_dump(), str(store.root.resolve()), teacher)
 
     actors = [start() for _ in range(e.replicas)]
-    replaced, retry = 0, deque()
+    up = set(range(len(actors)))  # the slots that take batches: a replacement joins once it is ready
+    placing: dict = {}  # a replacement's __ray_ready__ -> (slot, actor)
+    replaced, retry, alone_since = 0, deque(), None
     load = [0] * len(actors)
     inflight: dict = {}
     tokens, started = 0, time.time()
+
+    def replace(a: int, actor) -> None:
+        nonlocal replaced
+        if actors[a] is not actor:  # replaced already (another of its batches failed first)
+            return
+        replaced += 1
+        if replaced > 3 * len(actors):
+            raise RuntimeError(f"teacher replicas died {replaced} times; see the Ray logs (engine: {e.kind})")
+        ray.kill(actor, no_restart=True)
+        up.discard(a)
+        actors[a] = start()
+        placing[actors[a].__ray_ready__.remote()] = (a, actors[a])
+
     with Progress("teacher", total, "samples", cfg.progress) as bar:
         while queue or retry or inflight:
-            for a in sorted(range(len(actors)), key=load.__getitem__):
+            for a in sorted(up, key=load.__getitem__):
                 # A lost batch again as it was (its shard name is its keys), else a full batch, or whatever is
                 # queued when the replica has nothing else to do.
                 while load[a] < IN_FLIGHT and (retry or queue and (len(queue) >= e.batch_size or load[a] == 0)):
@@ -207,22 +224,33 @@ def _run_pool(cfg: TeachConfig, qs: list, have: pa.Table, store: RecordStore, on
                                  for key, k in (queue.popleft() for _ in range(min(e.batch_size, len(queue))))]
                     inflight[actors[a].run.remote(batch)] = (a, actors[a], batch)
                     load[a] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            # With no replica up, the replacements have a bounded time to be placed: an autoscaler out of capacity
+            # or a drained spot pool must stop the run with a message, not leave it waiting.
+            alone_since = (alone_since or time.time()) if not up else None
+            if alone_since and time.time() - alone_since > PLACEMENT_TIMEOUT_S:
+                raise RuntimeError(f"no teacher replica could be placed for {PLACEMENT_TIMEOUT_S} s after its node "
+                                   f"was lost: the cluster has no room for engine.cpus_per_replica="
+                                   f"{e.cpus_per_replica}, engine.gpus_per_replica={e.gpus_per_replica}; samples "
+                                   "written so far are kept, and the same command resumes")
+            ready, _ = ray.wait([*inflight, *placing], num_returns=1, timeout=10.0)
             for ref in ready:
+                if ref in placing:
+                    a, actor = placing.pop(ref)
+                    try:
+                        ray.get(ref)
+                        up.add(a)
+                    except ray.exceptions.RayActorError:
+                        replace(a, actor)
+                    continue
                 a, actor, batch = inflight.pop(ref)
                 load[a] -= 1
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError:
-                    # Its node was lost (or its process, past Ray's restarts): the batch is sent again, whole, and a
-                    # fresh replica takes the slot wherever the cluster has room.
+                    # Its node was lost (or its process, past Ray's restarts): the batch is sent again, whole, to
+                    # the replicas that are up, and a fresh replica takes the slot when the cluster has room.
                     retry.append(batch)
-                    if actors[a] is actor:
-                        replaced += 1
-                        if replaced > 3 * len(actors):
-                            raise
-                        ray.kill(actor, no_restart=True)
-                        actors[a] = start()
+                    replace(a, actor)
                     continue
                 cost["generated"] += result["generated"]
                 cost["cpu_s"] += result["cpu_s"]
@@ -239,7 +267,7 @@ def _run_pool(cfg: TeachConfig, qs: list, have: pa.Table, store: RecordStore, on
                 bar.update(len(result["records"]), tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
                 if on_shard is not None:
                     on_shard(Path(result["shard"]))
-    for actor in actors:
+    for actor in actors:  # replacements still waiting for room included
         ray.kill(actor)
     return cost
 
