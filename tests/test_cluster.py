@@ -57,6 +57,11 @@ def test_cluster_launcher_yaml_passes_rays_own_schema():
     assert "RAY_AUTH_MODE=token" in head_start and "--dashboard-host=127.0.0.1" in head_start
     assert all("RAY_AUTH_MODE=token" in c for c in raw["worker_start_ray_commands"] if "ray start" in c)
     assert set(raw["file_mounts"]) == {"/home/ray/fcot", "/home/ray/.ray/auth_token"}  # no other secret mounted
+    # The host folder every container binds as its shared run directory is mounted by the YAML itself (EFS), on
+    # every node, before the container starts: nothing is left to do by hand after `ray up`.
+    bound = [o.split()[1].split(":")[0] for o in raw["docker"]["run_options"] if o.startswith("-v ")]
+    assert bound == ["/mnt/fcot"]
+    assert any("mount -t nfs4" in c and "/mnt/fcot" in c for c in raw["initialization_commands"])
 
 
 def _containers(pod_spec):
@@ -110,6 +115,69 @@ def test_kuberay_raycluster_and_rayjob_are_well_formed():
 
     pvc = yaml.safe_load((CLUSTER / "kuberay" / "pvc.yaml").read_text())
     assert (pvc["apiVersion"], pvc["kind"]) == ("v1", "PersistentVolumeClaim")
+
+
+def _shown_commands() -> list[tuple[str, str]]:
+    """Every `fcot ...` (or `python -m fcot.cli ...`) command line the READMEs show in their shell blocks
+    (continuations joined, comments cut), and the launcher YAML in its comments; `a|b|c` stands for each of a, b, c."""
+    import re
+
+    found = []
+    for name in ("README.md", "cluster/README.md", "cluster/ray-cluster.yaml"):
+        lines = (ROOT / name).read_text().splitlines()
+        if name.endswith(".yaml"):  # its usage comment, indented as a shell block
+            shell = [line[1:] for line in lines if line.startswith("#   ")]
+        else:
+            fences = [i for i, line in enumerate(lines) if line.startswith("```")]
+            shell = [line for start, end in zip(fences[::2], fences[1::2])
+                     if lines[start].strip() in ("```bash", "```sh") for line in lines[start + 1:end]]
+        for line in "\n".join(shell).replace("\\\n", " ").splitlines():
+            command = re.search(r"(?:^|&& |\.venv/bin/|-m )(fcot(?:\.cli)? .*)", line.split("  #")[0].strip())
+            if command:
+                text = re.sub(r"^fcot\.cli ", "fcot ", command.group(1))
+                alternatives = re.search(r"(\S+\|\S+)", text)
+                for alt in alternatives.group(1).split("|") if alternatives else [None]:
+                    found.append((name, text.replace(alternatives.group(1), alt) if alt else text))
+    return found
+
+
+def test_every_command_and_config_the_readmes_show_parses_and_validates():
+    """Each command line shown parses with fcot's own parser, and a config it names loads as the stage it is given
+    to (an `fcot submit --command teach` config as a teacher config, ...): a file that is missing, a key that moved,
+    or a flag that went fails here, not in a user's first job. The stage configs under cluster/stages/ chain: each
+    reads what the one before writes."""
+    from fcot.cli import build_parser
+    from fcot.submit import CONFIGS
+
+    shown = _shown_commands()
+    assert any("--command teach" in c for _, c in shown) and any(c.startswith("fcot submit ") for _, c in shown)
+    parser = build_parser()
+    loaded = {}
+    for where, command in shown:
+        args, extra = parser.parse_known_args(command.split()[1:])
+        assert not extra or all("=" in a for a in extra), f"{where}: {command}: unrecognized {extra}"
+        config = getattr(args, "config", None)
+        if config is None or not config.endswith(".yaml"):
+            continue
+        kind = getattr(args, "command_name", None) or args.command
+        assert (ROOT / config).is_file(), f"{where}: {command}: no file {config}"
+        loaded[config] = load_job_config(kind, ROOT / config, [*getattr(args, "overrides", []), *extra])
+        assert isinstance(loaded[config], CONFIGS[kind])
+    stages = {s: loaded[f"cluster/stages/{s}.yaml"] for s in ("teach", "curate", "train", "eval")}
+    curated = Path(stages["curate"].output_dir)
+    assert stages["curate"].teacher.output_dir == stages["teach"].output_dir
+    assert (Path(stages["train"].data), Path(stages["train"].dev.path)) == (curated / "train", curated / "dev.jsonl")
+    assert Path(stages["eval"].engine.model) == Path(stages["train"].output_dir) / "model"
+    assert stages["train"].model == stages["curate"].student
+
+
+def test_the_image_the_dockerfile_builds_is_the_one_the_manifests_pull():
+    import re
+
+    built = re.search(r"docker build .*-t (\S+)", (CLUSTER / "Dockerfile").read_text()).group(1)
+    pulled = {image for f in (CLUSTER / "kuberay").glob("*.yaml") for image in
+              re.findall(r"image: (\S+)", f.read_text())}
+    assert pulled == {built}, (built, pulled)
 
 
 def test_runtime_env_yaml_has_no_secrets_and_builds(monkeypatch):
