@@ -255,28 +255,6 @@ class _SeededSampler:
         return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
 
 
-class _TopK:
-    """A logits processor that keeps each step's top-k log-softmax of the scores it is given (the model's raw
-    logits when it runs first) and changes nothing."""
-
-    def __init__(self, k: int):
-        self.k, self.ids, self.logprobs = k, [], []
-
-    def __call__(self, input_ids, scores):
-        import torch  # heavy: see gumbel_noise
-
-        values, ids = torch.log_softmax(scores.float(), dim=-1).topk(self.k, dim=-1)
-        self.ids.append(ids)
-        self.logprobs.append(values)
-        return scores
-
-    def rows(self) -> tuple[list, list]:
-        """(rows x steps x k) ids and logprobs as lists."""
-        import torch  # heavy: see gumbel_noise
-
-        return torch.stack(self.ids, 1).tolist(), torch.stack(self.logprobs, 1).tolist()
-
-
 class HFEngine:
     """transformers `generate`: left-padded micro-batches of similar length, KV cache, per-row seeds."""
 
@@ -350,7 +328,9 @@ class HFEngine:
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         if self.synced_gpus:
             kwargs["synced_gpus"] = True
-        processors = [top_k := _TopK(first.logprobs)] if first.logprobs else []  # first: the raw logits
+        if first.logprobs:  # the model's own logits at each step, before the generation_config's processors
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        processors = []
         if first.temperature > 0:
             # Decoders continue the padded prompt; encoder-decoders start from the decoder start token.
             width = 1 if self.encoder_decoder else enc.input_ids.shape[1]
@@ -363,11 +343,16 @@ class HFEngine:
             kwargs["decoder_start_token_id"] = self.model.generation_config.decoder_start_token_id
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
+        top_ids, top_logprobs = [None] * len(requests), [None] * len(requests)
+        if first.logprobs:  # rows x steps x k, from the raw log-softmax (a repetition penalty changes none of it)
+            steps = [torch.log_softmax(step.float(), dim=-1).topk(first.logprobs, dim=-1) for step in out.logits]
+            top_ids = torch.stack([ids for _, ids in steps], 1).tolist()
+            top_logprobs = torch.stack([values for values, _ in steps], 1).tolist()
+            out = out.sequences
         # Decoders return prompt + new tokens; encoder-decoders return the decoder start token + new tokens.
         new = out[:, 1:] if self.encoder_decoder else out[:, enc.input_ids.shape[1]:]
         completions = []
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        top_ids, top_logprobs = top_k.rows() if first.logprobs else ([None] * len(requests),) * 2
         for row, mask, ids, lps in zip(new.tolist(), enc.attention_mask.sum(dim=1).tolist(), top_ids, top_logprobs):
             # Tokens after the first EOS are padding; EOS itself counts as generated.
             n = next((k + 1 for k, t in enumerate(row) if t == eos), len(row))

@@ -53,10 +53,11 @@ def cpu_bf16() -> bool:
 
 @functools.cache
 def cuda_bf16() -> bool | None:
-    """This process's GPU computes bf16 (None: no GPU visible here)."""
+    """This process's GPU computes bf16 natively (None: no GPU visible here). Not torch's default answer, which
+    counts emulation: a T4 or V100 says yes there, runs bf16 many times slower, and vLLM refuses it below 8.0."""
     import torch  # heavy: see cpu_bf16
 
-    return bool(torch.cuda.is_bf16_supported()) if torch.cuda.is_available() else None
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False)) if torch.cuda.is_available() else None
 
 
 def cpu_info() -> tuple[str, list[str]]:

@@ -82,11 +82,14 @@ def test_one_engine_config_builds_the_engines_of_teacher_and_evaluation(tiny_lla
 
 def test_hf_logprobs_are_the_models_own_top_k_at_each_emitted_token_and_change_no_sample(tiny_llama):
     """The top-k logprobs the hf engine returns are those of a teacher-forced forward pass over prompt + emitted
-    tokens (the raw log-softmax, before temperature and noise), for greedy and sampled rows in a padded batch; the
-    texts are those generated without logprobs."""
+    tokens (the raw log-softmax, before temperature and noise, and before what the model's generation_config adds:
+    a repetition penalty here), for greedy and sampled rows in a padded batch; the texts are those generated without
+    logprobs."""
     engine = HFEngine(str(tiny_llama), dtype="float32", device=DEVICE, batch_size=8)
+    engine.model.generation_config.repetition_penalty = 1.8  # a processor transformers runs before any of fcot's
     prompts = ["Q: There are 3 cars and 2 more arrive. How many cars?\nA: Let's think step by step.",
                "Q: Tom has 12 apples?\nA:"]
+    penalized = []
     for temperature in (0.0, 0.7):
         plain = [Request(prompt=p, max_new_tokens=10, temperature=temperature, seed=5 + i)
                  for i, p in enumerate(prompts)]
@@ -103,8 +106,9 @@ def test_hf_logprobs_are_the_models_own_top_k_at_each_emitted_token_and_change_n
             values, top = torch.log_softmax(logits, -1).topk(4, dim=-1)
             assert lp.top_ids == top.tolist()
             assert torch.allclose(torch.tensor(lp.top_logprobs), values.cpu(), atol=1e-4)
-            if temperature == 0:  # greedy emits the top token
-                assert lp.tokens == [t[0] for t in lp.top_ids]
+            if temperature == 0:  # greedy emits the top token of the penalized scores: not always the raw top one
+                penalized.append(lp.tokens != [t[0] for t in lp.top_ids])
+    assert any(penalized)  # the penalty changed what greedy emitted, and the logprobs stayed raw
 
 
 def test_fcot_models_prepare_says_which_copy_it_made_and_keeps(tmp_path):

@@ -142,3 +142,27 @@ def test_stage_settings_follow_the_config(monkeypatch):
     by_stage = {s["stage"]: s for s in stage_settings(cfg)}
     assert by_stage["train-vanilla"]["dtype"] == "bfloat16" and "slow" in by_stage["train-vanilla"]["why"]
     assert by_stage["eval-vanilla"]["threads"] == 1 and by_stage["eval-vanilla"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("gpu, capability, native", [("Tesla T4", (7, 5), False), ("NVIDIA A100", (8, 0), True)])
+def test_auto_picks_bf16_only_on_a_gpu_that_computes_it_natively(monkeypatch, gpu, capability, native):
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100 (it counts emulation); fcot asks for native support:
+    auto is fp16 there, and a bf16 chosen by a driver that saw no GPU is refused by the worker, naming the key."""
+    import torch
+
+    from fcot.errors import FcotError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or capability >= (8, 0))
+    hardware.cuda_bf16.cache_clear()
+    try:
+        assert hardware.choose("auto", "cuda", "eval.engine.dtype").dtype == ("bfloat16" if native else "float16")
+        if native:
+            hardware.check_gpu("bfloat16", "train.precision")
+        else:
+            with pytest.raises(FcotError, match=f"train.precision: bfloat16 .* {gpu} has no bf16"):
+                hardware.check_gpu("bfloat16", "train.precision")
+    finally:
+        hardware.cuda_bf16.cache_clear()

@@ -369,6 +369,47 @@ def test_packed_attention_honours_a_sliding_window_and_refuses_a_soft_cap():
         packed_attention(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6, softcap=50.0)
 
 
+@pytest.mark.parametrize("signature", ["2.9", "2.11"])
+def test_the_varlen_kernel_is_called_right_on_every_signature_torch_has_had(signature):
+    """On CUDA, packed attention is one torch.nn.attention.varlen call, whose keywords changed: torch 2.9 takes
+    `is_causal` and neither `scale` nor `enable_gqa`, 2.11 `window_size`, `scale` and `enable_gqa`. A kernel of each
+    signature (computed here with SDPA per example, keyword-only as torch's) gets only keywords it has, and the
+    result equals the per-example path's, with a custom scale and grouped key/value heads."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn.functional as F
+
+    from fcot.train.attention import packed_attention, varlen_call
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale=None, gqa=False):
+        out = []
+        for a, b in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+            one = [t[a:b].transpose(0, 1) for t in (q, k, v)]
+            assert gqa or one[1].shape[0] == one[0].shape[0], "grouped heads passed to a kernel without enable_gqa"
+            out.append(F.scaled_dot_product_attention(*one, is_causal=causal, scale=scale, enable_gqa=gqa))
+        return torch.cat(out, 1).transpose(0, 1)
+
+    def old(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, return_aux=None):
+        return kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal)
+
+    def new(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+            enable_gqa=False):
+        return kernel(q, k, v, cu_q, cu_k, max_q, max_k, window_size == (-1, 0), scale, enable_gqa)
+
+    fn = old if signature == "2.9" else new
+    causal = {"is_causal": True} if signature == "2.9" else {"window_size": (-1, 0)}
+    varlen = (fn, causal, set(__import__("inspect").signature(fn).parameters))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    want, _ = packed_attention(SimpleNamespace(num_key_value_groups=2), q, k, v, None, scaling=0.2,
+                               cu_seq_lens_q=cu, max_length_q=6)
+    got = varlen_call(varlen, q, k, v, cu, 6, 0.2, 2, None)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert (varlen_call(varlen, q, k, v, cu, 6, 0.2, 2, 3) is None) == (signature == "2.9")  # a window: 2.11 only
+
+
 @pytest.mark.parametrize("temperature, alpha", [(2.0, 0.7), (1.0, 0.5)])
 def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens(tiny_llama, temperature, alpha):
     """The teacher's rationale tokens, re-tokenized inside the student's completion (` {rationale} --> {answer}
@@ -421,3 +462,26 @@ def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens
             kl += temperature ** 2 * (p * (p.log() - q)).sum()
     assert torch.allclose(losses[0], (1 - alpha) * ce + alpha * kl, rtol=1e-4), (losses[0], ce, kl)
     assert not torch.allclose(losses[0], ce, rtol=1e-3)  # the KD term counts
+
+
+def test_zero_stage_auto_honours_offload_and_qlora_and_explicit_ones_are_refused_naming_the_keys(tmp_path):
+    """ZeRO-Offload with stage auto never picks ZeRO-0 (DeepSpeed's CPU Adam asserts there); a QLoRA student never
+    gets ZeRO-3 (a 4-bit base cannot be partitioned): auto stops at 2, or says what to change. Set by hand, both
+    combinations are refused by the config, naming the keys."""
+    from fcot.train.trainer import zero_stage
+
+    base = {"data": str(tmp_path), "model": "smollm2-135m", "num_workers": 2, "batch_size": 2}
+    plain = load_config(TrainConfig, base=base)
+    offload = load_config(TrainConfig, base={**base, "deepspeed": {"offload_optimizer": True}})
+    gib = 2 ** 30
+    assert zero_stage(plain, 10 ** 6, 64 * gib, 2) == 0 and zero_stage(offload, 10 ** 6, 64 * gib, 2) == 1
+    assert zero_stage(offload, 10 ** 9, 4 * gib, 2) == 3  # too big for 1 and 2: offload and ZeRO-3
+    qlora = load_config(TrainConfig, base={**base, "use_gpu": True, "lora": {"quantize": "4bit"}})
+    assert zero_stage(qlora, 8 * 10 ** 9, 40 * gib, 2, trainable=4 * 10 ** 7) == 0  # 4 GB of 4-bit weights fit
+    with pytest.raises(FcotError, match=r"train.lora.quantize: .* cannot be partitioned by ZeRO-3"):
+        zero_stage(qlora, 70 * 10 ** 9, 40 * gib, 2, trainable=4 * 10 ** 8)
+    with pytest.raises(FcotError, match=r"deepspeed.offload_optimizer: ZeRO-Offload needs ZeRO stage 1, 2 or 3"):
+        load_config(TrainConfig, base={**base, "deepspeed": {"stage": 0, "offload_optimizer": True}})
+    with pytest.raises(FcotError, match=r"lora.quantize: a 4-bit QLoRA base cannot be partitioned by ZeRO-3"):
+        load_config(TrainConfig, base={**base, "use_gpu": True, "lora": {"quantize": "4bit"},
+                                       "deepspeed": {"stage": 3}})

@@ -24,19 +24,47 @@ NAME = "fcot_packed"
 
 
 def _varlen():
-    """torch's varlen flash attention and how it is told to be causal, or None where this torch has none (it came
-    in 2.9; `window_size` replaced `is_causal` in 2.11)."""
+    """torch's varlen flash attention, how it is told to be causal, and the keyword names it takes; None where this
+    torch has none (it came in 2.9 with `is_causal` and without `scale` or `enable_gqa`; `window_size` replaced
+    `is_causal` in 2.11)."""
     try:
         from torch.nn.attention.varlen import varlen_attn  # torch >= 2.9 only
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
+    params = set(inspect.signature(varlen_attn).parameters)
     if "window_size" in params:
-        return varlen_attn, {"window_size": (-1, 0)}
-    return (varlen_attn, {"is_causal": True}) if "is_causal" in params else None
+        return varlen_attn, {"window_size": (-1, 0)}, params
+    return (varlen_attn, {"is_causal": True}, params) if "is_causal" in params else None
 
 
 VARLEN = _varlen()
+
+
+def varlen_call(varlen, query, key, value, cu_seq_lens, max_length: int, scaling: float | None, groups: int,
+                window: int | None):
+    """One varlen flash-attention call over a packed row ((1, heads, tokens, head size) in, (1, tokens, heads, head
+    size) out), on whichever signature this torch has (VARLEN); None where it cannot honour the window. Where the
+    kernel takes no `scale`, the queries carry it; no `enable_gqa`, the key/value heads are repeated."""
+    fn, causal, params = varlen
+    if window and "window_size" not in causal:
+        return None
+    if window:
+        causal = {"window_size": (window - 1, 0)}
+    kwargs = dict(causal)
+    if scaling is not None:
+        if "scale" in params:
+            kwargs["scale"] = scaling
+        else:  # the kernel's own scale is 1/sqrt(head size)
+            query = query * (scaling * query.shape[-1] ** 0.5)
+    if groups > 1:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    cu = cu_seq_lens.to(query.device, torch.int32)
+    out = fn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu, int(max_length),
+             int(max_length), **kwargs)
+    return out.unsqueeze(0)
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -52,14 +80,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     groups = getattr(module, "num_key_value_groups", 1)
     # Flash attention takes 16-bit tensors only: fp32 on CUDA (precision fp32) runs the SDPA path below.
     if VARLEN is not None and query.is_cuda and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
-        varlen_attn, causal = VARLEN
-        if window and "window_size" in causal:
-            causal = {"window_size": (window - 1, 0)}
-        if not window or "window_size" in causal:
-            cu = cu_seq_lens_q.to(query.device, torch.int32)
-            out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
-                              int(max_length_q), int(max_length_q), scale=scaling, enable_gqa=groups > 1, **causal)
-            return out.unsqueeze(0), None
+        out = varlen_call(VARLEN, query, key, value, cu_seq_lens_q, max_length_q, scaling, groups, window)
+        if out is not None:
+            return out, None
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     bounds = cu_seq_lens_q.tolist()

@@ -143,6 +143,13 @@ class TrainConfig(Config):
         if self.lora is not None and self.lora.quantize and not self.use_gpu:
             raise ValueError("lora.quantize: 4-bit QLoRA needs CUDA GPUs (bitsandbytes): set use_gpu: true, or drop "
                              "lora.quantize for a LoRA student on this machine")
+        if self.deepspeed.offload_optimizer and self.deepspeed.stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: ZeRO-Offload needs ZeRO stage 1, 2 or 3, and "
+                             "deepspeed.stage is 0: set deepspeed.stage to 1, 2, 3 or auto")
+        if self.lora is not None and self.lora.quantize and self.deepspeed.stage == 3:
+            raise ValueError("lora.quantize: a 4-bit QLoRA base cannot be partitioned by ZeRO-3 (deepspeed.stage: 3): "
+                             "set deepspeed.stage to 0, 1, 2 or auto (the base is frozen: stages 1-2 shard the "
+                             "adapters' optimizer state)")
         return self
 
     def demands(self, prefix: str = "") -> list[Demand]:

@@ -75,13 +75,23 @@ def zero_stage(cfg: TrainConfig, parameters: int, memory_bytes: float, world: in
     """The ZeRO stage: as configured, or (auto) the lowest whose training state fits in half a worker's memory.
     Per parameter: fp32 weights 4 bytes (bf16 adds 2 for the cast copy); per trainable parameter (all but a LoRA
     student's frozen base): gradients 4 and Adam moments 8. ZeRO-1 shards the moments over the workers, ZeRO-2 the
-    gradients too, ZeRO-3 the weights as well."""
+    gradients too, ZeRO-3 the weights as well. ZeRO-Offload (offload_optimizer) needs stage >= 1; a QLoRA base
+    (4-bit, about half a byte per parameter) cannot be partitioned, so stage <= 2 or a message naming the keys."""
     if cfg.deepspeed.stage != "auto":
         return cfg.deepspeed.stage
     t = parameters if trainable is None else trainable
-    w = parameters * (4 + (2 if cfg.resolved_precision != "fp32" else 0))
+    quantized = cfg.lora is not None and cfg.lora.quantize
+    w = parameters * (0.5 if quantized else 4 + (2 if cfg.resolved_precision != "fp32" else 0))
     need = {0: w + 12 * t, 1: w + 4 * t + 8 * t / world, 2: w + 12 * t / world, 3: (w + 12 * t) / world}
-    return next((s for s in (0, 1, 2) if need[s] < memory_bytes / 2), 3)
+    lowest = 1 if cfg.deepspeed.offload_optimizer else 0
+    stage = next((s for s in range(lowest, 3) if need[s] < memory_bytes / 2), 3)
+    if stage == 3 and quantized:
+        raise FcotError(f"train.lora.quantize: the QLoRA student's training state ({need[2] / 2**30:.1f} GiB at "
+                        "ZeRO-2) "
+                        f"does not fit in half a worker's memory ({memory_bytes / 2**30:.1f} GiB), and a 4-bit base "
+                        "cannot be partitioned by ZeRO-3: more workers (train.num_workers) or a smaller "
+                        "train.lora.r, or set train.deepspeed.stage: 2 to try anyway")
+    return stage
 
 
 def _student(cfg: TrainConfig, model_path: str, device):
