@@ -174,9 +174,12 @@ class _Sums(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible /v1/completions that does sums: by seed % 6 a wrong sum, a rationale that two seeds
     share (duplicates), two other right ones, or a long one; the answer step repeats the rationale's last number.
     Asked for logprobs, it answers as vLLM does with return_tokens_as_token_ids: its text's tokens (tiny_llama's
-    tokenizer) as `token_id:N`, each with a made-up top k (the emitted token first)."""
+    tokenizer) as `token_id:N`, each with a made-up top k (the emitted token first). Under BASE/slow, each answer
+    takes 0.3 s, as a busy server's would (a run long enough to be killed mid-way)."""
 
     def do_POST(self):
+        if self.path.startswith("/slow/"):
+            time.sleep(0.3)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt, seed = body["prompt"], int(body.get("seed") or 0)
         a, b = map(int, SUMS.search(prompt).groups())

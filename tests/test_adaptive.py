@@ -14,7 +14,7 @@ import yaml
 from fcot.teacher.config import AdaptiveConfig
 from fcot.teacher.plan import samples_used
 from fcot.teacher.store import RecordStore
-from tests.conftest import ROOT, run_fcot
+from tests.conftest import ROOT, run_fcot, sums_task
 from tests.test_run import _kill_tree
 
 
@@ -41,12 +41,14 @@ def _spent(records_dir, rule) -> dict:
 
 
 @pytest.mark.slow
-def test_adaptive_teacher_stops_early_resumes_after_a_kill_and_extends(tmp_path, smollm2, ray_local):
-    cfg = {"tasks": "coin_flip", "subset": 10, "output_dir": str(tmp_path / "teacher"), "progress": False,
-           "prompt": "few_shot_cot",
-           "few_shot_exemplars": str(ROOT / "experiments" / "prompts" / "coin_flip_state_tracking.json"),
-           "engine": {"kind": "hf", "model": smollm2, "cpus_per_replica": 2, "batch_size": 4},
-           "sampling": {"max_new_tokens": 40, "adaptive": {"min_correct": 1, "max_samples": 6, "round_size": 2}}}
+def test_adaptive_teacher_stops_early_resumes_after_a_kill_and_extends(tmp_path, sums_server, ray_local):
+    """The scripted teacher of sums on 127.0.0.1 (tests/conftest.py: by seed a wrong sum, a rationale two seeds
+    share, or a distinct right one), answering slowly enough to be killed mid-run: two distinct right rationales per
+    question are asked, so some questions stop after their first round and others go on."""
+    cfg = {"tasks": [sums_task(tmp_path / "sums")], "subset": 16, "output_dir": str(tmp_path / "teacher"),
+           "progress": False, "engine": {"kind": "openai", "model": "sums", "base_url": f"{sums_server}/slow",
+                                         "replicas": 1, "batch_size": 4},
+           "sampling": {"max_new_tokens": 64, "adaptive": {"min_correct": 2, "max_samples": 6, "round_size": 2}}}
     config = tmp_path / "teach.yaml"
     config.write_text(yaml.safe_dump(cfg))
     records = tmp_path / "teacher" / "records"
@@ -62,18 +64,18 @@ def test_adaptive_teacher_stops_early_resumes_after_a_kill_and_extends(tmp_path,
     finished = json.loads(run_fcot("teach", config, check=True, cluster=ray_local).stdout.strip().splitlines()[-1])
     after = RecordStore(records).keys()
     assert done < after and finished["generated"] == len(after) - len(done)  # nothing finished was redone
-    rule = AdaptiveConfig(min_correct=1, max_samples=6, round_size=2)
+    rule = AdaptiveConfig(min_correct=2, max_samples=6, round_size=2)
     spent = _spent(records, rule)
-    assert len(spent) == 10 and finished["records"] == sum(spent.values()) == len(after)
-    per_q = finished["tasks"]["coin_flip"]["samples_per_question"]
-    assert sum(per_q.values()) == 10 and "2" in per_q and len(per_q) > 1  # some stopped at once, some went on
+    assert len(spent) == 16 and finished["records"] == sum(spent.values()) == len(after)
+    per_q = finished["tasks"]["sums"]["samples_per_question"]
+    assert sum(per_q.values()) == 16 and "2" in per_q and len(per_q) > 1  # some stopped at once, some went on
 
     again = json.loads(run_fcot("teach", config, check=True, cluster=ray_local).stdout.strip().splitlines()[-1])
     assert again["generated"] == 0
 
-    cfg["sampling"]["adaptive"]["min_correct"] = 2  # ask more of every question: only the missing samples
+    cfg["sampling"]["adaptive"]["min_correct"] = 3  # ask more of every question: only the missing samples
     config.write_text(yaml.safe_dump(cfg))
     more = json.loads(run_fcot("teach", config, check=True, cluster=ray_local).stdout.strip().splitlines()[-1])
     grown = RecordStore(records).keys()
     assert after <= grown and more["generated"] == len(grown) - len(after) > 0
-    assert more["records"] == sum(_spent(records, AdaptiveConfig(min_correct=2, max_samples=6, round_size=2)).values())
+    assert more["records"] == sum(_spent(records, AdaptiveConfig(min_correct=3, max_samples=6, round_size=2)).values())
