@@ -35,17 +35,23 @@ TASK = {"name": "coins", "path": "data/coins.jsonl", "question_key": "problem", 
         "answer_type": "yes_no"}
 
 
-@pytest.fixture(scope="module", params=["jsonl", "csv", "parquet"])
-def coins_run(request, tmp_path_factory, tiny_llama, shared_data) -> Path:
-    """`fcot run` of a user task (coins, from YAML; its file JSONL, CSV or Parquet) in a folder of its own, relative
-    paths against it, without FCOT_DATA_DIR and with no ~/.cache/fcot/data (a run of user tasks only needs no data
-    dir), on a Ray cluster it starts itself (the empty cache reaches every worker): the run the tests below look at
-    from two sides."""
-    folder = tmp_path_factory.mktemp(f"coins-{request.param}")
-    _coins(shared_data, folder / "data" / f"coins.{request.param}")
-    task = {**TASK, "path": f"data/coins.{request.param}"}
+FORMATS = {"jsonl": "coins", "csv": "coins_csv", "parquet": "coins_parquet"}  # file format -> its task
+
+
+@pytest.fixture(scope="module")
+def coins_run(tmp_path_factory, tiny_llama, shared_data) -> Path:
+    """One `fcot run` of three user tasks (from YAML): the coin-flip questions in a JSONL, a CSV and a Parquet file,
+    each its own task, in a folder of its own, relative paths against it, without FCOT_DATA_DIR and with no
+    ~/.cache/fcot/data (a run of user tasks only needs no data dir), on a Ray cluster it starts itself (the empty
+    cache reaches every worker): every stage reads each format in its own Ray workers. The tests below look at it
+    format by format."""
+    folder = tmp_path_factory.mktemp("coins")
+    tasks = []
+    for fmt, name in FORMATS.items():
+        _coins(shared_data, folder / "data" / f"coins.{fmt}")
+        tasks.append({**TASK, "name": name, "path": f"data/coins.{fmt}"})
     config = {
-        "name": "coins", "output_dir": "run", "tasks": [task], "methods": ["fine_tune_cot"],
+        "name": "coins", "output_dir": "run", "tasks": tasks, "methods": ["fine_tune_cot"],
         "baselines": ["zero_shot"], "wandb_mode": "disabled",
         "teacher": {"subset": 40, "engine": {
             "kind": "recorded", "model": "text-davinci-002", "format": "zero_shot_cot_log",
@@ -59,52 +65,56 @@ def coins_run(request, tmp_path_factory, tiny_llama, shared_data) -> Path:
     return folder
 
 
-def test_fcot_run_on_a_user_task_defined_in_yaml(coins_run, tiny_llama, ray_local):
-    tmp_path = coins_run
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fcot_run_on_a_user_task_defined_in_yaml(coins_run, fmt, tiny_llama, ray_local):
+    tmp_path, task = coins_run, FORMATS[fmt]
     run = tmp_path / "run"
     assert (run / "report.md").exists()
     stages = {p.stem for p in (run / "stages").glob("*.json")}
     assert stages == {"teacher", "curate-fine_tune_cot", "train-fine_tune_cot", "eval-fine_tune_cot", "eval-zero_shot"}
-    records = [r for f in (run / "teacher" / "records").glob("*.parquet") for r in pq.read_table(f).to_pylist()]
-    assert len(records) == 40 and {r["task"] for r in records} == {"coins"} and sum(r["correct"] for r in records) > 20
+    records = [r for f in (run / "teacher" / "records").glob("*.parquet") for r in pq.read_table(f).to_pylist()
+               if r["task"] == task]
+    assert len(records) == 40 and sum(r["correct"] for r in records) > 20
     train = json.loads((run / "stages" / "train-fine_tune_cot.json").read_text())["result"]
-    assert train["steps"] == 3 and {d["task"] for d in train["dev"]} == {"coins"}  # scored in a training worker
+    assert train["steps"] == 3 and all(task in d["task"].split(",") for d in train["dev"])  # in a training worker
     metrics = json.loads((run / "eval" / "fine_tune_cot" / "metrics.json").read_text())
-    assert metrics["tasks"]["coins"]["n"] == 10 and metrics["tasks"]["coins"]["random"] == 0.5
+    assert metrics["tasks"][task]["n"] == 10 and metrics["tasks"][task]["random"] == 0.5
     saved = json.loads((run / "config.json").read_text())
-    data_file = next((tmp_path / "data").glob("coins.*"))
-    assert saved["tasks"] == ["coins"] and saved["user_tasks"][0]["path"] == str(data_file)
+    data_file = tmp_path / "data" / f"coins.{fmt}"
+    assert saved["tasks"] == list(FORMATS.values())
+    assert {t["name"]: t["path"] for t in saved["user_tasks"]}[task] == str(data_file)
 
     # The curated set and the teacher's records, handed on as a Hugging Face dataset folder with its card.
     import datasets
 
-    out = run_fcot("export", "run", "--to", "exported", cwd=tmp_path, check=True)
-    assert json.loads(out.stdout)["dataset"] == str(tmp_path / "exported")
-    exported = datasets.load_from_disk(tmp_path / "exported")
-    assert set(exported) == {"fine_tune_cot", "teacher_records"}
-    assert exported["fine_tune_cot"].to_list() == pq.read_table(run / "curated" / "fine_tune_cot" / "train").to_pylist()
-    assert sorted((r["index"], r["rationale"]) for r in exported["teacher_records"]) == sorted(
+    exported = f"exported-{fmt}"
+    out = run_fcot("export", "run", "--to", exported, cwd=tmp_path, check=True)
+    assert json.loads(out.stdout)["dataset"] == str(tmp_path / exported)
+    dataset = datasets.load_from_disk(tmp_path / exported)
+    assert set(dataset) == {"fine_tune_cot", "teacher_records"}
+    assert dataset["fine_tune_cot"].to_list() == pq.read_table(run / "curated" / "fine_tune_cot" / "train").to_pylist()
+    assert sorted((r["index"], r["rationale"]) for r in dataset["teacher_records"] if r["task"] == task) == sorted(
         (r["index"], r["rationale"]) for r in records)
-    card = (tmp_path / "exported" / "README.md").read_text()
-    kept = len(exported["fine_tune_cot"])
+    card = (tmp_path / exported / "README.md").read_text()
+    kept = sum(r["task"] == task for r in dataset["fine_tune_cot"])
     assert "text-davinci-002 (recorded engine)" in card
-    assert re.search(rf"\| fine_tune_cot \| \w+ \| coins \| \d+ \| {kept} \| \d+ \|", card), card
-    again = run_fcot("export", "run", "--to", "exported", cwd=tmp_path)
-    assert again.returncode == 2 and "exported exists: export writes a new folder" in again.stderr
+    assert re.search(rf"\| fine_tune_cot \| \w+ \| {task} \| \d+ \| {kept} \| \d+ \|", card), card
+    again = run_fcot("export", "run", "--to", exported, cwd=tmp_path)
+    assert again.returncode == 2 and f"{exported} exists: export writes a new folder" in again.stderr
 
     # The same definition, on a generating teacher: its replicas (Ray actors) score the user task.
-    teach = {"tasks": [{**TASK, "path": f"data/{data_file.name}"}], "subset": 4, "output_dir": "taught",
-             "progress": False,
+    teach = {"tasks": [{**TASK, "name": task, "path": f"data/{data_file.name}"}], "subset": 4,
+             "output_dir": f"taught-{fmt}", "progress": False,
              "engine": {"kind": "hf", "model": str(tiny_llama), "dtype": "float32"},
              "sampling": {"num_samples": 2, "max_new_tokens": 6, "answer_max_new_tokens": 3}}
-    (tmp_path / "teach.yaml").write_text(yaml.safe_dump(teach))
-    out = run_fcot("teach", "teach.yaml", cwd=tmp_path, check=True, cluster=ray_local)
-    assert json.loads(out.stdout.strip().splitlines()[-1])["tasks"]["coins"]["samples"] == 8
+    (tmp_path / f"teach-{fmt}.yaml").write_text(yaml.safe_dump(teach))
+    out = run_fcot("teach", f"teach-{fmt}.yaml", cwd=tmp_path, check=True, cluster=ray_local)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["tasks"][task]["samples"] == 8
 
     # `fcot score` with the task file: the same definitions.
     completions = tmp_path / "completions.jsonl"
     completions.write_text(json.dumps({"index": 0, "completion": "so --> yes END", "answer": "yes"}) + "\n")
-    out = run_fcot("score", "--task-file", "coins.yaml", "--task", "coins", "--input", completions, "--prefix=-->",
+    out = run_fcot("score", "--task-file", "coins.yaml", "--task", task, "--input", completions, "--prefix=-->",
                    cwd=tmp_path, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1])["accuracy"] == 1.0
 
@@ -189,8 +199,10 @@ def test_majority_labels_curate_a_user_task_whose_training_questions_have_no_ans
         f"split"), proc.stderr
 
 
-def test_a_run_of_user_tasks_only_needs_no_data_dir(coins_run):
-    # The coins run had no FCOT_DATA_DIR and an empty user cache: it downloaded nothing, and evaluated its student.
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_run_of_user_tasks_only_needs_no_data_dir(coins_run, fmt):
+    # The coins run had no FCOT_DATA_DIR and an empty user cache: it downloaded nothing, and evaluated its student
+    # on each task, whatever its file's format.
     assert not (coins_run / "empty-cache" / "fcot" / "data").exists()
-    metrics = json.loads((coins_run / "run" / "eval" / "fine_tune_cot" / "metrics.json").read_text())
-    assert metrics["tasks"]["coins"]["n"] == 10
+    metrics = json.loads((coins_run / "run" / "eval" / "zero_shot" / "metrics.json").read_text())
+    assert metrics["tasks"][FORMATS[fmt]]["n"] == 10

@@ -52,32 +52,34 @@ def from_zero_shot_cot_log(cfg: TeachConfig, path: Path, wanted: list) -> list[d
     logged = parse_zero_shot_cot_log(path)
     task = logged[0].task
     spec = get_task(task)
-    by_stem = defaultdict(list)
+    by_stem: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     # The log's own task, or else any of the config's tasks: a user task may hold the same questions (matched by
-    # their text) under its own name.
+    # their text) under its own name, and several tasks the same ones (each gets the logged record).
     for s in [s for s in wanted if s.task == task] or wanted:
-        by_stem[_stem(s.question)].append(s)
+        by_stem[_stem(s.question)][s.task].append(s)
     out = []
     for r in logged:
-        candidates = by_stem.get(_stem(r.question))
-        if not candidates:
-            continue  # a question outside the selected split / subset
-        sample = candidates.pop(0)  # repeated questions (MultiArith has some) take records in order
-        prediction, _ = predict(spec, r.step2, None)
-        if spec.answer_type == "letter" and prediction is not None:
-            # Their letter -> their choice text -> fcot's letter for the same choice.
-            m = re.search(rf"\({prediction}\) (.*?)(?= \([A-F]\) |$)", r.question)
-            text = m.group(1).strip().rstrip(".") if m else None
-            ours = [c.rstrip(".") for c in sample.choices]
-            prediction = spec.letters[ours.index(text)] if text in ours else None
-        correct = None if sample.answer is None else (  # None: no gold to compare with
-            prediction is not None and score(get_task(sample.task), str(prediction), sample.answer).correct)
-        out.append(_record(cfg, sample, 0, zero_shot_cot_step1(r.question), r.rationale, r.step2,
-                           format_prediction(prediction), correct, "unknown", cfg.engine.model))
+        # Repeated questions (MultiArith has some) take records in order, in each task that holds them.
+        out += [_logged_record(cfg, spec, c.pop(0), r) for c in by_stem.get(_stem(r.question), {}).values() if c]
     if not out:
         raise FcotError(f"{path}: a {task} log, and no question of it is among the config's tasks "
                         f"({', '.join(cfg.tasks)}, {cfg.split} split)")
     return out
+
+
+def _logged_record(cfg: TeachConfig, spec, sample, r) -> dict:
+    """The record of logged answer `r` for `sample` (a question of the config), scored by the paper's rules."""
+    prediction, _ = predict(spec, r.step2, None)
+    if spec.answer_type == "letter" and prediction is not None:
+        # Their letter -> their choice text -> fcot's letter for the same choice.
+        m = re.search(rf"\({prediction}\) (.*?)(?= \([A-F]\) |$)", r.question)
+        text = m.group(1).strip().rstrip(".") if m else None
+        ours = [c.rstrip(".") for c in sample.choices]
+        prediction = spec.letters[ours.index(text)] if text in ours else None
+    correct = None if sample.answer is None else (  # None: no gold to compare with
+        prediction is not None and score(get_task(sample.task), str(prediction), sample.answer).correct)
+    return _record(cfg, sample, 0, zero_shot_cot_step1(r.question), r.rationale, r.step2,
+                   format_prediction(prediction), correct, "unknown", cfg.engine.model)
 
 
 def _custom_id(task: str, index: int, sample_index: int, step: int) -> str:
