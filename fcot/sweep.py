@@ -107,6 +107,8 @@ def base_run(cfg: SweepConfig) -> dict:
     data["output_dir"] = str(Path(cfg.output_dir) / "base")
     if cfg.ray_address:
         data["ray_address"] = cfg.ray_address
+    if cfg.wandb_mode != "auto":  # the sweep's W&B mode reaches its trials' trainings (a logging key: no rerun)
+        data["wandb_mode"] = cfg.wandb_mode
     return data
 
 

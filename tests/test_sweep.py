@@ -159,3 +159,21 @@ def test_a_worker_node_lost_mid_sweep_retries_its_trial_which_resumes(tmp_path, 
     resumed = [t for t in trained if t["restarts"]]
     assert len(resumed) >= 1 and all(t["resumed_from_step"] > 0 for t in resumed), trained
     assert all(t["steps"] == t["planned_steps"] for t in trained)
+
+
+def test_the_sweeps_wandb_mode_reaches_every_trial_and_changes_no_stage(shared_data):
+    """`wandb_mode: disabled` on the sweep turns W&B off in each trial's training, as on a run; it is a logging key,
+    so the trials' stage markers are those of the sweep without it."""
+    from fcot.run import config_hash, stages, train_config
+    from fcot.sweep import trials
+
+    def planned(*overrides):
+        return trials(load_config(SweepConfig, ROOT / "experiments" / "sweeps" / "cpu.yaml",
+                                  [f"run.data_dir={shared_data}", *overrides]))[2]
+
+    for mode in ("disabled", "offline"):
+        for _, run in planned(f"wandb_mode={mode}"):
+            assert run.wandb_mode == mode
+            assert {train_config(run, m).wandb.mode for m in run.methods} == {mode}
+    markers = [{s.name: config_hash(*s.inputs) for s in stages(run)} for _, run in planned("wandb_mode=disabled")]
+    assert markers == [{s.name: config_hash(*s.inputs) for s in stages(run)} for _, run in planned()]
