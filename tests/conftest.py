@@ -110,20 +110,22 @@ def smollm2() -> str:
 
 @pytest.fixture(scope="session")
 def lose_a_node(tmp_path_factory):
-    """lose_a_node(stage, CONFIG, REFERENCE=None, replace=True) runs `stage` on CONFIG on a multi-node Ray cluster of
-    this machine, a worker node removed mid-stage (and a fresh one added unless replace=False), and returns what it
-    reported (tests/node_loss.py). One process and one cluster serve the session's node-loss tests (each on fresh
-    worker nodes): the in-process tests share another cluster."""
+    """lose_a_node(stage, CONFIG, REFERENCE=None, replace=True, env=None, error=False) runs `stage` on CONFIG on a
+    multi-node Ray cluster of this machine, a worker node removed mid-stage (and a fresh one added unless replace=False;
+    `env` set in the driver meanwhile), and returns what it reported (tests/node_loss.py): the stage's result, or with
+    error=True the error it must have raised. One process and one cluster serve the session's node-loss tests (each on
+    fresh worker nodes): the in-process tests share another cluster."""
     folder = tmp_path_factory.mktemp("node_loss")
     log = (folder / "cluster.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "tests.node_loss"], stdin=subprocess.PIPE, stdout=log,
                               stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     asked = itertools.count()
 
-    def lose(stage: str, config: Path, reference: Path | None = None, replace: bool = True) -> dict:
+    def lose(stage: str, config: Path, reference: Path | None = None, replace: bool = True, env: dict | None = None,
+             error: bool = False) -> dict:
         result = folder / f"result-{next(asked)}.json"
         request = {"stage": stage, "config": str(config), "reference": str(reference) if reference else None,
-                   "result": str(result), "replace": replace}
+                   "result": str(result), "replace": replace, "env": env}
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()
         deadline = time.time() + 1500
@@ -131,7 +133,7 @@ def lose_a_node(tmp_path_factory):
             time.sleep(0.2)
         assert result.exists(), f"no result from tests/node_loss.py:\n{(folder / 'cluster.log').read_text()[-6000:]}"
         out = json.loads(result.read_text())
-        assert out["error"] is None, out["error"]
+        assert (out["error"] is not None) == error, out["error"]
         assert out["at_loss"] == {"running": True, "victim_found": True}, f"no node lost mid-stage: {out['at_loss']}"
         return out
 

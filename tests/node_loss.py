@@ -7,13 +7,15 @@ path) adds two fresh worker nodes for its stage. With a reference config the sta
 the stage runs on its config in a thread; once its work is under way (the stage's trigger below), a worker node holding
 one of its processes is removed without grace, as a preempted spot node is, and 2 s later a fresh node joins, as an
 autoscaler adds one (unless the request says `"replace": false`: an autoscaler out of capacity, a drained spot pool; the
-stage must finish on the node left). The request's worker nodes are then removed and its result written (atomically) as
-JSON: {"result", "reference", "error", "at_loss"}. Closing stdin shuts the cluster down. The only processes it kills are
-those of the nodes it added and removed (Cluster.remove_node), all started here."""
+stage must finish on the node left), and with the request's `env` set in this driver meanwhile. The request's worker
+nodes are then removed and its result written (atomically) as JSON: {"result", "reference", "error", "at_loss"}. Closing
+stdin shuts the cluster down. The only processes it kills are those of the nodes it added and removed
+(Cluster.remove_node), all started here."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -92,8 +94,11 @@ def _holding(nodes, title: str):
     return None
 
 
-def scenario(cluster: Cluster, stage: str, config: str, reference: str | None = None, replace: bool = True) -> dict:
+def scenario(cluster: Cluster, stage: str, config: str, reference: str | None = None, replace: bool = True,
+             env: dict | None = None) -> dict:
     config_cls, fn, title, started, node_args = STAGES[stage]()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})  # this request's: Ray Train passes the driver's RAY_TRAIN_* on to its controller
     nodes = [cluster.add_node(**node_args) for _ in range(2)]
     try:
         cluster.wait_for_nodes()
@@ -124,6 +129,8 @@ def scenario(cluster: Cluster, stage: str, config: str, reference: str | None = 
         out.update(result=result, error=errors[0] if errors else None)
         return out
     finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
         for node in nodes:  # this request's nodes: the next one starts on fresh ones
             cluster.remove_node(node)
 
@@ -135,7 +142,7 @@ def main() -> None:
             request = json.loads(line)
             try:
                 out = scenario(cluster, request["stage"], request["config"], request.get("reference"),
-                               request.get("replace", True))
+                               request.get("replace", True), request.get("env"))
             except Exception as e:  # noqa: BLE001 - the test reports it; the next request still runs
                 out = {"error": f"{type(e).__name__}: {e}"[:3000], "at_loss": None, "result": None}
             atomic_write_text(request["result"], json.dumps(out, default=str))

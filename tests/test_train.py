@@ -310,6 +310,27 @@ def test_a_worker_node_lost_mid_training_resumes_from_the_last_checkpoint(tmp_pa
     assert Path(summary["model_dir"], "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_a_training_whose_lost_node_is_not_replaced_stops_naming_the_key(tmp_path, tiny_llama, samples, lose_a_node):
+    """The same two workers on two one-CPU nodes, one node removed after the first epoch's checkpoint and none added
+    (an autoscaler out of capacity): Ray Train would retry placing the group forever; fcot stops after
+    PLACEMENT_TRIES worker-group start timeouts (10 s each here) with one message naming the key, and the
+    committed checkpoint is kept for the same command to resume from."""
+    import yaml
+
+    from fcot.train.trainer import PLACEMENT_TRIES
+
+    data = curated(tmp_path / "data", samples, repeat=12)
+    cfg = config(tmp_path, data, tiny_llama, "epochs=3", "deepspeed.stage=2", "max_failures=2", "cpus_per_worker=1")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    out = lose_a_node("train", path, replace=False, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}, error=True)
+    assert out["error"].startswith(
+        f"FcotError: train.num_workers: the cluster could not place 2 training workers (train.cpus_per_worker=1 each) "
+        f"in {PLACEMENT_TRIES} tries of 10 s"), out["error"]
+    assert epoch_committed(tmp_path / "out")
+
+
 def _cmdline(p) -> list[str]:
     try:
         return p.cmdline()

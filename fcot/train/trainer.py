@@ -60,6 +60,9 @@ CHECKPOINT_TAG = "deepspeed"
 SELECTION_FILE = "fcot_selection.json"  # in a saved student: the epoch it is and why
 SHARD_ROWS = 200_000  # shard_data auto: from this many curated rows on, each worker tokenizes only its part
 DEFAULT_MAX_LENGTH = 512  # train.max_length with no curation stats to follow
+# Worker-group starts that may time out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S each, Ray's default 60 s) before a
+# training whose workers the cluster cannot place stops with a message; a replacement node joining meanwhile is used.
+PLACEMENT_TRIES = 4
 
 
 def plan_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
@@ -620,8 +623,9 @@ def train(cfg: TrainConfig) -> dict:
     Re-running with the same output_dir continues that run from its last epoch checkpoint.
     """
     import ray  # heavy: only where Ray work starts
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, ControllerError, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     rows = check_curated(cfg.data)
     o = cfg.objective
@@ -679,13 +683,27 @@ def train(cfg: TrainConfig) -> dict:
                            "sharded": sharded},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="train", storage_path=str(out / "checkpoints"), callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             # A worker group that cannot be placed (a node lost, none added) is a controller
+                             # failure, which Ray Train retries forever by default: a bounded number of tries.
+                             failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                          controller_failure_limit=PLACEMENT_TRIES - 1),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the rows in order; keeps its own
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ControllerError as e:
+        if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        gpus = " and a GPU" if cfg.use_gpu else ""
+        raise FcotError(
+            f"train.num_workers: the cluster could not place {cfg.num_workers} training workers "
+            f"(train.cpus_per_worker={cfg.cpus_per_worker}{gpus} each) in {PLACEMENT_TRIES} tries of "
+            f"{os.environ.get('RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S', '60')} s, as after a node lost and none to "
+            "take its place; finished epochs are kept: the same command resumes from the last checkpoint once the "
+            "cluster has room (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S waits longer for an autoscaler)") from None
     summary = {"output_dir": str(out), "data": cfg.data, "model": cfg.model, "rows": rows, "sharded_data": sharded,
                "precision": precision.to_dict(),
                "steps_per_epoch": per_epoch, **result.metrics, "wall_s": round(time.time() - started, 2),
