@@ -101,6 +101,8 @@ def test_evaluate_on_ray_reports_accuracy(tmp_path, tiny_llama, ray_local):
     assert all(len(p[f"sample_{c}"]) == 3 for p in preds for c in ("predictions", "correct", "completion_tokens",
                                                                   "completions"))
     assert m["pass@k"] == sum(any(p["sample_correct"]) for p in preds) / 6
+    assert m["accuracy"] == sum(p["correct"] for p in preds) / 6  # the voted answers, counted here
+    assert m["pass@1"] == sum(sum(p["sample_correct"]) for p in preds) / 18
 
 
 def test_baseline_methods_and_self_consistency(tiny_llama):

@@ -78,7 +78,9 @@ def test_run_end_to_end_killed_and_resumed(tmp_path, tiny_llama, shared_data, ra
     assert stages == {"teacher", "curate-fine_tune_cot", "train-fine_tune_cot", "eval-fine_tune_cot", "eval-zero_shot"}
     for method in ("fine_tune_cot", "zero_shot"):
         metrics = json.loads((run_dir / "eval" / method / "metrics.json").read_text())
-        assert metrics["tasks"]["multiarith"]["n"] == 6 and 0 <= metrics["tasks"]["multiarith"]["accuracy"] <= 1
+        rows = [json.loads(line) for line in (run_dir / "eval" / method / "predictions.jsonl").open()]
+        assert metrics["tasks"]["multiarith"]["n"] == len(rows) == 6
+        assert metrics["tasks"]["multiarith"]["accuracy"] == sum(r["correct"] for r in rows) / 6  # counted here
     train = json.loads((run_dir / "stages" / "train-fine_tune_cot.json").read_text())["result"]
     per_epoch = train["steps_per_epoch"]  # resumed from a committed epoch checkpoint: the first or a later one
     assert train["restarts"] == 1 and train["resumed_from_step"] in (per_epoch, 2 * per_epoch), train
