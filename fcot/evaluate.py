@@ -35,7 +35,7 @@ from fcot.prompts import (
 )
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
-from fcot.scoring import format_prediction, score, summarize
+from fcot.scoring import Score, format_prediction, score, summarize
 from fcot.stats import COLLAPSE_SHARE, accuracy_interval, most_frequent, random_guess
 from fcot.tasks import DataDir, Sample, TaskNames, UserTask, get_task, load_split, require_gold, split_user_tasks
 from fcot.teacher.plan import sample_seed
@@ -160,7 +160,8 @@ def dev_scores(model, tokenizer, samples: list[Sample], format_name: str = "fine
     was_training = model.training
     rows = predict_samples(engine, [s.to_dict() for s in samples], format_name, max_new_tokens, chat=chat)
     model.train(was_training)
-    return [score(get_task(r["task"]), r["completion"], r["answer"], prefix=prediction_prefix(format_name))
+    # predict_samples scored each row once (with its finish reason): its scores, not a second scoring of the text
+    return [Score(**{k: r[k] for k in ("prediction", "correct", "contains_answer", "correct_format", "complete")})
             for r in rows]
 
 

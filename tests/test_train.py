@@ -160,6 +160,7 @@ def test_zero2_two_workers_loss_decreases_and_model_loads(tmp_path, tiny_llama, 
     assert [d["epoch"] for d in summary["dev"]] == [1, 2, 3]
     for d in summary["dev"]:  # each epoch's dev accuracy is its questions' outcomes, counted here
         assert d["n"] == len(d["outcomes"]) == 4 and d["accuracy"] == sum(d["outcomes"]) / 4
+        assert d["complete"] is not None  # scored once, as evaluation scores: with each completion's finish reason
     assert summary["best_dev_accuracy"] == max(d["accuracy"] for d in summary["dev"])
     # The student is the best dev epoch (the earliest of equals), saved with a note of which it is.
     accuracies = [d["accuracy"] for d in summary["dev"]]
