@@ -129,8 +129,11 @@ def scenario(cluster: Cluster, stage: str, config: str, reference: str | None = 
         out.update(result=result, error=errors[0] if errors else None)
         return out
     finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.update({k: v})
+        for k, v in saved.items():  # the driver's environment as it was before this request
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         for node in nodes:  # this request's nodes: the next one starts on fresh ones
             cluster.remove_node(node)
 

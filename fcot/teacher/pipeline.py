@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fcot.engines import Request, build_engine, replica_options
+from fcot.errors import FcotError
 from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json
 from fcot.progress import Progress
@@ -228,10 +229,10 @@ def _run_pool(cfg: TeachConfig, qs: list, have: pa.Table, store: RecordStore, on
             # or a drained spot pool must stop the run with a message, not leave it waiting.
             alone_since = (alone_since or time.time()) if not up else None
             if alone_since and time.time() - alone_since > PLACEMENT_TIMEOUT_S:
-                raise RuntimeError(f"no teacher replica could be placed for {PLACEMENT_TIMEOUT_S} s after its node "
-                                   f"was lost: the cluster has no room for engine.cpus_per_replica="
-                                   f"{e.cpus_per_replica}, engine.gpus_per_replica={e.gpus_per_replica}; samples "
-                                   "written so far are kept, and the same command resumes")
+                raise FcotError(f"no teacher replica could be placed for {PLACEMENT_TIMEOUT_S} s after its node "
+                                f"was lost: the cluster has no room for engine.cpus_per_replica="
+                                f"{e.cpus_per_replica}, engine.gpus_per_replica={e.gpus_per_replica}; samples "
+                                "written so far are kept, and the same command resumes")
             ready, _ = ray.wait([*inflight, *placing], num_returns=1, timeout=10.0)
             for ref in ready:
                 if ref in placing:

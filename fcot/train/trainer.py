@@ -90,9 +90,8 @@ def zero_stage(cfg: TrainConfig, parameters: int, memory_bytes: float, world: in
     stage = next((s for s in range(lowest, 3) if need[s] < memory_bytes / 2), 3)
     if stage == 3 and quantized:
         raise FcotError(f"train.lora.quantize: the QLoRA student's training state ({need[2] / 2**30:.1f} GiB at "
-                        "ZeRO-2) "
-                        f"does not fit in half a worker's memory ({memory_bytes / 2**30:.1f} GiB), and a 4-bit base "
-                        "cannot be partitioned by ZeRO-3: more workers (train.num_workers) or a smaller "
+                        f"ZeRO-2) does not fit in half a worker's memory ({memory_bytes / 2**30:.1f} GiB), and a "
+                        "4-bit base cannot be partitioned by ZeRO-3: more workers (train.num_workers) or a smaller "
                         "train.lora.r, or set train.deepspeed.stage: 2 to try anyway")
     return stage
 
@@ -625,6 +624,10 @@ def train(cfg: TrainConfig) -> dict:
     import ray  # heavy: only where Ray work starts
     from ray.train import CheckpointConfig, ControllerError, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    # heavy, as ray above: the failure and the wait of a worker group the cluster cannot place (Ray Train's own)
+    from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S as GROUP_START_S
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR as GROUP_START_S_VAR
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     rows = check_curated(cfg.data)
@@ -698,10 +701,11 @@ def train(cfg: TrainConfig) -> dict:
         if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
             raise
         gpus = " and a GPU" if cfg.use_gpu else ""
+        wait = os.environ.get(GROUP_START_S_VAR) or f"{GROUP_START_S:g}"
         raise FcotError(
             f"train.num_workers: the cluster could not place {cfg.num_workers} training workers "
             f"(train.cpus_per_worker={cfg.cpus_per_worker}{gpus} each) in {PLACEMENT_TRIES} tries of "
-            f"{os.environ.get('RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S', '60')} s, as after a node lost and none to "
+            f"{wait} s, as after a node lost and none to "
             "take its place; finished epochs are kept: the same command resumes from the last checkpoint once the "
             "cluster has room (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S waits longer for an autoscaler)") from None
     summary = {"output_dir": str(out), "data": cfg.data, "model": cfg.model, "rows": rows, "sharded_data": sharded,
