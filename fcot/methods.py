@@ -1,12 +1,15 @@
 """Student methods, one object each: what curation keeps, the training tasks each curated record becomes, the
-question the student is asked at test time and where its answer is, and how reports name it.
+question the student is asked at test time and where its answer is, how reports name it, and which method it is
+compared with.
 
 Rule: a method is defined here and nowhere else; run, curate, train, evaluate and report read its definition, so
 adding a method is one entry in METHODS. A method's `tasks` are prompt formats (fcot.prompts.Format, decoder and
 encoder-decoder templates): each curated record gives one (prompt, completion) pair per task, and a task's tokens
 carry the loss weight named by `weights` (a TrainConfig field, e.g. `rationale_weight`; None: 1). `asks` is the
 format of the test-time question (prompt, stop text, and the prefix the answer follows), the first task's unless
-said. A student with a chat template (`train.chat_template`) is prompted through it (`uses_chat`, `chat_prompt`,
+said. `reference` is the method a method is compared with: a report (fcot.report) gives the verdict of every
+method against its reference where both were trained, under the method's `label` (`short` in narrow columns). A
+student with a chat template (`train.chat_template`) is prompted through it (`uses_chat`, `chat_prompt`,
 `chat_completion`), in curation, training and evaluation alike. Baselines of the untrained student (zero_shot,
 zero_shot_cot, few_shot_cot) are evaluation methods only, in fcot.evaluate.
 """
@@ -28,10 +31,16 @@ class Method:
     tasks: tuple[Format, ...]
     weights: tuple[str | None, ...] = ()  # per task: the TrainConfig field holding its loss weight (None: 1)
     asks: Format | None = None  # the test-time format (default: the first task's)
+    reference: str | None = None  # the method it is compared with (a METHODS name; None: none)
+    short: str = ""  # how a narrow table column names it (default: label)
 
     @property
     def ask(self) -> Format:
         return self.asks or self.tasks[0]
+
+    @property
+    def short_label(self) -> str:
+        return self.short or self.label
 
     def weight_keys(self) -> tuple[str | None, ...]:
         return self.weights or (None,) * len(self.tasks)
@@ -44,13 +53,13 @@ STEP_BY_STEP_RATIONALE = Format("step_by_step_rationale", "[rationale] {question
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     # Ho et al. 2023: the rationale, then the answer, in one completion.
-    Method("fine_tune_cot", "Fine-tune-CoT", True, (FORMATS["fine_tune_cot"],)),
+    Method("fine_tune_cot", "Fine-tune-CoT", True, (FORMATS["fine_tune_cot"],), reference="vanilla"),
     # The baseline: the gold answer of the same questions, no rationale.
-    Method("vanilla", "vanilla fine-tuning", False, (FORMATS["vanilla"],)),
+    Method("vanilla", "vanilla fine-tuning", False, (FORMATS["vanilla"],), short="vanilla"),
     # Hsieh et al. 2023 (Distilling step-by-step): label and rationale as two tasks of one model, loss = label loss
     # + rationale_weight x rationale loss; at test time the label task only (a short generation).
     Method("step_by_step", "Distilling step-by-step", True, (STEP_BY_STEP_LABEL, STEP_BY_STEP_RATIONALE),
-           weights=(None, "rationale_weight")),
+           weights=(None, "rationale_weight"), reference="vanilla", short="step-by-step"),
 ]}
 
 

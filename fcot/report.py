@@ -3,15 +3,16 @@
 Rule: no accuracy without its noise. Every accuracy is written `55.3% [47.3, 63.3]` (95% bootstrap interval over
 questions), beside the rates it must beat (the test split's majority answer, random guessing on multiple
 choice); a student that gives one answer to >= 90% of the questions is marked collapsed; "X over Y" is written
-only with the paired-bootstrap interval of the difference, and the first lines say whether the run's primary
-method (Fine-tune-CoT by default) beat its reference method (vanilla fine-tuning) beyond the noise. Sweeps: mean
-over seeds with an interval that resamples seeds and questions; student size on a log axis of parameter counts,
-D and data size on log axes.
+only with the paired-bootstrap interval of the difference, and the first lines say whether each method beat the
+method it is compared with beyond the noise: its `reference` (fcot.methods), after the run's `primary_method`
+against its `reference_method`. Sweeps: the same pairs, mean over seeds with an interval that resamples seeds and
+questions; student size on a log axis of parameter counts, D and data size on log axes.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from fcot.errors import FcotError
@@ -47,11 +48,15 @@ def comparison(oa: dict[tuple, bool], ob: dict[tuple, bool], task: str) -> tuple
     return paired_difference([oa[k] for k in keys], [ob[k] for k in keys]) if keys else None
 
 
-def _label(method: str) -> str:
-    return METHODS[method].label if method in METHODS else method
+def _label(method: str, short: bool = False) -> str:
+    """How reports name a method (fcot.methods: its label, `short`: its short label); a baseline by its name."""
+    if method not in METHODS:
+        return method
+    return METHODS[method].short_label if short else METHODS[method].label
 
 
-def _verdict(task: str, diff, a: str = "fine_tune_cot", b: str = "vanilla") -> str:
+def _verdict(task: str, diff, a: str, b: str) -> str:
+    """One verdict of `a` against `b`: beats or is worse only where the interval of the difference excludes 0."""
     d, lo, hi = diff
     la, lb = _label(a), _label(b)
     if lo > 0:
@@ -62,16 +67,57 @@ def _verdict(task: str, diff, a: str = "fine_tune_cot", b: str = "vanilla") -> s
             "includes 0).")
 
 
-def compared(run_dir: Path, methods: list[str]) -> tuple[str, str]:
-    """(primary, reference) methods of a run: as its config names them, else Fine-tune-CoT against vanilla."""
-    config = Path(run_dir) / "config.json"
-    cfg = read_json(config) if config.exists() else {}
-    primary = cfg.get("primary_method") or ("fine_tune_cot" if "fine_tune_cot" in methods else methods[0])
-    reference = cfg.get("reference_method") or ("vanilla" if "vanilla" in methods else methods[-1])
-    return primary, reference
+def compared(methods: list[str], primary: str | None = None, reference: str | None = None) -> list[tuple[str, str]]:
+    """The (method, reference) pairs among `methods` that a report gives verdicts for: `primary` against
+    `reference` first (the run config's `primary_method`, `reference_method`), then every method against the
+    reference its Method names (fcot.methods); a pair already compared, in either order, is not repeated."""
+    given = [(primary, reference)] if primary and reference else []
+    pairs: list[tuple[str, str]] = []
+    for a, b in [*given, *[(m, METHODS[m].reference) for m in methods if m in METHODS]]:
+        if a != b and a in methods and b in methods and {a, b} not in [set(p) for p in pairs]:
+            pairs.append((a, b))
+    return pairs
 
 
-def build_report(run_dir: str | Path) -> Path:
+def configured(layout: RunLayout) -> tuple[str | None, str | None]:
+    """(primary_method, reference_method) of a run as its config.json names them (None: not named)."""
+    cfg = read_json(layout.config) if layout.config.exists() else {}
+    return cfg.get("primary_method"), cfg.get("reference_method")
+
+
+def stage_name(name: str) -> tuple[str, str]:
+    """A stage's (kind, subject): fcot.run.stages names each stage KIND or KIND-SUBJECT (`teacher`,
+    `teacher-NAME`, `curate-METHOD`, `train-METHOD`, `eval-METHOD`), and no kind has a hyphen."""
+    kind, _, subject = name.partition("-")
+    return kind, subject
+
+
+def _results(stages: dict[str, dict], kind: str, by_stage: bool = False) -> dict[str, dict]:
+    """{subject: result} of a run's stages of one kind, in the chain's order (`by_stage`: keyed by stage name)."""
+    return {(n if by_stage else stage_name(n)[1]): m["result"] for n, m in stages.items() if stage_name(n)[0] == kind}
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What a run's report reads: its stage markers in the chain's order, their results by kind, its tasks, and
+    the test outcomes of each student that was trained and evaluated."""
+
+    layout: RunLayout
+    stages: dict[str, dict]  # stage name -> marker
+    teachers: dict[str, dict]  # stage name (`teacher`, `teacher-NAME`) -> result
+    curates: dict[str, dict]  # method -> result
+    trains: dict[str, dict]
+    evals: dict[str, dict]  # method or baseline -> result
+    tasks: list[str]
+    outcomes: dict[str, dict[tuple, bool]]  # student -> (task, index) -> correct
+
+    def rates(self, task: str) -> dict | None:
+        """The metrics of `task` that hold its test split's rates to beat (majority, random): the first eval's."""
+        return next((e["tasks"][task] for e in self.evals.values() if task in e["tasks"]), None)
+
+
+def read_run(run_dir: str | Path) -> RunView:
+    """A run folder's markers (stages/), in the order summary.json gives, then any others by name."""
     layout = RunLayout(Path(run_dir))
     if not layout.stages.is_dir():
         raise FcotError(f"{run_dir}: not a run directory (no stages/ folder)")
@@ -79,36 +125,52 @@ def build_report(run_dir: str | Path) -> Path:
     order = read_json(layout.summary).get("order", []) if layout.summary.exists() else []
     stages = {name: found[name] for name in [*order, *sorted(found)] if name in found}  # the chain's order
     teacher = stages.get("teacher", {}).get("result", {})
-    teachers = {n: m["result"] for n, m in stages.items() if n == "teacher" or n.startswith("teacher-")}
-    evals = {n[len("eval-"):]: m["result"] for n, m in stages.items() if n.startswith("eval-")}
-    trains = {n[len("train-"):]: m["result"] for n, m in stages.items() if n.startswith("train-")}
-    curates = {n[len("curate-"):]: m["result"] for n, m in stages.items() if n.startswith("curate-")}
+    evals, trains = _results(stages, "eval"), _results(stages, "train")
     tasks = list(dict.fromkeys(t for e in evals.values() for t in e["tasks"])) or list(teacher.get("tasks", {}))
-    lines = [f"# fcot run: {layout.root.name}", ""]
-
-    # The verdict first: the primary method against the reference method, beyond the noise or not.
     students = [m for m in trains if m in evals and (layout.eval(m) / "predictions.jsonl").exists()]
-    outcomes = {m: _outcomes(layout.eval(m) / "predictions.jsonl") for m in students}
-    primary, reference = compared(layout.root, students) if students else (None, None)
-    if primary in outcomes and reference in outcomes and primary != reference:
-        for task in tasks:
-            diff = comparison(outcomes[primary], outcomes[reference], task)
-            if diff is not None:
-                lines.append(_verdict(task, diff, primary, reference) + " (paired bootstrap over the test questions, "
-                             "95%)")
-                lines.append("")
-    collapsed = [f"{m} on {t}" for m, e in evals.items() for t, x in e["tasks"].items() if x.get("collapsed")]
-    if collapsed:
-        lines += [f"Collapsed (one answer for ≥ 90% of the questions): {', '.join(collapsed)}.", ""]
+    return RunView(layout, stages, _results(stages, "teacher", by_stage=True), _results(stages, "curate"), trains,
+                   evals, tasks, {m: _outcomes(layout.eval(m) / "predictions.jsonl") for m in students})
 
-    lines += ["## Accuracy on the test split", "",
-              "95% bootstrap intervals over questions. `majority`: always the test split's most frequent answer; "
-              "`random`: a uniform guess among the choices.", "",
-              "| task | method | accuracy | n | correct format | most frequent prediction | |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for task in tasks:
-        ref = next((e["tasks"][task] for e in evals.values() if task in e["tasks"]), None)
-        for method, e in evals.items():
+
+def build_report(run_dir: str | Path) -> Path:
+    """report.md of a run, and its plots: the verdicts first, then the test accuracy (with the k-sample views,
+    every pair of students and the teachers), training and model selection, curation, and time, tokens and cost."""
+    run = read_run(run_dir)
+    lines = [f"# fcot run: {run.layout.root.name}", ""]
+    for section in (_verdicts, _collapsed, _accuracy, _sampled, _every_pair, _teachers):
+        lines += section(run)
+    lines.append("")  # the end of the accuracy section
+    for section in (_accuracy_plot, _training, _curation, _costs):
+        lines += section(run)
+    return atomic_write_text(run.layout.report, "\n".join(lines) + "\n")
+
+
+def _verdicts(run: RunView) -> list[str]:
+    """The verdicts first: each compared pair of students (`compared`), per task, beyond the noise or not."""
+    lines = []
+    for a, b in compared(list(run.outcomes), *configured(run.layout)):
+        for task in run.tasks:
+            diff = comparison(run.outcomes[a], run.outcomes[b], task)
+            if diff is not None:
+                lines += [_verdict(task, diff, a, b) + " (paired bootstrap over the test questions, 95%)", ""]
+    return lines
+
+
+def _collapsed(run: RunView) -> list[str]:
+    """The students (and baselines) that gave one answer to >= 90% of a task's questions, named up front."""
+    collapsed = [f"{m} on {t}" for m, e in run.evals.items() for t, x in e["tasks"].items() if x.get("collapsed")]
+    return [f"Collapsed (one answer for ≥ 90% of the questions): {', '.join(collapsed)}.", ""] if collapsed else []
+
+
+def _accuracy(run: RunView) -> list[str]:
+    """Every evaluated method's test accuracy per task with its interval, beside the task's rates to beat."""
+    lines = ["## Accuracy on the test split", "",
+             "95% bootstrap intervals over questions. `majority`: always the test split's most frequent answer; "
+             "`random`: a uniform guess among the choices.", "",
+             "| task | method | accuracy | n | correct format | most frequent prediction | |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for task in run.tasks:
+        for method, e in run.evals.items():
             m = e["tasks"].get(task)
             if m is None:
                 continue
@@ -116,166 +178,215 @@ def build_report(run_dir: str | Path) -> Path:
             top = f"{m.get('top_prediction')} ({100 * m.get('top_prediction_share', 0):.0f}%)"
             lines.append(f"| {task} | {method} | {fmt_acc(m['accuracy'], m.get('accuracy_ci'))} | {m['n']} | "
                          f"{100 * m['correct_format']:.0f}% | {top} | {mark} |")
+        ref = run.rates(task)
         if ref is not None:
             lines.append(f"| {task} | majority (`{ref['majority_answer']}`) | {fmt_acc(ref['majority'])} | {ref['n']} "
                          f"| | | |")
             if ref.get("random") is not None:
                 lines.append(f"| {task} | random guess | {fmt_acc(ref['random'])} | {ref['n']} | | | |")
-    sampled = [(t, method, m) for t in tasks for method, e in evals.items()
+    return lines
+
+
+def _sampled(run: RunView) -> list[str]:
+    """Self-consistency: every sample kept, so all three views of k samples per question."""
+    sampled = [(t, method, m) for t in run.tasks for method, e in run.evals.items()
                if (m := e["tasks"].get(t)) is not None and m.get("k", 1) > 1]
-    if sampled:  # self-consistency: every sample kept, so all three views of k samples per question
-        lines += ["", "k samples per question: pass@1 is their mean accuracy, maj@k the majority vote's (the "
-                  "accuracy above), pass@k whether any is right; 95% bootstrap intervals over questions.", "",
-                  "| task | method | k | pass@1 | maj@k | pass@k |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {t} | {method} | {m['k']} | {fmt_acc(m['pass@1'], m['pass@1_ci'])} | "
-                  f"{fmt_acc(m['maj@k'], m['maj@k_ci'])} | {fmt_acc(m['pass@k'], m['pass@k_ci'])} |"
-                  for t, method, m in sampled]
+    if not sampled:
+        return []
+    return ["", "k samples per question: pass@1 is their mean accuracy, maj@k the majority vote's (the accuracy "
+            "above), pass@k whether any is right; 95% bootstrap intervals over questions.", "",
+            "| task | method | k | pass@1 | maj@k | pass@k |", "| --- | --- | --- | --- | --- | --- |",
+            *[f"| {t} | {method} | {m['k']} | {fmt_acc(m['pass@1'], m['pass@1_ci'])} | "
+              f"{fmt_acc(m['maj@k'], m['maj@k_ci'])} | {fmt_acc(m['pass@k'], m['pass@k_ci'])} |"
+              for t, method, m in sampled]]
+
+
+def _every_pair(run: RunView) -> list[str]:
+    """Every pair of trained methods (more than one pair only), paired over the same test questions."""
+    students = list(run.outcomes)
     pairs = [(a, b) for i, a in enumerate(students) for b in students[i + 1:]]
-    if len(pairs) > 1:
-        lines += ["", "Every pair of trained methods (row − column method's accuracy on the same test questions, "
-                  "paired bootstrap, 95%):", "", "| task | methods | difference |", "| --- | --- | --- |"]
-        for task in tasks:
-            for a, b in pairs:
-                diff = comparison(outcomes[a], outcomes[b], task)
-                if diff is not None:
-                    lines.append(f"| {task} | {_label(a)} − {_label(b)} | {fmt_diff(*diff)} |")
-    if teachers:
-        lines += ["", "Teachers on the training questions they label (the students learn from `teacher`; "
-                  "samples per question: how many questions got how many samples):", "",
-                  "| stage | task | teacher | samples | correct (all samples, 95% interval) | questions with a correct "
-                  "sample | samples per question | tokens |", "|" + " --- |" * 8]
-        for stage, result in teachers.items():
-            ident = result.get("teacher", {})
-            for task, t in result["tasks"].items():
-                spread = ", ".join(f"{k}: {v}" for k, v in (t.get("samples_per_question") or {}).items())
-                acc = t.get("accuracy_all_samples")
-                n = t["samples"]
-                ci = None if acc is None or not n else wilson(acc, n)
-                lines.append(f"| {stage} | {task} | {ident.get('engine', '')} {ident.get('model', '')} | {n} | "
-                             f"{fmt_acc(acc, ci)} | {t['questions_with_a_correct_sample']} of {t['questions']} | "
-                             f"{spread} | {t['prompt_tokens'] + t['completion_tokens']:,} |")
-    lines.append("")
+    if len(pairs) <= 1:
+        return []
+    lines = ["", "Every pair of trained methods (row − column method's accuracy on the same test questions, "
+             "paired bootstrap, 95%):", "", "| task | methods | difference |", "| --- | --- | --- |"]
+    for task in run.tasks:
+        for a, b in pairs:
+            diff = comparison(run.outcomes[a], run.outcomes[b], task)
+            if diff is not None:
+                lines.append(f"| {task} | {_label(a)} − {_label(b)} | {fmt_diff(*diff)} |")
+    return lines
 
-    def draw_accuracy(plt):
-        fig, ax = plt.subplots(figsize=(max(5, 1.4 * (len(evals) + 1) * max(1, len(tasks))), 3.6))
-        width = 0.8 / max(1, len(evals))
-        for j, (method, e) in enumerate(evals.items()):
-            xs, ys, err = [], [], [[], []]
-            for i, task in enumerate(tasks):
-                m = e["tasks"].get(task)
-                if m is None:
-                    continue
-                lo, hi = m.get("accuracy_ci") or (m["accuracy"], m["accuracy"])
-                xs.append(i + j * width)
-                ys.append(100 * m["accuracy"])
-                err[0].append(100 * (m["accuracy"] - lo))
-                err[1].append(100 * (hi - m["accuracy"]))
-            ax.bar(xs, ys, width, yerr=err, capsize=3, label=method)
+
+def _teachers(run: RunView) -> list[str]:
+    """Each teacher on the training questions it labeled: its accuracy over all samples, with a Wilson interval."""
+    if not run.teachers:
+        return []
+    lines = ["", "Teachers on the training questions they label (the students learn from `teacher`; samples per "
+             "question: how many questions got how many samples):", "",
+             "| stage | task | teacher | samples | correct (all samples, 95% interval) | questions with a correct "
+             "sample | samples per question | tokens |", "|" + " --- |" * 8]
+    for stage, result in run.teachers.items():
+        ident = result.get("teacher", {})
+        for task, t in result["tasks"].items():
+            spread = ", ".join(f"{k}: {v}" for k, v in (t.get("samples_per_question") or {}).items())
+            acc = t.get("accuracy_all_samples")
+            n = t["samples"]
+            ci = None if acc is None or not n else wilson(acc, n)
+            lines.append(f"| {stage} | {task} | {ident.get('engine', '')} {ident.get('model', '')} | {n} | "
+                         f"{fmt_acc(acc, ci)} | {t['questions_with_a_correct_sample']} of {t['questions']} | "
+                         f"{spread} | {t['prompt_tokens'] + t['completion_tokens']:,} |")
+    return lines
+
+
+def _draw_accuracy(plt, run: RunView):
+    """Bars per task, one per evaluated method with its interval; the majority rate as a dashed line."""
+    evals, tasks = run.evals, run.tasks
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * (len(evals) + 1) * max(1, len(tasks))), 3.6))
+    width = 0.8 / max(1, len(evals))
+    for j, (method, e) in enumerate(evals.items()):
+        xs, ys, err = [], [], [[], []]
         for i, task in enumerate(tasks):
-            ref = next((e["tasks"][task] for e in evals.values() if task in e["tasks"]), None)
-            if ref is not None:
-                ax.hlines(100 * ref["majority"], i - width / 2, i + width * (len(evals) - 0.5), colors="k",
-                          linestyles="--", label="majority" if i == 0 else None)
-        ax.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(tasks))], tasks)
-        ax.set(ylabel="test accuracy (%)", ylim=(0, 105), title="Students and baselines (95% intervals)")
-        ax.legend(fontsize=8, ncol=3)
-        return fig
+            m = e["tasks"].get(task)
+            if m is None:
+                continue
+            lo, hi = m.get("accuracy_ci") or (m["accuracy"], m["accuracy"])
+            xs.append(i + j * width)
+            ys.append(100 * m["accuracy"])
+            err[0].append(100 * (m["accuracy"] - lo))
+            err[1].append(100 * (hi - m["accuracy"]))
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=method)
+    for i, task in enumerate(tasks):
+        ref = run.rates(task)
+        if ref is not None:
+            ax.hlines(100 * ref["majority"], i - width / 2, i + width * (len(evals) - 0.5), colors="k",
+                      linestyles="--", label="majority" if i == 0 else None)
+    ax.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(tasks))], tasks)
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 105), title="Students and baselines (95% intervals)")
+    ax.legend(fontsize=8, ncol=3)
+    return fig
 
-    if tasks and evals:
-        lines += [f"![accuracy]({_plot(layout.root / 'accuracy.png', draw_accuracy)})", ""]
 
-    if trains:
-        lines += ["## Training and model selection", "",
-                  "The student is the epoch with the best dev accuracy (`selection: best_dev`; dev questions are "
-                  "carved from the training questions) or the last epoch; the test split never chooses.", "",
-                  "| student | parameters | steps | final loss | tokens/s | selected epoch | its dev accuracy | dev "
-                  "questions |", "|" + " --- |" * 8]
-        for method, r in trains.items():
-            dev = r.get("dev") or []
-            params = f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "—"
-            loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "—"
-            lines.append(f"| {method} | {params} | {r['steps']} | {loss} | {r['tokens_per_s']:.0f} | "
-                         f"{r.get('selected_epoch', '—')} of {r.get('epochs', '—')}"
-                         f"{' (early stop)' if r.get('stopped_early') else ''} | "
-                         f"{fmt_acc(r.get('selected_dev_accuracy'), r.get('selected_dev_accuracy_ci'))} | "
-                         f"{dev[0]['n'] if dev else '—'} |")
-        lines += ["", "The dev accuracy of every epoch is in the plot, with its 95% interval for the dev split's size."
-                  + (" Early stop: training ended once `train.patience` dev evaluations in a row had not beaten the "
-                     "best." if any(r.get("stopped_early") for r in trains.values()) else "")]
+def _accuracy_plot(run: RunView) -> list[str]:
+    """accuracy.png: every evaluated method per task, with its interval and the majority rate."""
+    if not (run.tasks and run.evals):
+        return []
+    return [f"![accuracy]({_plot(run.layout.root / 'accuracy.png', lambda plt: _draw_accuracy(plt, run))})", ""]
 
-        def draw_curves(plt):
-            fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-            for method, r in trains.items():
-                axes[0].plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], label=method)
-                if r.get("dev"):
-                    epochs = [d["epoch"] for d in r["dev"]]
-                    line, = axes[1].plot(epochs, [100 * d["accuracy"] for d in r["dev"]], "o-", label=method)
-                    band = [wilson(d["accuracy"], max(1, d["n"])) for d in r["dev"]]
-                    axes[1].fill_between(epochs, [100 * lo for lo, _ in band], [100 * hi for _, hi in band],
-                                         color=line.get_color(), alpha=0.15)
-                    sel = next((d for d in r["dev"] if d["epoch"] == r.get("selected_epoch")), None)
-                    if sel:
-                        axes[1].plot([sel["epoch"]], [100 * sel["accuracy"]], "*", ms=14, color=line.get_color())
-            axes[0].set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
-            axes[1].set(xlabel="epoch", ylabel="dev accuracy (%)", title="Dev accuracy (★ selected)")
-            for ax in axes:
-                ax.legend(fontsize=8)
-            return fig
 
-        lines += ["", f"![curves]({_plot(layout.root / 'curves.png', draw_curves)})", ""]
+def _training(run: RunView) -> list[str]:
+    """Each student's training and the epoch chosen on dev (never on test), with curves.png."""
+    if not run.trains:
+        return []
+    lines = ["## Training and model selection", "",
+             "The student is the epoch with the best dev accuracy (`selection: best_dev`; dev questions are "
+             "carved from the training questions) or the last epoch; the test split never chooses.", "",
+             "| student | parameters | steps | final loss | tokens/s | selected epoch | its dev accuracy | dev "
+             "questions |", "|" + " --- |" * 8]
+    for method, r in run.trains.items():
+        dev = r.get("dev") or []
+        params = f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "—"
+        loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "—"
+        lines.append(f"| {method} | {params} | {r['steps']} | {loss} | {r['tokens_per_s']:.0f} | "
+                     f"{r.get('selected_epoch', '—')} of {r.get('epochs', '—')}"
+                     f"{' (early stop)' if r.get('stopped_early') else ''} | "
+                     f"{fmt_acc(r.get('selected_dev_accuracy'), r.get('selected_dev_accuracy_ci'))} | "
+                     f"{dev[0]['n'] if dev else '—'} |")
+    lines += ["", "The dev accuracy of every epoch is in the plot, with its 95% interval for the dev split's size."
+              + (" Early stop: training ended once `train.patience` dev evaluations in a row had not beaten the "
+                 "best." if any(r.get("stopped_early") for r in run.trains.values()) else "")]
+    return lines + ["", f"![curves]({_plot(run.layout.root / 'curves.png', lambda plt: _draw_curves(plt, run))})",
+                    ""]
 
-    if curates:
-        lines += ["## Curation", "", "| method | task | samples | kept | incorrect or none | too long | duplicates | "
-                  "questions without a sample | kept per question | dev questions |", "|" + " --- |" * 10]
-        for method, c in curates.items():
-            for task, s in c["tasks"].items():
-                spread = ", ".join(f"{k}: {v}" for k, v in (s.get("kept_per_question") or {}).items())
-                lines.append(f"| {method} | {task} | {s.get('samples', 0)} | {s.get('kept', 0)} | "
-                             f"{sum(s.get(f'dropped_{k}', 0) for k in ('incorrect', 'no_answer', 'no_rationale'))} | "
-                             f"{s.get('dropped_too_long', 0)} | "
-                             f"{s.get('dropped_duplicate', 0)} | {s.get('questions_without_sample', 0)} of "
-                             f"{s.get('questions', 0)} | {spread or '—'} | {s.get('dev_questions', 0)} |")
-        lines += ["", "Incorrect or none: samples off the label (`curate.filter: correct`), or with no answer or no "
-                  "rationale. Kept per question: how many training questions kept how many rationales (0: none)."]
-        labels = [(m, t, s["labels"]) for m, c in curates.items() for t, s in c["tasks"].items() if s.get("labels")]
-        if labels:
-            lines += ["", "Majority labels (`curate.label: majority`): a training question's label is the most "
-                      "frequent answer among its samples, given when at least `min_votes` reach it; where the question "
-                      "has gold, how often the label equals it, with its 95% Wilson interval.", "",
-                      "| method | task | labeled questions | min votes | label = gold |", "|" + " --- |" * 5]
-            for method, task, lab in labels:
-                equal = ("—" if not lab["labeled_with_gold"] else
-                         f"{lab['label_equals_gold']} of {lab['labeled_with_gold']} "
-                         f"({fmt_acc(lab['label_equals_gold_rate'], lab['label_equals_gold_ci'])})")
-                lines.append(f"| {method} | {task} | {lab['labeled']} of {lab['questions']} | {lab['min_votes']} | "
-                             f"{equal} |")
-        if "fine_tune_cot" in curates:
-            c = curates["fine_tune_cot"]["tasks"]
 
-            def draw_kept(plt):
-                fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(c)), 3))
-                values = [100 * s.get("kept", 0) / max(1, s.get("samples", 0)) for s in c.values()]
-                ax.bar_label(ax.bar(list(c), values), fmt="%.0f")
-                ax.set(ylabel="kept (%)", ylim=(0, 105), title="Teacher samples kept by curation")
-                return fig
+def _draw_curves(plt, run: RunView):
+    """Each student's training loss per step, and its dev accuracy per epoch with a band and the selected star."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for method, r in run.trains.items():
+        axes[0].plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], label=method)
+        if r.get("dev"):
+            epochs = [d["epoch"] for d in r["dev"]]
+            line, = axes[1].plot(epochs, [100 * d["accuracy"] for d in r["dev"]], "o-", label=method)
+            band = [wilson(d["accuracy"], max(1, d["n"])) for d in r["dev"]]
+            axes[1].fill_between(epochs, [100 * lo for lo, _ in band], [100 * hi for _, hi in band],
+                                 color=line.get_color(), alpha=0.15)
+            sel = next((d for d in r["dev"] if d["epoch"] == r.get("selected_epoch")), None)
+            if sel:
+                axes[1].plot([sel["epoch"]], [100 * sel["accuracy"]], "*", ms=14, color=line.get_color())
+    axes[0].set(xlabel="optimizer step", ylabel="train loss", title="Training loss")
+    axes[1].set(xlabel="epoch", ylabel="dev accuracy (%)", title="Dev accuracy (★ selected)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return fig
 
-            lines += ["", f"![kept]({_plot(layout.root / 'kept.png', draw_kept)})"]
-        lines.append("")
 
-    lines += ["## Time, tokens and cost", "",
-              "CPU-seconds are the CPU time of every process that worked for a stage (driver, Ray actors, training "
-              "workers); GPU-seconds the time each stage's workers held their GPUs; `reserved` what the stage asked "
-              "Ray for; `precision` the dtype the stage's model ran in, and why (fcot.hardware).", "",
-              "| stage | wall s | CPU s | GPU s | reserved | precision |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, m in stages.items():
+def _curation(run: RunView) -> list[str]:
+    """What curation kept and dropped per method and task, its majority labels, and kept.png."""
+    if not run.curates:
+        return []
+    lines = ["## Curation", "", "| method | task | samples | kept | incorrect or none | too long | duplicates | "
+             "questions without a sample | kept per question | dev questions |", "|" + " --- |" * 10]
+    for method, c in run.curates.items():
+        for task, s in c["tasks"].items():
+            spread = ", ".join(f"{k}: {v}" for k, v in (s.get("kept_per_question") or {}).items())
+            lines.append(f"| {method} | {task} | {s.get('samples', 0)} | {s.get('kept', 0)} | "
+                         f"{sum(s.get(f'dropped_{k}', 0) for k in ('incorrect', 'no_answer', 'no_rationale'))} | "
+                         f"{s.get('dropped_too_long', 0)} | "
+                         f"{s.get('dropped_duplicate', 0)} | {s.get('questions_without_sample', 0)} of "
+                         f"{s.get('questions', 0)} | {spread or '—'} | {s.get('dev_questions', 0)} |")
+    lines += ["", "Incorrect or none: samples off the label (`curate.filter: correct`), or with no answer or no "
+              "rationale. Kept per question: how many training questions kept how many rationales (0: none)."]
+    lines += _majority_labels(run)
+    rationales = [m for m in run.curates if m in METHODS and METHODS[m].uses_rationales]
+    if rationales:  # the first method that keeps the teacher's samples (they all keep the same ones)
+        c = run.curates[rationales[0]]["tasks"]
+        lines += ["", f"![kept]({_plot(run.layout.root / 'kept.png', lambda plt: _draw_kept(plt, c))})"]
+    return lines + [""]
+
+
+def _majority_labels(run: RunView) -> list[str]:
+    """Curation's majority labels (`curate.label: majority`), and how often they equal the gold answer."""
+    labels = [(m, t, s["labels"]) for m, c in run.curates.items() for t, s in c["tasks"].items() if s.get("labels")]
+    if not labels:
+        return []
+    lines = ["", "Majority labels (`curate.label: majority`): a training question's label is the most "
+             "frequent answer among its samples, given when at least `min_votes` reach it; where the question "
+             "has gold, how often the label equals it, with its 95% Wilson interval.", "",
+             "| method | task | labeled questions | min votes | label = gold |", "|" + " --- |" * 5]
+    for method, task, lab in labels:
+        equal = ("—" if not lab["labeled_with_gold"] else
+                 f"{lab['label_equals_gold']} of {lab['labeled_with_gold']} "
+                 f"({fmt_acc(lab['label_equals_gold_rate'], lab['label_equals_gold_ci'])})")
+        lines.append(f"| {method} | {task} | {lab['labeled']} of {lab['questions']} | {lab['min_votes']} | "
+                     f"{equal} |")
+    return lines
+
+
+def _draw_kept(plt, c: dict):
+    """The share of the teacher's samples curation kept, per task."""
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(c)), 3))
+    values = [100 * s.get("kept", 0) / max(1, s.get("samples", 0)) for s in c.values()]
+    ax.bar_label(ax.bar(list(c), values), fmt="%.0f")
+    ax.set(ylabel="kept (%)", ylim=(0, 105), title="Teacher samples kept by curation")
+    return fig
+
+
+def _costs(run: RunView) -> list[str]:
+    """The ledger: each stage's wall, CPU and GPU seconds, what it reserved and its precision; teacher tokens,
+    what a teacher record costs on disk, and cost.png."""
+    lines = ["## Time, tokens and cost", "",
+             "CPU-seconds are the CPU time of every process that worked for a stage (driver, Ray actors, training "
+             "workers); GPU-seconds the time each stage's workers held their GPUs; `reserved` what the stage asked "
+             "Ray for; `precision` the dtype the stage's model ran in, and why (fcot.hardware).", "",
+             "| stage | wall s | CPU s | GPU s | reserved | precision |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, m in run.stages.items():
         reserved = ", ".join(f"{v:g} {r}" for r, v in (m.get("reserved") or {}).items() if v) or "—"
         p = (m.get("result") or {}).get("precision")
         precision = f"{p['dtype']} ({p['why']})" if p else "—"
         lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.0f} | {m['gpu_s']:.0f} | {reserved} | {precision} |")
     tokens = sum(t.get("prompt_tokens", 0) + t.get("completion_tokens", 0)
-                 for r in teachers.values() for t in (r.get("tasks") or {}).values())
+                 for r in run.teachers.values() for t in (r.get("tasks") or {}).values())
     lines += ["", f"Teacher tokens (prompt + completion, both steps, every teacher): {tokens:,}."]
-    for name, r in teachers.items():  # what a record costs on disk, and its share for the stored logprobs
+    for name, r in run.teachers.items():  # what a record costs on disk, and its share for the stored logprobs
         st = r.get("store")
         if st and st["records"]:
             k = (r.get("teacher") or {}).get("logprobs")  # asked for: else the column holds nulls only
@@ -283,20 +394,38 @@ def build_report(run_dir: str | Path) -> Path:
             lp = f"; {without:,.0f} without its top-{k} logprobs" if k else ""
             lines.append(f"Teacher records of {name} on disk: {st['records']:,} in {st['bytes'] / 1e6:,.2f} MB, "
                          f"{st['bytes'] / st['records']:,.0f} bytes per record{lp}.")
+    if run.stages:
+        lines += ["", f"![cost]({_plot(run.layout.root / 'cost.png', lambda plt: _draw_cost(plt, run.stages))})", ""]
+    return lines
 
-    def draw_cost(plt):
-        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(stages)), 3))
-        ax.bar_label(ax.bar(list(stages), [m["wall_s"] for m in stages.values()]), fmt="%.0f", fontsize=8)
-        ax.set(ylabel="wall seconds", title="Time per stage")
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
-        return fig
 
-    if stages:
-        lines += ["", f"![cost]({_plot(layout.root / 'cost.png', draw_cost)})", ""]
-    return atomic_write_text(layout.report, "\n".join(lines) + "\n")
+def _draw_cost(plt, stages: dict[str, dict]):
+    """Wall seconds per stage, in the chain's order."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(stages)), 3))
+    ax.bar_label(ax.bar(list(stages), [m["wall_s"] for m in stages.values()]), fmt="%.0f", fontsize=8)
+    ax.set(ylabel="wall seconds", title="Time per stage")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
+
+def _primary(results: dict) -> str | None:
+    """A sweep's primary method (whose dev accuracy is its metric): as results.json names it, else the first."""
+    methods = results.get("methods", [])
+    return results.get("primary_method") or (methods[0] if methods else None)
+
+
+def _compared(results: dict) -> list[tuple[str, str]]:
+    """The pairs a sweep's report compares (`compared`): its trials' primary and reference method, then each
+    method's reference."""
+    return compared(results.get("methods", []), results.get("primary_method"), results.get("reference_method"))
+
+
+def difference_key(a: str, b: str, task: str) -> str:
+    """The key of a grid point's difference of method `a` minus method `b` on `task` (points.json)."""
+    return f"difference/{a}/{b}/{task}"
+
 
 def _dev_outcomes(row: dict, method: str) -> list[int] | None:
     """The selected epoch's dev outcomes of a trial's student (from its train stage's marker)."""
@@ -311,6 +440,7 @@ def _dev_outcomes(row: dict, method: str) -> list[int] | None:
 
 
 def _trial_outcomes(row: dict, method: str) -> dict[tuple, bool] | None:
+    """A trial's test outcomes of a method (its eval's predictions.jsonl), None where it has none."""
     if not row.get("run_dir"):
         return None
     path = RunLayout(Path(row["run_dir"])).eval(method) / "predictions.jsonl"
@@ -318,9 +448,10 @@ def _trial_outcomes(row: dict, method: str) -> dict[tuple, bool] | None:
 
 
 def sweep_points(results: dict) -> list[dict]:
-    """One entry per grid point (its seeds together): per method and task, the mean test accuracy with an
-    interval resampling seeds and questions, and Fine-tune-CoT minus vanilla, paired the same way."""
-    axes, methods, tasks = results["axes"], results.get("methods", []), results.get("tasks", [])
+    """One entry per grid point (its seeds together): the primary method's dev accuracy, and per method and task
+    the mean test accuracy with an interval resampling seeds and questions, and each compared pair's difference
+    (`compared`, at `difference_key`), paired the same way."""
+    axes = results["axes"]
     points: dict[str, list[dict]] = {}
     for r in results["trials"]:
         points.setdefault(json.dumps([r.get(a) for a in axes]), []).append(r)
@@ -330,34 +461,55 @@ def sweep_points(results: dict) -> list[dict]:
         p = {a: v for a, v in zip(axes, json.loads(key))}
         p.update(seeds=len(done), trials=len(rows), stopped=sum(r["status"].startswith("stopped") for r in rows),
                  parameters=next((r.get("parameters") for r in rows if r.get("parameters")), None))
-        devs = [r["dev_accuracy"] for r in done if r.get("dev_accuracy") is not None]
-        p["dev_accuracy"] = sum(devs) / len(devs) if devs else None
-        dev_vectors = [v for v in (_dev_outcomes(r, methods[0]) for r in done) if v] if methods else []
-        if dev_vectors and len({len(v) for v in dev_vectors}) == 1:
-            p["dev_accuracy"], lo, hi = seeds_interval(dev_vectors)
-            p["dev_accuracy_ci"] = [lo, hi]
-        trial_outcomes = {m: [o for o in (_trial_outcomes(r, m) for r in done) if o] for m in methods}
-        for task in tasks:
-            per_method = {}
-            for method in methods:
-                vectors = [{i: c for (t, i), c in o.items() if t == task} for o in trial_outcomes[method]]
-                vectors = [v for v in vectors if v]
-                if not vectors:
-                    continue
-                common = sorted(set.intersection(*(set(v) for v in vectors)))
-                per_method[method] = [[v[i] for i in common] for v in vectors]
-                mean, lo, hi = seeds_interval(per_method[method])
-                p[f"{method}/{task}"] = {"mean": mean, "ci": [lo, hi],
-                                         "collapsed": any(r.get(f"{method}/{task}/collapsed") for r in done),
-                                         "kept": [r.get(f"{method}/kept") for r in done]}
-            if "fine_tune_cot" in per_method and "vanilla" in per_method:
-                a, b = per_method["fine_tune_cot"], per_method["vanilla"]
-                if len(a) == len(b) and a and len(a[0]) == len(b[0]):
-                    diff = [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
-                    mean, lo, hi = seeds_interval(diff)
-                    p[f"difference/{task}"] = {"mean": mean, "ci": [lo, hi]}
+        p.update(_dev_point(done, _primary(results)))
+        p.update(_test_point(results, done))
         out.append(p)
     return out
+
+
+def _dev_point(done: list[dict], primary: str | None) -> dict:
+    """A grid point's dev accuracy: the mean over seeds of the primary's selected epoch, with an interval that
+    resamples seeds and dev questions where every seed's dev outcomes are stored (the same dev split)."""
+    devs = [r["dev_accuracy"] for r in done if r.get("dev_accuracy") is not None]
+    out = {"dev_accuracy": sum(devs) / len(devs) if devs else None}
+    vectors = [v for v in (_dev_outcomes(r, primary) for r in done) if v] if primary else []
+    if vectors and len({len(v) for v in vectors}) == 1:
+        mean, lo, hi = seeds_interval(vectors)
+        out.update(dev_accuracy=mean, dev_accuracy_ci=[lo, hi])
+    return out
+
+
+def _test_point(results: dict, done: list[dict]) -> dict:
+    """A grid point's test accuracy per method and task (on the questions every seed answered) and, per task, the
+    difference of each compared pair."""
+    methods = results.get("methods", [])
+    trial_outcomes = {m: [o for o in (_trial_outcomes(r, m) for r in done) if o] for m in methods}
+    out = {}
+    for task in results.get("tasks", []):
+        per_method = {}
+        for method in methods:
+            vectors = [v for o in trial_outcomes[method] if (v := {i: c for (t, i), c in o.items() if t == task})]
+            if not vectors:
+                continue
+            common = sorted(set.intersection(*(set(v) for v in vectors)))
+            per_method[method] = [[v[i] for i in common] for v in vectors]
+            mean, lo, hi = seeds_interval(per_method[method])
+            out[f"{method}/{task}"] = {"mean": mean, "ci": [lo, hi],
+                                       "collapsed": any(r.get(f"{method}/{task}/collapsed") for r in done),
+                                       "kept": [r.get(f"{method}/kept") for r in done]}
+        for a, b in _compared(results):
+            diff = _seeds_difference(per_method.get(a), per_method.get(b))
+            if diff is not None:
+                out[difference_key(a, b, task)] = diff
+    return out
+
+
+def _seeds_difference(a: list | None, b: list | None) -> dict | None:
+    """Mean and interval of a - b over seeds and questions; None unless both have the same seeds and questions."""
+    if not a or not b or len(a) != len(b) or len(a[0]) != len(b[0]):
+        return None
+    mean, lo, hi = seeds_interval([[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)])
+    return {"mean": mean, "ci": [lo, hi]}
 
 
 def _x(point: dict, axis: str):
@@ -368,35 +520,62 @@ def _x(point: dict, axis: str):
 
 
 def build_sweep_report(sweep_dir: str | Path) -> Path:
-    """report.md for a sweep: every grid point with intervals, the best point by dev accuracy, plots per axis."""
+    """report.md for a sweep, and points.json: the verdicts of each compared pair over the grid, the trials, every
+    grid point with intervals, the rates to beat, the best point by dev accuracy, the trials stopped or failed, and
+    a plot per axis."""
     sweep_dir = Path(sweep_dir)
     results = read_json(sweep_dir / "results.json")
-    axes, methods, tasks = results["axes"], results.get("methods", []), results.get("tasks", [])
     points = sweep_points(results)
     atomic_write_text(sweep_dir / "points.json", json.dumps(points, indent=2) + "\n")
     lines = [f"# fcot sweep: {results['name']}", ""]
-    def where(ps):
-        return "; ".join(", ".join(f"{a}={p[a]}" for a in axes) for p in ps) or "none"
+    for section in (_sweep_verdicts, _sweep_trials, _points_table):
+        lines += section(results, points)
+    for section in (_rates_to_beat, _best, _unfinished):
+        lines += section(results)
+    for axis in results["axes"]:
+        name = f"sweep_{axis.replace('.', '_')}.png"
+        drawn = _plot(sweep_dir / name, lambda plt, axis=axis: _draw_axis(plt, [(results, points)], axis))
+        lines += [f"![{axis}]({drawn})", ""]
+    return atomic_write_text(sweep_dir / "report.md", "\n".join(lines) + "\n")
 
-    for t in tasks:
-        diffs = [(p, p[f"difference/{t}"]) for p in points if f"difference/{t}" in p]
-        if not diffs:
-            continue
-        better = [p for p, d in diffs if d["ci"][0] > 0]
-        worse = [p for p, d in diffs if d["ci"][1] < 0]
-        lines += [f"**{t}: Fine-tune-CoT beats vanilla fine-tuning beyond the noise at {len(better)} of {len(diffs)} "
-                  f"grid points ({where(better)}), is worse at {len(worse)} ({where(worse)}), and no difference is "
-                  f"established at the other {len(diffs) - len(better) - len(worse)}** (Fine-tune-CoT − vanilla, "
-                  f"mean over seeds, 95% interval resampling seeds and questions).", ""]
-    lines += [f"{len(results['trials'])} trials ({len(points)} grid points x {len(results.get('seeds', [0]))} seeds); "
-              f"teacher runs: {results['teacher_runs']} (shared by every trial, "
-              f"{results.get('teacher_tokens', 0):,} tokens). Model selection: `{results['metric']}` (dev split "
-              f"carved from the training questions); the test split never chooses.", ""]
-    cols = [*axes, "dev accuracy", *[f"{m} test" for m in methods]]
-    if "fine_tune_cot" in methods and "vanilla" in methods:
-        cols.append("Fine-tune-CoT − vanilla")
-    cols += ["kept", "seeds", "stopped"]
-    lines += ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+
+def _sweep_verdicts(results: dict, points: list[dict]) -> list[str]:
+    """Per compared pair and task: at how many grid points the method beats its reference beyond the noise, at
+    how many it is worse, and where."""
+    def where(ps):
+        return "; ".join(", ".join(f"{a}={p[a]}" for a in results["axes"]) for p in ps) or "none"
+
+    lines = []
+    for a, b in _compared(results):
+        for t in results.get("tasks", []):
+            diffs = [(p, p[k]) for p in points if (k := difference_key(a, b, t)) in p]
+            if not diffs:
+                continue
+            better = [p for p, d in diffs if d["ci"][0] > 0]
+            worse = [p for p, d in diffs if d["ci"][1] < 0]
+            lines += [f"**{t}: {_label(a)} beats {_label(b)} beyond the noise at {len(better)} of {len(diffs)} "
+                      f"grid points ({where(better)}), is worse at {len(worse)} ({where(worse)}), and no difference "
+                      f"is established at the other {len(diffs) - len(better) - len(worse)}** ({_label(a, True)} − "
+                      f"{_label(b, True)}, mean over seeds, 95% interval resampling seeds and questions).", ""]
+    return lines
+
+
+def _sweep_trials(results: dict, points: list[dict]) -> list[str]:
+    """How many trials, the shared teacher's runs and tokens, and the rule of model selection."""
+    return [f"{len(results['trials'])} trials ({len(points)} grid points x {len(results.get('seeds', [0]))} seeds); "
+            f"teacher runs: {results['teacher_runs']} (shared by every trial, "
+            f"{results.get('teacher_tokens', 0):,} tokens). Model selection: `{results['metric']}` (dev split "
+            f"carved from the training questions); the test split never chooses.", ""]
+
+
+def _points_table(results: dict, points: list[dict]) -> list[str]:
+    """One row per grid point and task: dev accuracy, each method's test accuracy, each compared pair's difference,
+    the primary's kept records per seed, seeds and stopped trials."""
+    axes, methods, tasks = results["axes"], results.get("methods", []), results.get("tasks", [])
+    pairs, primary = _compared(results), _primary(results)
+    cols = [*axes, "dev accuracy", *[f"{m} test" for m in methods],
+            *[f"{_label(a, True)} − {_label(b, True)}" for a, b in pairs], "kept", "seeds", "stopped"]
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
     for p in points:
         for task in tasks:
             cells = [str(p.get(a)) for a in axes] + [fmt_acc(p.get("dev_accuracy"), p.get("dev_accuracy_ci"))]
@@ -404,38 +583,51 @@ def build_sweep_report(sweep_dir: str | Path) -> Path:
                 x = p.get(f"{m}/{task}")
                 cells.append("—" if x is None else fmt_acc(x["mean"], x["ci"]) + (" **collapsed**" if x["collapsed"]
                                                                                    else ""))
-            if "Fine-tune-CoT − vanilla" in cols:
-                d = p.get(f"difference/{task}")
+            for a, b in pairs:
+                d = p.get(difference_key(a, b, task))
                 cells.append("—" if d is None else fmt_diff(d["mean"], *d["ci"]))
-            kept = p.get(f"{methods[0]}/{task}", {}).get("kept") if methods else None
+            kept = p.get(f"{primary}/{task}", {}).get("kept") if primary else None
             cells += [", ".join(str(k) for k in kept) if kept else "—", str(p["seeds"]), str(p["stopped"])]
             lines.append("| " + " | ".join(cells) + " |")
-    for t in tasks:
-        ref = next((r for r in results["trials"] if r.get(f"{methods[0]}/{t}/majority") is not None), None)
+    return lines
+
+
+def _rates_to_beat(results: dict) -> list[str]:
+    """Per task, the test split's majority and random-guess rates (as the primary's trials measured them)."""
+    primary, lines = _primary(results), []
+    for t in results.get("tasks", []) if primary else []:
+        ref = next((r for r in results["trials"] if r.get(f"{primary}/{t}/majority") is not None), None)
         if ref is not None:
-            guess = ref.get(f"{methods[0]}/{t}/random")
+            guess = ref.get(f"{primary}/{t}/random")
             lines += ["", f"The rates to beat on {t}'s test split: always its most frequent answer, "
-                      f"{fmt_acc(ref[f'{methods[0]}/{t}/majority'])}"
+                      f"{fmt_acc(ref[f'{primary}/{t}/majority'])}"
                       + (f"; a random guess, {fmt_acc(guess)}" if guess is not None else "")
                       + "; a student marked **collapsed** gives one answer to ≥ 90% of the questions."]
-    best = results.get("best")
-    if best:
-        tests = ", ".join(f"{k.split('/')[0]} {fmt_acc(v)}" for k, v in best.items() if k.endswith("/test_accuracy"))
-        lines += ["", "**Best by dev accuracy**: " + ", ".join(f"`{a}={best[a]}`" for a in axes)
-                  + f" → dev {fmt_acc(best[results['metric']])} (mean of {best['seeds']} seed(s)); test: {tests}.", ""]
+    return lines
+
+
+def _best(results: dict) -> list[str]:
+    """The grid point with the best mean dev accuracy, its test accuracies beside it (never used to choose)."""
+    best, axes = results.get("best"), results["axes"]
+    if not best:
+        return []
+    tests = ", ".join(f"{k.split('/')[0]} {fmt_acc(v)}" for k, v in best.items() if k.endswith("/test_accuracy"))
+    return ["", "**Best by dev accuracy**: " + ", ".join(f"`{a}={best[a]}`" for a in axes)
+            + f" → dev {fmt_acc(best[results['metric']])} (mean of {best['seeds']} seed(s)); test: {tests}.", ""]
+
+
+def _unfinished(results: dict) -> list[str]:
+    """The trials a scheduler stopped early, and the trials that failed with their errors."""
+    lines = []
     stopped = [t for t in results["trials"] if t["status"].startswith("stopped")]
     if stopped:
         lines += ["Stopped early by the scheduler: " + "; ".join(
-            ", ".join(f"{a}={t.get(a)}" for a in [*axes, "train.seed"]) + f" ({t['status']})" for t in stopped), ""]
+            ", ".join(f"{a}={t.get(a)}" for a in [*results["axes"], "train.seed"]) + f" ({t['status']})"
+            for t in stopped), ""]
     errors = [t for t in results["trials"] if t["status"] == "error"]
     if errors:
         lines += ["Failed trials: " + "; ".join(f"{t.get('error', '')}" for t in errors), ""]
-
-    for axis in axes:
-        name = f"sweep_{axis.replace('.', '_')}.png"
-        drawn = _plot(sweep_dir / name, lambda plt, axis=axis: _draw_axis(plt, [(results, points)], axis))
-        lines += [f"![{axis}]({drawn})", ""]
-    return atomic_write_text(sweep_dir / "report.md", "\n".join(lines) + "\n")
+    return lines
 
 
 def _draw_axis(plt, studies: list[tuple[dict, list[dict]]], axis: str, ax=None):

@@ -7,10 +7,11 @@ teacher stage finds everything generated. Each trial then runs the run's stage c
 curate -> train (a TorchTrainer inside the Tune function, the Ray 2.60 way) -> evaluate), in a folder named by
 its values, so a restored sweep skips what it finished.
 
-Model selection never reads the test split: the primary method's training reports its dev accuracy to Tune
-every epoch (ASHA and any Tune scheduler stop weak trials on it), the trial's final `dev_accuracy` is the
-selected epoch's, and the sweep's best grid point is the best mean dev accuracy over seeds; test accuracy (with
-its interval) is reported beside it. `seeds: [0, 1, 2]` repeats every grid point with those training seeds.
+Model selection never reads the test split: the primary method's (the run config's `primary_method`, by default
+the first) training reports its dev accuracy to Tune every epoch (ASHA and any Tune scheduler stop weak trials on
+it), the trial's final `dev_accuracy` is the selected epoch's, and the sweep's best grid point is the best mean dev
+accuracy over seeds; test accuracy (with its interval) is reported beside it, with each method against its
+reference (fcot.report.compared). `seeds: [0, 1, 2]` repeats every grid point with those training seeds.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class SweepConfig(Config):
     run: dict = {}  # or inline run config keys (merged into `base`)
     param_space: dict[str, list]  # dotted run-config key -> values (a grid over all of them)
     seeds: list[int] = [0]  # training seeds (train.seed): every grid point runs once per seed
-    # dev_accuracy: the primary (first) method's dev accuracy at its selected epoch. Never test accuracy.
+    # dev_accuracy: the primary method's dev accuracy at its selected epoch (run.primary_method, default the first
+    # method). Never test accuracy.
     metric: Literal["dev_accuracy"] = "dev_accuracy"
     max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster's CPUs/GPUs fit
     # times a failed trial is started again (it resumes: finished stages and training checkpoints are kept)
@@ -194,8 +196,7 @@ def trial(params: dict) -> None:
 def trial_result(cfg: RunConfig, markers: dict) -> dict:
     """A trial's row: the primary method's selected dev accuracy (the sweep's metric) and, per method and task,
     test accuracy with its interval, the majority rate, collapse, data kept; and the trial's measured cost."""
-    primary = cfg.methods[0]
-    trained = markers[f"train-{primary}"]["result"]
+    trained = markers[f"train-{cfg.primary_method}"]["result"]
     out = {"dev_accuracy": trained.get("selected_dev_accuracy"), "selected_epoch": trained.get("selected_epoch"),
            "epochs": trained.get("epochs"), "run_dir": cfg.output_dir,
            "parameters": trained.get("parameters"),
@@ -222,7 +223,7 @@ def dry_run_sweep(cfg: SweepConfig, planned: tuple | None = None) -> list[str]:
     notes, seen = [], set()
     for _, run_cfg in runs:
         if run_cfg.train.dev is None and run_cfg.curate.dev_fraction == "auto" and Path(run_cfg.data_dir).exists():
-            qs, dev, _ = split_questions(curate_config(run_cfg, run_cfg.methods[0]))  # curation's own rule
+            qs, dev, _ = split_questions(curate_config(run_cfg, run_cfg.primary_method))  # curation's own rule
             if not dev:
                 raise FcotError(f"metric dev_accuracy needs a dev split: {len(qs)} questions are too few for "
                                 f"curate.dev_fraction auto; set curate.dev_fraction")
@@ -251,7 +252,7 @@ def sweep(cfg: SweepConfig, log=print, checked: bool = False) -> dict:
     """Run (or resume) a sweep; writes results.json and report.md, and returns the results. `checked`: the caller
     ran `dry_run_sweep(cfg)` already (and showed its notes)."""
     import ray  # heavy: only where Ray work starts
-    from ray import tune
+    from ray import tune  # heavy, as ray
 
     sweep_dir = Path(cfg.output_dir)
     planned = trials(cfg)
@@ -273,15 +274,7 @@ def sweep(cfg: SweepConfig, log=print, checked: bool = False) -> dict:
     # otherwise read as a search space of its own. Per-key grids cross into exactly fcot's grid.
     param_space = {"__base": base, "__sweep_dir": str(sweep_dir), "__max_d": max_d,
                    **{k: tune.grid_search(list(dict.fromkeys(json.dumps(p[k]) for p in grid))) for k in keys}}
-    callbacks = []
-    mode = wandb_mode(cfg.wandb_mode)
-    if mode != "disabled":
-        from ray.air.integrations.wandb import WandbLoggerCallback  # heavy: with W&B only
-
-        if mode == "offline":  # Ray's callback asks for an API key unless the *variable* says offline
-            os.environ["WANDB_MODE"] = mode
-        callbacks.append(WandbLoggerCallback(project="fcot", group=cfg.name, mode=mode, dir=str(sweep_dir),
-                                             excludes=["__base", "__sweep_dir", "__max_d"]))
+    callbacks = _wandb_callbacks(cfg, sweep_dir)
     scheduler = None
     if cfg.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler  # heavy, as ray above
@@ -307,7 +300,34 @@ def sweep(cfg: SweepConfig, log=print, checked: bool = False) -> dict:
                                name="tune", storage_path=str(sweep_dir), callbacks=callbacks, verbose=0,
                                # a trial that fails (a lost node) runs again and resumes from its run dir's markers
                                failure_config=tune.FailureConfig(max_failures=cfg.trial_retries)))
-    results = tuner.fit()
+    rows = _trial_rows(tuner.fit(), keys, epochs)
+    results_doc = {"name": cfg.name, "sweep_dir": str(sweep_dir), "metric": cfg.metric, "axes": list(cfg.param_space),
+                   "seeds": cfg.seeds, "methods": one.methods, "primary_method": one.primary_method,
+                   "reference_method": one.reference_method, "tasks": one.tasks, "trials": rows,
+                   "best": best_point(rows, list(cfg.param_space), cfg.metric), "teacher_runs": len(teachers),
+                   "teacher_tokens": sum(t["tasks"][k]["completion_tokens"] + t["tasks"][k]["prompt_tokens"]
+                                         for t in teachers for k in t["tasks"])}
+    atomic_write_json(sweep_dir / "results.json", results_doc)
+    build_sweep_report(sweep_dir)
+    return results_doc
+
+
+def _wandb_callbacks(cfg: SweepConfig, sweep_dir: Path) -> list:
+    """Tune's W&B logger, one run per trial in the sweep's group, unless W&B is disabled."""
+    mode = wandb_mode(cfg.wandb_mode)
+    if mode == "disabled":
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback  # heavy: with W&B only
+
+    if mode == "offline":  # Ray's callback asks for an API key unless the *variable* says offline
+        os.environ["WANDB_MODE"] = mode
+    return [WandbLoggerCallback(project="fcot", group=cfg.name, mode=mode, dir=str(sweep_dir),
+                                excludes=["__base", "__sweep_dir", "__max_d"])]
+
+
+def _trial_rows(results, keys: list[str], epochs: dict[str, int]) -> list[dict]:
+    """results.json's rows: each trial's swept values, its status (done, stopped at an epoch by the scheduler,
+    error with the first line of its error) and the metrics it reported last."""
     rows = []
     for r in results:
         params = {k: json.loads(r.config[k]) for k in keys}
@@ -318,14 +338,7 @@ def sweep(cfg: SweepConfig, log=print, checked: bool = False) -> dict:
         if r.error:
             row["error"] = str(r.error).splitlines()[0][:300]
         rows.append(row)
-    results_doc = {"name": cfg.name, "sweep_dir": str(sweep_dir), "metric": cfg.metric, "axes": list(cfg.param_space),
-                   "seeds": cfg.seeds, "methods": one.methods, "tasks": one.tasks, "trials": rows,
-                   "best": best_point(rows, list(cfg.param_space), cfg.metric), "teacher_runs": len(teachers),
-                   "teacher_tokens": sum(t["tasks"][k]["completion_tokens"] + t["tasks"][k]["prompt_tokens"]
-                                         for t in teachers for k in t["tasks"])}
-    atomic_write_json(sweep_dir / "results.json", results_doc)
-    build_sweep_report(sweep_dir)
-    return results_doc
+    return rows
 
 
 def _kept_metric(key: str) -> bool:
