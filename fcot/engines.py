@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Annotated, Literal
 
 import requests
@@ -28,7 +29,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from fcot.config import PLACEMENT, Config, ModelRef, PathStr
 from fcot.errors import FcotError
-from fcot.hardware import Dtype, Precision, check_gpu, choose
+from fcot.hardware import Dtype, Precision, check_gpu, choose, use_cpus
 from fcot.models import adapter_of, resolve_model
 from fcot.resources import Demand
 
@@ -119,6 +120,17 @@ def replica_options(cfg: EngineConfig) -> dict:
     places them on one node; restarted (its batch retried) when its process dies."""
     return {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica, "max_restarts": 3,
             "max_task_retries": 3}
+
+
+def start_replica(cfg: EngineConfig, output_dir: str):
+    """A replica's engine, set up one way for the teacher's and evaluation's actors: torch, OpenMP and the
+    tokenizer on the actor's reserved CPUs, no progress bars, the engine built with its compile cache in
+    OUTPUT_DIR/.engine_cache."""
+    from transformers.utils import logging as hf_logging  # heavy; a replica loads a model anyway
+
+    use_cpus(cfg.cpus_per_replica)
+    hf_logging.disable_progress_bar()
+    return build_engine(cfg, cache_dir=str(Path(output_dir) / ".engine_cache"))
 
 
 def build_engine(cfg: EngineConfig, cache_dir: str | None = None):

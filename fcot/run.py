@@ -24,22 +24,21 @@ from pydantic import AfterValidator, Field, model_validator
 
 from fcot.bundled import prepare_missing
 from fcot.config import Config, PathStr, RayAddress, WandbMode, redacted, results_view, wandb_mode
+from fcot.contracts.teacher import TeachConfig, teacher_tokenizer
 from fcot.curate import CurateConfig, ShardStreamer, check_labels, curate, split_questions
 from fcot.errors import FcotError, user_error
 from fcot.evaluate import EvalConfig, evaluate
 from fcot.evaluate import questions as eval_questions
 from fcot.io import atomic_write_json, read_json
 from fcot.layout import RunLayout
-from fcot.methods import get_method, method_names
+from fcot.methods import METHODS, get_method, method_names
 from fcot.models import ALIASES, models_dir, resolve_model, tokenizer_identity
 from fcot.prompts import templates_sha256
 from fcot.ray_utils import cpu_seconds
 from fcot.report import build_report
 from fcot.resources import Demand, check_local, check_resources, largest
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
-from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
-from fcot.teacher.plan import teacher_id, teacher_tokenizer
 from fcot.train.config import DevConfig, ObjectiveConfig, TrainConfig
 from fcot.train.trainer import train
 
@@ -84,8 +83,9 @@ class RunConfig(Config):
         methods = data.get("methods") or cls.model_fields["methods"].default
         data["primary_method"] = data.get("primary_method") or methods[0]
         others = [m for m in methods if m != data["primary_method"]]
+        ref = METHODS[data["primary_method"]].reference if data["primary_method"] in METHODS else None
         data["reference_method"] = data.get("reference_method") or (
-            "vanilla" if "vanilla" in others else others[-1] if others else data["primary_method"])
+            ref if ref in others else others[-1] if others else data["primary_method"])
         train = dict(data.get("train") or {})
         student = train.get("model", TrainConfig.model_fields["model"].default)
         curate = data.get("curate") or {}
@@ -149,7 +149,9 @@ class RunConfig(Config):
 # Per-method stage configs: each method gets its own folders.
 
 def curate_config(cfg: RunConfig, method: str) -> CurateConfig:
-    return cfg.curate.model_copy(update={"method": method, "output_dir": str(cfg.layout.curated(method))})
+    kd = cfg.train.objective.kind == "kd" and get_method(method).uses_rationales  # its students learn the top-k
+    return cfg.curate.model_copy(update={"method": method, "output_dir": str(cfg.layout.curated(method)),
+                                         "teacher_logprobs": kd})
 
 
 def train_config(cfg: RunConfig, method: str) -> TrainConfig:
@@ -160,12 +162,10 @@ def train_config(cfg: RunConfig, method: str) -> TrainConfig:
     wandb = w.model_copy(update={"group": w.group or cfg.name, "name": f"train-{method}",
                                  "mode": cfg.wandb_mode if w.mode == "auto" else w.mode})
     # KD: the students of rationales learn the teacher's distribution over them; vanilla fine-tuning has none.
-    objective = (cfg.train.objective.model_copy(update={"records": str(Path(cfg.teacher.output_dir) / "records"),
-                                                        "teacher_id": teacher_id(cfg.teacher)})
-                 if cfg.train.objective.kind == "kd" and get_method(method).uses_rationales else ObjectiveConfig())
+    objective = cfg.train.objective if get_method(method).uses_rationales else ObjectiveConfig()
     return cfg.train.model_copy(update={
         "data": str(curated / "train"), "output_dir": str(cfg.layout.student(method)), "dev": dev, "wandb": wandb,
-        "report_to_tune": cfg.train.report_to_tune and method == cfg.methods[0], "objective": objective})
+        "report_to_tune": cfg.train.report_to_tune and method == cfg.primary_method, "objective": objective})
 
 
 def eval_config(cfg: RunConfig, method: str) -> EvalConfig:

@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from fcot.config import SECRET_WORDS, apply_override, load_config, read_yaml
+from fcot.contracts.teacher import TeachConfig
 from fcot.curate import CurateConfig
 from fcot.errors import FcotError
 from fcot.evaluate import EvalConfig
@@ -47,7 +48,6 @@ from fcot.ray_utils import auth_headers, auth_token
 from fcot.resources import AUTH_HELP, check_resources
 from fcot.run import RunConfig
 from fcot.sweep import SweepConfig
-from fcot.teacher.config import TeachConfig
 from fcot.train.config import TrainConfig
 
 COMMANDS = ("run", "teach", "curate", "train", "eval", "sweep")

@@ -91,7 +91,7 @@ def recorded(out, shared_data, task="multiarith", log="multiarith") -> dict:
 def recorded_teacher(tmp_path_factory, shared_data):
     """The recorded 175B teacher's multiarith records, imported once per module."""
     from fcot.config import load_config
-    from fcot.teacher.config import TeachConfig
+    from fcot.contracts.teacher import TeachConfig
     from fcot.teacher.pipeline import teach
 
     cfg = recorded(tmp_path_factory.mktemp("teacher"), shared_data)

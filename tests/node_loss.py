@@ -32,7 +32,7 @@ from tests.conftest import epoch_committed
 
 
 def _teach():
-    from fcot.teacher.config import TeachConfig
+    from fcot.contracts.teacher import TeachConfig
     from fcot.teacher.pipeline import teach
 
     def started(cfg):

@@ -11,9 +11,8 @@ import time
 import pytest
 import yaml
 
-from fcot.teacher.config import AdaptiveConfig
-from fcot.teacher.plan import samples_used
-from fcot.teacher.store import RecordStore
+from fcot.contracts.records import RecordStore
+from fcot.contracts.teacher import AdaptiveConfig, samples_used
 from tests.conftest import ROOT, run_fcot, sums_task
 from tests.test_run import _kill_tree
 

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from fcot.config import load_config
+from fcot.contracts.teacher import TeachConfig
 from fcot.errors import FcotError
 from fcot.resources import check_demands
 from fcot.submit import (
@@ -33,7 +34,6 @@ from fcot.submit import (
     load_job_config,
     redact_runtime_env,
 )
-from fcot.teacher.config import TeachConfig
 from tests.conftest import ROOT, SHARED_DATA, run_fcot
 
 CLUSTER = ROOT / "cluster"

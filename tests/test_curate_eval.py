@@ -11,12 +11,13 @@ import yaml
 
 import fcot.curate
 from fcot.config import load_config
+from fcot.contracts.records import RecordStore
+from fcot.contracts.teacher import TeachConfig
 from fcot.curate import CurateConfig, ShardStreamer, curate
 from fcot.errors import FcotError
-from fcot.evaluate import EvalConfig, evaluate, predict_samples
-from fcot.teacher.config import TeachConfig
+from fcot.evaluate import EvalConfig, evaluate
+from fcot.predict import predict_samples
 from fcot.teacher.pipeline import teach
-from fcot.teacher.store import RecordStore
 from tests.conftest import recorded, sums_task
 
 
@@ -156,7 +157,7 @@ def test_pass_at_1_maj_at_k_and_pass_at_k_on_a_hand_computed_case(shared_data):
     assert len(set(seeds)) == 12
     # Per-sample seeds never collide, whatever k: 2 questions x 200 samples, 400 seeds (the old rule,
     # seed * 100003 + index * 101 + j, gave question i's sample 101 the seed of question i + 1's sample 0).
-    from fcot.evaluate import _requests
+    from fcot.predict import _requests
 
     many = _requests("fine_tune_cot", [s.to_dict() for s in split[:2]], 8, 200, 0.7, 0, False)
     assert len({r.seed for r in many}) == 400

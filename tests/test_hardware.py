@@ -9,13 +9,12 @@ import pytest
 
 from fcot import hardware
 from fcot.config import load_config
+from fcot.contracts.teacher import TeachConfig, teacher_id
 from fcot.curate import CurateConfig
 from fcot.engines import EngineConfig, build_engine
 from fcot.environment import stage_settings
 from fcot.evaluate import EvalConfig
 from fcot.run import RunConfig, stages
-from fcot.teacher.config import TeachConfig
-from fcot.teacher.plan import teacher_id
 from fcot.train.config import TrainConfig
 from tests.conftest import ROOT, run_fcot
 

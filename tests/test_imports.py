@@ -101,3 +101,41 @@ def test_the_check_finds_a_cycle(tmp_path, monkeypatch):
     edges, local = _graph()
     assert edges["fcot.a"] == {"fcot.b"} and edges["fcot.b"] == {"fcot.a"}
     assert local and "locally without a reason" in local[0]
+
+
+STAGES = ("fcot.teacher", "fcot.curate", "fcot.train", "fcot.evaluate")  # a stage: a module, or a package whole
+LONGEST = 80  # lines of a function in fcot/
+
+
+def _stage(module: str) -> str | None:
+    return next((s for s in STAGES if module == s or module.startswith(s + ".")), None)
+
+
+def _stage_crossings(edges: dict) -> list[str]:
+    return sorted(f"{m} imports {n}" for m, targets in edges.items() for n in targets
+                  if _stage(m) and _stage(n) and _stage(m) != _stage(n))
+
+
+def test_no_stage_imports_another_stage():
+    """What two stages share lives below them (fcot.contracts, fcot.predict, ...): the stages stand side by side."""
+    edges, _ = _graph()
+    assert all(any(_stage(m) == s for m in edges) for s in STAGES), "a stage in STAGES is not a module of fcot/"
+    crossings = _stage_crossings(edges)
+    assert not crossings, "stage modules importing another stage:\n" + "\n".join(crossings)
+
+
+def test_the_stage_check_finds_a_crossing():
+    edges = {"fcot.train.trainer": {"fcot.evaluate", "fcot.contracts.records"}, "fcot.evaluate": {"fcot.predict"}}
+    assert _stage_crossings(edges) == ["fcot.train.trainer imports fcot.evaluate"]
+
+
+def test_no_function_in_fcot_is_longer_than_80_lines():
+    """A reader sees a flow in one screen or two: long functions are split at their seams."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > LONGEST:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
+    assert not long, f"functions longer than {LONGEST} lines:\n" + "\n".join(long)

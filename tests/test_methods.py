@@ -54,7 +54,7 @@ def test_task_weights_weigh_each_examples_tokens_exactly_padded_and_packed(tiny_
 
     from fcot.train import attention
     from fcot.train.data import Collator
-    from fcot.train.trainer import _loss_sum
+    from fcot.train.objectives import loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     prompts, completions = ["[label] 2 + 3 ###", "[rationale] 2 + 3 ###"], [" 5", " add them: 5"]
@@ -63,11 +63,11 @@ def test_task_weights_weigh_each_examples_tokens_exactly_padded_and_packed(tiny_
         c = Collator(AutoTokenizer.from_pretrained(tiny_llama), 64, encoder_decoder=False, packing=packing)
         both = c.encode(prompts, completions)
         with torch.no_grad():
-            first = _loss_sum(model, c.collate(both[:1]), False)
-            second = _loss_sum(model, c.collate(both[1:]), False)
+            first = loss_sum(model, c.collate(both[:1]), False)[0]
+            second = loss_sum(model, c.collate(both[1:]), False)[0]
             assert "weights" not in c.collate(both, [1.0, 1.0])  # all ones: the plain sum
             for w in (0.0, 0.5, 2.0):
-                weighted = _loss_sum(model, c.collate(both, [1.0, w]), False)
+                weighted = loss_sum(model, c.collate(both, [1.0, w]), False)[0]
                 assert torch.allclose(weighted, first + w * second, rtol=1e-5), (packing, w)
 
 

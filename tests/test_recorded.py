@@ -5,11 +5,11 @@ import json
 import pytest
 
 from fcot.config import load_config
+from fcot.contracts.records import RecordStore
+from fcot.contracts.teacher import TeachConfig
 from fcot.errors import FcotError
-from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from fcot.teacher.recorded import write_batch_requests
-from fcot.teacher.store import RecordStore
 
 
 def _cfg(tmp_path, **engine):

@@ -11,8 +11,10 @@ import sys
 import time
 
 import psutil
+import pyarrow.parquet as pq
 import yaml
 
+from fcot.contracts.records import RecordStore
 from tests.conftest import ROOT, epoch_committed, run_fcot, sums_task
 
 
@@ -196,7 +198,7 @@ def _kd_config(tmp_path, sums_server, tokenizer, student, logprobs=4):
                                                      "tokenizer": str(tokenizer)},
                        "sampling": {"num_samples": 2, "logprobs": logprobs}},
            "curate": {"max_length": 256},
-           "train": {"model": str(student), "epochs": 1, "batch_size": 4, "num_workers": 1,
+           "train": {"model": str(student), "epochs": 1, "batch_size": 4, "num_workers": 2,
                      "objective": {"kind": "kd", "temperature": 2.0, "alpha": 0.5}},
            "eval": {"subset": 4, "max_new_tokens": 8}}
     path = tmp_path / "kd.yaml"
@@ -216,6 +218,14 @@ def test_fcot_run_trains_a_kd_student_on_the_teachers_logprobs_and_refuses_anoth
     assert trained["objective"] == "kd" and trained["steps"] > 0
     kd = trained["kd_tokens"]
     assert 0 < kd["with_teacher"] < kd["labels"]  # the rationale's tokens, not " --> answer END"
+    # The top-k travel with the curated rows (each row its own record's): training reads nothing else.
+    curated = pq.read_table(tmp_path / "kd" / "curated" / "fine_tune_cot" / "train").to_pylist()
+    records = {(r["task"], r["index"], r["sample_index"]): r["logprobs"]
+               for r in RecordStore(tmp_path / "kd" / "teacher" / "records").read(columns=[
+                   "task", "index", "sample_index", "logprobs"]).to_pylist()}
+    assert curated and all(r["teacher_logprobs"] == records[(r["task"], r["index"], r["sample_index"])]
+                           for r in curated)
+    assert trained["sharded_data"] and trained["examples_per_worker"] < trained["rows"]  # each worker its part
     teacher = json.loads((tmp_path / "kd" / "teacher" / "summary.json").read_text())
     store, n = teacher["store"], teacher["records"]
     assert store["records"] == n > 0 and 0 < store["logprobs_bytes"] < store["bytes"]

@@ -103,8 +103,8 @@ def test_the_quickstarts_files_ship_with_fcot_byte_for_byte_as_published():
 
 
 def test_coin_flip_needs_no_data_dir_and_a_data_dir_that_has_a_file_wins(tmp_path, monkeypatch, data_copy):
+    from fcot.contracts.teacher import TeachConfig
     from fcot.tasks.loading import _load
-    from fcot.teacher.config import TeachConfig
 
     nowhere = tmp_path / "nowhere"
     monkeypatch.setenv("FCOT_DATA_DIR", str(nowhere))

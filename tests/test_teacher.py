@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from fcot.config import load_config
-from fcot.teacher.config import TeachConfig
+from fcot.contracts.records import RecordStore
+from fcot.contracts.teacher import TeachConfig
 from fcot.teacher.pipeline import teach
-from fcot.teacher.store import RecordStore
 from tests.conftest import ROOT, run_fcot
 
 
@@ -68,7 +68,7 @@ def test_the_store_finds_a_teachers_shards_by_name_and_reads_only_the_columns_as
     asked for."""
     import pyarrow as pa
 
-    from fcot.teacher.store import SCHEMA
+    from fcot.contracts.records import SCHEMA
 
     def row(tid, i):
         return {"task": "multiarith", "index": i, "sample_index": 0, "key": f"{tid}:{i}", "teacher_id": tid,
@@ -186,9 +186,9 @@ def test_teacher_logprobs_are_stored_as_one_column_read_only_when_asked(tmp_path
     (an older fcot) reads as null; the teacher is another teacher (its identity names k and the tokenizer)."""
     import pyarrow as pa
 
+    from fcot.contracts.records import SCHEMA
+    from fcot.contracts.teacher import teacher_id
     from fcot.models import tokenizer_identity
-    from fcot.teacher.plan import teacher_id
-    from fcot.teacher.store import SCHEMA
 
     cfg = _cfg(tmp_path, tiny_llama, **{"sampling.logprobs": 3, "engine.replicas": 1})
     summary = teach(cfg)

@@ -64,7 +64,7 @@ def test_packing_masks_loss_and_attention(tiny_llama, samples, tmp_path):
 
     from fcot.bundled import make_tiny_model
     from fcot.train import attention
-    from fcot.train.trainer import _loss_sum
+    from fcot.train.objectives import loss_sum
 
     tok = tokenizer(tiny_llama)
     batch = {"prompt": [FMT.render_prompt(s.question) for s in samples[:5]],
@@ -101,13 +101,13 @@ def test_packing_masks_loss_and_attention(tiny_llama, samples, tmp_path):
         for b, impl in ((pad_batch(encoded, c.pad_id), "sdpa"), (c.collate(encoded), attention.NAME)):
             model.set_attn_implementation(impl)
             model.zero_grad()
-            loss = _loss_sum(model, b, False)
+            loss = loss_sum(model, b, False)[0]
             loss.backward()
             losses.append(loss.detach())
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         assert torch.allclose(losses[0], losses[1], rtol=1e-5), (path, losses)
         assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6), path
-        # _loss_sum asks for the logits of target positions only: the same sum as every position's cross-entropy.
+        # loss_sum asks for the logits of target positions only: the same sum as every position's cross-entropy.
         b = pad_batch(encoded, c.pad_id)
         model.set_attn_implementation("sdpa")
         with torch.no_grad():
@@ -121,7 +121,7 @@ def test_packing_masks_loss_and_attention(tiny_llama, samples, tmp_path):
         one = {"input_ids": row["input_ids"], "labels": row["labels"], "position_ids": row["position_ids"],
                "attention_mask": torch.ones_like(row["input_ids"])}
         with torch.no_grad():
-            assert not torch.allclose(_loss_sum(model, one, False), losses[1], rtol=1e-5)
+            assert not torch.allclose(loss_sum(model, one, False)[0], losses[1], rtol=1e-5)
 
 
 def test_truncation_and_bad_config(tiny_llama, tmp_path):
@@ -135,8 +135,15 @@ def test_truncation_and_bad_config(tiny_llama, tmp_path):
         bad = tmp_path / "bad"
         bad.mkdir()
         pq.write_table(pa.table({"task": ["t"], "index": [0], "sample_index": [0], "prompt": ["p"]}), bad / "x.parquet")
-        from fcot.train.data import check_curated
+        from fcot.contracts.curated import check_curated
         check_curated(str(bad))
+    plain = tmp_path / "plain"  # curated without the teacher's top-k: an SFT student's data, not a KD one's
+    plain.mkdir()
+    pq.write_table(pa.table({"task": ["t"], "index": [0], "sample_index": [0], "prompt": ["p"], "completion": ["c"]}),
+                   plain / "x.parquet")
+    assert check_curated(str(plain)) == 1
+    with pytest.raises(FcotError, match=f"data {plain}: no column 'teacher_logprobs'.*curate.teacher_logprobs"):
+        check_curated(str(plain), kd=True)
 
 
 # -- Ray Train ----------------------------------------------------------------------------------------------
@@ -436,18 +443,21 @@ def test_the_varlen_kernel_is_called_right_on_every_signature_torch_has_had(sign
     assert (varlen_call(varlen, q, k, v, cu, 6, 0.2, 2, 3) is None) == (signature == "2.9")  # a window: 2.11 only
 
 
-@pytest.mark.parametrize("temperature, alpha", [(2.0, 0.7), (1.0, 0.5)])
-def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens(tiny_llama, temperature, alpha):
+@pytest.mark.parametrize("temperature, alpha, tail", [(2.0, 0.7, False), (1.0, 0.5, False), (1.0, 0.5, True),
+                                                     (2.0, 0.7, True)])
+def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens(tiny_llama, temperature, alpha, tail):
     """The teacher's rationale tokens, re-tokenized inside the student's completion (` {rationale} --> {answer}
     END`, the same tokenizer), all get its top-k; the KD loss sum is the same padded or packed, and equals
-    (1 - alpha) x cross-entropy + alpha x T^2 x KL(renormalized teacher top-k at T || student at T), computed here
-    position by position from a full forward pass. At T = 1 the trainer reads the cross-entropy's log-softmax."""
+    (1 - alpha) x cross-entropy + alpha x T^2 x KL(teacher at T || student at T), computed here position by
+    position from a full forward pass: over the renormalized top k, or (tail) over the top k and the rest as one
+    outcome. At T = 1 the trainer reads the cross-entropy's log-softmax."""
+    import numpy as np
     from transformers import AutoModelForCausalLM
 
     from fcot.train import attention
     from fcot.train.config import ObjectiveConfig
     from fcot.train.data import teacher_targets
-    from fcot.train.trainer import _loss_sum
+    from fcot.train.objectives import loss_sum
 
     tok = tokenizer(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
@@ -457,37 +467,58 @@ def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens
     g = torch.Generator().manual_seed(0)
     k, vocab = 4, model.config.vocab_size
     logprobs = []
-    for r in rationales:  # a made-up teacher: its emitted tokens, and k ids with logprobs at each
+    for r in rationales:  # a made-up teacher: its emitted tokens, and k ids with logprobs at each (as stored)
         emitted = tok(r, add_special_tokens=False).input_ids
         top = [[t] + torch.randint(0, vocab, (k - 1,), generator=g).tolist() for t in emitted]
-        values = torch.randn(len(emitted), k, generator=g).sort(-1, descending=True).values - 1.0
-        logprobs.append({"tokens": emitted, "top_ids": top, "top_logprobs": values.tolist()})
-    objective = ObjectiveConfig(kind="kd", temperature=temperature, alpha=alpha)
+        values = torch.log_softmax(torch.randn(len(emitted), k + 3, generator=g), -1)[:, :k]  # some mass left out
+        logprobs.append((np.array(emitted), np.array(top, np.int32), values.numpy().astype(np.float16)))
+    objective = ObjectiveConfig(kind="kd", temperature=temperature, alpha=alpha, tail=tail)
     losses = []
     for packing in (False, True):
         c = Collator(tok, 160, encoder_decoder=False, packing=packing)
         encoded = c.encode(prompts, completions)
         targets = [teacher_targets(e, lp) for e, lp in zip(encoded, logprobs)]
-        assert [len(t) for t in targets] == [len(lp["tokens"]) for lp in logprobs]  # every rationale token
+        assert [len(t[0]) for t in targets] == [len(lp[0]) for lp in logprobs]  # every rationale token
         if packing:
             model.set_attn_implementation(attention.NAME)
         with torch.no_grad():
-            losses.append(_loss_sum(model, c.collate(encoded, targets=targets), False, objective))
+            losses.append(loss_sum(model, c.collate(encoded, targets=targets), False, objective)[0])
     assert torch.allclose(losses[0], losses[1], rtol=1e-5), losses
     model.set_attn_implementation("sdpa")
     ce = kl = 0.0
-    for e, t in zip(encoded, targets):
+    for e, (positions, tops, lps) in zip(encoded, targets):
         ids, labels = e
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float()
         ce += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=IGNORE,
                                                 reduction="sum")
-        for pos, top, lps in t:
-            p = torch.softmax(torch.tensor(lps) / temperature, -1)
-            q = torch.log_softmax(logits[pos - 1] / temperature, -1)[top]
+        for pos, top, lp in zip(positions, tops, lps):
+            t_lp = torch.tensor(lp, dtype=torch.float32)
+            q = torch.log_softmax(logits[pos - 1] / temperature, -1)[torch.tensor(top, dtype=torch.long)]
+            if tail:  # k + 1 outcomes: the teacher's rest, tempered as one, and the student's exact rest at T
+                t_lp = torch.cat([t_lp, torch.log1p(-t_lp.exp().sum()).view(1)])
+                q = torch.cat([q, torch.log1p(-q.exp().sum()).view(1)])
+            p = torch.softmax(t_lp / temperature, -1)
             kl += temperature ** 2 * (p * (p.log() - q)).sum()
     assert torch.allclose(losses[0], (1 - alpha) * ce + alpha * kl, rtol=1e-4), (losses[0], ce, kl)
     assert not torch.allclose(losses[0], ce, rtol=1e-3)  # the KD term counts
+
+
+def test_kd_tail_bucket_is_the_exact_kl_when_the_teachers_tail_is_one_token():
+    """With a vocabulary of k + 1 tokens the teacher's tail is one token: the KL with the tail bucket is the full
+    KL(teacher || student), to float precision; the renormalized top-k KL is not."""
+    from fcot.train.objectives import kl_sum
+
+    g = torch.Generator().manual_seed(3)
+    k = 6
+    teacher = torch.log_softmax(torch.randn(5, k + 1, generator=g) * 2, -1)
+    student = torch.log_softmax(torch.randn(5, k + 1, generator=g) * 2, -1)
+    top = teacher.topk(k, -1).indices
+    full = (teacher.exp() * (teacher - student)).sum()
+    with_tail = kl_sum(student.gather(-1, top), teacher.gather(-1, top), 1.0, tail=True)
+    assert torch.allclose(with_tail, full, rtol=1e-5), (with_tail, full)
+    assert not torch.allclose(kl_sum(student.gather(-1, top), teacher.gather(-1, top), 1.0, tail=False), full,
+                              rtol=1e-2)
 
 
 def test_zero_stage_auto_honours_offload_and_qlora_and_explicit_ones_are_refused_naming_the_keys(tmp_path):

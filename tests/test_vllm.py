@@ -23,10 +23,10 @@ import requests
 import yaml
 
 from fcot.config import load_config
+from fcot.contracts.teacher import TeachConfig
 from fcot.engines import OpenAIEngine, Request, render_chat, retry_after_s
 from fcot.errors import FcotError
 from fcot.evaluate import EvalConfig, evaluate
-from fcot.teacher.config import TeachConfig
 from fcot.teacher.pipeline import teach
 from tests.conftest import run_fcot
 

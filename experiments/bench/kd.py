@@ -105,8 +105,8 @@ def teacher_kl(run_dir: Path, teacher: dict, trained_on: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fcot.contracts.records import RecordStore
     from fcot.prompts import FORMATS
-    from fcot.teacher.store import RecordStore
     from fcot.train.data import Collator, teacher_targets
     from fcot.train.trainer import kd_sum
 

@@ -117,10 +117,10 @@ def one_size(size: int, d: int, work: Path) -> dict:
     import ray
 
     from fcot.config import load_config
+    from fcot.contracts.teacher import TeachConfig
     from fcot.curate import CurateConfig, ShardStreamer, curate
     from fcot.evaluate import EvalConfig, evaluate
     from fcot.ray_utils import init_ray
-    from fcot.teacher.config import TeachConfig
     from fcot.teacher.pipeline import teach
 
     n = size // d

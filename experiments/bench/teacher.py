@@ -65,7 +65,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 def make_cfg(args, output_dir: str, questions: int):
     from fcot.config import load_config
-    from fcot.teacher.config import TeachConfig
+    from fcot.contracts.teacher import TeachConfig
 
     engine = {"kind": args.engine, "model": args.model, "dtype": args.dtype, "replicas": 1,
               "cpus_per_replica": args.cpus_per_replica, "kv_cache_gib": args.kv_cache_gib, "enforce_eager": True}
@@ -106,10 +106,11 @@ class OnePerSample:
 
 def phase_direct(args) -> dict:
     """(b), (b') and (a) on one engine instance, built with the pool's own `build_engine`."""
+    from fcot.contracts.teacher import teacher_id, teacher_identity
     from fcot.engines import Request, build_engine
     from fcot.hardware import use_cpus
     from fcot.teacher.pipeline import generate_records
-    from fcot.teacher.plan import plan, teacher_id, teacher_identity
+    from fcot.teacher.plan import plan
 
     use_cpus(args.cpus_per_replica)  # the threads a replica of the pool gets
     cfg, warmup = layout(args, tempfile.mkdtemp(prefix="fcot-bench-teacher-direct-"))
@@ -146,10 +147,10 @@ def phase_direct(args) -> dict:
 
 def phase_pool(args) -> dict:
     """(c): fcot's teach into a fresh folder, warm-up batches first; timed from the records' created_at."""
+    from fcot.contracts.records import RecordStore
     from fcot.ray_utils import init_ray
     from fcot.teacher.pipeline import teach
     from fcot.teacher.plan import plan
-    from fcot.teacher.store import RecordStore
 
     work = tempfile.mkdtemp(prefix="fcot-bench-teacher-pool-")
     cfg, warmup = layout(args, work)

@@ -1,7 +1,25 @@
-"""`fcot teach` config: which questions, which teacher, how many samples (a fixed D, or adaptive)."""
+"""The teacher's contract: what `fcot teach` is asked (its config), who the teacher is, which questions it owes, and
+each sample's key and seed. The teacher stage writes by it; curation, evaluation and run read by it.
+
+Rule: a record belongs to exactly one teacher. The teacher's identity is everything that changes what it
+writes — engine kind, model (name and content hash), the dtype it runs in, prompt kind and exemplars (hashed),
+prompt style, sampling parameters, split — and its hash `teacher_id` is part of every sample's key and stored
+with every record, so one store can hold many teachers and each run's curation reads only its own. D, the subset
+and the output folder are not part of it: sample k of a question is the same record whatever D or subset asked
+for it.
+
+Adaptive sampling replays the same way everywhere: a question's samples come in rounds of `round_size`;
+after each full round it stops once `min_correct` distinct correct rationales are in, or at `max_samples`.
+`samples_used` applies that rule to a question's records, so curation and reports see exactly the samples the
+adaptive teacher spent, whatever else the store holds.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -9,9 +27,12 @@ from pydantic import Field, model_validator
 from fcot.config import PLACEMENT, Config, PathStr, RayAddress
 from fcot.engines import EngineConfig
 from fcot.errors import FcotError
+from fcot.models import ALIASES, fingerprint, tokenizer_identity
 from fcot.resources import Demand
-from fcot.tasks import DataDir, TaskNames, UserTask, data_dir, data_file, split_user_tasks
+from fcot.tasks import DataDir, Sample, TaskNames, UserTask, data_dir, data_file, load_split, split_user_tasks
 from fcot.tasks.registry import TEACHER_LOGS, teacher_log
+
+SAMPLER_VERSION = {"hf": "gumbel-hash-1"}  # a change of the hf engine's sampler makes new samples
 
 
 class AdaptiveConfig(Config):
@@ -111,3 +132,109 @@ class TeachConfig(Config):
 
     def demands(self, prefix: str = "") -> list[Demand]:
         return self.engine.demands(f"{prefix}engine.", "teacher engine replicas")
+
+
+def _file_sha256(path: str) -> str:
+    """A file's content hash, read once per (size, mtime) as models.fingerprint does: the recorded importer asks
+    for its teacher's identity once per record."""
+    try:
+        stat = Path(path).stat()
+        return _sha256(path, stat.st_size, stat.st_mtime_ns)
+    except OSError as e:
+        raise FcotError(f"{path}: cannot read ({e.strerror})") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def sampling_params(cfg: TeachConfig) -> dict:
+    s = cfg.sampling
+    return {"temperature": 0.0 if s.greedy else s.temperature, "top_p": 1.0 if s.greedy else s.top_p,
+            "max_new_tokens": s.max_new_tokens, "answer_max_new_tokens": s.answer_max_new_tokens,
+            "stop": list(s.stop)}
+
+
+def model_name(cfg: TeachConfig) -> str:
+    """The teacher model as records name it: an alias, a folder's name, a hub id or a server's model name."""
+    e = cfg.engine
+    if e.kind in ("hf", "vllm") and e.model not in ALIASES and Path(e.model).is_dir():
+        return Path(e.model).name
+    return e.model
+
+
+def teacher_identity(cfg: TeachConfig) -> dict:
+    e = cfg.engine
+    ident = {"engine": e.kind, "model": model_name(cfg), "prompt": cfg.prompt, "prompt_style": cfg.prompt_style,
+             "sampling": sampling_params(cfg), "split": cfg.split, "split_kind": cfg.split_kind}
+    if e.kind in ("hf", "vllm"):
+        ident["model_sha256"] = fingerprint(e.model) or e.model
+        ident["sampler"] = SAMPLER_VERSION.get(e.kind, e.kind)
+        ident["dtype"] = e.precision().dtype  # bf16 and fp32 samples differ: the dtype that ran, not `auto`
+    if e.kind == "openai":
+        ident["base_url"] = e.base_url
+    if e.kind == "recorded":
+        ident["source_sha256"] = _file_sha256(e.path)
+        ident["format"] = e.format
+    if cfg.prompt == "few_shot_cot":
+        ident["exemplars_sha256"] = _file_sha256(cfg.few_shot_exemplars) if cfg.few_shot_exemplars else "paper"
+    if cfg.sampling.logprobs:  # records with them are other records; their token ids index this tokenizer
+        ident["logprobs"] = cfg.sampling.logprobs
+        ident["tokenizer"] = tokenizer_identity(teacher_tokenizer(cfg))
+    return ident
+
+
+def teacher_tokenizer(cfg: TeachConfig) -> str:
+    """The teacher's tokenizer as a model reference: the served model's `engine.tokenizer`, else the model's."""
+    return cfg.engine.tokenizer or cfg.engine.model
+
+
+def teacher_id(cfg: TeachConfig) -> str:
+    return hashlib.sha256(json.dumps(teacher_identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sample_key(tid: str, prompt: str, sample_index: int, seed: int) -> str:
+    blob = json.dumps([tid, prompt, sample_index, seed], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def sample_seed(base_seed: int, task: str, index: int, sample_index: int) -> int:
+    digest = hashlib.sha256(f"{base_seed}:{task}:{index}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def questions(cfg: TeachConfig) -> list[Sample]:
+    """The questions the teacher labels: the split of each task, or its first `subset` questions."""
+    out = []
+    for task in cfg.tasks:
+        samples = load_split(task, cfg.split, cfg.split_kind, cfg.data_dir)
+        if cfg.subset is not None:
+            n = int(cfg.subset) if cfg.subset >= 1 else max(1, round(cfg.subset * len(samples)))
+            samples = samples[:n]
+        out.extend(samples)
+    return out
+
+
+def rationale_digest(text: str) -> str:
+    """A rationale's stripped text as 32 hex digits: what the adaptive rule and curation's dedupe compare."""
+    return hashlib.blake2b(text.strip().encode(), digest_size=16).hexdigest()
+
+
+def samples_used(records: dict[int, dict], adaptive: AdaptiveConfig | None, budget: int) -> int:
+    """How many samples of one question (records by sample index) the teacher spends: its whole budget for a
+    fixed D; for adaptive sampling, full rounds until min_correct distinct correct rationales are in. A round
+    with a sample still missing counts whole: it is being generated."""
+    if adaptive is None:
+        return budget
+    correct: set[str] = set()
+    n = 0
+    while n < adaptive.max_samples:
+        end = min(n + adaptive.round_size, adaptive.max_samples)
+        if any(k not in records for k in range(n, end)):
+            return end
+        correct.update(records[k]["rationale"].strip() for k in range(n, end) if records[k]["correct"])
+        n = end
+        if len(correct) >= adaptive.min_correct:
+            break
+    return n

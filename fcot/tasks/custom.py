@@ -115,6 +115,93 @@ def _dataset(path: Path):
     return ds
 
 
+def _check_options(name: str, answer_type: str, choices_key: str | None) -> None:
+    """A user task's options that need no file: a known answer type, choices only with letters, no built-in name."""
+    if answer_type not in ANSWER_TYPES:
+        raise FcotError(f"task {name}, key 'answer_type': expected one of {', '.join(ANSWER_TYPES)}, "
+                        f"got {answer_type!r}")
+    if choices_key and answer_type != "letter":
+        raise FcotError(f"task {name}: 'choices_key' needs answer_type 'letter', got {answer_type!r}")
+    if name in TASKS:
+        raise FcotError(f"task name {name!r} is taken by a built-in task")
+
+
+def _question(rec: dict, key: str, file: Path, line: str) -> str:
+    """The record's question: a non-empty string."""
+    q = _get(rec, key, file, line)
+    if not isinstance(q, str):
+        raise FcotError(f"{file}, {line}, key {key!r}: expected str, got {type(q).__name__}")
+    if not q.strip():
+        raise FcotError(f"{file}, {line}, key {key!r}: empty")
+    return q
+
+
+def _choices(rec: dict, key: str, file: Path, line: str) -> list[str]:
+    """The record's choice texts: a list of 2 to 10 strings (one per letter)."""
+    choices = _get(rec, key, file, line)
+    if (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
+            or not 2 <= len(choices) <= len(LETTERS)):
+        raise FcotError(f"{file}, {line}, key {key!r}: expected a list of 2–{len(LETTERS)} strings")
+    return choices
+
+
+def _gold(a: str | None, answer_type: str, choices: tuple | None, file: Path, line: str, key: str) -> str | None:
+    """The record's answer (None: no gold) in its answer type's form: a number string, yes or no, a choice letter,
+    or any non-empty text."""
+    if a is not None and answer_type == "number":
+        a = number_string(a, path=f"{file}, {line}", key=key)
+    elif a is not None and answer_type == "yes_no":
+        a = a.lower().rstrip(".")
+        if a not in ("yes", "no"):
+            raise FcotError(f"{file}, {line}, key {key!r}: expected yes or no, got {a!r}")
+    elif a is not None and answer_type == "letter" and a not in (LETTERS[: len(choices)] if choices else LETTERS):
+        raise FcotError(f"{file}, {line}, key {key!r}: expected a choice letter, got {a!r}")
+    if a == "":
+        raise FcotError(f"{file}, {line}, key {key!r}: empty")
+    return a
+
+
+def _read_user_task(spec: TaskSpec, file: Path, first: int, *, question_key: str, answer_key: str,
+                    answer_type: str, choices_key: str | None) -> list[Sample]:
+    """A user task's reader: a Sample per record of `file`, indexed from `first`; a record without its answer is
+    noted in spec.extra["unanswered"]; a bad record raises FcotError naming the file, its line (or row) and key."""
+    out = []
+    for line, rec in records(file):  # errors name the line as an editor does (or the row)
+        i = len(out)
+        q = _question(rec, question_key, file, line)
+        a = _answer(rec, answer_key)
+        if a is None:  # no gold: a training question may be labeled by the teacher (curate.label majority)
+            spec.extra["unanswered"][first + i] = f"{file}, {line}, key {answer_key!r}"
+        elif not isinstance(a, (str, int, float)) or isinstance(a, bool):
+            raise FcotError(f"{file}, {line}, key {answer_key!r}: expected a string or number, "
+                            f"got {type(a).__name__}")
+        a = None if a is None else str(a).strip()
+        choices = None
+        if choices_key:
+            choices = _choices(rec, choices_key, file, line)
+            if a is not None and a in choices and a not in LETTERS[: len(choices)]:
+                a = LETTERS[choices.index(a)]  # the text of a choice: its letter
+            q = q.strip() + " " + verbalise(choices, LETTERS)
+            choices = tuple(choices)
+        a = _gold(a, answer_type, choices, file, line, answer_key)
+        out.append(Sample(spec.name, first + i, q.strip(), a, choices))
+    return out
+
+
+def _split(spec: TaskSpec, path: Path, split_file: str | None, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """A user task's split: `split_file`'s train and test index lists, else a random split of the file's records
+    seeded by `seed` (a `test_fraction` of them to test)."""
+    if split_file:
+        given = read_json(split_file)
+        if not isinstance(given, dict) or not all(isinstance(given.get(k), list) for k in ("train", "test")):
+            raise FcotError(f"{split_file}: expected an object with 'train' and 'test' index lists")
+        return {"train": list(given["train"]), "test": list(given["test"])}
+    order = list(range(len(spec.reader(spec, path, 0))))
+    random.Random(seed).shuffle(order)
+    n_test = round(len(order) * test_fraction)
+    return {"train": sorted(order[n_test:]), "test": sorted(order[:n_test])}
+
+
 def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "question", answer_key: str = "answer",
                answer_type: AnswerType = "text", choices_key: str | None = None, split_file: str | None = None,
                test_fraction: float = 0.3, seed: int = 0, register: bool = True, check: bool = True) -> TaskSpec:
@@ -126,72 +213,15 @@ def jsonl_task(name: str, path: str | os.PathLike, *, question_key: str = "quest
     The split comes from `split_file` ({"train": [...], "test": [...]}) or a seeded random split.
     `check` reads the whole file now (a bad record raises FcotError naming file, line and key).
     """
-    if answer_type not in ANSWER_TYPES:
-        raise FcotError(f"task {name}, key 'answer_type': expected one of {', '.join(ANSWER_TYPES)}, "
-                        f"got {answer_type!r}")
+    _check_options(name, answer_type, choices_key)
     path = Path(path).expanduser().resolve()
-    if choices_key and answer_type != "letter":
-        raise FcotError(f"task {name}: 'choices_key' needs answer_type 'letter', got {answer_type!r}")
-    if name in TASKS:
-        raise FcotError(f"task name {name!r} is taken by a built-in task")
-
-    def reader(spec: TaskSpec, file: Path, first: int) -> list[Sample]:
-        out = []
-        for line, rec in records(file):  # errors name the line as an editor does (or the row)
-            i = len(out)
-            q = _get(rec, question_key, file, line)
-            if not isinstance(q, str):
-                raise FcotError(f"{file}, {line}, key {question_key!r}: expected str, got {type(q).__name__}")
-            if not q.strip():
-                raise FcotError(f"{file}, {line}, key {question_key!r}: empty")
-            a = _answer(rec, answer_key)
-            if a is None:  # no gold: a training question may be labeled by the teacher (curate.label majority)
-                spec.extra["unanswered"][first + i] = f"{file}, {line}, key {answer_key!r}"
-            elif not isinstance(a, (str, int, float)) or isinstance(a, bool):
-                raise FcotError(f"{file}, {line}, key {answer_key!r}: expected a string or number, "
-                                f"got {type(a).__name__}")
-            a = None if a is None else str(a).strip()
-            choices = None
-            if choices_key:
-                choices = _get(rec, choices_key, file, line)
-                if (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
-                        or not 2 <= len(choices) <= len(LETTERS)):
-                    raise FcotError(f"{file}, {line}, key {choices_key!r}: expected a list of 2–{len(LETTERS)} "
-                                    f"strings")
-                if a is not None and a in choices and a not in LETTERS[: len(choices)]:
-                    a = LETTERS[choices.index(a)]
-                q = q.strip() + " " + verbalise(choices, LETTERS)
-                choices = tuple(choices)
-            if a is not None and answer_type == "number":
-                a = number_string(a, path=f"{file}, {line}", key=answer_key)
-            elif a is not None and answer_type == "yes_no":
-                a = a.lower().rstrip(".")
-                if a not in ("yes", "no"):
-                    raise FcotError(f"{file}, {line}, key {answer_key!r}: expected yes or no, got {a!r}")
-            elif a is not None and answer_type == "letter" and a not in (LETTERS[: len(choices)] if choices
-                                                                         else LETTERS):
-                raise FcotError(f"{file}, {line}, key {answer_key!r}: expected a choice letter, got {a!r}")
-            if a == "":
-                raise FcotError(f"{file}, {line}, key {answer_key!r}: empty")
-            out.append(Sample(name, first + i, q.strip(), a, choices))
-        return out
-
-    @functools.cache
-    def split() -> dict[str, list[int]]:
-        if split_file:
-            given = read_json(split_file)
-            if not isinstance(given, dict) or not all(isinstance(given.get(k), list) for k in ("train", "test")):
-                raise FcotError(f"{split_file}: expected an object with 'train' and 'test' index lists")
-            return {"train": list(given["train"]), "test": list(given["test"])}
-        order = list(range(len(reader(spec, path, 0))))
-        random.Random(seed).shuffle(order)
-        n_test = round(len(order) * test_fraction)
-        return {"train": sorted(order[n_test:]), "test": sorted(order[:n_test])}
-
+    reader = functools.partial(_read_user_task, question_key=question_key, answer_key=answer_key,
+                               answer_type=answer_type, choices_key=choices_key)
     definition = {"name": name, "path": str(path), "question_key": question_key, "answer_key": answer_key,
                   "answer_type": answer_type, "choices_key": choices_key,
                   "split_file": str(Path(split_file).expanduser().resolve()) if split_file else None,
                   "test_fraction": test_fraction, "seed": seed}
+    split = functools.cache(lambda: _split(spec, path, split_file, test_fraction, seed))
     spec = TaskSpec(name, answer_type, (SourceFile(str(path), "", None),), reader, letters=LETTERS,
                     float_compare=answer_type == "number", description=f"user task from {path}",
                     extra={"split": split, "definition": definition,

@@ -21,6 +21,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fcot.contracts.records import RecordStore, record
+from fcot.contracts.teacher import (
+    TeachConfig,
+    model_name,
+    questions,
+    rationale_digest,
+    samples_used,
+    sampling_params,
+    teacher_id,
+    teacher_identity,
+)
 from fcot.engines import Request, build_engine, replica_options
 from fcot.errors import FcotError
 from fcot.hardware import use_cpus
@@ -30,21 +41,8 @@ from fcot.prompts import FEW_SHOT_ANSWER_PREFIX, zero_shot_cot_step2, zero_shot_
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.scoring import format_prediction, score
 from fcot.tasks import get_task
-from fcot.teacher.config import TeachConfig
-from fcot.teacher.plan import (
-    item,
-    model_name,
-    prompt_repr,
-    questions,
-    rationale_digest,
-    samples_used,
-    sampling_params,
-    step1_prompt,
-    teacher_id,
-    teacher_identity,
-)
+from fcot.teacher.plan import item, prompt_repr, step1_prompt
 from fcot.teacher.recorded import import_recorded
-from fcot.teacher.store import RecordStore, record
 
 IN_FLIGHT = 2  # batches queued at each replica: the next one starts the moment the last one ends
 PLACEMENT_TIMEOUT_S = 600  # how long a run with every replica lost waits for a replacement to be placed
@@ -155,121 +153,170 @@ def teach(cfg: TeachConfig, on_shard=None) -> dict:
     return summary
 
 
-def _run_pool(cfg: TeachConfig, qs: list, have: pa.Table, store: RecordStore, on_shard=None) -> dict:
-    """Generate what the questions still need on a pool of replicas; returns generated count and usage."""
-    s = cfg.sampling
-    known: dict[tuple, dict[int, dict | None]] = defaultdict(dict)  # samples in the store, by question
-    for r in have.to_pylist():
-        known[(r["task"], r["index"])][r["sample_index"]] = stopping_fields(r, s.adaptive)
-    by_q = {(q.task, q.index): q for q in qs}
-    prompts = {key: prompt_repr(cfg, q) for key, q in by_q.items()}
-    tid = teacher_id(cfg)
-    flying: dict[tuple, set[int]] = defaultdict(set)
-    queue: deque = deque()  # (question, sample index): a work item is made when its batch is sent
+class _Schedule:
+    """What the questions still need, as the driver keeps it: the samples in the store (`known`, with their
+    stopping-rule fields), those sent to a replica (`flying`), and the queue of those not sent yet."""
 
-    def schedule(key) -> int:
+    def __init__(self, cfg: TeachConfig, qs: list, have: pa.Table):
+        self.cfg, self.tid = cfg, teacher_id(cfg)
+        self.known: dict[tuple, dict[int, dict | None]] = defaultdict(dict)  # samples in the store, by question
+        for r in have.to_pylist():
+            self.known[(r["task"], r["index"])][r["sample_index"]] = stopping_fields(r, cfg.sampling.adaptive)
+        self.by_q = {(q.task, q.index): q for q in qs}
+        self.prompts = {key: prompt_repr(cfg, q) for key, q in self.by_q.items()}
+        self.flying: dict[tuple, set[int]] = defaultdict(set)
+        self.queue: deque = deque()  # (question, sample index): a work item is made when its batch is sent
+        self.total = sum(self.schedule(key) for key in self.by_q)
+
+    def schedule(self, key) -> int:
         """Queue the samples question `key` needs now (its current round's missing ones); returns how many."""
-        want = samples_used(known[key], s.adaptive, s.budget)
-        todo = [k for k in range(want) if k not in known[key] and k not in flying[key]]
-        flying[key].update(todo)
-        queue.extend((key, k) for k in todo)
+        s = self.cfg.sampling
+        want = samples_used(self.known[key], s.adaptive, s.budget)
+        todo = [k for k in range(want) if k not in self.known[key] and k not in self.flying[key]]
+        self.flying[key].update(todo)
+        self.queue.extend((key, k) for k in todo)
         return len(todo)
 
-    total = sum(schedule(key) for key in by_q)
-    cost = {"generated": 0, "cpu_s": 0.0, "gpu_s": 0.0}
-    if not queue:
-        return cost
-    import ray  # heavy: only when there is something to generate
+    def batch(self, size: int) -> list[dict]:
+        """The next `size` queued samples (all that are queued, where fewer) as work items."""
+        return [item(self.cfg, self.tid, self.by_q[key], k, self.prompts[key])
+                for key, k in (self.queue.popleft() for _ in range(min(size, len(self.queue))))]
 
-    init_ray(cfg.ray_address)
-    e = cfg.engine
-    replica = ray.remote(TeacherWorker).options(**replica_options(e))
-    # The model resolved and the dtype chosen here (a user error stops the driver, not a replica), the teacher's
-    # identity computed once: replicas run elsewhere (another directory, another node's environment).
-    resolved = cfg.model_copy(update={"engine": e.resolved()})
-    teacher = (tid, json.dumps(teacher_identity(cfg), sort_keys=True))
+    def land(self, records: list[dict]) -> int:
+        """Note a batch's records as known; a question whose round is all in gets its next adaptive round queued
+        (none for a fixed D). Returns how many samples that queued."""
+        landed = set()
+        for r in records:
+            key = (r["task"], r["index"])
+            self.known[key][r["sample_index"]] = r["rule"]
+            self.flying[key].discard(r["sample_index"])
+            landed.add(key)
+        return sum(self.schedule(key) for key in landed if not self.flying[key])
 
-    def start():
-        return replica.remote(resolved.model_dump(), str(store.root.resolve()), teacher)
 
-    actors = [start() for _ in range(e.replicas)]
-    up = set(range(len(actors)))  # the slots that take batches: a replacement joins once it is ready
-    placing: dict = {}  # a replacement's __ray_ready__ -> (slot, actor)
-    replaced, retry, alone_since = 0, deque(), None
-    load = [0] * len(actors)
-    inflight: dict = {}
-    tokens, started = 0, time.time()
+class _Pool:
+    """The engine replicas, one Ray actor per slot: the slots that are up take batches, IN_FLIGHT at most each; a
+    lost replica's slot gets a fresh actor, which joins once placed and ready, and its batches are sent again."""
 
-    def replace(a: int, actor) -> None:
-        nonlocal replaced
-        if actors[a] is not actor:  # replaced already (another of its batches failed first)
+    def __init__(self, cfg: TeachConfig, store: RecordStore, tid: str):
+        import ray  # heavy: only when there is something to generate
+
+        self.ray = ray
+        init_ray(cfg.ray_address)
+        self.e = e = cfg.engine
+        self.replica = ray.remote(TeacherWorker).options(**replica_options(e))
+        # The model resolved and the dtype chosen here (a user error stops the driver, not a replica), the teacher's
+        # identity computed once: replicas run elsewhere (another directory, another node's environment).
+        self.resolved = cfg.model_copy(update={"engine": e.resolved()})
+        self.teacher = (tid, json.dumps(teacher_identity(cfg), sort_keys=True))
+        self.store = store
+        self.actors = [self.start() for _ in range(e.replicas)]
+        self.up = set(range(len(self.actors)))  # the slots that take batches: a replacement joins once it is ready
+        self.placing: dict = {}  # a replacement's __ray_ready__ -> (slot, actor)
+        self.replaced, self.retry, self.alone_since = 0, deque(), None
+        self.load = [0] * len(self.actors)
+        self.inflight: dict = {}  # a batch's result -> (slot, actor, batch)
+
+    def start(self):
+        """A fresh replica (Ray places it when the cluster has room)."""
+        return self.replica.remote(self.resolved.model_dump(), str(self.store.root.resolve()), self.teacher)
+
+    def send(self, schedule: _Schedule) -> None:
+        """Hand batches to the slots that are up, least loaded first, until each has IN_FLIGHT."""
+        for a in sorted(self.up, key=self.load.__getitem__):
+            # A lost batch again as it was (its shard name is its keys), else a full batch, or whatever is
+            # queued when the replica has nothing else to do.
+            while self.load[a] < IN_FLIGHT and (self.retry or schedule.queue and (
+                    len(schedule.queue) >= self.e.batch_size or self.load[a] == 0)):
+                batch = self.retry.popleft() if self.retry else schedule.batch(self.e.batch_size)
+                self.inflight[self.actors[a].run.remote(batch)] = (a, self.actors[a], batch)
+                self.load[a] += 1
+
+    def check_placement(self) -> None:
+        """Stop the run (FcotError) once no replica has been up for PLACEMENT_TIMEOUT_S."""
+        # With no replica up, the replacements have a bounded time to be placed: an autoscaler out of capacity
+        # or a drained spot pool must stop the run with a message, not leave it waiting.
+        self.alone_since = (self.alone_since or time.time()) if not self.up else None
+        if self.alone_since and time.time() - self.alone_since > PLACEMENT_TIMEOUT_S:
+            e = self.e
+            raise FcotError(f"no teacher replica could be placed for {PLACEMENT_TIMEOUT_S} s after its node "
+                            f"was lost: the cluster has no room for engine.cpus_per_replica="
+                            f"{e.cpus_per_replica}, engine.gpus_per_replica={e.gpus_per_replica}; samples "
+                            "written so far are kept, and the same command resumes")
+
+    def wait(self) -> list:
+        """What is ready of the batches in flight and the replacements being placed: one at most, within 10 s."""
+        ready, _ = self.ray.wait([*self.inflight, *self.placing], num_returns=1, timeout=10.0)
+        return ready
+
+    def placed(self, ref) -> None:
+        """A replacement is ready: its slot is up (or, lost too, it is replaced again)."""
+        a, actor = self.placing.pop(ref)
+        try:
+            self.ray.get(ref)
+            self.up.add(a)
+        except self.ray.exceptions.RayActorError:
+            self.replace(a, actor)
+
+    def result(self, ref) -> dict | None:
+        """A batch's result, or None where its replica was lost (the batch waits in `retry`)."""
+        a, actor, batch = self.inflight.pop(ref)
+        self.load[a] -= 1
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayActorError:
+            # Its node was lost (or its process, past Ray's restarts): the batch is sent again, whole, to
+            # the replicas that are up, and a fresh replica takes the slot when the cluster has room.
+            self.retry.append(batch)
+            self.replace(a, actor)
+            return None
+
+    def replace(self, a: int, actor) -> None:
+        """Slot `a`'s lost `actor` gives way to a fresh one, which takes batches once placed; more losses than 3 per
+        slot, all slots together, stop the run."""
+        if self.actors[a] is not actor:  # replaced already (another of its batches failed first)
             return
-        replaced += 1
-        if replaced > 3 * len(actors):
-            raise RuntimeError(f"teacher replicas died {replaced} times; see the Ray logs (engine: {e.kind})")
-        ray.kill(actor, no_restart=True)
-        up.discard(a)
-        actors[a] = start()
-        placing[actors[a].__ray_ready__.remote()] = (a, actors[a])
+        self.replaced += 1
+        if self.replaced > 3 * len(self.actors):
+            raise RuntimeError(f"teacher replicas died {self.replaced} times; see the Ray logs (engine: {self.e.kind})")
+        self.ray.kill(actor, no_restart=True)
+        self.up.discard(a)
+        self.actors[a] = self.start()
+        self.placing[self.actors[a].__ray_ready__.remote()] = (a, self.actors[a])
 
-    with Progress("teacher", total, "samples", cfg.progress) as bar:
-        while queue or retry or inflight:
-            for a in sorted(up, key=load.__getitem__):
-                # A lost batch again as it was (its shard name is its keys), else a full batch, or whatever is
-                # queued when the replica has nothing else to do.
-                while load[a] < IN_FLIGHT and (retry or queue and (len(queue) >= e.batch_size or load[a] == 0)):
-                    if retry:
-                        batch = retry.popleft()
-                    else:
-                        batch = [item(cfg, tid, by_q[key], k, prompts[key])
-                                 for key, k in (queue.popleft() for _ in range(min(e.batch_size, len(queue))))]
-                    inflight[actors[a].run.remote(batch)] = (a, actors[a], batch)
-                    load[a] += 1
-            # With no replica up, the replacements have a bounded time to be placed: an autoscaler out of capacity
-            # or a drained spot pool must stop the run with a message, not leave it waiting.
-            alone_since = (alone_since or time.time()) if not up else None
-            if alone_since and time.time() - alone_since > PLACEMENT_TIMEOUT_S:
-                raise FcotError(f"no teacher replica could be placed for {PLACEMENT_TIMEOUT_S} s after its node "
-                                f"was lost: the cluster has no room for engine.cpus_per_replica="
-                                f"{e.cpus_per_replica}, engine.gpus_per_replica={e.gpus_per_replica}; samples "
-                                "written so far are kept, and the same command resumes")
-            ready, _ = ray.wait([*inflight, *placing], num_returns=1, timeout=10.0)
-            for ref in ready:
-                if ref in placing:
-                    a, actor = placing.pop(ref)
-                    try:
-                        ray.get(ref)
-                        up.add(a)
-                    except ray.exceptions.RayActorError:
-                        replace(a, actor)
+    def close(self) -> None:
+        """End every replica."""
+        for actor in self.actors:  # replacements still waiting for room included
+            self.ray.kill(actor)
+
+
+def _run_pool(cfg: TeachConfig, qs: list, have: pa.Table, store: RecordStore, on_shard=None) -> dict:
+    """Generate what the questions still need on a pool of replicas; returns generated count and usage."""
+    schedule = _Schedule(cfg, qs, have)
+    cost = {"generated": 0, "cpu_s": 0.0, "gpu_s": 0.0}
+    if not schedule.queue:
+        return cost
+    pool = _Pool(cfg, store, schedule.tid)
+    tokens, started = 0, time.time()
+    with Progress("teacher", schedule.total, "samples", cfg.progress) as bar:
+        while schedule.queue or pool.retry or pool.inflight:
+            pool.send(schedule)
+            pool.check_placement()
+            for ref in pool.wait():
+                if ref in pool.placing:
+                    pool.placed(ref)
                     continue
-                a, actor, batch = inflight.pop(ref)
-                load[a] -= 1
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    # Its node was lost (or its process, past Ray's restarts): the batch is sent again, whole, to
-                    # the replicas that are up, and a fresh replica takes the slot when the cluster has room.
-                    retry.append(batch)
-                    replace(a, actor)
+                result = pool.result(ref)
+                if result is None:  # its replica was lost: the batch is sent again
                     continue
-                cost["generated"] += result["generated"]
-                cost["cpu_s"] += result["cpu_s"]
-                cost["gpu_s"] += result["gpu_s"]
-                landed = set()
-                for r in result["records"]:
-                    key = (r["task"], r["index"])
-                    known[key][r["sample_index"]] = r["rule"]
-                    flying[key].discard(r["sample_index"])
-                    landed.add(key)
-                    tokens += r["tokens"]
-                more = sum(schedule(key) for key in landed if not flying[key])
-                bar.total += more
+                for k in cost:
+                    cost[k] += result[k]
+                tokens += sum(r["tokens"] for r in result["records"])
+                bar.total += schedule.land(result["records"])
                 bar.update(len(result["records"]), tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
                 if on_shard is not None:
                     on_shard(Path(result["shard"]))
-    for actor in actors:  # replacements still waiting for room included
-        ray.kill(actor)
+    pool.close()
     return cost
 
 

@@ -17,15 +17,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from fcot.contracts.records import RecordStore, record
+from fcot.contracts.teacher import TeachConfig, sample_key, sample_seed, sampling_params, teacher_id, teacher_identity
 from fcot.errors import FcotError
 from fcot.io import atomic_write_jsonl, iter_jsonl
 from fcot.prompts import ANSWER_TRIGGER, zero_shot_cot_step1, zero_shot_cot_step2
 from fcot.scoring import format_prediction, predict, score
 from fcot.tasks import get_task
-from fcot.teacher.config import TeachConfig
 from fcot.teacher.logs import parse_zero_shot_cot_log
-from fcot.teacher.plan import plan, sample_key, sample_seed, sampling_params, teacher_id, teacher_identity
-from fcot.teacher.store import RecordStore, record
+from fcot.teacher.plan import plan
 
 
 def _stem(question: str) -> str:

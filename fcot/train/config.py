@@ -43,13 +43,13 @@ class ObjectiveConfig(Config):
     """What the student learns. sft: cross-entropy on the completion's tokens. kd: also the teacher's distribution
     over the rationale's tokens, its top-k logprobs stored with the records (teacher.sampling.logprobs): loss =
     (1 - alpha) x cross-entropy + alpha x temperature^2 x KL(teacher's renormalized top-k || student), per label
-    token. A decoder student whose tokenizer is the teacher's; `fcot run` fills in `records` and `teacher_id`."""
+    token (fcot.train.objectives); with `tail`, the teacher's mass outside its top k counts as one more outcome.
+    A decoder student whose tokenizer is the teacher's; curation carries the teacher's top-k with each curated row."""
 
     kind: Literal["sft", "kd"] = "sft"
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)
-    records: PathStr | None = None  # kd: the teacher's record store (its records/ folder)
-    teacher_id: str | None = None  # kd: whose records in it
+    tail: bool = True
 
 
 class WandbConfig(Config):
@@ -107,9 +107,10 @@ class TrainConfig(Config):
     lora: LoraConfig | None = None  # a LoRA (or QLoRA) student instead of a full fine-tune
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more time
     packing: bool = False  # decoders: pack each micro-batch's examples into rows of <= max_length tokens
-    # Each worker reads and tokenizes only its part of the curated set (rows rank, rank + workers, ...); auto: from
-    # SHARD_ROWS rows on. Else every worker holds the whole set (faster for small sets). Either way the loss is the
-    # exact token-weighted mean over each global batch; the two modes draw different batches.
+    # Each worker reads and tokenizes only its part of the curated set (the rank-th of num_workers ranges); auto:
+    # from SHARD_ROWS rows on, and always for a KD student. Else every worker holds the whole set (faster for small
+    # sets). Either way the loss is the exact token-weighted mean over each global batch; the two modes draw
+    # different batches.
     shard_data: bool | Literal["auto"] = "auto"
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: Annotated[int, PLACEMENT] = Field(1, ge=1)  # also each worker's torch threads

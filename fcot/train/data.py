@@ -1,9 +1,6 @@
 """Curated data -> token batches for a student.
 
-Curated data contract: parquet with columns task (str), index (int), sample_index (int), prompt (str),
-completion (str), and optionally weight_key (str: the TrainConfig field holding the loss weight of the pair's
-task, fcot.methods; empty: 1); one row per training pair (a method with several tasks gives several pairs per
-kept record).
+The curated set's columns and the length rule: fcot.contracts.curated.
 
 - decoders: input = prompt + completion + EOS, labels = input with the prompt tokens set to -100 (loss on
   the completion only), truncated to max_length. Prompt and completion are tokenized apart and without
@@ -27,49 +24,12 @@ import difflib
 import json
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import pyarrow.types as pat
 
 from fcot.errors import FcotError
 from fcot.tasks import Sample, load_split
 
-COLUMNS = {"task": "string", "index": "integer", "sample_index": "integer", "prompt": "string",
-           "completion": "string"}
-WEIGHT_KEY = "weight_key"  # optional column: the TrainConfig field weighing the pair's task ("" or absent: 1)
 IGNORE = -100
-
-
-def check_curated(path: str) -> int:
-    """Validate the curated parquet data at `path` (schema, not empty); returns its row count."""
-
-    p = Path(path)
-    if not p.exists():
-        raise FcotError(f"data {path}: not found (expected a folder of curated parquet files)")
-    try:
-        ds = pads.dataset(str(p), format="parquet", exclude_invalid_files=False)
-        schema = ds.schema
-    except Exception as e:  # pyarrow raises several types for unreadable files
-        raise FcotError(f"data {path}: not readable as parquet ({str(e).splitlines()[0][:200]})") from None
-    for name, kind in COLUMNS.items():
-        if name not in schema.names:
-            raise FcotError(f"data {path}: missing column {name!r} (curated data has {', '.join(COLUMNS)})")
-        t = schema.field(name).type
-        ok = pat.is_integer(t) if kind == "integer" else (pat.is_string(t) or pat.is_large_string(t))
-        if not ok:
-            raise FcotError(f"data {path}: column {name!r} should be {kind}, is {t}")
-    rows = ds.count_rows()
-    if rows == 0:
-        raise FcotError(f"data {path}: no rows")
-    return rows
-
-
-def pair_length(prompt_tokens: int, completion_tokens: int, encoder_decoder: bool) -> int:
-    """The length rule, one for curation (too long: dropped) and training (truncated to max_length): a decoder
-    reads prompt + completion + EOS; an encoder-decoder the prompt, and decodes completion + EOS."""
-    if encoder_decoder:
-        return max(prompt_tokens, completion_tokens + 1)
-    return prompt_tokens + completion_tokens + 1
 
 
 def decoder_example(prompt_ids: list[int], completion_ids: list[int], eos: int, max_length: int):
@@ -84,16 +44,44 @@ def seq2seq_example(prompt_ids: list[int], completion_ids: list[int], eos: int, 
     return prompt_ids[:max_length], (completion_ids + [eos])[:max_length]
 
 
-def teacher_targets(example: tuple[list[int], list[int]], logprobs: dict) -> list:
-    """[(label position, top ids, top logprobs)] of a decoder example (as truncated): each target token that is
-    the teacher's emitted token in a common run of at least two tokens of the targets and the teacher's tokens
-    (difflib's matching blocks, in order: a lone coincidence, e.g. a digit of the answer, is not a match)."""
+def topk_rows(column):
+    """The teacher's top-k of each curated row (its TEACHER_LOGPROBS column, Arrow): (emitted tokens, top ids
+    [n, k] int32, top logprobs [n, k] float16) as numpy views of the column's buffers, no Python object per value."""
+
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    tokens, top_ids, top_lps = (column.field(f) for f in ("tokens", "top_ids", "top_logprobs"))
+    ids = top_ids.values.values.to_numpy(zero_copy_only=False)  # every row's positions' k ids, flat
+    lps = top_lps.values.values.to_numpy(zero_copy_only=False)
+    starts = top_ids.values.offsets.to_numpy()  # position p's ids: ids[starts[p]:starts[p + 1]]
+    rows = top_ids.offsets.to_numpy()  # row r's positions: rows[r]:rows[r + 1]
+    for r in range(len(column)):
+        if not column[r].is_valid:
+            yield None
+            continue
+        a, b = starts[rows[r]], starts[rows[r + 1]]
+        k = (b - a) // max(rows[r + 1] - rows[r], 1)
+        yield tokens[r].values.to_numpy(), ids[a:b].reshape(-1, k), lps[a:b].reshape(-1, k)
+
+
+def teacher_targets(example: tuple[list[int], list[int]], logprobs) -> tuple:
+    """(label positions, top ids [n, k], top logprobs [n, k]) of a decoder example (as truncated), from the
+    teacher's (emitted tokens, top ids, top logprobs) of its rationale (`topk_rows`; None: no targets): each target
+    token that is the teacher's emitted token in a common run of at least two tokens of the targets and the
+    teacher's tokens (difflib's matching blocks, in order: a lone coincidence, e.g. a digit of the answer, is not a
+    match)."""
+    import numpy as np  # heavy: kept out of the CLI's imports
+
+    if logprobs is None:
+        return np.zeros(0, np.int32), np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float16)
+    emitted, ids, lps = logprobs
     labels = example[1]
     at = [p for p, t in enumerate(labels) if t != IGNORE]
-    blocks = difflib.SequenceMatcher(None, [labels[p] for p in at], logprobs["tokens"],
+    blocks = difflib.SequenceMatcher(None, [labels[p] for p in at], [int(t) for t in emitted],
                                      autojunk=False).get_matching_blocks()
-    return [(at[a + j], logprobs["top_ids"][b + j], logprobs["top_logprobs"][b + j])
-            for a, b, size in blocks if size >= 2 for j in range(size)]
+    pairs = [(at[a + j], b + j) for a, b, size in blocks if size >= 2 for j in range(size)]
+    positions = np.array([p for p, _ in pairs], dtype=np.int32)
+    taken = np.array([t for _, t in pairs], dtype=np.int64)
+    return positions, np.asarray(ids)[taken].astype(np.int32), np.asarray(lps)[taken].astype(np.float16)
 
 
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
@@ -169,9 +157,9 @@ class Collator:
 
     def collate(self, examples: list[tuple[list[int], list[int]]], weights=None, targets=None) -> dict:
         """`weights` (one per example, a method's task weights): each example's label tokens weigh that much in
-        the loss (a `weights` tensor aligned with the labels; left out when all are 1). `targets` (one list per
-        example, `teacher_targets`): the teacher's top-k at those label positions, as `kd_at` (flat indices into
-        `labels`), `kd_ids` and `kd_logprobs` (one row of k per position)."""
+        the loss (a `weights` tensor aligned with the labels; left out when all are 1). `targets` (one per
+        example, `teacher_targets`'s arrays): the teacher's top-k at those label positions, as `kd_at` (flat
+        indices into `labels`), `kd_ids` and `kd_logprobs` (one row of k per position)."""
         import torch  # heavy: kept out of the CLI's imports
 
         if self.encoder_decoder:
@@ -189,15 +177,19 @@ class Collator:
             else:
                 out["weights"] = torch.tensor(weights, dtype=torch.float32)[:, None].expand_as(out["labels"])
         if targets is not None:
+            import numpy as np  # heavy: kept out of the CLI's imports
+
             width, starts = out["labels"].shape[1], [0]
             for ids, _ in examples:  # where each example begins in the flattened labels
                 starts.append(starts[-1] + len(ids) if self.packing else starts[-1] + width)
-            at = [starts[e] + pos for e, rows in enumerate(targets) for pos, _, _ in rows]
-            k = max((len(ids) for rows in targets for _, ids, _ in rows), default=1)
-            out["kd_at"] = torch.tensor(at, dtype=torch.long)
-            out["kd_ids"] = torch.tensor([ids for rows in targets for _, ids, _ in rows], dtype=torch.long).view(-1, k)
-            out["kd_logprobs"] = torch.tensor([lp for rows in targets for _, _, lp in rows],
-                                              dtype=torch.float32).view(-1, k)
+            k = max((t[1].shape[1] for t in targets if len(t[0])), default=1)
+            held = [(e, t) for e, t in enumerate(targets) if len(t[0])]
+            out["kd_at"] = torch.from_numpy(np.concatenate(
+                [starts[e] + t[0].astype(np.int64) for e, t in held] or [np.zeros(0, np.int64)]))
+            out["kd_ids"] = torch.from_numpy(np.concatenate(
+                [t[1] for _, t in held] or [np.zeros((0, k), np.int32)]).astype(np.int64))
+            out["kd_logprobs"] = torch.from_numpy(np.concatenate(
+                [t[2] for _, t in held] or [np.zeros((0, k), np.float16)]).astype(np.float32))
         return out
 
     def __call__(self, batch: dict) -> dict:

@@ -1,19 +1,26 @@
 """The student stage on Ray Train: data-parallel fine-tuning with DeepSpeed ZeRO, resumable per epoch.
 
-    driver: validate data + config -> Ray Data dataset -> TorchTrainer(num_workers) -> summary.json
-    worker: the curated set read and tokenized once: whole, or (shard_data, a large set) only this rank's rows
-            r, r + world, ..., every rank's label token counts gathered once -> model -> deepspeed.initialize
-            (ZeRO 0-3, a plain torch AdamW; DeepSpeed's cpu_adam only with offload_optimizer) -> resume from
-            ray.train.get_checkpoint()
-            -> per epoch: one seeded order of all examples cut into global batches, rank r training on the r-th
-               slice of each (sharded: each rank's seeded order of its part, a global batch being every rank's
-               next slice), in grad_accum micro-batches, with the loss weighted by the global batch's label tokens
-               (every rank knows them: no collective per step)
-            -> after each epoch: dev accuracy on rank 0 (sent to every rank, and to Tune in a sweep); the best
-               epoch's weights kept as a candidate; a DeepSpeed checkpoint reported with ray.train.report;
-               with train.patience, the last epoch once that many dev evaluations have not beaten the best
-            -> the student: the best dev epoch (selection best_dev) or the last one, save_pretrained + tokenizer
-               in output_dir/model (ZeRO-3 weights gathered)
+    driver (train): _plan (data, config and dev set checked, steps, precision) -> the curated set read once by Ray
+            Data (sharded: cut into num_workers contiguous parts) -> _fit: TorchTrainer(num_workers) -> summary.json
+    worker (train_loop), the recipe, top to bottom:
+        _setup_worker   CPUs, user tasks, DeepSpeed's ops, seed
+        _student        the model (fp32 master weights; packed attention, gradient checkpointing, LoRA/QLoRA)
+        _setup_data     the curated set tokenized once, whole or (shard_data) this rank's part; a KD student's
+                        teacher targets aligned from the top-k its rows carry; every rank's label counts, once
+        _setup_engine   optimizer (a plain torch AdamW; DeepSpeed's cpu_adam only with offload_optimizer), lr
+                        schedule, ZeRO stage (zero_stage) -> deepspeed.initialize
+        _resume         ray.train.get_checkpoint(): weights, optimizer, schedule and the state (step, curves, dev)
+        per epoch:
+        _train_epoch    one seeded order of all examples cut into global batches, rank r training on the r-th slice
+                        of each (sharded: each rank's seeded order of its part, a global batch being every rank's
+                        next slice); _loss_step: grad_accum micro-batches, the objective's loss (fcot.train.
+                        objectives) weighted by the global batch's label tokens (every rank knows them: no
+                        collective per step)
+        _dev_step       dev accuracy (fcot.predict), the best epoch's weights kept as a candidate; train.patience
+        _account        CPU/GPU seconds and peak memory of every worker
+        _save_student   after the last epoch: the best dev epoch (selection best_dev) or the last one,
+                        save_pretrained + tokenizer in output_dir/model (ZeRO-3 weights gathered), LoRA merged
+        _checkpoint     a DeepSpeed checkpoint and the state, reported with ray.train.report
 
 A worker that dies restarts the whole group (FailureConfig) from the last epoch checkpoint; the step
 counter, lr schedule, optimizer state and data order come back with it, so the run ends after the planned
@@ -23,6 +30,7 @@ lost before that takes the run back to the previous one.)
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -39,20 +47,21 @@ from pathlib import Path
 import psutil
 
 from fcot.config import wandb_mode
+from fcot.contracts.curated import REQUIRED, TEACHER_LOGPROBS, WEIGHT_KEY, check_curated
 from fcot.errors import FcotError
-from fcot.evaluate import AUTO_MARGIN, dev_scores, dev_summary
 from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json, read_json
 from fcot.methods import asked, uses_chat
 from fcot.models import resolve_model
+from fcot.predict import AUTO_MARGIN, dev_scores, dev_summary
 from fcot.progress import Progress
 from fcot.ray_utils import Usage, cpu_seconds, init_ray
 from fcot.stats import accuracy_interval
 from fcot.tasks import Sample
-from fcot.teacher.store import RecordStore
 from fcot.train import ds_ops
 from fcot.train.config import TrainConfig
-from fcot.train.data import COLUMNS, IGNORE, WEIGHT_KEY, Collator, check_curated, load_dev_samples, teacher_targets
+from fcot.train.data import Collator, load_dev_samples, teacher_targets, topk_rows
+from fcot.train.objectives import loss_sum
 
 STEADY_AFTER = 5  # steady-state tokens/s: counted from this optimizer step on (start-up, first kernels excluded)
 STATE_FILE = "trainer_state.json"
@@ -116,6 +125,9 @@ def _student(cfg: TrainConfig, model_path: str, device):
 
         kwargs = {"dtype": torch.bfloat16, "device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)}
+    if encoder_decoder and cfg.objective.kind == "kd":
+        raise FcotError("key 'train.objective': kd trains decoder students (the teacher's token positions); "
+                        f"{cfg.model} is an encoder-decoder")
     model = model_cls.from_pretrained(model_path, **kwargs)
     if cfg.packing:
         from fcot.train import attention  # registers the packed attention with transformers; torch-heavy
@@ -165,65 +177,6 @@ def _wandb_run(cfg: TrainConfig, state: dict):
                       config=cfg.model_dump(), settings=wandb.Settings(silent=True))
 
 
-def _loss_sum(engine, batch: dict, encoder_decoder: bool, objective=None):
-    """Sum of token cross-entropies of a micro-batch (labels aligned with inputs, HF style); with a kd `objective`
-    (and the batch's teacher targets) (1 - alpha) x that + alpha x T^2 x the sum of KL(teacher || student)."""
-    import torch.nn.functional as F  # heavy: workers only
-
-    labels = batch["labels"]
-    if encoder_decoder:
-        decoder_input_ids = engine.module.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        decoder_input_ids=decoder_input_ids, use_cache=False).logits
-    else:
-        # A packed row carries position_ids and where each example starts, for fcot.train.attention.
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q",
-                                        "max_length_q") if k in batch}
-        # Logits only where some row's next token is a target: the vocabulary head and the loss skip the prompt.
-        width = labels.shape[1]
-        labels = labels[:, 1:]
-        keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
-        logits = engine(**inputs, use_cache=False, logits_to_keep=keep).logits
-        labels = labels[:, keep]
-    # cross_entropy is log_softmax then nll_loss: done apart, KD at T = 1 reads the same log-softmax.
-    logprobs = F.log_softmax(logits.float(), -1).flatten(0, 1)
-    if "weights" not in batch:
-        ce = F.nll_loss(logprobs, labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    else:  # a method with several tasks (fcot.methods): each token's loss times its task's weight
-        weights = batch["weights"] if encoder_decoder else batch["weights"][:, 1:][:, keep]
-        ce = (F.nll_loss(logprobs, labels.flatten(), ignore_index=IGNORE, reduction="none") * weights.flatten()).sum()
-    if objective is None or objective.kind != "kd" or not len(batch.get("kd_at", ())):
-        return ce if objective is None or objective.kind != "kd" else (1 - objective.alpha) * ce
-    # The label at (row, p) is predicted by the logits at p - 1, which sit in `keep`'s column of p - 1.
-    column = keep.new_full((width - 1,), -1)
-    column[keep] = keep.new_tensor(range(len(keep)))
-    at = batch["kd_at"] // width * len(keep) + column[batch["kd_at"] % width - 1]  # a row of `logprobs`
-    ids, t = batch["kd_ids"], objective.temperature
-    if t == 1:  # k values per position, read in place: no copy of whole-vocabulary rows
-        kd = kl_sum(logprobs[at.unsqueeze(1), ids], batch["kd_logprobs"], t)
-    else:
-        kd = kd_sum(logits.flatten(0, 1)[at], ids, batch["kd_logprobs"], t)
-    return (1 - objective.alpha) * ce + objective.alpha * kd
-
-
-def kd_sum(student_logits, top_ids, top_logprobs, temperature: float):
-    """KD's term from the student's logits at the target positions (one row per position): see kl_sum."""
-    import torch  # heavy: workers only
-
-    student = torch.log_softmax(student_logits.float() / temperature, -1).gather(-1, top_ids)
-    return kl_sum(student, top_logprobs, temperature)
-
-
-def kl_sum(student, top_logprobs, temperature: float):
-    """T^2 x the sum over positions of KL(p || q): p the teacher's top-k renormalized at temperature T (softmax of
-    its logprobs / T over the k), q the student's softmax over its whole vocabulary at T, `student` its log q at
-    the k ids."""
-    import torch  # heavy: workers only
-
-    teacher = torch.log_softmax(top_logprobs.float() / temperature, -1)
-    return temperature ** 2 * (teacher.exp() * (teacher - student)).sum()
-
-
 def _full_state_dict(engine, stage: int):
     """All ranks must call under ZeRO-3 (it gathers); returns the full state dict on rank 0, else None."""
     if stage == 3:
@@ -243,58 +196,40 @@ def _save(model, tokenizer, out: Path, state_dict=None, selection: dict | None =
     os.replace(tmp, out)
 
 
-def _read_examples(collate: Collator, cfg: TrainConfig, rank: int, world: int) -> tuple[list, list[float], list]:
-    """The curated set tokenized once: whole, or with `world` > 1 only rows rank, rank + world, ... (the rows
-    arrive in the curated order on every rank); each example's loss weight (its task's: the TrainConfig field
-    the curated row names, else 1); and for a KD student each example's teacher targets (else an empty list)."""
-    import ray.train  # heavy: workers only
+@dataclasses.dataclass
+class Worker:
+    """What a training worker knows of itself: its config, place in the group, device and CPU precision."""
 
-    teacher = _teacher_logprobs(cfg) if cfg.objective.kind == "kd" else None
-    examples, weights, targets, seen = [], [], [], 0
-    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=4096, batch_format="numpy"):
-        n = len(batch["prompt"])
-        mine = slice((rank - seen) % world, n, world)  # global row seen + j is this rank's when it is rank mod world
-        seen += n
-        prompts, completions = batch["prompt"][mine], batch["completion"][mine]
-        encoded = collate.encode(prompts, completions)
-        examples += encoded
-        keys = batch[WEIGHT_KEY][mine] if WEIGHT_KEY in batch else [""] * len(prompts)
-        weights += [float(getattr(cfg, str(k))) if k else 1.0 for k in keys]
-        if teacher is not None:
-            rows = zip(batch["task"][mine], batch["index"][mine], batch["sample_index"][mine])
-            targets += [teacher_targets(e, teacher[(str(t), int(i), int(k))]) for e, (t, i, k) in zip(encoded, rows)]
-    return examples, weights, targets
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: object
+    autocast: object  # bf16 on CPU: torch autocast over fp32 master weights (DeepSpeed's bf16 is for accelerators)
 
 
-def _teacher_logprobs(cfg: TrainConfig) -> dict:
-    """The KD teacher's logprobs of its records, by (task, index, sample index)."""
-    table = RecordStore(cfg.objective.records).read(cfg.objective.teacher_id,
-                                                     columns=["task", "index", "sample_index", "logprobs"])
-    out = {(r["task"], r["index"], r["sample_index"]): r["logprobs"] for r in table.to_pylist()}
-    if not out or any(v is None for v in out.values()):
-        raise FcotError(f"train.objective kd: the records of teacher {cfg.objective.teacher_id} in "
-                        f"{cfg.objective.records} carry no logprobs (teacher.sampling.logprobs)")
-    return out
+@dataclasses.dataclass
+class Examples:
+    """A worker's training set, tokenized once: the examples (input ids, labels), each one's loss weight and, for a
+    KD student, its teacher targets (label positions, top ids [n, k], top logprobs [n, k]: arrays); the label and
+    real token counts of every example (sharded: a list of every rank's), so each rank knows every global batch."""
+
+    items: list
+    weights: list[float]
+    targets: list
+    label_tokens: object
+    real_tokens: object
+    sharded: bool
 
 
-def train_loop(config: dict) -> None:
-    """One Ray Train worker."""
-    worker_started = time.time()
-    usage = Usage()
-    cfg = TrainConfig.model_validate(config["cfg"])
+def _setup_worker(cfg: TrainConfig) -> Worker:
+    """The worker's CPUs, user tasks, DeepSpeed's ops, quiet logs and seed."""
     use_cpus(cfg.cpus_per_worker)  # torch, OpenMP and the tokenizer: the worker's reserved CPUs
     for task in cfg.user_tasks:  # the dev set may score user tasks: make them known in this worker
         task.register()
     ds_ops.configure(cfg.use_gpu)  # before deepspeed is imported
-    # heavy imports: a training worker's own
-    import deepspeed
-    import numpy as np
-    import ray.train
+    import ray.train  # heavy: a training worker's own
     import ray.train.torch
     import torch
-    import torch.distributed as dist
-    from ray.train import Checkpoint
-    from transformers import AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -302,30 +237,44 @@ def train_loop(config: dict) -> None:
         if "ray/train" in name or name.startswith("ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
-    device = ray.train.torch.get_device()
-    per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
+    context = ray.train.get_context()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.resolved_precision == "bf16" and not cfg.use_gpu)
+    return Worker(cfg, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), autocast)
 
-    model_path = config["model_path"]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model, encoder_decoder = _student(cfg, model_path, device)
-    if encoder_decoder and cfg.objective.kind == "kd":
-        raise FcotError("key 'train.objective': kd trains decoder students (the teacher's token positions); "
-                        f"{cfg.model} is an encoder-decoder")
-    parameters = sum(p.numel() for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but for a LoRA student
-    collate = Collator(tokenizer, cfg.max_length, encoder_decoder, cfg.packing)
-    chat = uses_chat(cfg.chat_template, tokenizer, encoder_decoder)  # how the dev questions are asked
-    sharded = config["sharded"]
-    examples, weights, targets = _read_examples(collate, cfg, rank, world if sharded else 1)
-    label_tokens = np.array([collate.label_tokens(e) for e in examples], dtype=np.float64)
-    real_tokens = np.array([collate.tokens(e) for e in examples], dtype=np.int64)
+
+def _setup_data(collate: Collator, w: Worker, sharded: bool) -> Examples:
+    """The curated set tokenized once: whole, or (sharded) this rank's part only, which no other rank reads (`train`
+    splits it); each example's loss weight (its task's: the TrainConfig field the curated row names, else 1); for a
+    KD student each example's teacher targets, aligned from the top-k its row carries."""
+    import numpy as np  # heavy: workers only
+    import ray.train
+    import torch.distributed as dist
+
+    kd, name = w.cfg.objective.kind == "kd", f"train_{w.rank}" if sharded else "train"
+    items, weights, targets = [], [], []
+    for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=1024, batch_format="pyarrow"):
+        encoded = collate.encode(batch.column("prompt").to_pylist(), batch.column("completion").to_pylist())
+        items += encoded
+        keys = batch.column(WEIGHT_KEY).to_pylist() if WEIGHT_KEY in batch.column_names else [""] * len(encoded)
+        weights += [float(getattr(w.cfg, str(k))) if k else 1.0 for k in keys]
+        if kd:
+            targets += [teacher_targets(e, lp) for e, lp in zip(encoded, topk_rows(batch.column(TEACHER_LOGPROBS)))]
+    label_tokens = np.array([collate.label_tokens(e) for e in items], dtype=np.float64)
+    real_tokens = np.array([collate.tokens(e) for e in items], dtype=np.int64)
     if sharded:  # every rank's counts, once: each rank then knows every global batch's label tokens
-        counts = [None] * world
+        counts = [None] * w.world
         dist.all_gather_object(counts, (label_tokens, real_tokens))
         label_tokens, real_tokens = [c[0] for c in counts], [c[1] for c in counts]
+    return Examples(items, weights, targets, label_tokens, real_tokens, sharded)
 
+
+def _setup_engine(cfg: TrainConfig, model, total_steps: int, w: Worker):
+    """(DeepSpeed engine, ZeRO stage): the optimizer, the lr schedule and the stage that fits (zero_stage)."""
+    import deepspeed  # heavy: workers only
+    import torch
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but for a LoRA student
     if cfg.deepspeed.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorized Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -336,14 +285,20 @@ def train_loop(config: dict) -> None:
                                       fused=None if cfg.use_gpu else True)
     schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    memory = torch.cuda.get_device_properties(device).total_memory if cfg.use_gpu else (
-        psutil.virtual_memory().total / max(1, world))
-    stage = zero_stage(cfg, parameters, memory, world, sum(p.numel() for p in trainable))
+    memory = torch.cuda.get_device_properties(w.device).total_memory if cfg.use_gpu else (
+        psutil.virtual_memory().total / max(1, w.world))
+    parameters = sum(p.numel() for p in model.parameters())
+    stage = zero_stage(cfg, parameters, memory, w.world, sum(p.numel() for p in trainable))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, stage),
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps))
-    # bf16 on CPU: autocast over fp32 master weights (DeepSpeed's bf16 mode is for accelerators).
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.resolved_precision == "bf16" and not cfg.use_gpu)
+    return engine, stage
+
+
+def _resume(engine, cfg: TrainConfig, data: Examples, collate: Collator) -> dict:
+    """The training state: a fresh one, or the last epoch checkpoint's (weights, optimizer and lr schedule loaded
+    into `engine`)."""
+    import ray.train  # heavy: workers only
 
     state = {"epoch": 0, "step": 0, "loss_curve": [], "epoch_loss": [], "dev": [], "tokens": 0, "examples": 0,
              "train_s": 0.0, "startup_s": None, "resumed_from_step": None, "restarts": 0, "best": None,
@@ -355,149 +310,220 @@ def train_loop(config: dict) -> None:
             state = json.loads((Path(d) / STATE_FILE).read_text())
         state["resumed_from_step"] = state["step"]
         state["restarts"] += 1
-    state["examples_held"] = len(examples)  # by this worker (rank 0's is reported)
+    state["examples_held"] = len(data.items)  # by this worker (rank 0's is reported)
     state["objective"] = cfg.objective.kind
-    if targets:  # of this worker's label tokens, those with the teacher's distribution (rank 0's is reported)
-        state["kd_tokens"] = {"with_teacher": sum(map(len, targets)), "labels": int(sum(
-            collate.label_tokens(e) for e in examples))}
-    run = _wandb_run(cfg, state) if rank == 0 else None
-    dev_samples = [Sample(**s) for s in config["dev_samples"]] if config["dev_samples"] else None
-    out = Path(cfg.output_dir)
-    candidates = out / "candidates"
+    if data.targets:  # of this worker's label tokens, those with the teacher's distribution (rank 0's is reported)
+        state["kd_tokens"] = {"with_teacher": sum(len(t[0]) for t in data.targets),
+                              "labels": int(sum(collate.label_tokens(e) for e in data.items))}
+    return state
 
+
+def _global_batches(data: Examples, cfg: TrainConfig, epoch: int, per_epoch: int, w: Worker):
+    """(step in the epoch, this rank's example indices, the global batch's label tokens and real tokens) for each
+    step of the epoch: one seeded order of all examples cut into global batches, rank r taking the r-th slice of
+    each; sharded, each rank's seeded order of its part, a global batch being every rank's next slice."""
+    import numpy as np  # heavy: workers only
+
+    span = cfg.micro_batch_size * cfg.grad_accum
+    if data.sharded:  # each rank's order of its part, the same on every rank
+        orders = [np.random.default_rng([cfg.seed, epoch, r]).permutation(len(part))
+                  for r, part in enumerate(data.label_tokens)]
+    else:
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data.items))  # the same on every rank
+    for s in range(per_epoch):
+        if data.sharded:  # the global batch: every rank's next slice of its own order
+            slices = [o[s * span:(s + 1) * span] for o in orders]
+            labels = float(sum(data.label_tokens[r][x].sum() for r, x in enumerate(slices)))
+            tokens = int(sum(data.real_tokens[r][x].sum() for r, x in enumerate(slices)))
+            yield s, slices[w.rank], labels, tokens
+        else:
+            batch = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            labels, tokens = float(data.label_tokens[batch].sum()), int(data.real_tokens[batch].sum())
+            yield s, batch[w.rank * span:(w.rank + 1) * span], labels, tokens
+
+
+def _loss_step(engine, collate: Collator, data: Examples, mine, global_labels: float, w: Worker):
+    """One optimizer step over this rank's share of a global batch, in grad_accum micro-batches; returns the summed
+    (loss, label tokens) of this rank's micro-batches. Token-weighted over the global batch: DeepSpeed averages
+    gradients over ranks and micro-batches, so each micro-batch's loss sum is scaled by world x grad_accum /
+    the global batch's label tokens."""
+    import torch  # heavy: workers only
+
+    cfg, mb = w.cfg, w.cfg.micro_batch_size
+    scale = w.world * cfg.grad_accum / max(global_labels, 1.0)
+    total = torch.zeros(2, dtype=torch.float64, device=w.device)
+    for a in range(cfg.grad_accum):
+        part = mine[a * mb:(a + 1) * mb]
+        b = collate.collate([data.items[i] for i in part], [data.weights[i] for i in part],
+                            [data.targets[i] for i in part] if data.targets else None)
+        b = {k: v.to(w.device, non_blocking=True) if hasattr(v, "to") else v for k, v in b.items()
+             if k not in ("tokens", "label_tokens")}
+        with w.autocast:
+            loss, count = loss_sum(engine, b, collate.encoder_decoder, cfg.objective)
+        engine.backward(loss * scale)
+        engine.step()  # steps the optimizer and lr schedule at the accumulation boundary only
+        total += torch.stack([loss.detach().double(), count.double()])
+    return total
+
+
+def _train_epoch(engine, collate: Collator, data: Examples, state: dict, epoch: int, plan: tuple[int, int],
+                 w: Worker, progress: Progress) -> list[float]:
+    """The epoch's steps from where the state stands; returns each step's loss per label token (every rank's)."""
+    import torch  # heavy: workers only
+    import torch.distributed as dist
+
+    per_epoch, total_steps = plan
+    engine.train()
+    sums, started = [], time.perf_counter()
+    steady_from, steady_tokens = started, state["tokens"]
+    progress_from = (time.perf_counter(), state["tokens"])
+    for s, mine, global_labels, global_tokens in _global_batches(data, w.cfg, epoch, per_epoch, w):
+        if s < state["step"] - epoch * per_epoch:
+            continue  # done before the checkpoint this run resumed from
+        if state["step"] >= total_steps:
+            break
+        sums.append(_loss_step(engine, collate, data, mine, global_labels, w))  # summed over ranks at the end
+        state["step"] += 1
+        state["tokens"] += global_tokens  # the global batch's real tokens
+        state["examples"] += w.cfg.batch_size
+        tokens_per_s = (state["tokens"] - progress_from[1]) / max(time.perf_counter() - progress_from[0], 1e-9)
+        progress.update(1, epoch=epoch + 1, tokens_per_s=f"{tokens_per_s:.0f}")
+        if state["step"] == STEADY_AFTER:  # one sync, here only: the steady-state clock starts
+            if w.cfg.use_gpu:
+                torch.cuda.synchronize()
+            steady_from, steady_tokens = time.perf_counter(), state["tokens"]
+    if w.cfg.use_gpu:
+        torch.cuda.synchronize()
+    state["train_s"] += time.perf_counter() - started
+    if state["step"] > STEADY_AFTER:
+        state["steady_s"] += time.perf_counter() - steady_from
+        state["steady_tokens"] += state["tokens"] - steady_tokens
+    if not sums:
+        return []
+    totals = torch.stack(sums)
+    dist.all_reduce(totals)  # no extra sync point per step: once per epoch
+    return [loss / max(n, 1.0) for loss, n in totals.tolist()]
+
+
+def _dev_step(engine, tokenizer, samples: list, epoch: int, step: int, state: dict, dev: dict, w: Worker) -> bool:
+    """Dev accuracy after an epoch (every rank gets the same result, so they decide and save together); the best
+    epoch's weights kept as a candidate (the best and the one before it); returns whether patience ran out."""
+    cfg = w.cfg
+    result = _dev_accuracy(engine, tokenizer, samples, cfg, dev["max_new_tokens"], dev["chat"], w.autocast,
+                           dev["stage"] == 3)
+    scalars = {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str, bool))}
+    state["dev"].append({"epoch": epoch + 1, "step": step, **scalars, "outcomes": result["outcomes"]})
+    if state["best"] is None or result["accuracy"] > state["best"]["accuracy"]:  # ties: the earlier epoch
+        state["best"] = {"epoch": epoch + 1, "accuracy": result["accuracy"]}
+        if cfg.selects:
+            gathered = _full_state_dict(engine, dev["stage"])  # every rank helps under ZeRO-3
+            if w.rank == 0:
+                selection = {"epoch": epoch + 1, "dev_accuracy": result["accuracy"], "selection": cfg.selection}
+                candidates = Path(cfg.output_dir) / "candidates"
+                _save(engine.module, tokenizer, candidates / f"epoch_{epoch + 1:03d}", gathered, selection)
+                for old in sorted(candidates.glob("epoch_*"))[:-2]:  # keep the best and the one before it
+                    shutil.rmtree(old, ignore_errors=True)
+    since_best = sum(d["epoch"] > state["best"]["epoch"] for d in state["dev"])
+    return bool(cfg.patience and since_best >= cfg.patience)
+
+
+def _account(state: dict, usage: Usage, w: Worker) -> None:
+    """Every worker's CPU and GPU time this epoch, summed, and the largest worker's peak memory (in the state, and
+    so in the checkpoint)."""
+    import torch  # heavy: workers only
+    import torch.distributed as dist
+
+    used = usage.take()
+    spent = torch.tensor([used["cpu_s"], used["gpu_s"]], dtype=torch.float64, device=w.device)
+    dist.all_reduce(spent)
+    state["cpu_s"] += spent[0].item()
+    state["gpu_s"] += spent[1].item()
+    peak = torch.tensor([_peak_memory_mb(w.cfg.use_gpu)], dtype=torch.float64, device=w.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    state["peak_memory_mb"] = max(state.get("peak_memory_mb", 0.0), round(peak.item(), 1))
+
+
+def _save_student(engine, tokenizer, state: dict, epoch: int, stage: int, model_path: str, w: Worker) -> Path:
+    """The student in output_dir/model: the best dev epoch's candidate (selection best_dev) or these weights
+    (ZeRO-3: gathered by every rank); a LoRA student's merged copy beside, when asked."""
+    cfg, model_dir = w.cfg, Path(w.cfg.output_dir) / "model"
+    if cfg.selects:
+        _select(model_dir, Path(cfg.output_dir) / "candidates", state["best"]["epoch"], w.rank)
+        state["selected_epoch"] = state["best"]["epoch"]
+    else:
+        gathered = _full_state_dict(engine, stage)
+        if w.rank == 0:
+            _save(engine.module, tokenizer, model_dir, gathered, {"epoch": epoch + 1, "selection": "last"})
+        state["selected_epoch"] = epoch + 1
+    if cfg.lora is not None and cfg.lora.merge and w.rank == 0:
+        _merge(model_dir, model_path)
+    return model_dir
+
+
+def _checkpoint(engine, state: dict, metrics: dict, epoch: int, rank: int) -> None:
+    """The epoch's DeepSpeed checkpoint (each rank writes its shards) and the state, reported to Ray Train."""
+    import ray.train  # heavy: workers only
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, save_latest=False)
+        if rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+        # Result.metrics is the last checkpoint's metrics: the summary travels with the last one.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: the recipe, top to bottom (module doc)."""
+    worker_started, usage = time.time(), Usage()
+    cfg = TrainConfig.model_validate(config["cfg"])
+    w = _setup_worker(cfg)
+    from transformers import AutoTokenizer  # heavy: workers only
+
+    model_path = config["model_path"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model, encoder_decoder = _student(cfg, model_path, w.device)
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    collate = Collator(tokenizer, cfg.max_length, encoder_decoder, cfg.packing)
+    data = _setup_data(collate, w, config["sharded"])
+    plan = (config["steps_per_epoch"], config["total_steps"])
+    engine, stage = _setup_engine(cfg, model, plan[1], w)
+    state = _resume(engine, cfg, data, collate)
+    run = _wandb_run(cfg, state) if w.rank == 0 else None
+    samples = [Sample(**s) for s in config["dev_samples"]]
+    dev = {"max_new_tokens": config["dev_max_new_tokens"], "stage": stage,
+           "chat": uses_chat(cfg.chat_template, tokenizer, encoder_decoder)}  # how the dev questions are asked
     state["startup_s"] = round(time.time() - worker_started, 1)  # imports, data, model, deepspeed, resume
-    step = state["step"]
-    mb, accum = cfg.micro_batch_size, cfg.grad_accum
     # Rank 0's progress, on its stdout: Ray forwards it to the driver's terminal and to the job's logs. The process's
     # own stdout: with W&B wrapping sys.stdout, Ray Train's print patch sends a line to both it and its logger (twice).
-    progress = Progress("train", total_steps, "steps", enabled=rank == 0, stream=sys.__stdout__, done=step)
-    progress_from = (time.perf_counter(), state["tokens"])
+    progress = Progress("train", plan[1], "steps", enabled=w.rank == 0, stream=sys.__stdout__, done=state["step"])
     for epoch in range(state["epoch"], cfg.epochs):
-        if step >= total_steps or state.get("stopped_early"):
+        if state["step"] >= plan[1] or state.get("stopped_early"):
             break
-        engine.train()
-        loss_sums, label_counts = [], []
-        started = steady_from = time.perf_counter()
-        steady_tokens = state["tokens"]
-        if sharded:  # each rank's order of its part, the same on every rank
-            orders = [np.random.default_rng([cfg.seed, epoch, r]).permutation(len(part))
-                      for r, part in enumerate(label_tokens)]
-        else:
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))  # the same on every rank
-        for s in range(step - epoch * per_epoch, per_epoch):
-            if step >= total_steps:
-                break
-            if sharded:  # the global batch: every rank's next slice of its own order
-                slices = [o[s * mb * accum:(s + 1) * mb * accum] for o in orders]
-                global_labels = float(sum(label_tokens[r][x].sum() for r, x in enumerate(slices)))
-                global_tokens = int(sum(real_tokens[r][x].sum() for r, x in enumerate(slices)))
-                mine = slices[rank]
-            else:
-                batch_idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                global_labels, global_tokens = float(label_tokens[batch_idx].sum()), int(real_tokens[batch_idx].sum())
-                mine = batch_idx[rank * mb * accum:(rank + 1) * mb * accum]
-            # Token-weighted loss over the global batch: DeepSpeed averages gradients over ranks and
-            # micro-batches, so scale each micro-batch's loss sum by world * grad_accum / global label tokens.
-            scale = world * accum / max(global_labels, 1.0)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for a in range(accum):
-                part = mine[a * mb:(a + 1) * mb]
-                b = collate.collate([examples[i] for i in part], [weights[i] for i in part],
-                                    [targets[i] for i in part] if targets else None)
-                b = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in b.items()
-                     if k not in ("tokens", "label_tokens")}
-                with autocast:
-                    loss = _loss_sum(engine, b, encoder_decoder, cfg.objective)
-                engine.backward(loss * scale)
-                engine.step()  # steps the optimizer and lr schedule at the accumulation boundary only
-                loss_sum += loss.detach().double()
-            loss_sums.append(loss_sum)  # summed over ranks once per epoch: no extra sync point per step
-            label_counts.append(global_labels)
-            step += 1
-            state["tokens"] += global_tokens  # the global batch's real tokens
-            state["examples"] += cfg.batch_size
-            tokens_per_s = (state["tokens"] - progress_from[1]) / max(time.perf_counter() - progress_from[0], 1e-9)
-            progress.update(1, epoch=epoch + 1, tokens_per_s=f"{tokens_per_s:.0f}")
-            if step == STEADY_AFTER:  # one sync, here only: the steady-state clock starts
-                if cfg.use_gpu:
-                    torch.cuda.synchronize()
-                steady_from, steady_tokens = time.perf_counter(), state["tokens"]
-        if cfg.use_gpu:
-            torch.cuda.synchronize()
-        state["train_s"] += time.perf_counter() - started
-        if step > STEADY_AFTER:
-            state["steady_s"] += time.perf_counter() - steady_from
-            state["steady_tokens"] += state["tokens"] - steady_tokens
-        if loss_sums:
-            totals = torch.stack(loss_sums)
-            dist.all_reduce(totals)
-            epoch_losses = [t / max(n, 1.0) for t, n in zip(totals.tolist(), label_counts)]
-        else:
-            epoch_losses = []
-        if run is not None:
-            for i, loss in enumerate(epoch_losses):
-                run.log({"train/loss": loss, "train/epoch": epoch}, step=step - len(epoch_losses) + i + 1)
-        state["step"], state["epoch"] = step, epoch + 1
-        state["loss_curve"] += [round(x, 5) for x in epoch_losses]
-        state["epoch_loss"].append(round(sum(epoch_losses) / max(len(epoch_losses), 1), 5))
+        losses = _train_epoch(engine, collate, data, state, epoch, plan, w, progress)
+        step = state["step"]
+        for i, loss in enumerate(losses if run is not None else []):
+            run.log({"train/loss": loss, "train/epoch": epoch}, step=step - len(losses) + i + 1)
+        state["epoch"] = epoch + 1
+        state["loss_curve"] += [round(x, 5) for x in losses]
+        state["epoch_loss"].append(round(sum(losses) / max(len(losses), 1), 5))
         metrics = {"epoch": epoch + 1, "step": step, "loss": state["epoch_loss"][-1], "lr": engine.get_lr()[0],
                    "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1)}
-
-        last = epoch + 1 == cfg.epochs or step >= total_steps
-        if dev_samples and ((epoch + 1) % cfg.dev.every == 0 or last):
-            result = _dev_accuracy(engine, tokenizer, dev_samples, cfg, config["dev_max_new_tokens"], chat, autocast,
-                                   stage == 3)  # the same result on every rank: they decide (and save) together
-            scalars = {k: v for k, v in result.items() if v is None or isinstance(v, (int, float, str, bool))}
-            state["dev"].append({"epoch": epoch + 1, "step": step, **scalars, "outcomes": result["outcomes"]})
-            if state["best"] is None or result["accuracy"] > state["best"]["accuracy"]:  # ties: the earlier epoch
-                state["best"] = {"epoch": epoch + 1, "accuracy": result["accuracy"]}
-                if cfg.selects:
-                    gathered = _full_state_dict(engine, stage)  # every rank helps under ZeRO-3
-                    if rank == 0:
-                        selection = {"epoch": epoch + 1, "dev_accuracy": result["accuracy"], "selection": cfg.selection}
-                        _save(engine.module, tokenizer, candidates / f"epoch_{epoch + 1:03d}", gathered, selection)
-                        for old in sorted(candidates.glob("epoch_*"))[:-2]:  # keep the best and the one before it
-                            shutil.rmtree(old, ignore_errors=True)
-            since_best = sum(d["epoch"] > state["best"]["epoch"] for d in state["dev"])
-            if cfg.patience and since_best >= cfg.patience and not last:
-                state["stopped_early"] = epoch + 1
-                last = True
+        last = epoch + 1 == cfg.epochs or step >= plan[1]
+        if samples and ((epoch + 1) % cfg.dev.every == 0 or last):
+            if _dev_step(engine, tokenizer, samples, epoch, step, state, dev, w) and not last:
+                state["stopped_early"], last = epoch + 1, True
         if state["dev"]:
             metrics["dev_accuracy"] = state["dev"][-1]["accuracy"]
-        used = usage.take()  # every worker's CPU and GPU time this epoch, summed (kept in the checkpoint)
-        spent = torch.tensor([used["cpu_s"], used["gpu_s"]], dtype=torch.float64, device=device)
-        dist.all_reduce(spent)
-        state["cpu_s"] += spent[0].item()
-        state["gpu_s"] += spent[1].item()
-        peak = torch.tensor([_peak_memory_mb(cfg.use_gpu)], dtype=torch.float64, device=device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the largest worker's
-        state["peak_memory_mb"] = max(state.get("peak_memory_mb", 0.0), round(peak.item(), 1))
+        _account(state, usage, w)
         if last:  # the student is saved before the last report: a restart after it has nothing left to do
-            model_dir = out / "model"
-            if cfg.selects:
-                _select(model_dir, candidates, state["best"]["epoch"], rank)
-                state["selected_epoch"] = state["best"]["epoch"]
-            else:
-                gathered = _full_state_dict(engine, stage)
-                if rank == 0:
-                    _save(engine.module, tokenizer, model_dir, gathered,
-                          {"epoch": epoch + 1, "selection": "last"})
-                state["selected_epoch"] = epoch + 1
-            if cfg.lora is not None and cfg.lora.merge and rank == 0:
-                _merge(model_dir, model_path)
-            metrics.update(_summary(state, total_steps, model_dir, encoder_decoder, parameters))
-            metrics["trainable_parameters"] = sum(p.numel() for p in trainable)
-            metrics["zero_stage"] = stage
+            model_dir = _save_student(engine, tokenizer, state, epoch, stage, model_path, w)
+            metrics.update(_summary(state, plan[1], model_dir, encoder_decoder, parameters),
+                           trainable_parameters=trainable, zero_stage=stage)
         if run is not None:
             run.log({f"epoch/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, save_latest=False)  # each rank writes its shards
-            if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-            # Result.metrics is the last checkpoint's metrics: the summary travels with the last one.
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+        _checkpoint(engine, state, metrics, epoch, w.rank)
         if last:
             break
     progress.close()
@@ -616,34 +642,21 @@ def _longest_completion(data: str, stats: dict) -> int:
     return 128 - AUTO_MARGIN
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Fine-tune a student on curated data; returns the summary (also OUTPUT_DIR/summary.json).
-
-    Re-running with the same output_dir continues that run from its last epoch checkpoint.
-    """
-    import ray  # heavy: only where Ray work starts
-    from ray.train import CheckpointConfig, ControllerError, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    # heavy, as ray above: the failure and the wait of a worker group the cluster cannot place (Ray Train's own)
-    from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S as GROUP_START_S
-    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR as GROUP_START_S_VAR
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-
-    rows = check_curated(cfg.data)
-    o = cfg.objective
-    if o.kind == "kd" and not (o.records and o.teacher_id):
-        raise FcotError("key 'train.objective': kd needs objective.records (the teacher's records/ folder) and "
-                        "objective.teacher_id (fcot run sets both)")
-    if o.kind == "kd":  # absolute: the workers run in other directories
-        cfg = cfg.model_copy(update={"objective": o.model_copy(update={"records": str(Path(o.records).resolve())})})
-    sharded = cfg.num_workers > 1 and (cfg.shard_data is True or (cfg.shard_data == "auto" and rows >= SHARD_ROWS))
+def _plan(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """The driver's decisions before any Ray work, each checked against the data: the curated rows, whether each
+    worker holds only its part, the max length (curation's), the steps, the precision for the workers' device, the
+    model's local path, the dev questions and how long their answers may be. Returns the config as the workers get
+    it, and the workers' other arguments."""
+    kd = cfg.objective.kind == "kd"
+    rows = check_curated(cfg.data, kd)
+    # A KD row's top-k are ~100x its text: sharded from the first row, so a worker holds only its part's.
+    auto = rows >= SHARD_ROWS or kd
+    sharded = cfg.num_workers > 1 and (cfg.shard_data is True or (cfg.shard_data == "auto" and auto))
     stats = _curation_stats(cfg.data)
     cfg = cfg.model_copy(update={"max_length": max_length(cfg, stats)})
     per_epoch, total_steps = plan_steps(cfg, rows)
     precision = cfg.precision_choice()  # chosen here, for the device the workers use; they get it as configured
     cfg = cfg.model_copy(update={"precision": precision.short})
-    model_path = resolve_model(cfg.model)
     dev_samples = []
     if cfg.dev is not None:
         asked(cfg.dev.format)  # a method or a prompt format: named wrong, the error names it now
@@ -652,51 +665,60 @@ def train(cfg: TrainConfig) -> dict:
         cfg = cfg.model_copy(update={"dev": None})
     dev_tokens = cfg.dev.max_new_tokens if cfg.dev and cfg.dev.max_new_tokens != "auto" else (
         _longest_completion(cfg.data, stats) + AUTO_MARGIN)
+    return cfg, {"model_path": resolve_model(cfg.model), "steps_per_epoch": per_epoch, "total_steps": total_steps,
+                 "dev_samples": dev_samples, "dev_max_new_tokens": dev_tokens, "sharded": sharded, "rows": rows,
+                 "precision": precision.to_dict()}
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started, cpu_started = time.time(), cpu_seconds(children=False)
-    init_ray(cfg.ray_address)
-    # Read once, here, before the workers take the CPUs: on a small machine Ray Data's read tasks would wait for a
-    # free core behind them. The workers then only take the blocks from the object store.
-    dataset = ray.data.read_parquet(cfg.data)
-    dataset = dataset.select_columns([c for c in [*COLUMNS, WEIGHT_KEY] if c in dataset.columns()]).materialize()
+
+def _tune_callbacks(cfg: TrainConfig) -> list:
+    """In a Tune trial: each epoch's metrics go to Tune, where schedulers act on them."""
+    if not cfg.report_to_tune:
+        return []
+    from ray.tune.integration.ray_train import TuneReportCallback  # heavy: in a Tune trial only
+
+    class ScalarTuneReport(TuneReportCallback):
+        # Tune's loggers take scalars; the last epoch's summary also holds lists (dev outcomes, loss curve),
+        # which TensorBoard refuses with a screenful of warning per trial. The stage result keeps them.
+        def after_report(self, run_context, metrics, checkpoint):
+            scalars = [{k: v for k, v in m.items() if v is None or isinstance(v, (bool, int, float, str))}
+                       for m in metrics]
+            super().after_report(run_context, scalars, checkpoint)
+
+    return [ScalarTuneReport()]
+
+
+def _fit(cfg: TrainConfig, loop_config: dict, datasets: dict):
+    """Ray Train's TorchTrainer over `train_loop`, fitted: its result, or a message naming the key when the cluster
+    cannot place the workers."""
+    from ray.train import CheckpointConfig, ControllerError, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer  # heavy: where Ray work starts
+
+    # heavy, as ray above: the failure and the wait of a worker group the cluster cannot place (Ray Train's own)
+    from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S as GROUP_START_S
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR as GROUP_START_S_VAR
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-    callbacks = []
-    if cfg.report_to_tune:  # in a Tune trial: each epoch's metrics go to Tune, where schedulers act on them
-        from ray.tune.integration.ray_train import TuneReportCallback  # heavy: in a Tune trial only
-
-        class ScalarTuneReport(TuneReportCallback):
-            # Tune's loggers take scalars; the last epoch's summary also holds lists (dev outcomes, loss curve),
-            # which TensorBoard refuses with a screenful of warning per trial. The stage result keeps them.
-            def after_report(self, run_context, metrics, checkpoint):
-                scalars = [{k: v for k, v in m.items() if v is None or isinstance(v, (bool, int, float, str))}
-                           for m in metrics]
-                super().after_report(run_context, scalars, checkpoint)
-
-        callbacks.append(ScalarTuneReport())
     # Ray Train starts a preemption watcher actor with every worker group (read from the driver's environment),
     # for code that checkpoints on a node's drain notice. This trainer does not: a lost node restarts the group from
     # the last epoch checkpoint. Off unless the user turns it on (the actor costs ~3 s per training on 2 cores).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.model_dump(), "model_path": model_path, "steps_per_epoch": per_epoch,
-                           "total_steps": total_steps, "dev_samples": dev_samples, "dev_max_new_tokens": dev_tokens,
-                           "sharded": sharded},
+        train_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name="train", storage_path=str(out / "checkpoints"), callbacks=callbacks,
+        run_config=RunConfig(name="train", storage_path=str(Path(cfg.output_dir) / "checkpoints"),
+                             callbacks=_tune_callbacks(cfg),
                              # A worker group that cannot be placed (a node lost, none added) is a controller
                              # failure, which Ray Train retries forever by default: a bounded number of tries.
                              failure_config=FailureConfig(max_failures=cfg.max_failures,
                                                           controller_failure_limit=PLACEMENT_TRIES - 1),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the rows in order; keeps its own
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # a worker reads "train" whole, or its own part
     )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ControllerError as e:
         if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
             raise
@@ -708,9 +730,36 @@ def train(cfg: TrainConfig) -> dict:
             f"{wait} s, as after a node lost and none to "
             "take its place; finished epochs are kept: the same command resumes from the last checkpoint once the "
             "cluster has room (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S waits longer for an autoscaler)") from None
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Fine-tune a student on curated data; returns the summary (also OUTPUT_DIR/summary.json).
+
+    Re-running with the same output_dir continues that run from its last epoch checkpoint.
+    """
+    import ray  # heavy: only where Ray work starts
+
+    cfg, plan = _plan(cfg)
+    rows, sharded, precision = plan.pop("rows"), plan["sharded"], plan.pop("precision")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started, cpu_started = time.time(), cpu_seconds(children=False)
+    init_ray(cfg.ray_address)
+    # Read once, here, before the workers take the CPUs: on a small machine Ray Data's read tasks would wait for a
+    # free core behind them. The workers then only take the blocks from the object store.
+    dataset = ray.data.read_parquet(cfg.data)
+    columns = [*REQUIRED, WEIGHT_KEY, *[TEACHER_LOGPROBS] * (cfg.objective.kind == "kd")]
+    dataset = dataset.select_columns([c for c in columns if c in dataset.columns()]).materialize()
+    if sharded:  # rank r's part: the r-th of num_workers contiguous ranges, the same at every (re)start of the group
+        n, world = dataset.count(), cfg.num_workers
+        parts = dataset.split_at_indices([n * r // world for r in range(1, world)])
+        datasets = {f"train_{r}": part for r, part in enumerate(parts)}
+    else:
+        datasets = {"train": dataset}
+    result = _fit(cfg, {"cfg": cfg.model_dump(), **plan}, datasets)
     summary = {"output_dir": str(out), "data": cfg.data, "model": cfg.model, "rows": rows, "sharded_data": sharded,
-               "precision": precision.to_dict(),
-               "steps_per_epoch": per_epoch, **result.metrics, "wall_s": round(time.time() - started, 2),
+               "precision": precision, "steps_per_epoch": plan["steps_per_epoch"], **result.metrics,
+               "wall_s": round(time.time() - started, 2),
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     summary["cpu_s"] = round(summary.get("cpu_s", 0.0) + cpu_seconds(children=False) - cpu_started, 1)
     atomic_write_json(out / "summary.json", summary)

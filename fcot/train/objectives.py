@@ -1,0 +1,116 @@
+"""What a student learns from a micro-batch: one function per objective, each returning (loss sum, label tokens).
+
+Rule: an objective is one entry of OBJECTIVES (and its name in TrainConfig's `objective.kind`). It gets the
+DeepSpeed engine, a collated micro-batch (fcot.train.data.Collator: labels aligned with the inputs, HF style;
+`weights` for a method's task weights; `kd_*` for the teacher's top-k) and the objective's config, and returns the
+sum of its per-token losses and how many label tokens that sum is over; the trainer scales the sum by the global
+batch's label tokens. `student_logprobs` is the forward pass they share: logits only where some row's next token is
+a target (the vocabulary head and the loss skip the prompt).
+
+kd: (1 - alpha) x cross-entropy + alpha x T^2 x KL(teacher || student) at the rationale tokens that carry the
+teacher's top-k. With `tail` (the default), the teacher's mass outside its top k is one more outcome, the
+student's mass outside those k ids its counterpart: the KL of two distributions over k + 1 outcomes, exact when
+the teacher's tail is one token, and never negative. Without it, the teacher's top k renormalized against the
+student's probabilities at those ids (a truncated KL that ignores the tail: verl's RFC 7856 found it clamped to
+zero in most steps).
+"""
+
+from __future__ import annotations
+
+from fcot.train.data import IGNORE
+
+
+def student_logprobs(engine, batch: dict, encoder_decoder: bool):
+    """(log-softmax rows at the target positions, their logits, their labels, `keep`: for a decoder the columns of
+    label positions kept, else None). Rows are flattened (row, position)."""
+    import torch.nn.functional as F  # heavy: workers only
+
+    labels = batch["labels"]
+    if encoder_decoder:
+        decoder_input_ids = engine.module.prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        decoder_input_ids=decoder_input_ids, use_cache=False).logits
+        keep = None
+    else:
+        # A packed row carries position_ids and where each example starts, for fcot.train.attention.
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q",
+                                        "max_length_q") if k in batch}
+        labels = labels[:, 1:]
+        keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
+        logits = engine(**inputs, use_cache=False, logits_to_keep=keep).logits
+        labels = labels[:, keep]
+    # cross_entropy is log_softmax then nll_loss: done apart, KD at T = 1 reads the same log-softmax.
+    return F.log_softmax(logits.float(), -1).flatten(0, 1), logits, labels, keep
+
+
+def cross_entropy_sum(logprobs, labels, batch: dict, keep, encoder_decoder: bool):
+    """Sum of the label tokens' cross-entropies, each times its task's weight when the batch has `weights`."""
+    import torch.nn.functional as F  # heavy: workers only
+
+    if "weights" not in batch:
+        return F.nll_loss(logprobs, labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    weights = batch["weights"] if encoder_decoder else batch["weights"][:, 1:][:, keep]
+    return (F.nll_loss(logprobs, labels.flatten(), ignore_index=IGNORE, reduction="none") * weights.flatten()).sum()
+
+
+def sft(engine, batch: dict, encoder_decoder: bool, objective=None):
+    logprobs, _, labels, keep = student_logprobs(engine, batch, encoder_decoder)
+    return cross_entropy_sum(logprobs, labels, batch, keep, encoder_decoder), (labels != IGNORE).sum()
+
+
+def kd(engine, batch: dict, encoder_decoder: bool, objective):
+    logprobs, logits, labels, keep = student_logprobs(engine, batch, encoder_decoder)
+    ce = cross_entropy_sum(logprobs, labels, batch, keep, encoder_decoder)
+    count = (labels != IGNORE).sum()
+    if not len(batch.get("kd_at", ())):
+        return (1 - objective.alpha) * ce, count
+    # The label at (row, p) is predicted by the logits at p - 1, which sit in `keep`'s column of p - 1.
+    width = batch["labels"].shape[1]
+    column = keep.new_full((width - 1,), -1)
+    column[keep] = keep.new_tensor(range(len(keep)))
+    at = batch["kd_at"] // width * len(keep) + column[batch["kd_at"] % width - 1]  # a row of `logprobs`
+    ids, t, tail = batch["kd_ids"], objective.temperature, objective.tail
+    if t == 1:  # k values per position, read in place: no copy of whole-vocabulary rows
+        term = kl_sum(logprobs[at.unsqueeze(1), ids], batch["kd_logprobs"], t, tail)
+    else:
+        term = kd_sum(logits.flatten(0, 1)[at], ids, batch["kd_logprobs"], t, tail)
+    return (1 - objective.alpha) * ce + objective.alpha * term, count
+
+
+OBJECTIVES = {"sft": sft, "kd": kd}
+
+
+def loss_sum(engine, batch: dict, encoder_decoder: bool, objective=None):
+    """(loss sum, label tokens) of a micro-batch under `objective` (a TrainConfig.objective; None: sft)."""
+    return OBJECTIVES[objective.kind if objective is not None else "sft"](engine, batch, encoder_decoder, objective)
+
+
+def kd_sum(student_logits, top_ids, top_logprobs, temperature: float, tail: bool = True):
+    """KD's term from the student's logits at the target positions (one row per position): see kl_sum."""
+    import torch  # heavy: workers only
+
+    student = torch.log_softmax(student_logits.float() / temperature, -1).gather(-1, top_ids)
+    return kl_sum(student, top_logprobs, temperature, tail)
+
+
+def kl_sum(student, top_logprobs, temperature: float, tail: bool = True):
+    """T^2 x the sum over positions of KL(p || q). `student`: the student's log-probabilities at temperature T at
+    the teacher's top-k ids (of its whole vocabulary); `top_logprobs`: the teacher's raw log-softmax at those ids.
+    With `tail`, p and q are over k + 1 outcomes, the last being everything outside the k ids (the teacher's
+    tempered as one outcome); without, p is the teacher's top k renormalized at T."""
+    import torch  # heavy: workers only
+
+    top = top_logprobs.float()
+    if tail:
+        top = torch.cat([top, _log_rest(top)], -1)
+        student = torch.cat([student, _log_rest(student)], -1)
+    teacher = torch.log_softmax(top / temperature, -1)
+    return temperature ** 2 * (teacher.exp() * (teacher - student)).sum()
+
+
+def _log_rest(logprobs):
+    """log(1 - sum(exp(logprobs))) over the last axis, kept finite (float16 logprobs may sum past 1)."""
+    import torch  # heavy: workers only
+
+    total = torch.logsumexp(logprobs, -1, keepdim=True).clamp(max=-1e-6)
+    return torch.log(-torch.expm1(total)).clamp(min=-30.0)
