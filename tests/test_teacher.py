@@ -62,6 +62,16 @@ def test_teach_writes_n_x_d_records_and_a_rerun_generates_nothing(tmp_path, tiny
     assert summary["tasks"]["multiarith"]["samples"] == 20
 
 
+def test_a_replica_the_cluster_cannot_place_holds_no_batch(tmp_path, tiny_llama, ray_local):
+    """Two replicas of 1.5 CPUs on the 2-CPU local cluster: one is placed, the other waits for room that never
+    comes (an autoscaler out of capacity). A batch goes only to a replica that is up, so the run finishes on the one
+    placed, every sample written once, instead of waiting forever on batches queued at the one never placed."""
+    cfg = _cfg(tmp_path, tiny_llama, **{"engine.cpus_per_replica": 1.5})
+    done = teach(cfg)
+    assert (done["planned"], done["records"], done["generated"]) == (12, 12, 12)
+    assert len({r["key"] for r in _all_rows(tmp_path / "teacher")}) == 12
+
+
 def test_the_store_finds_a_teachers_shards_by_name_and_reads_only_the_columns_asked(tmp_path):
     """Shards are named TEACHER_ID-HASH: finding teacher B's opens none of teacher A's (here one is not even
     parquet), a shard of an older fcot (HASH only) is still found by its content, and reads take the columns

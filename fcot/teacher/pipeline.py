@@ -32,9 +32,8 @@ from fcot.contracts.teacher import (
     teacher_id,
     teacher_identity,
 )
-from fcot.engines import Request, build_engine, replica_options
+from fcot.engines import Request, replica_options, start_replica
 from fcot.errors import FcotError
-from fcot.hardware import use_cpus
 from fcot.io import atomic_write_json
 from fcot.progress import Progress
 from fcot.prompts import FEW_SHOT_ANSWER_PREFIX, zero_shot_cot_step2, zero_shot_cot_step2_messages
@@ -98,16 +97,11 @@ class TeacherWorker:
     """One engine replica (a Ray actor): generates a batch, writes it as a shard, returns what the driver needs."""
 
     def __init__(self, cfg: dict, records_dir: str, teacher: tuple[str, str]):
-        from transformers.utils import logging as hf_logging  # heavy; a replica loads a model anyway
-
         self.cfg = TeachConfig.model_validate(cfg)  # registers the config's user tasks in this worker
-        use_cpus(self.cfg.engine.cpus_per_replica)
-        hf_logging.disable_progress_bar()
         self.usage = Usage()
         self.teacher = teacher
         self.store = RecordStore(records_dir)
-        cache = str(Path(self.cfg.output_dir) / ".engine_cache")
-        self.engine = build_engine(self.cfg.engine, cache_dir=cache)
+        self.engine = start_replica(self.cfg.engine, self.cfg.output_dir)
 
     def run(self, items: list[dict]) -> dict:
         shard = self.store.shard_path(self.teacher[0], [it["key"] for it in items])
@@ -195,8 +189,10 @@ class _Schedule:
 
 
 class _Pool:
-    """The engine replicas, one Ray actor per slot: the slots that are up take batches, IN_FLIGHT at most each; a
-    lost replica's slot gets a fresh actor, which joins once placed and ready, and its batches are sent again."""
+    """The engine replicas, one Ray actor per slot: a replica joins once placed and ready (its model loaded), and
+    the slots that are up take batches, IN_FLIGHT at most each; a lost replica's slot gets a fresh actor, which
+    joins the same way, and its batches are sent again. (A batch never waits on a replica that is not up: one lost
+    while loading, with no room to restart it, would hold its batches forever while the others sit idle.)"""
 
     def __init__(self, cfg: TeachConfig, store: RecordStore, tid: str):
         import ray  # heavy: only when there is something to generate
@@ -211,8 +207,8 @@ class _Pool:
         self.teacher = (tid, json.dumps(teacher_identity(cfg), sort_keys=True))
         self.store = store
         self.actors = [self.start() for _ in range(e.replicas)]
-        self.up = set(range(len(self.actors)))  # the slots that take batches: a replacement joins once it is ready
-        self.placing: dict = {}  # a replacement's __ray_ready__ -> (slot, actor)
+        self.up: set[int] = set()  # the slots that take batches
+        self.placing = {actor.__ray_ready__.remote(): (a, actor) for a, actor in enumerate(self.actors)}
         self.replaced, self.retry, self.alone_since = 0, deque(), None
         self.load = [0] * len(self.actors)
         self.inflight: dict = {}  # a batch's result -> (slot, actor, batch)
@@ -233,10 +229,11 @@ class _Pool:
                 self.load[a] += 1
 
     def check_placement(self) -> None:
-        """Stop the run (FcotError) once no replica has been up for PLACEMENT_TIMEOUT_S."""
+        """Stop the run (FcotError) once no replica has been up for PLACEMENT_TIMEOUT_S after one was lost (the
+        first replicas take what they take: a large model loads for long)."""
         # With no replica up, the replacements have a bounded time to be placed: an autoscaler out of capacity
         # or a drained spot pool must stop the run with a message, not leave it waiting.
-        self.alone_since = (self.alone_since or time.time()) if not self.up else None
+        self.alone_since = (self.alone_since or time.time()) if not self.up and self.replaced else None
         if self.alone_since and time.time() - self.alone_since > PLACEMENT_TIMEOUT_S:
             e = self.e
             raise FcotError(f"no teacher replica could be placed for {PLACEMENT_TIMEOUT_S} s after its node "
@@ -250,7 +247,7 @@ class _Pool:
         return ready
 
     def placed(self, ref) -> None:
-        """A replacement is ready: its slot is up (or, lost too, it is replaced again)."""
+        """A replica is ready: its slot is up (or, lost before, it is replaced)."""
         a, actor = self.placing.pop(ref)
         try:
             self.ray.get(ref)
