@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from fcot.config import load_config
+from fcot.config import apply_override, load_config
 from fcot.contracts.records import RecordStore
 from fcot.contracts.teacher import TeachConfig
 from fcot.teacher.pipeline import teach
@@ -27,11 +27,7 @@ def _cfg(tmp_path, model, **over) -> TeachConfig:
             "engine": {"kind": "hf", "model": str(model), "dtype": "float32", "replicas": 2, "batch_size": 4},
             "sampling": {"num_samples": 3, "max_new_tokens": 12, "answer_max_new_tokens": 6}}
     for key, value in over.items():
-        node = base
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        apply_override(base, f"{key}={json.dumps(value)}")
     return load_config(TeachConfig, base=base)
 
 
@@ -122,6 +118,12 @@ def test_chat_prompt_style_continues_the_assistant_turn(tmp_path, tiny_llama, ra
 def test_a_killed_replica_is_replaced_and_the_run_completes_without_duplicates(tmp_path, tiny_llama, ray_local):
     cfg = _cfg(tmp_path, tiny_llama, subset=12, **{"sampling.num_samples": 4, "sampling.max_new_tokens": 48,
                                                   "engine.batch_size": 4})
+    from ray.util.state import list_actors
+
+    def replicas():  # this session's cluster's TeacherWorker actors, dead ones included
+        return list_actors(filters=[("class_name", "=", "TeacherWorker")], detail=True, limit=10_000)
+
+    earlier = {a.actor_id for a in replicas()}  # other tests' replicas
     result = {}
     runner = threading.Thread(target=lambda: result.update(teach(cfg)))
     runner.start()
@@ -129,14 +131,17 @@ def test_a_killed_replica_is_replaced_and_the_run_completes_without_duplicates(t
     deadline = time.time() + 300
     while not list(records.glob("*.parquet")) and time.time() < deadline:
         time.sleep(0.2)
-    # Ray titles each replica's process `ray::MapWorker(MapBatches(TeacherWorker))...`; only this session's
-    # own cluster is searched (its raylet is a child of this process), never another program's.
+    # Ray titles each replica's process `ray::TeacherWorker...`; only this session's own cluster is searched
+    # (its raylet is a child of this process), never another program's.
     workers = [p for p in psutil.Process().children(recursive=True)
                if "TeacherWorker" in " ".join(p.cmdline() or [])]
     assert workers, "no engine replica alive mid-run"
     workers[0].send_signal(signal.SIGKILL)
     runner.join(timeout=600)
     assert result["records"] == 48
+    # The killed replica came back: Ray restarted its actor (max_restarts), and its batch ran again.
+    mine = [a for a in replicas() if a.actor_id not in earlier]
+    assert len(mine) == 2 and sum(a.num_restarts for a in mine) == 1, [(a.state, a.num_restarts) for a in mine]
     rows = _all_rows(tmp_path / "teacher")
     assert len(rows) == 48 and len({r["key"] for r in rows}) == 48  # exactly N x D, no duplicates
 

