@@ -111,6 +111,16 @@ def choose(requested: str, device: Device, key: str) -> Precision:
     return Precision(requested, f"{key}: {requested}, as configured" + (" (slow on this CPU)" if slow else ""))
 
 
+def agree(choices: list[Precision]) -> Precision:
+    """One dtype for workers that each chose on their own device: theirs when they agree; else the choice of the
+    first without native bf16 (fp32 on a CPU, fp16 on a GPU), since a worker computing bf16 slowly, or not at
+    all, would hold every other back (their gradients meet each step)."""
+    if len({c.dtype for c in choices}) == 1:
+        return choices[0]
+    rank, c = next((r, c) for r, c in enumerate(choices) if c.dtype != "bfloat16")
+    return Precision(c.dtype, f"{c.why} (worker {rank} of {len(choices)}; the others chose bf16)")
+
+
 def check_gpu(dtype: str, key: str) -> None:
     """In a worker that holds a GPU: the driver's choice made without seeing it must be one this GPU computes."""
     if LONG.get(dtype, dtype) == "bfloat16" and cuda_bf16() is False:

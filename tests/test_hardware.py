@@ -14,6 +14,7 @@ from fcot.curate import CurateConfig
 from fcot.engines import EngineConfig, build_engine
 from fcot.environment import stage_settings
 from fcot.evaluate import EvalConfig
+from fcot.hardware import Precision
 from fcot.run import RunConfig, stages
 from fcot.train.config import TrainConfig
 from tests.conftest import ROOT, run_fcot
@@ -165,3 +166,11 @@ def test_auto_picks_bf16_only_on_a_gpu_that_computes_it_natively(monkeypatch, gp
                 hardware.check_gpu("bfloat16", "train.precision")
     finally:
         hardware.cuda_bf16.cache_clear()
+
+
+def test_workers_that_disagree_train_in_the_dtype_every_one_computes_natively():
+    bf16, fp32 = Precision("bfloat16", "auto: native"), Precision("float32", "auto: no native bf16")
+    assert hardware.agree([bf16, bf16]) == bf16 and hardware.agree([fp32, fp32]) == fp32
+    mixed = hardware.agree([bf16, fp32, bf16])
+    assert mixed.dtype == "float32" and "worker 1 of 3" in mixed.why
+    assert hardware.agree([bf16, Precision("float16", "auto: this GPU has no bf16")]).dtype == "float16"

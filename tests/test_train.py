@@ -149,10 +149,16 @@ def test_truncation_and_bad_config(tiny_llama, tmp_path):
 # -- Ray Train ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_zero2_two_workers_loss_decreases_and_model_loads(tmp_path, tiny_llama, samples, ray_local):
+def test_zero2_two_workers_loss_decreases_and_model_loads(tmp_path, tiny_llama, samples, ray_local, monkeypatch):
+    """... and the precision is the workers' own choice: the driver, told the opposite of what this CPU computes
+    natively, does not decide it."""
     from transformers import AutoModelForCausalLM
 
+    from fcot import hardware
     from fcot.train.trainer import train
+
+    native = hardware.cpu_bf16()
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: not native)  # the driver's view only: workers see their CPU
 
     data = curated(tmp_path / "data", samples[:4], repeat=8)  # 32 rows: 4 steps per epoch
     dev = tmp_path / "dev.jsonl"
@@ -164,6 +170,7 @@ def test_zero2_two_workers_loss_decreases_and_model_loads(tmp_path, tiny_llama, 
     curve = summary["loss_curve"]
     assert len(curve) == 12 and curve[-1] < curve[0] - 0.5, curve
     assert summary["tokens_per_s"] > 0 and summary["restarts"] == 0
+    assert summary["precision"]["dtype"] == ("bfloat16" if native else "float32"), summary["precision"]
     assert [d["epoch"] for d in summary["dev"]] == [1, 2, 3]
     for d in summary["dev"]:  # each epoch's dev accuracy is its questions' outcomes, counted here
         assert d["n"] == len(d["outcomes"]) == 4 and d["accuracy"] == sum(d["outcomes"]) / 4

@@ -14,7 +14,9 @@ steps (`--epochs`, `train.selection: last`), one with `train.objective: sft`, on
 out of training: their rationales are the held-out set.
 
 Measured per student: the per-token KL(teacher's top-20, renormalized || student) over the held-out rationale tokens
-(the same alignment and KL as training, fcot.train.data.teacher_targets and fcot.train.trainer.kd_sum, T = 1), and
+(the same alignment and KL as training, fcot.train.data.teacher_targets and fcot.train.objectives.kd_sum, T = 1),
+and the same KL with the teacher's mass outside its top 20 as one more outcome (`with tail`); `--no-tail` adds a
+KD student trained without that tail bucket (`objective.tail: false`) beside the default (tail on), and
 its dev and test accuracy with their 95% intervals beside the majority answer (a 3M random-init student is not
 expected to answer: the KL is the measure here). `--label majority` runs the same on a user task of the same questions
 whose training answers are hidden (`curate.label: majority`, `min_votes: 2`: the teacher's most frequent answer labels
@@ -95,7 +97,10 @@ def run_config(args, out: Path, student: Path, objective: dict, label: str, task
 
 
 def run_name(objective: dict) -> str:
-    return "sft" if objective["kind"] == "sft" else f"kd_t{objective['temperature']:g}_a{objective['alpha']:g}"
+    if objective["kind"] == "sft":
+        return "sft"
+    tail = "" if objective.get("tail", True) else "_notail"
+    return f"kd_t{objective['temperature']:g}_a{objective['alpha']:g}{tail}"
 
 
 def teacher_kl(run_dir: Path, teacher: dict, trained_on: bool = False) -> dict:
@@ -108,7 +113,7 @@ def teacher_kl(run_dir: Path, teacher: dict, trained_on: bool = False) -> dict:
     from fcot.contracts.records import RecordStore
     from fcot.prompts import FORMATS
     from fcot.train.data import Collator, teacher_targets
-    from fcot.train.trainer import kd_sum
+    from fcot.train.objectives import kd_sum
 
     trained = {r["index"] for r in pq.read_table(run_dir / "curated" / "fine_tune_cot" / "train").to_pylist()}
     records = RecordStore(Path(teacher["output_dir"]) / "records").read(
@@ -120,22 +125,25 @@ def teacher_kl(run_dir: Path, teacher: dict, trained_on: bool = False) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     fmt = FORMATS["fine_tune_cot"]
     collate = Collator(tok, 512, encoder_decoder=False, packing=False)
-    total, tokens = 0.0, 0
+    total, tail_total, tokens = 0.0, 0.0, 0
     for r in held:
         prompt = fmt.render_prompt(r["question"])  # as curation renders a pair (the answer matters not: KL is
         completion = fmt.render_target(r["prediction"] or "", r["rationale"])  # over the rationale's tokens)
         [example] = collate.encode([prompt], [completion])
-        targets = teacher_targets(example, r["logprobs"])
-        if not targets:
+        lp = r["logprobs"]
+        positions, ids, values = teacher_targets(example, (lp["tokens"], lp["top_ids"], lp["top_logprobs"]))
+        if not len(positions):
             continue
         with torch.no_grad():
             logits = model(torch.tensor([example[0]])).logits[0]
-        at = torch.tensor([p - 1 for p, _, _ in targets])  # the logits that predict each target
-        total += float(kd_sum(logits[at], torch.tensor([t for _, t, _ in targets]),
-                              torch.tensor([v for _, _, v in targets]), 1.0))
-        tokens += len(targets)
-    return {"kl_per_token": total / max(tokens, 1), "tokens": tokens, "rationales": len(held),
-            "questions": len({r["index"] for r in held})}
+        at = torch.from_numpy(positions.astype("int64") - 1)  # the logits that predict each target
+        ids, values = torch.from_numpy(ids.astype("int64")), torch.from_numpy(values.astype("float32"))
+        total += float(kd_sum(logits[at], ids, values, 1.0, tail=False))
+        tail_total += float(kd_sum(logits[at], ids, values, 1.0, tail=True))
+        tokens += len(positions)
+    # kl_per_token: KL(teacher's top-k renormalized || student) as before; with_tail: over the top k and the rest
+    return {"kl_per_token": total / max(tokens, 1), "kl_with_tail_per_token": tail_total / max(tokens, 1),
+            "tokens": tokens, "rationales": len(held), "questions": len({r["index"] for r in held})}
 
 
 def fcot_run(config: dict, out: Path) -> float:
@@ -164,7 +172,8 @@ def bench(args, out: Path, student: Path, label: str) -> dict:
     name = task["name"] if isinstance(task, dict) else task
     result = {"seconds": {}}
     kd = {"kind": "kd", "temperature": args.temperature, "alpha": args.alpha}
-    for kind, objective in (("sft", {"kind": "sft"}), ("kd", kd)):
+    students = [("sft", {"kind": "sft"}), ("kd", kd), *[("kd_notail", {**kd, "tail": False})] * args.no_tail]
+    for kind, objective in students:
         config = run_config(args, out, student, objective, label, task)
         result["seconds"][kind] = round(fcot_run(config, out), 1)
         run_dir = Path(config["output_dir"])
@@ -177,6 +186,8 @@ def bench(args, out: Path, student: Path, label: str) -> dict:
         result["teacher"] = {"records": teacher["records"], "generated": teacher["generated"],
                              "wall_s": teacher["wall_s"], "store": teacher.get("store")}
     result["kl_ratio"] = result["kd"]["kl"]["kl_per_token"] / result["sft"]["kl"]["kl_per_token"]
+    if args.no_tail:
+        result["kl_ratio_notail"] = result["kd_notail"]["kl"]["kl_per_token"] / result["sft"]["kl"]["kl_per_token"]
     if label == "majority":
         result["majority_vs_hidden_gold"] = label_agreement(Path(config["output_dir"]), args.questions)
     return result
@@ -216,6 +227,8 @@ def main() -> None:
     p.add_argument("--label", choices=["gold", "majority", "both"], default="both")
     p.add_argument("--alpha", type=float, default=0.5, help="train.objective.alpha of the KD student")
     p.add_argument("--temperature", type=float, default=1.0, help="train.objective.temperature of the KD student")
+    p.add_argument("--no-tail", action="store_true",
+                   help="also a KD student without the tail bucket (objective.tail false), to compare")
     p.add_argument("--out", default="runs/bench_kd")
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -226,13 +239,14 @@ def main() -> None:
     for label, r in runs.items():
         print(f"\n{label} labels: teacher {r['teacher']['records']} records ({r['teacher']['wall_s']:.0f} s), curated "
               f"{r['curated']}")
-        print("| student | held-out KL / token | tokens | KL / token on its training rationales | dev accuracy | "
-              "test accuracy | majority answer | seconds |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for kind in ("sft", "kd"):
+        print("| student | held-out KL / token | with tail | tokens | KL / token on its training rationales | "
+              "dev accuracy | test accuracy | majority answer | seconds |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for kind in [k for k in ("sft", "kd", "kd_notail") if k in r]:
             k, a = r[kind]["kl"], r[kind]["accuracy"]
             fitted = r[kind]["kl_trained_on"]["kl_per_token"]
-            print(f"| {kind} | {k['kl_per_token']:.4f} | {k['tokens']:,} | {fitted:.4f} | "
+            print(f"| {kind} | {k['kl_per_token']:.4f} | {k['kl_with_tail_per_token']:.4f} | {k['tokens']:,} | "
+                  f"{fitted:.4f} | "
                   f"{_pct(a['dev'], a['dev_ci'])} | "
                   f"{_pct(a['test'], a['test_ci'])} (n {a['test_n']}) | {_pct(a['majority'], None)} | "
                   f"{r['seconds'][kind]:.0f} |")

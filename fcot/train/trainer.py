@@ -1,9 +1,10 @@
 """The student stage on Ray Train: data-parallel fine-tuning with DeepSpeed ZeRO, resumable per epoch.
 
-    driver (train): _plan (data, config and dev set checked, steps, precision) -> the curated set read once by Ray
+    driver (train): _plan (data, config and dev set checked, steps) -> the curated set read once by Ray
             Data (sharded: cut into num_workers contiguous parts) -> _fit: TorchTrainer(num_workers) -> summary.json
     worker (train_loop), the recipe, top to bottom:
-        _setup_worker   CPUs, user tasks, DeepSpeed's ops, seed
+        _setup_worker   CPUs, user tasks, DeepSpeed's ops, seed; the precision, chosen by each worker on its
+                        own device and agreed by the group (reported in the summary)
         _student        the model (fp32 master weights; packed attention, gradient checkpointing, LoRA/QLoRA)
         _setup_data     the curated set tokenized once, whole or (shard_data) this rank's part; a KD student's
                         teacher targets aligned from the top-k its rows carry; every rank's label counts, once
@@ -49,7 +50,7 @@ import psutil
 from fcot.config import wandb_mode
 from fcot.contracts.curated import REQUIRED, TEACHER_LOGPROBS, WEIGHT_KEY, check_curated
 from fcot.errors import FcotError
-from fcot.hardware import use_cpus
+from fcot.hardware import Precision, agree, check_gpu, use_cpus
 from fcot.io import atomic_write_json, read_json
 from fcot.methods import asked, uses_chat
 from fcot.models import resolve_model
@@ -198,13 +199,15 @@ def _save(model, tokenizer, out: Path, state_dict=None, selection: dict | None =
 
 @dataclasses.dataclass
 class Worker:
-    """What a training worker knows of itself: its config, place in the group, device and CPU precision."""
+    """What a training worker knows of itself: its config (its precision as the group decided), place in the
+    group, device, and the precision's why."""
 
     cfg: TrainConfig
     rank: int
     world: int
     device: object
     autocast: object  # bf16 on CPU: torch autocast over fp32 master weights (DeepSpeed's bf16 is for accelerators)
+    precision: Precision
 
 
 @dataclasses.dataclass
@@ -222,7 +225,9 @@ class Examples:
 
 
 def _setup_worker(cfg: TrainConfig) -> Worker:
-    """The worker's CPUs, user tasks, DeepSpeed's ops, quiet logs and seed."""
+    """The worker's CPUs, user tasks, DeepSpeed's ops, quiet logs and seed, and the precision the group trains in:
+    each worker chooses on its own device (the driver may see another CPU, or no GPU), the choices meet once, and
+    the group agrees (fcot.hardware.agree)."""
     use_cpus(cfg.cpus_per_worker)  # torch, OpenMP and the tokenizer: the worker's reserved CPUs
     for task in cfg.user_tasks:  # the dev set may score user tasks: make them known in this worker
         task.register()
@@ -230,6 +235,7 @@ def _setup_worker(cfg: TrainConfig) -> Worker:
     import ray.train  # heavy: a training worker's own
     import ray.train.torch
     import torch
+    import torch.distributed as dist
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -238,8 +244,15 @@ def _setup_worker(cfg: TrainConfig) -> Worker:
             logging.getLogger(name).setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)
     context = ray.train.get_context()
+    choices = [None] * context.get_world_size()
+    dist.all_gather_object(choices, cfg.precision_choice())
+    precision = agree(choices)
+    if cfg.use_gpu:
+        check_gpu(precision.dtype, "train.precision")
+    cfg = cfg.model_copy(update={"precision": precision.short})
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.resolved_precision == "bf16" and not cfg.use_gpu)
-    return Worker(cfg, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), autocast)
+    return Worker(cfg, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), autocast,
+                  precision)
 
 
 def _setup_data(collate: Collator, w: Worker, sharded: bool) -> Examples:
@@ -295,7 +308,7 @@ def _setup_engine(cfg: TrainConfig, model, total_steps: int, w: Worker):
     return engine, stage
 
 
-def _resume(engine, cfg: TrainConfig, data: Examples, collate: Collator) -> dict:
+def _resume(engine, w: Worker, data: Examples, collate: Collator) -> dict:
     """The training state: a fresh one, or the last epoch checkpoint's (weights, optimizer and lr schedule loaded
     into `engine`)."""
     import ray.train  # heavy: workers only
@@ -311,7 +324,8 @@ def _resume(engine, cfg: TrainConfig, data: Examples, collate: Collator) -> dict
         state["resumed_from_step"] = state["step"]
         state["restarts"] += 1
     state["examples_held"] = len(data.items)  # by this worker (rank 0's is reported)
-    state["objective"] = cfg.objective.kind
+    state["precision"] = w.precision.to_dict()  # as the workers decided it (a resumed group decides again)
+    state["objective"] = w.cfg.objective.kind
     if data.targets:  # of this worker's label tokens, those with the teacher's distribution (rank 0's is reported)
         state["kd_tokens"] = {"with_teacher": sum(len(t[0]) for t in data.targets),
                               "labels": int(sum(collate.label_tokens(e) for e in data.items))}
@@ -478,6 +492,7 @@ def train_loop(config: dict) -> None:
     worker_started, usage = time.time(), Usage()
     cfg = TrainConfig.model_validate(config["cfg"])
     w = _setup_worker(cfg)
+    cfg = w.cfg  # with the precision the group decided
     from transformers import AutoTokenizer  # heavy: workers only
 
     model_path = config["model_path"]
@@ -489,7 +504,7 @@ def train_loop(config: dict) -> None:
     data = _setup_data(collate, w, config["sharded"])
     plan = (config["steps_per_epoch"], config["total_steps"])
     engine, stage = _setup_engine(cfg, model, plan[1], w)
-    state = _resume(engine, cfg, data, collate)
+    state = _resume(engine, w, data, collate)
     run = _wandb_run(cfg, state) if w.rank == 0 else None
     samples = [Sample(**s) for s in config["dev_samples"]]
     dev = {"max_new_tokens": config["dev_max_new_tokens"], "stage": stage,
@@ -605,7 +620,8 @@ def _summary(state: dict, total_steps: int, model_dir: Path, encoder_decoder: bo
                           "tokens_per_s": round(state["steady_tokens"] / max(state["steady_s"], 1e-9), 1)},
                "cpu_s": round(state["cpu_s"], 1), "gpu_s": round(state["gpu_s"], 1),
                "peak_memory_mb": state.get("peak_memory_mb"), "examples_per_worker": state["examples_held"],
-               "objective": state.get("objective"), "kd_tokens": state.get("kd_tokens")}
+               "objective": state.get("objective"), "kd_tokens": state.get("kd_tokens"),
+               "precision": state.get("precision")}
     if state["best"] is not None:
         summary.update(best_dev_accuracy=state["best"]["accuracy"], best_epoch=state["best"]["epoch"])
         selected = next((d for d in state["dev"] if d["epoch"] == state["selected_epoch"]), None)
@@ -644,7 +660,7 @@ def _longest_completion(data: str, stats: dict) -> int:
 
 def _plan(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     """The driver's decisions before any Ray work, each checked against the data: the curated rows, whether each
-    worker holds only its part, the max length (curation's), the steps, the precision for the workers' device, the
+    worker holds only its part, the max length (curation's), the steps (the precision is the workers'), the
     model's local path, the dev questions and how long their answers may be. Returns the config as the workers get
     it, and the workers' other arguments."""
     kd = cfg.objective.kind == "kd"
@@ -655,8 +671,6 @@ def _plan(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     stats = _curation_stats(cfg.data)
     cfg = cfg.model_copy(update={"max_length": max_length(cfg, stats)})
     per_epoch, total_steps = plan_steps(cfg, rows)
-    precision = cfg.precision_choice()  # chosen here, for the device the workers use; they get it as configured
-    cfg = cfg.model_copy(update={"precision": precision.short})
     dev_samples = []
     if cfg.dev is not None:
         asked(cfg.dev.format)  # a method or a prompt format: named wrong, the error names it now
@@ -666,8 +680,7 @@ def _plan(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     dev_tokens = cfg.dev.max_new_tokens if cfg.dev and cfg.dev.max_new_tokens != "auto" else (
         _longest_completion(cfg.data, stats) + AUTO_MARGIN)
     return cfg, {"model_path": resolve_model(cfg.model), "steps_per_epoch": per_epoch, "total_steps": total_steps,
-                 "dev_samples": dev_samples, "dev_max_new_tokens": dev_tokens, "sharded": sharded, "rows": rows,
-                 "precision": precision.to_dict()}
+                 "dev_samples": dev_samples, "dev_max_new_tokens": dev_tokens, "sharded": sharded, "rows": rows}
 
 
 def _tune_callbacks(cfg: TrainConfig) -> list:
@@ -740,7 +753,7 @@ def train(cfg: TrainConfig) -> dict:
     import ray  # heavy: only where Ray work starts
 
     cfg, plan = _plan(cfg)
-    rows, sharded, precision = plan.pop("rows"), plan["sharded"], plan.pop("precision")
+    rows, sharded = plan.pop("rows"), plan["sharded"]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started, cpu_started = time.time(), cpu_seconds(children=False)
@@ -758,7 +771,7 @@ def train(cfg: TrainConfig) -> dict:
         datasets = {"train": dataset}
     result = _fit(cfg, {"cfg": cfg.model_dump(), **plan}, datasets)
     summary = {"output_dir": str(out), "data": cfg.data, "model": cfg.model, "rows": rows, "sharded_data": sharded,
-               "precision": precision, "steps_per_epoch": plan["steps_per_epoch"], **result.metrics,
+               "steps_per_epoch": plan["steps_per_epoch"], **result.metrics,
                "wall_s": round(time.time() - started, 2),
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     summary["cpu_s"] = round(summary.get("cpu_s", 0.0) + cpu_seconds(children=False) - cpu_started, 1)
