@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fcot import laws
 from fcot.errors import FcotError
 from fcot.io import atomic_write_text, iter_jsonl, read_json
 from fcot.layout import RunLayout
@@ -532,11 +533,69 @@ def build_sweep_report(sweep_dir: str | Path) -> Path:
         lines += section(results, points)
     for section in (_rates_to_beat, _best, _unfinished):
         lines += section(results)
+    fitted = {axis: _fit_laws(results, axis) for axis in results["axes"]}
+    atomic_write_text(sweep_dir / "laws.json", json.dumps(
+        {a: [{"task": k[0], "method": k[1], "others": list(k[2:]), **law} for k, law in f.items()]
+         for a, f in fitted.items()}, indent=2) + "\n")
     for axis in results["axes"]:
+        lines += _laws_table(axis, fitted[axis])
         name = f"sweep_{axis.replace('.', '_')}.png"
-        drawn = _plot(sweep_dir / name, lambda plt, axis=axis: _draw_axis(plt, [(results, points)], axis))
+        drawn = _plot(sweep_dir / name,
+                      lambda plt, axis=axis: _draw_axis(plt, [(results, points)], axis, fitted=fitted[axis]))
         lines += [f"![{axis}]({drawn})", ""]
     return atomic_write_text(sweep_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _curves(results: dict, axis: str) -> dict[tuple, list]:
+    """The points of each curve along a numeric `axis` (one per task, method and value of the other axes): (x, a
+    seeds x questions 0/1 matrix of the done trials' test outcomes), on the questions every trial of the curve
+    answered, in one order."""
+    others = [a for a in results["axes"] if a != axis]
+    raw: dict[tuple, dict] = {}
+    for r in results["trials"]:
+        x = r.get("parameters") if axis == "train.model" else r.get(axis)
+        if r["status"] != "done" or not isinstance(x, (int, float)) or isinstance(x, bool):
+            continue
+        for method in results.get("methods", []):
+            outcomes = _trial_outcomes(r, method)
+            for task in results.get("tasks", []) if outcomes else []:
+                key = (task, method, *[str(r.get(o)) for o in others])
+                raw.setdefault(key, {}).setdefault(x, []).append(
+                    {i: c for (t, i), c in outcomes.items() if t == task})
+    curves = {}
+    for key, by_x in raw.items():
+        common = sorted(set.intersection(*(set(v) for vs in by_x.values() for v in vs)))
+        if common:
+            curves[key] = [(x, [[float(v[i]) for i in common] for v in vs]) for x, vs in sorted(by_x.items())]
+    return curves
+
+
+def _fit_laws(results: dict, axis: str) -> dict[tuple, dict]:
+    """The law of every curve along `axis` with at least laws.MIN_POINTS values (fcot.laws)."""
+    return {key: law for key, pts in _curves(results, axis).items() if (law := laws.fit(pts)) is not None}
+
+
+def _laws_table(axis: str, fitted: dict[tuple, dict]) -> list[str]:
+    """report.md's table of the laws along `axis`: form (chosen by held-out error), parameters with 95% intervals,
+    fit quality, and the extrapolation check (the law fitted without the largest x, predicting it)."""
+    if not fitted:
+        return []
+    lines = [f"### Fitted laws: test accuracy against {axis}", "",
+             "Forms (fcot.laws): log-linear acc = a + b ln x; power err = E + A x^-alpha (acc = 1 - err), chosen by "
+             "leave-one-point-out RMSE; intervals from a bootstrap over seeds and test questions. The check: the law "
+             "fitted without the largest x, predicting it (extrapolated), beside the measured value.", "",
+             "| task | method | other axes | form | LOO RMSE (log-linear / power) | parameters (95% interval) | RMSE "
+             "| check at x | predicted (extrapolated) | measured |", "| --- " * 10 + "|"]
+    for (task, method, *others), law in fitted.items():
+        loo = " / ".join("—" if v is None else f"{100 * v:.1f} pts" for v in law["loo_rmse"].values())
+        params = ", ".join(f"{n} = {p['value']:.3g} [{p['ci'][0]:.3g}, {p['ci'][1]:.3g}]"
+                           for n, p in law["parameters"].items())
+        c = law["check"]
+        check = ["—"] * 3 if c is None else [f"{c['x']:g}", fmt_acc(c["predicted"], c["predicted_ci"]),
+                                             fmt_acc(c["measured"], c["measured_ci"])]
+        lines.append(f"| {task} | {_label(method)} | {', '.join(others) or '—'} | {law['form']} | {loo} | {params} "
+                     f"| {100 * law['rmse']:.1f} pts | " + " | ".join(check) + " |")
+    return lines + [""]
 
 
 def _sweep_verdicts(results: dict, points: list[dict]) -> list[str]:
@@ -630,7 +689,9 @@ def _unfinished(results: dict) -> list[str]:
     return lines
 
 
-def _draw_axis(plt, studies: list[tuple[dict, list[dict]]], axis: str, ax=None):
+def _draw_axis(plt, studies: list[tuple[dict, list[dict]]], axis: str, ax=None, fitted: dict | None = None):
+    """Test accuracy against `axis`, a curve per task, method and value of the other axes; with `fitted` (a
+    sweep's laws along it), each curve's law and its 95% band, dashed."""
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -652,7 +713,14 @@ def _draw_axis(plt, studies: list[tuple[dict, list[dict]]], axis: str, ax=None):
                     err = [[100 * (m["mean"] - m["ci"][0]) for _, m in pts],
                            [100 * (m["ci"][1] - m["mean"]) for _, m in pts]]
                     label = ", ".join([f"{task} {method}", *[f"{o.split('.')[-1]}={v}" for o, v in zip(others, key)]])
-                    ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=label)
+                    line = ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=label)
+                    law = (fitted or {}).get((task, method, *key))
+                    if law is not None and numeric:
+                        c = law["curve"]
+                        color = line[0].get_color()
+                        ax.plot(c["x"], [100 * y for y in c["y"]], "--", color=color, linewidth=1)
+                        ax.fill_between(c["x"], [100 * y for y in c["lo"]], [100 * y for y in c["hi"]], color=color,
+                                        alpha=0.15, linewidth=0)
     if numeric and axis.endswith(LOG_AXES):
         ax.set_xscale("log", base=2 if axis.endswith(("num_samples", "max_samples", "min_correct")) else 10)
     xlabel = "student parameters" if axis == "train.model" else axis

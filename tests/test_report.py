@@ -244,3 +244,23 @@ def test_no_function_is_longer_than_80_lines(module):
     long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse(path.read_text()))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
     assert not long, f"{path.name}: functions over 80 lines: {long}"
+
+
+def test_a_sweep_with_three_or_more_sizes_reports_fitted_laws_and_their_check(tmp_path):
+    """Along a numeric axis with at least three values, every (task, method) curve gets a law in report.md (form,
+    parameters with intervals, the extrapolation check) and laws.json, its band drawn; two values give none."""
+    from fcot.report import build_sweep_report
+
+    sweep = make_sweep(tmp_path / "four", values=(35, 105, 315, 945), n=60)
+    report = build_sweep_report(sweep).read_text()
+    assert "### Fitted laws: test accuracy against curate.train_questions" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| coin_flip | ", "| multiarith | "))
+            and ("log_linear" in line or "power" in line)]
+    assert len(rows) == 4, rows  # 2 tasks x 2 methods
+    fitted = json.loads((sweep / "laws.json").read_text())["curate.train_questions"]
+    assert {(f["task"], f["method"]) for f in fitted} == {(t, m) for t in TASKS for m in ("fine_tune_cot", "vanilla")}
+    for law in fitted:
+        assert law["points"] == 4 and law["check"]["x"] == 945 and law["check"]["extrapolated"]
+        assert all(lo <= law["check"]["measured"] <= hi for lo, hi in [law["check"]["measured_ci"]])
+    two = build_sweep_report(make_sweep(tmp_path / "two")).read_text()
+    assert "Fitted laws" not in two

@@ -8,8 +8,9 @@ Llama's tokenizer, and the teacher's top-k at each rationale token: int32 ids, f
 them), then two trainings of the random tiny Llama on two workers with `shard_data: true` (each worker tokenizes
 and holds its half) for 2 steps: `objective: sft` and `objective: kd`. Printed per size: the top-k column's bytes
 (Arrow, the whole set, and a worker's half), each run's peak worker memory (the largest worker's peak resident set,
-fcot's own `peak_memory_mb`), and KD − SFT against the worker's half of the column. Same machine, same invocation:
-the ratio, not the absolute MB, is the measure. The last line is JSON.
+fcot's own `peak_memory_mb`), KD − SFT against the worker's half of the column, and the bytes of the targets a KD
+worker holds (its `kd_tokens.bytes_held`: the arrays, without the object store's pages it read them through).
+Same machine, same invocation: the ratio, not the absolute MB, is the measure. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -112,11 +113,14 @@ def main() -> None:
         extra = kd["peak_memory_mb"] - sft["peak_memory_mb"]
         results[rows] = {"topk_mb": round(topk_bytes / 2**20, 1), "topk_mb_per_worker": round(half, 1),
                          "sft": sft, "kd": kd, "kd_minus_sft_mb": round(extra, 1),
-                         "kd_extra_over_topk_per_worker": round(extra / half, 2)}
+                         "kd_extra_over_topk_per_worker": round(extra / half, 2),
+                         "held_mb": round(kd["kd_tokens"]["bytes_held"] / 2**20, 1),
+                         "held_over_topk_per_worker": round(kd["kd_tokens"]["bytes_held"] / 2**20 / half, 2)}
+        held = kd["kd_tokens"]["bytes_held"] / 2**20
         print(f"{rows:>7} rows, top-{args.k}: {topk_bytes / 2**20:,.0f} MB in the curated set "
-              f"({half:,.0f} MB a worker's half); peak worker memory sft {sft['peak_memory_mb']:,.0f} MB, "
-              f"kd {kd['peak_memory_mb']:,.0f} MB: kd − sft = {extra:,.0f} MB = {extra / half:.2f}× the worker's "
-              f"top-k bytes", flush=True)
+              f"({half:,.0f} MB a worker's half); a worker holds {held:,.0f} MB of targets ({held / half:.2f}×); "
+              f"peak worker memory sft {sft['peak_memory_mb']:,.0f} MB, kd {kd['peak_memory_mb']:,.0f} MB: "
+              f"kd − sft = {extra:,.0f} MB = {extra / half:.2f}× the worker's top-k bytes", flush=True)
     print(json.dumps({"k": args.k, "workers": args.workers, "results": results}))
 
 

@@ -328,7 +328,8 @@ def _resume(engine, w: Worker, data: Examples, collate: Collator) -> dict:
     state["objective"] = w.cfg.objective.kind
     if data.targets:  # of this worker's label tokens, those with the teacher's distribution (rank 0's is reported)
         state["kd_tokens"] = {"with_teacher": sum(len(t[0]) for t in data.targets),
-                              "labels": int(sum(collate.label_tokens(e) for e in data.items))}
+                              "labels": int(sum(collate.label_tokens(e) for e in data.items)),
+                              "bytes_held": int(sum(a.nbytes for t in data.targets for a in t))}
     return state
 
 
