@@ -15,8 +15,8 @@ out of training: their rationales are the held-out set.
 
 Measured per student: the per-token KL(teacher's top-20, renormalized || student) over the held-out rationale tokens
 (the same alignment and KL as training, fcot.train.data.teacher_targets and fcot.train.objectives.kd_sum, T = 1),
-and the same KL with the teacher's mass outside its top 20 as one more outcome (`with tail`); `--no-tail` adds a
-KD student trained without that tail bucket (`objective.tail: false`) beside the default (tail on), and
+and the same KL with the teacher's mass outside its top 20 as one more outcome (`with tail`); `--tail` adds a
+KD student trained with that tail bucket (`objective.tail: true`) beside the default (without), and
 its dev and test accuracy with their 95% intervals beside the majority answer (a 3M random-init student is not
 expected to answer: the KL is the measure here). `--label majority` runs the same on a user task of the same questions
 whose training answers are hidden (`curate.label: majority`, `min_votes: 2`: the teacher's most frequent answer labels
@@ -99,7 +99,7 @@ def run_config(args, out: Path, student: Path, objective: dict, label: str, task
 def run_name(objective: dict) -> str:
     if objective["kind"] == "sft":
         return "sft"
-    tail = "" if objective.get("tail", True) else "_notail"
+    tail = "_tail" if objective.get("tail") else ""
     return f"kd_t{objective['temperature']:g}_a{objective['alpha']:g}{tail}"
 
 
@@ -172,7 +172,7 @@ def bench(args, out: Path, student: Path, label: str) -> dict:
     name = task["name"] if isinstance(task, dict) else task
     result = {"seconds": {}}
     kd = {"kind": "kd", "temperature": args.temperature, "alpha": args.alpha}
-    students = [("sft", {"kind": "sft"}), ("kd", kd), *[("kd_notail", {**kd, "tail": False})] * args.no_tail]
+    students = [("sft", {"kind": "sft"}), ("kd", kd), *[("kd_tail", {**kd, "tail": True})] * args.tail]
     for kind, objective in students:
         config = run_config(args, out, student, objective, label, task)
         result["seconds"][kind] = round(fcot_run(config, out), 1)
@@ -186,8 +186,8 @@ def bench(args, out: Path, student: Path, label: str) -> dict:
         result["teacher"] = {"records": teacher["records"], "generated": teacher["generated"],
                              "wall_s": teacher["wall_s"], "store": teacher.get("store")}
     result["kl_ratio"] = result["kd"]["kl"]["kl_per_token"] / result["sft"]["kl"]["kl_per_token"]
-    if args.no_tail:
-        result["kl_ratio_notail"] = result["kd_notail"]["kl"]["kl_per_token"] / result["sft"]["kl"]["kl_per_token"]
+    if args.tail:
+        result["kl_ratio_tail"] = result["kd_tail"]["kl"]["kl_per_token"] / result["sft"]["kl"]["kl_per_token"]
     if label == "majority":
         result["majority_vs_hidden_gold"] = label_agreement(Path(config["output_dir"]), args.questions)
     return result
@@ -227,8 +227,8 @@ def main() -> None:
     p.add_argument("--label", choices=["gold", "majority", "both"], default="both")
     p.add_argument("--alpha", type=float, default=0.5, help="train.objective.alpha of the KD student")
     p.add_argument("--temperature", type=float, default=1.0, help="train.objective.temperature of the KD student")
-    p.add_argument("--no-tail", action="store_true",
-                   help="also a KD student without the tail bucket (objective.tail false), to compare")
+    p.add_argument("--tail", action="store_true",
+                   help="also a KD student with the tail bucket (objective.tail true), to compare")
     p.add_argument("--out", default="runs/bench_kd")
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -242,7 +242,7 @@ def main() -> None:
         print("| student | held-out KL / token | with tail | tokens | KL / token on its training rationales | "
               "dev accuracy | test accuracy | majority answer | seconds |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for kind in [k for k in ("sft", "kd", "kd_notail") if k in r]:
+        for kind in [k for k in ("sft", "kd", "kd_tail") if k in r]:
             k, a = r[kind]["kl"], r[kind]["accuracy"]
             fitted = r[kind]["kl_trained_on"]["kl_per_token"]
             print(f"| {kind} | {k['kl_per_token']:.4f} | {k['kl_with_tail_per_token']:.4f} | {k['tokens']:,} | "

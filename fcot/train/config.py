@@ -49,7 +49,7 @@ class ObjectiveConfig(Config):
     kind: Literal["sft", "kd"] = "sft"
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)
-    tail: bool = True
+    tail: bool = False  # measured: no better held-out KL than without (experiments/results/bench.md)
 
 
 class WandbConfig(Config):
