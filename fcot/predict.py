@@ -26,8 +26,10 @@ def prediction_prefix(method: str) -> str | None:
     return asked(method).prefix if method in METHODS or method in FORMATS else PREDICTION_PREFIX[method]
 
 
-def _requests(method: str, samples: list[dict], max_new_tokens: int, k: int, temperature: float, seed: int,
+def make_requests(method: str, samples: list[dict], max_new_tokens: int, k: int, temperature: float, seed: int,
               encoder_decoder: bool, chat: bool = False) -> list[Request]:
+    """The engine requests of `samples`: k per question, asked in `method`'s test-time format or as a baseline
+    (module doc), sample j of a question seeded sample_seed(seed, task, index, 0) + j."""
     reqs = []
     for s in samples:
         messages = None
@@ -55,7 +57,7 @@ def predict_samples(engine, samples: list[dict], method: str, max_new_tokens: in
     pass@1 and pass@k (`sample_completions` when k > 1: at k = 1 it is `completion`). `chat`: a student method's
     question goes through the model's chat template (fcot.methods.uses_chat)."""
     encoder_decoder = bool(getattr(engine, "encoder_decoder", False))
-    reqs = _requests(method, samples, max_new_tokens, k, temperature, seed, encoder_decoder, chat)
+    reqs = make_requests(method, samples, max_new_tokens, k, temperature, seed, encoder_decoder, chat)
     outs = engine.generate(reqs)
     if method == "zero_shot_cot":  # step 2: greedy answer extraction after the trigger
         outs2 = engine.generate([Request(prompt=zero_shot_cot_step2(r.prompt, o.text), max_new_tokens=32)

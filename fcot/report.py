@@ -38,7 +38,7 @@ def _plot(path: Path, draw) -> str:
     return path.name
 
 
-def _outcomes(predictions: Path) -> dict[tuple, bool]:
+def prediction_outcomes(predictions: Path) -> dict[tuple, bool]:
     """(task, index) -> correct, from an evaluation's predictions.jsonl."""
     return {(r["task"], int(r["index"])): bool(r["correct"]) for _, r in iter_jsonl(predictions)}
 
@@ -130,7 +130,7 @@ def read_run(run_dir: str | Path) -> RunView:
     tasks = list(dict.fromkeys(t for e in evals.values() for t in e["tasks"])) or list(teacher.get("tasks", {}))
     students = [m for m in trains if m in evals and (layout.eval(m) / "predictions.jsonl").exists()]
     return RunView(layout, stages, _results(stages, "teacher", by_stage=True), _results(stages, "curate"), trains,
-                   evals, tasks, {m: _outcomes(layout.eval(m) / "predictions.jsonl") for m in students})
+                   evals, tasks, {m: prediction_outcomes(layout.eval(m) / "predictions.jsonl") for m in students})
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -445,7 +445,7 @@ def _trial_outcomes(row: dict, method: str) -> dict[tuple, bool] | None:
     if not row.get("run_dir"):
         return None
     path = RunLayout(Path(row["run_dir"])).eval(method) / "predictions.jsonl"
-    return _outcomes(path) if path.exists() else None
+    return prediction_outcomes(path) if path.exists() else None
 
 
 def sweep_points(results: dict) -> list[dict]:

@@ -157,9 +157,9 @@ def test_pass_at_1_maj_at_k_and_pass_at_k_on_a_hand_computed_case(shared_data):
     assert len(set(seeds)) == 12
     # Per-sample seeds never collide, whatever k: 2 questions x 200 samples, 400 seeds (the old rule,
     # seed * 100003 + index * 101 + j, gave question i's sample 101 the seed of question i + 1's sample 0).
-    from fcot.predict import _requests
+    from fcot.predict import make_requests
 
-    many = _requests("fine_tune_cot", [s.to_dict() for s in split[:2]], 8, 200, 0.7, 0, False)
+    many = make_requests("fine_tune_cot", [s.to_dict() for s in split[:2]], 8, 200, 0.7, 0, False)
     assert len({r.seed for r in many}) == 400
 
 

@@ -52,10 +52,10 @@ def loss_sum(model, batch: dict, targets_only: bool):
     """Summed cross-entropy over the target tokens: logits at every position, or only where a target follows."""
     import torch.nn.functional as F
 
-    from fcot.train.trainer import _loss_sum
+    from fcot.train.objectives import loss_sum
 
     if targets_only:
-        return _loss_sum(model, batch, False)
+        return loss_sum(model, batch, False)[0]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "max_length_q")
               if k in batch}
     logits = model(**inputs, use_cache=False).logits[:, :-1]

@@ -57,7 +57,7 @@ def bare_loop(model_path: str, rows: list[dict], args, packing: bool, device: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fcot.train.data import Collator
-    from fcot.train.trainer import _loss_sum
+    from fcot.train.objectives import loss_sum
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def bare_loop(model_path: str, rows: list[dict], args, packing: bool, device: st
         b = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()
              if k not in ("tokens", "label_tokens")}
         with autocast:
-            loss = _loss_sum(model, b, False) / batch["label_tokens"].to(device)
+            loss = loss_sum(model, b, False)[0] / batch["label_tokens"].to(device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

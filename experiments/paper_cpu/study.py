@@ -51,14 +51,14 @@ def run_task(task: str, runs: Path) -> float:
 def task_section(task: str, run: Path, stages: dict) -> tuple[list[str], dict]:
     """The task's rows and its facts for the headline, from the run's stage markers."""
     from fcot.layout import RunLayout
-    from fcot.report import _outcomes, comparison
+    from fcot.report import comparison, prediction_outcomes
     from fcot.stats import fmt_acc, fmt_diff
 
     layout = RunLayout(run)
     evals = {m: stages[f"eval-{m}"]["result"]["tasks"][task] for m in METHODS if f"eval-{m}" in stages}
     trains = {m: stages[f"train-{m}"]["result"] for m in METHODS if f"train-{m}" in stages}
-    diff = comparison(*(_outcomes(layout.eval(m) / "predictions.jsonl") for m in ("fine_tune_cot", "vanilla")),
-                      task)
+    diff = comparison(*(prediction_outcomes(layout.eval(m) / "predictions.jsonl")
+                        for m in ("fine_tune_cot", "vanilla")), task)
     paper = PAPER[task]
     ref = evals["fine_tune_cot"]
     rows = []
