@@ -27,7 +27,7 @@ def prediction_prefix(method: str) -> str | None:
 
 
 def make_requests(method: str, samples: list[dict], max_new_tokens: int, k: int, temperature: float, seed: int,
-              encoder_decoder: bool, chat: bool = False) -> list[Request]:
+                  encoder_decoder: bool, chat: bool = False) -> list[Request]:
     """The engine requests of `samples`: k per question, asked in `method`'s test-time format or as a baseline
     (module doc), sample j of a question seeded sample_seed(seed, task, index, 0) + j."""
     reqs = []
