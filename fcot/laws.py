@@ -107,9 +107,10 @@ def fit(points: list[tuple[float, np.ndarray]], seed: int = 0, grid: int = 50) -
         return None
     x, y = _means(points)
     loo = {form: loo_error(form, x, y) for form in FORMS}
-    candidates = [f for f in FORMS if loo[f] is not None and FORMS[f](x, y) is not None]
+    fitted = {f: FORMS[f](x, y) for f in FORMS}
+    candidates = [f for f in FORMS if loo[f] is not None and fitted[f] is not None]
     form = min(candidates, key=loo.get) if candidates else "log_linear"
-    params = FORMS[form](x, y)
+    params = fitted[form]
     rng = np.random.default_rng(seed)
     reps = _replicates(points, rng, BOOTSTRAP)
     fits = [p for p in (FORMS[form](x, r) for r in reps) if p is not None]

@@ -281,8 +281,9 @@ def _setup_data(collate: Collator, w: Worker, sharded: bool) -> Examples:
     return Examples(items, weights, targets, label_tokens, real_tokens, sharded)
 
 
-def _setup_engine(cfg: TrainConfig, model, total_steps: int, w: Worker):
-    """(DeepSpeed engine, ZeRO stage): the optimizer, the lr schedule and the stage that fits (zero_stage)."""
+def _setup_engine(cfg: TrainConfig, model, parameters: int, total_steps: int, w: Worker):
+    """(DeepSpeed engine, ZeRO stage): the optimizer, the lr schedule and the stage that fits (zero_stage) for a
+    model of `parameters`."""
     import deepspeed  # heavy: workers only
     import torch
     from transformers import get_scheduler
@@ -300,7 +301,6 @@ def _setup_engine(cfg: TrainConfig, model, total_steps: int, w: Worker):
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     memory = torch.cuda.get_device_properties(w.device).total_memory if cfg.use_gpu else (
         psutil.virtual_memory().total / max(1, w.world))
-    parameters = sum(p.numel() for p in model.parameters())
     stage = zero_stage(cfg, parameters, memory, w.world, sum(p.numel() for p in trainable))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, stage),
@@ -504,7 +504,7 @@ def train_loop(config: dict) -> None:
     collate = Collator(tokenizer, cfg.max_length, encoder_decoder, cfg.packing)
     data = _setup_data(collate, w, config["sharded"])
     plan = (config["steps_per_epoch"], config["total_steps"])
-    engine, stage = _setup_engine(cfg, model, plan[1], w)
+    engine, stage = _setup_engine(cfg, model, parameters, plan[1], w)
     state = _resume(engine, w, data, collate)
     run = _wandb_run(cfg, state) if w.rank == 0 else None
     samples = [Sample(**s) for s in config["dev_samples"]]
