@@ -620,11 +620,20 @@ def _sweep_verdicts(results: dict, points: list[dict]) -> list[str]:
 
 
 def _sweep_trials(results: dict, points: list[dict]) -> list[str]:
-    """How many trials, the shared teacher's runs and tokens, and the rule of model selection."""
-    return [f"{len(results['trials'])} trials ({len(points)} grid points x {len(results.get('seeds', [0]))} seeds); "
+    """How many trials, how they were drawn, the shared teacher's runs and tokens, and the rule of model selection."""
+    search = results.get("search")
+    drawn = (f"{len(points)} points drawn by {search['algorithm']} (seed {search['seed']}) over "
+             + ", ".join(f"`{k}` {next(iter(d))} {next(iter(d.values()))}" for k, d in search["space"].items())
+             if search else f"{len(points)} grid points")
+    return [f"{len(results['trials'])} trials ({drawn} x {len(results.get('seeds', [0]))} seeds); "
             f"teacher runs: {results['teacher_runs']} (shared by every trial, "
             f"{results.get('teacher_tokens', 0):,} tokens). Model selection: `{results['metric']}` (dev split "
             f"carved from the training questions); the test split never chooses.", ""]
+
+
+def _value(v) -> str:
+    """A swept value as the report shows it: a drawn float to 4 significant digits (points.json keeps it whole)."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _points_table(results: dict, points: list[dict]) -> list[str]:
@@ -637,7 +646,7 @@ def _points_table(results: dict, points: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
     for p in points:
         for task in tasks:
-            cells = [str(p.get(a)) for a in axes] + [fmt_acc(p.get("dev_accuracy"), p.get("dev_accuracy_ci"))]
+            cells = [_value(p.get(a)) for a in axes] + [fmt_acc(p.get("dev_accuracy"), p.get("dev_accuracy_ci"))]
             for m in methods:
                 x = p.get(f"{m}/{task}")
                 cells.append("—" if x is None else fmt_acc(x["mean"], x["ci"]) + (" **collapsed**" if x["collapsed"]
@@ -671,7 +680,7 @@ def _best(results: dict) -> list[str]:
     if not best:
         return []
     tests = ", ".join(f"{k.split('/')[0]} {fmt_acc(v)}" for k, v in best.items() if k.endswith("/test_accuracy"))
-    return ["", "**Best by dev accuracy**: " + ", ".join(f"`{a}={best[a]}`" for a in axes)
+    return ["", "**Best by dev accuracy**: " + ", ".join(f"`{a}={_value(best[a])}`" for a in axes)
             + f" → dev {fmt_acc(best[results['metric']])} (mean of {best['seeds']} seed(s)); test: {tests}.", ""]
 
 
@@ -681,7 +690,7 @@ def _unfinished(results: dict) -> list[str]:
     stopped = [t for t in results["trials"] if t["status"].startswith("stopped")]
     if stopped:
         lines += ["Stopped early by the scheduler: " + "; ".join(
-            ", ".join(f"{a}={t.get(a)}" for a in [*results["axes"], "train.seed"]) + f" ({t['status']})"
+            ", ".join(f"{a}={_value(t.get(a))}" for a in [*results["axes"], "train.seed"]) + f" ({t['status']})"
             for t in stopped), ""]
     errors = [t for t in results["trials"] if t["status"] == "error"]
     if errors:

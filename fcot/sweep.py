@@ -12,6 +12,12 @@ the first) training reports its dev accuracy to Tune every epoch (ASHA and any T
 it), the trial's final `dev_accuracy` is the selected epoch's, and the sweep's best grid point is the best mean dev
 accuracy over seeds; test accuracy (with its interval) is reported beside it, with each method against its
 reference (fcot.report.compared). `seeds: [0, 1, 2]` repeats every grid point with those training seeds.
+
+A sweep is a grid (`param_space`) or a search (`search`): Optuna's sampler through `ray.tune.search` (random,
+quasi-random or TPE) draws `num_samples` points of a space of distributions, each run once per seed (Tune's
+Repeater: a point's seeds share its values, and TPE learns from their mean). The driver plans a search from its
+corners (every choice, each range's ends): the teachers it prepares, the largest D, the resources, the checks. A
+range may not move the teacher (a trial would need samples no one prepared): teacher keys take `choice`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from fcot.config import (
     Config,
@@ -48,13 +54,50 @@ from fcot.resources import Demand, largest
 from fcot.run import RunConfig, config_hash, curate_config, dry_run, run_stages
 from fcot.teacher.pipeline import teach
 
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")  # Tune's, with Tune's bounds (randint: high excluded)
+SAMPLERS = {"random": "RandomSampler", "quasi_random": "QMCSampler", "tpe": "TPESampler"}  # Optuna's
+MAX_CORNERS = 1024
+
+
+class SearchConfig(Config):
+    """Trials drawn by a search algorithm instead of a grid: `num_samples` points of `space`, each once per seed."""
+    algorithm: Literal["random", "quasi_random", "tpe"] = "tpe"
+    num_samples: int = Field(ge=1)
+    seed: int = 0  # the sampler's: the same config draws the same points
+    # dotted run-config key -> one distribution: {loguniform: [low, high]}, {uniform: [low, high]},
+    # {randint: [low, high]} (high excluded) or {choice: [value, ...]}
+    space: dict[str, dict]
+
+    @field_validator("space")
+    @classmethod
+    def _distributions(cls, space):
+        if not space:
+            raise ValueError("expected at least one key")
+        for key, dist in space.items():
+            (kind, args), = dist.items() if isinstance(dist, dict) and len(dist) == 1 else [(None, None)]
+            if kind not in DISTRIBUTIONS:
+                raise ValueError(f"{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {dist!r}")
+            if key == "train.seed":
+                raise ValueError("train.seed: use `seeds` (repeats of every point)")
+            if kind == "choice":
+                if not isinstance(args, list) or not args:
+                    raise ValueError(f"{key}: choice takes a non-empty list of values")
+                continue
+            ok = isinstance(args, list) and len(args) == 2 and all(
+                isinstance(a, int if kind == "randint" else (int, float)) and not isinstance(a, bool) for a in args)
+            if not ok or not args[0] < args[1] or (kind == "loguniform" and args[0] <= 0):
+                raise ValueError(f"{key}: {kind} takes [low, high] with {'0 < ' * (kind == 'loguniform')}low < high"
+                                 f"{' (integers)' * (kind == 'randint')}, got {args!r}")
+        return space
+
 
 class SweepConfig(Config):
     name: str = "sweep"
     output_dir: PathStr = Field(None)  # default runs/sweeps/{name}
     base: PathStr | None = None  # a run config (YAML) the trials start from
     run: dict = {}  # or inline run config keys (merged into `base`)
-    param_space: dict[str, list]  # dotted run-config key -> values (a grid over all of them)
+    param_space: dict[str, list] = {}  # dotted run-config key -> values (a grid over all of them)
+    search: SearchConfig | None = None  # or a search over distributions (module doc)
     seeds: list[int] = [0]  # training seeds (train.seed): every grid point runs once per seed
     # dev_accuracy: the primary method's dev accuracy at its selected epoch (run.primary_method, default the first
     # method). Never test accuracy.
@@ -85,6 +128,23 @@ class SweepConfig(Config):
                 raise ValueError("param_space.train.seed: use `seeds` (repeats of every grid point)")
         return v
 
+    @field_validator("search")
+    @classmethod
+    def _grid_or_search(cls, search, info: ValidationInfo):
+        grid = info.data.get("param_space")
+        if search is None and not grid:
+            raise ValueError("expected a `search`, or a grid of values in `param_space`")
+        if search is not None and grid:
+            # Optuna samples every key it is given; a grid beside it would be crossed by Tune's own generator.
+            raise ValueError("a search samples every swept key: give param_space's keys in search.space as "
+                             "{choice: [...]}, or sweep a grid without `search`")
+        return search
+
+    @property
+    def axes(self) -> list[str]:
+        """The swept keys (train.seed aside)."""
+        return list(self.search.space if self.search else self.param_space)
+
 
     def demands(self, prefix: str = "") -> list[Demand]:
         """What the trials' stages ask of the cluster (each trial's stages run one after another)."""
@@ -96,11 +156,21 @@ class SweepConfig(Config):
 
 
 def _grid(cfg: SweepConfig) -> list[dict]:
-    """Every trial's swept values: the grid over param_space, once per seed."""
+    """Every trial's swept values: the grid over param_space, once per seed. A search: its corners (module doc),
+    what the driver plans from; Tune draws the trials."""
     grid = [{}]
-    for key, values in cfg.param_space.items():
+    space = {k: _ends(d) for k, d in cfg.search.space.items()} if cfg.search else cfg.param_space
+    for key, values in space.items():
         grid = [{**g, key: v} for g in grid for v in values]
+        if len(grid) > MAX_CORNERS:
+            raise FcotError(f"search.space: over {MAX_CORNERS} combinations of its choices and ranges' ends to plan "
+                            "from; fewer choices, or ranges")
     return [{**g, "train.seed": seed} for g in grid for seed in cfg.seeds]
+
+
+def _ends(dist: dict) -> list:
+    (kind, args), = dist.items()
+    return args if kind == "choice" else [args[0], args[1] - 1] if kind == "randint" else list(args)
 
 
 def base_run(cfg: SweepConfig) -> dict:
@@ -155,10 +225,23 @@ def _trial_config(base: dict, params: dict, max_d: int, sweep_dir: Path) -> RunC
 
 
 def trials(cfg: SweepConfig) -> tuple[dict, int, list[tuple[dict, RunConfig]]]:
-    """The base run, the teacher's largest D, and every trial's (swept values, validated run config)."""
+    """The base run, the teacher's largest D, and every trial's (swept values, validated run config): a search's
+    corners."""
     base = base_run(cfg)
     max_d = max_budget(cfg, base)
-    return base, max_d, [(p, _trial_config(base, p, max_d, Path(cfg.output_dir))) for p in _grid(cfg)]
+    runs = [(p, _trial_config(base, p, max_d, Path(cfg.output_dir))) for p in _grid(cfg)]
+    for key, dist in (cfg.search.space if cfg.search else {}).items():
+        if "choice" in dist:
+            continue
+        asked: dict[str, set] = {}  # the teacher and D of the corners that differ only in `key`
+        for params, run_cfg in runs:
+            rest = json.dumps({k: v for k, v in params.items() if k != key}, sort_keys=True, default=str)
+            teacher = config_hash(run_cfg.teacher) if run_cfg.uses_teacher else None
+            asked.setdefault(rest, set()).add((teacher, _budget(trial_dict(base, params, 1))))
+        if any(len(a) > 1 for a in asked.values()):
+            raise FcotError(f"search.space.{key}: its range changes the teacher or D, which the driver prepares "
+                            "before the trials; a key the teacher depends on takes {choice: [...]}")
+    return base, max_d, runs
 
 
 def prepare_teachers(cfg: SweepConfig, planned: list[tuple[dict, RunConfig]], log=print) -> list[dict]:
@@ -184,13 +267,22 @@ def trial(params: dict) -> None:
     import ray.tune  # heavy: inside the Tune trial only
 
     base, sweep_dir, max_d = params["__base"], Path(params["__sweep_dir"]), params["__max_d"]
-    # Tune's grid holds each swept value JSON-encoded (lists and dicts are values too)
-    swept = {k: json.loads(v) for k, v in params.items() if not k.startswith("__")}
+    swept = swept_values(params)
     cfg = _trial_config(base, swept, max_d, sweep_dir)
     started = time.time()
     markers = run_stages(cfg, log=lambda m: None)
     # "finished": the whole chain ran (Tune's own `done` is also set on trials a scheduler stopped)
     ray.tune.report({**trial_result(cfg, markers), "trial_s": round(time.time() - started, 1), "finished": True})
+
+
+def swept_values(config: dict) -> dict:
+    """A Tune trial's swept values from its config: a grid's and a search's choices are JSON-encoded (lists and
+    mappings are values too, which Tune would read as spaces of their own), a range's value is itself; a search's
+    seed is its repeat's (Tune's Repeater numbers them)."""
+    swept = {k: json.loads(v) if isinstance(v, str) else v for k, v in config.items() if not k.startswith("__")}
+    if "__trial_index__" in config:
+        swept["train.seed"] = config["__seeds"][config["__trial_index__"]]
+    return swept
 
 
 def trial_result(cfg: RunConfig, markers: dict) -> dict:
@@ -235,7 +327,13 @@ def dry_run_sweep(cfg: SweepConfig, planned: tuple | None = None) -> list[str]:
         if key not in seen:  # the same checks for trials that differ only in curation or seed
             seen.add(key)
             notes = dry_run(run_cfg)
-    return [f"{len(runs)} trials ({len(cfg.seeds)} seed(s) each), teacher at D = {max_d}"] + notes
+    if cfg.search:
+        s = cfg.search
+        head = (f"{s.num_samples * len(cfg.seeds)} trials: {s.num_samples} points drawn by {s.algorithm} "
+                f"(seed {s.seed}), {len(cfg.seeds)} seed(s) each; planned from {len(runs)} corners")
+    else:
+        head = f"{len(runs)} trials ({len(cfg.seeds)} seed(s) each)"
+    return [f"{head}, teacher at D = {max_d}"] + notes
 
 
 def trials_at_once(demands: list[Demand], cluster: dict[str, float]) -> int:
@@ -264,23 +362,18 @@ def sweep(cfg: SweepConfig, log=print, checked: bool = False) -> dict:
     init_ray(cfg.ray_address)
     teachers = prepare_teachers(cfg, runs, log)
 
-    grid = [params for params, _ in runs]
     one = runs[0][1]
-    epochs = {json.dumps(params, sort_keys=True): c.train.epochs for params, c in runs}
     demands = [d for _, c in runs for d in c.demands()]
     max_concurrent = cfg.max_concurrent_trials or trials_at_once(demands, ray.cluster_resources())
-    keys = list(grid[0])
-    # Values JSON-encoded: a swept value may be a list or a mapping (`methods`, a teacher engine), which Tune would
-    # otherwise read as a search space of its own. Per-key grids cross into exactly fcot's grid.
-    param_space = {"__base": base, "__sweep_dir": str(sweep_dir), "__max_d": max_d,
-                   **{k: tune.grid_search(list(dict.fromkeys(json.dumps(p[k]) for p in grid))) for k in keys}}
+    param_space = {"__base": base, "__sweep_dir": str(sweep_dir), "__max_d": max_d, "__seeds": cfg.seeds,
+                   **_tune_space(cfg, [params for params, _ in runs])}
     callbacks = _wandb_callbacks(cfg, sweep_dir)
     scheduler = None
     if cfg.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler  # heavy, as ray above
 
         # One result per epoch, then the trial's final one: a trial that reached max_t must go on to its evaluation.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(2, *epochs.values()),
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(2, *(c.train.epochs for _, c in runs)),
                                   grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
                                   stop_last_trials=False)
     # The trial function holds no CPU itself: its Ray Data, TorchTrainer and evaluation actors ask for their own
@@ -295,21 +388,52 @@ def sweep(cfg: SweepConfig, log=print, checked: bool = False) -> dict:
     else:
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", scheduler=scheduler,
-                                                       max_concurrent_trials=max_concurrent),
+                                                       max_concurrent_trials=max_concurrent,
+                                                       **_searcher(cfg)),
                            run_config=tune.RunConfig(
                                name="tune", storage_path=str(sweep_dir), callbacks=callbacks, verbose=0,
                                # a trial that fails (a lost node) runs again and resumes from its run dir's markers
                                failure_config=tune.FailureConfig(max_failures=cfg.trial_retries)))
-    rows = _trial_rows(tuner.fit(), keys, epochs)
-    results_doc = {"name": cfg.name, "sweep_dir": str(sweep_dir), "metric": cfg.metric, "axes": list(cfg.param_space),
+    rows = _trial_rows(tuner.fit(), lambda params: _trial_config(base, params, max_d, sweep_dir).train.epochs)
+    results_doc = {"name": cfg.name, "sweep_dir": str(sweep_dir), "metric": cfg.metric, "axes": cfg.axes,
+                   "search": cfg.search.model_dump() if cfg.search else None,
                    "seeds": cfg.seeds, "methods": one.methods, "primary_method": one.primary_method,
                    "reference_method": one.reference_method, "tasks": one.tasks, "trials": rows,
-                   "best": best_point(rows, list(cfg.param_space), cfg.metric), "teacher_runs": len(teachers),
+                   "best": best_point(rows, cfg.axes, cfg.metric), "teacher_runs": len(teachers),
                    "teacher_tokens": sum(t["tasks"][k]["completion_tokens"] + t["tasks"][k]["prompt_tokens"]
                                          for t in teachers for k in t["tasks"])}
     atomic_write_json(sweep_dir / "results.json", results_doc)
     build_sweep_report(sweep_dir)
     return results_doc
+
+
+def _tune_space(cfg: SweepConfig, grid: list[dict]) -> dict:
+    """Tune's space of the swept keys. Choices JSON-encoded (swept_values); a grid per key, crossed by Tune into
+    exactly fcot's grid (the seed one of its keys); a search's distributions as Tune's."""
+    from ray import tune  # heavy: where Ray work starts
+
+    if cfg.search is None:
+        return {k: tune.grid_search(list(dict.fromkeys(json.dumps(p[k]) for p in grid))) for k in grid[0]}
+    space = {}
+    for key, dist in cfg.search.space.items():
+        (kind, args), = dist.items()
+        space[key] = tune.choice([json.dumps(v) for v in args]) if kind == "choice" else getattr(tune, kind)(*args)
+    return space
+
+
+def _searcher(cfg: SweepConfig) -> dict:
+    """A search's TuneConfig keys: Optuna's sampler, seeded, each point repeated once per seed."""
+    if cfg.search is None:
+        return {}
+    import optuna  # heavy, and a search's only
+    from ray.tune.search import Repeater
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = cfg.search
+    scrambled = {"scramble": True} if s.algorithm == "quasi_random" else {}  # Sobol points shifted by the seed
+    sampler = getattr(optuna.samplers, SAMPLERS[s.algorithm])(seed=s.seed, **scrambled)
+    return {"search_alg": Repeater(OptunaSearch(sampler=sampler), repeat=len(cfg.seeds), set_index=True),
+            "num_samples": s.num_samples * len(cfg.seeds)}
 
 
 def _wandb_callbacks(cfg: SweepConfig, sweep_dir: Path) -> list:
@@ -322,18 +446,18 @@ def _wandb_callbacks(cfg: SweepConfig, sweep_dir: Path) -> list:
     if mode == "offline":  # Ray's callback asks for an API key unless the *variable* says offline
         os.environ["WANDB_MODE"] = mode
     return [WandbLoggerCallback(project="fcot", group=cfg.name, mode=mode, dir=str(sweep_dir),
-                                excludes=["__base", "__sweep_dir", "__max_d"])]
+                                excludes=["__base", "__sweep_dir", "__max_d", "__seeds"])]
 
 
-def _trial_rows(results, keys: list[str], epochs: dict[str, int]) -> list[dict]:
+def _trial_rows(results, epochs) -> list[dict]:
     """results.json's rows: each trial's swept values, its status (done, stopped at an epoch by the scheduler,
-    error with the first line of its error) and the metrics it reported last."""
+    error with the first line of its error) and the metrics it reported last. `epochs(params)`: a trial's."""
     rows = []
     for r in results:
-        params = {k: json.loads(r.config[k]) for k in keys}
+        params = swept_values(r.config)
         metrics = dict(r.metrics or {})
         status = "error" if r.error else "done" if metrics.get("finished") else (
-            f"stopped at epoch {metrics.get('epoch', '?')} of {epochs.get(json.dumps(params, sort_keys=True), '?')}")
+            f"stopped at epoch {metrics.get('epoch', '?')} of {epochs(params)}")
         row = {**params, "status": status, **{k: v for k, v in metrics.items() if _kept_metric(k)}}
         if r.error:
             row["error"] = str(r.error).splitlines()[0][:300]

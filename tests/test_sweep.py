@@ -1,14 +1,16 @@
 """Sweeps on CPU with the real 175B teacher's records: two data sizes in one store (each trial trains on exactly
 its own questions), killed after its first trial and restored; ASHA stopping a trial whose learning rate is
-absurd; model selection that never reads the test split."""
+absurd; a search drawn by TPE, killed and resumed; model selection that never reads the test split."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from fcot.config import load_config
@@ -108,6 +110,82 @@ def test_asha_stops_the_trial_whose_learning_rate_is_absurd(tmp_path, tiny_llama
     assert trials[1.0e5]["status"].startswith("stopped at epoch ") and trials[1.0e5]["epoch"] < 4, trials[1.0e5]
     assert "Stopped early by the scheduler" in (tmp_path / "sweep" / "report.md").read_text()
     assert results["best"]["train.lr"] == 0.003
+
+
+def test_a_searched_sweep_draws_its_points_with_tpe_under_asha_and_resumes_after_a_kill(tmp_path, tiny_llama,
+                                                                                       shared_data, ray_local):
+    """Optuna's TPE draws 2 points of a log-uniform learning rate and a batch size, each run with 2 seeds (4 trials,
+    ASHA over them), the sweep killed once its first trial has finished: the same command resumes with Tune's
+    searcher where it was, redoing no trial and drawing no other point."""
+    run = {"tasks": ["coin_flip"], "methods": ["vanilla"], "baselines": [], "teacher": {"subset": 30},
+           "train": {"model": str(tiny_llama), "epochs": 2, "max_steps": 4, "num_workers": 1},
+           "eval": {"subset": 4, "max_new_tokens": 8}, "wandb_mode": "disabled"}
+    sweep_dir = tmp_path / "sweep"
+    spec = {"name": "searched", "output_dir": str(sweep_dir), "run": run, "seeds": [0, 1], "scheduler": "asha",
+            "search": {"algorithm": "tpe", "num_samples": 2, "seed": 3,
+                       "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.batch_size": {"choice": [4, 5]}}},
+            "wandb_mode": "disabled", "max_concurrent_trials": 1}
+    config = tmp_path / "searched.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    proc = subprocess.Popen([sys.executable, "-m", "fcot.cli", "sweep", str(config)], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 900
+
+    def finished() -> list:
+        return list(sweep_dir.glob("trials/*/stages/eval-vanilla.json"))
+
+    while not finished() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+    assert finished(), "the first trial did not finish"
+    _kill_tree(proc)
+    first = finished()[0].parent
+    first_markers = {p.name: p.read_text() for p in first.glob("*.json")}
+
+    out = run_fcot("sweep", config, check=True, cluster=ray_local)
+    assert "resuming" in out.stderr and "4 trials: 2 points drawn by tpe (seed 3), 2 seed(s) each" in out.stderr
+    results = json.loads((sweep_dir / "results.json").read_text())
+    rows = results["trials"]
+    assert len(rows) == 4 and all(r["status"] == "done" or r["status"].startswith("stopped") for r in rows), rows
+    points = {}
+    for r in rows:  # each drawn point once per seed, its values inside the space
+        assert 1e-4 <= r["train.lr"] <= 1e-2 and r["train.batch_size"] in (4, 5), r
+        points.setdefault((r["train.lr"], r["train.batch_size"]), set()).add(r["train.seed"])
+    assert len(points) == 2 and all(seeds == {0, 1} for seeds in points.values()), points
+    assert len(list(sweep_dir.glob("trials/*"))) == 4  # no trial redone under other values
+    assert {p.name: p.read_text() for p in first.glob("*.json")} == first_markers
+    assert sorted(results["axes"]) == ["train.batch_size", "train.lr"] and results["search"]["algorithm"] == "tpe"
+    assert results["best"] is None or results["best"]["seeds"] == 2
+    assert "points drawn by tpe (seed 3)" in (sweep_dir / "report.md").read_text()
+
+
+def test_a_search_refuses_what_it_cannot_draw_or_plan_naming_the_key(shared_data, tmp_path, monkeypatch):
+    from fcot.errors import FcotError
+    from fcot.sweep import trials
+
+    monkeypatch.chdir(ROOT)
+    base = {"name": "s", "output_dir": str(tmp_path), "base": "experiments/quickstart.yaml"}
+
+    def search(space, **more):
+        return load_config(SweepConfig, base={**base, **more, "search": {"num_samples": 4, "space": space}})
+
+    for space, says in [({"train.lr": {"loguniform": [0, 1]}}, "train.lr: loguniform takes [low, high] with 0 < low"),
+                        ({"train.lr": {"normal": [0, 1]}}, "train.lr: expected one of {loguniform, uniform, randint"),
+                        ({"train.epochs": {"randint": [1.5, 4]}}, "train.epochs: randint takes [low, high]"),
+                        ({"train.seed": {"choice": [0, 1]}}, "train.seed: use `seeds`")]:
+        with pytest.raises(FcotError, match=re.escape(f"key 'search.space': {says}")):
+            search(space)
+    with pytest.raises(FcotError, match="key 'search': a search samples every swept key"):
+        search({"train.lr": {"choice": [1e-3]}}, param_space={"train.epochs": [1, 2]})
+    with pytest.raises(FcotError, match="key 'search': expected a `search`, or a grid"):
+        load_config(SweepConfig, base=base)
+    # A range the teacher depends on: trials in between would need samples the driver never prepared.
+    with pytest.raises(FcotError, match=r"search.space.teacher.sampling.temperature: its range changes the teacher"):
+        trials(search({"teacher.sampling.temperature": {"uniform": [0.5, 1.0]}}))
+    cfg = search({"train.lr": {"loguniform": [1e-5, 1e-3]}, "curate.num_samples": {"choice": [1, 4]}}, seeds=[0, 1])
+    _, max_d, corners = trials(cfg)  # planned from every choice and each range's ends, per seed
+    assert max_d == 4 and len(corners) == 8
+    assert {(p["train.lr"], p["curate.num_samples"]) for p, _ in corners} == {(1e-5, 1), (1e-5, 4), (1e-3, 1),
+                                                                                (1e-3, 4)}
 
 
 def test_the_best_grid_point_is_chosen_on_dev_never_on_test():
