@@ -22,6 +22,7 @@ from fcot.evaluate import EvalConfig, evaluate
 from fcot.export import export
 from fcot.io import atomic_write_jsonl
 from fcot.methods import METHODS
+from fcot.plan import plan
 from fcot.predict import prediction_prefix
 from fcot.prompts import PREDICTION_PREFIX
 from fcot.report import build_report, build_study_report, build_sweep_report
@@ -170,6 +171,14 @@ def cmd_sweep(args) -> None:
     print(json.dumps({"sweep_dir": results["sweep_dir"], "best": results["best"], "trials": len(results["trials"])}))
 
 
+def cmd_plan(args) -> None:
+    out = plan(args.sweep_dir, args.budget, args.output, args.axis)
+    predictions = [line for line in Path(args.output).read_text().splitlines() if line.startswith("#")]
+    print("\n".join(predictions), file=sys.stderr)  # as the plan's first lines say them
+    print(json.dumps({"plan": str(Path(args.output).resolve()), "axis": out["axis"], "chosen": out["chosen"],
+                      "predicted_cost_s": round(out["predicted_cost_s"], 1)}))
+
+
 def cmd_env(args) -> None:
     config = args.config or (QUICKSTART if QUICKSTART.exists() else None)
     cfg = load_config(RunConfig, config, args.overrides) if config else None
@@ -264,6 +273,13 @@ def _add_run_parsers(sub) -> None:
     p.add_argument("run_dir", nargs="+")
     p.add_argument("--output", help="folder of the study report over several sweeps (default: beside the first)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("plan", help="the next sweep within a budget: the values of a swept axis predicted best by "
+                                    "its law of dev accuracy, within their cost fitted to the sweeps' ledgers")
+    p.add_argument("sweep_dir", nargs="+", help="sweep directories of one study (their trials together)")
+    p.add_argument("--budget", required=True, help="e.g. '500 gpu-hours' or '2 cpu-hours'")
+    p.add_argument("--output", required=True, help="the sweep config to write (YAML): `fcot sweep` runs it")
+    p.add_argument("--axis", help="the numeric swept key to grow (default: the sweep's only one with a law)")
+    p.set_defaults(func=cmd_plan)
 
 
 def _add_env_export_parsers(sub) -> None:

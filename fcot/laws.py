@@ -145,6 +145,19 @@ def _extrapolation(form: str, points: list, reps: np.ndarray) -> dict | None:
             "measured": float(y[-1]), "measured_ci": np.percentile(reps[:, -1], [2.5, 97.5]).tolist()}
 
 
+def forecast(points: list[tuple[float, np.ndarray]], law: dict, xs, seed: int = 0) -> list[dict]:
+    """`law` (fit(points)) at each of `xs`: its accuracy and 95% interval from the same bootstrap replicates as
+    its parameters', each marked `extrapolated` outside the fitted range."""
+    points = sorted(((float(x), np.asarray(m, float)) for x, m in points), key=lambda p: p[0])
+    x, y = _means(points)
+    form, xs = law["form"], np.asarray(xs, dtype=float)
+    reps = _replicates(points, np.random.default_rng(seed), BOOTSTRAP)
+    curves = np.array([predict(form, p, xs) for p in (FORMS[form](x, r) for r in reps) if p is not None])
+    mean, lo, hi = (accuracy(v) for v in (predict(form, FORMS[form](x, y), xs), *np.percentile(curves, [2.5, 97.5], 0)))
+    return [{"x": float(v), "predicted": mean[i], "predicted_ci": [lo[i], hi[i]], "extrapolated": extrapolated(law, v)}
+            for i, v in enumerate(xs)]
+
+
 def extrapolated(law: dict, x: float) -> bool:
     """Whether `x` lies outside the range the law was fitted on."""
     lo, hi = law["x_range"]

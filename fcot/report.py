@@ -428,7 +428,7 @@ def difference_key(a: str, b: str, task: str) -> str:
     return f"difference/{a}/{b}/{task}"
 
 
-def _dev_outcomes(row: dict, method: str) -> list[int] | None:
+def trial_dev_outcomes(row: dict, method: str) -> list[int] | None:
     """The selected epoch's dev outcomes of a trial's student (from its train stage's marker)."""
     if not row.get("run_dir"):
         return None
@@ -473,7 +473,7 @@ def _dev_point(done: list[dict], primary: str | None) -> dict:
     resamples seeds and dev questions where every seed's dev outcomes are stored (the same dev split)."""
     devs = [r["dev_accuracy"] for r in done if r.get("dev_accuracy") is not None]
     out = {"dev_accuracy": sum(devs) / len(devs) if devs else None}
-    vectors = [v for v in (_dev_outcomes(r, primary) for r in done) if v] if primary else []
+    vectors = [v for v in (trial_dev_outcomes(r, primary) for r in done) if v] if primary else []
     if vectors and len({len(v) for v in vectors}) == 1:
         mean, lo, hi = seeds_interval(vectors)
         out.update(dev_accuracy=mean, dev_accuracy_ci=[lo, hi])
