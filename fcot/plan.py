@@ -4,8 +4,9 @@ Rule: what a configuration is predicted to reach is the primary method's *dev* a
 chooses), its law along one numeric axis (fcot.laws, fitted to the done trials' dev outcomes, seeds x dev
 questions, with its bootstrap interval) at the best measured values of the other axes (by dev accuracy). What it
 is predicted to cost is the budget's unit (CPU- or GPU-seconds) of one trial, a power law in the axis fitted to the
-measured trials (ln cost = c + k ln x, least squares), plus, where the axis asks the teacher for more samples (D,
-training questions), the teacher's measured cost per generated sample times the samples beyond its store.
+measured trials (ln cost = c + k ln x, least squares), plus, where the axis asks the teacher for more samples (D),
+the teacher's measured cost per generated sample times the samples beyond its store. A budget in money ('$300')
+prices both at the trials' prices (fcot.prices).
 Candidates are the values beyond the largest measured one (x2, x4, x8; integers rounded; no more training
 questions than the split has); the plan takes them best predicted accuracy first while every seed of each fits the
 budget, and writes the sweep config that runs them (`fcot sweep PLAN`), its predictions in its first lines.
@@ -24,10 +25,12 @@ from fcot import laws
 from fcot.errors import FcotError
 from fcot.io import atomic_write_text, read_json
 from fcot.layout import RunLayout
+from fcot.prices import Prices, stage_cost
 from fcot.report import trial_dev_outcomes
 
 UNITS = {"gpu-hours": "gpu_s", "cpu-hours": "cpu_s"}
 BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(" + "|".join(UNITS) + r")\s*$")
+MONEY = re.compile(r"^\s*\$\s*([0-9]*\.?[0-9]+)\s*$")
 GROWTH = (2, 4, 8)  # candidates: the largest measured value times these
 # The axis whose growth asks the teacher for more samples: a data-size axis grows within the questions the teacher
 # already ran on (the candidates stop at the pool), so only D does.
@@ -35,12 +38,14 @@ SAMPLES_AXIS = "curate.num_samples"
 
 
 def parse_budget(text: str) -> tuple[float, str]:
-    """'500 gpu-hours' -> (1_800_000.0, 'gpu_s'): the budget in seconds of the ledger's key."""
+    """'500 gpu-hours' -> (1_800_000.0, 'gpu_s'): the budget in seconds of the ledger's key; '$300' -> (300.0,
+    'cost'): money, at the trials' prices (fcot.prices)."""
+    if m := MONEY.match(text):
+        return float(m.group(1)), "cost"
     m = BUDGET.match(text)
     if not m:
-        money = " (a budget in money needs prices in the ledger, which fcot does not keep yet)" * ("$" in text)
-        raise FcotError(f"--budget {text!r}: expected a number and one of {', '.join(UNITS)}, "
-                        f"e.g. '500 gpu-hours'{money}")
+        raise FcotError(f"--budget {text!r}: expected a number and one of {', '.join(UNITS)}, e.g. '500 gpu-hours', "
+                        "or money, e.g. '$300'")
     return float(m.group(1)) * 3600, UNITS[m.group(2)]
 
 
@@ -81,6 +86,9 @@ def _curve(results: dict, axis: str, others: dict) -> list[tuple[float, list]]:
 def _cost_law(results: dict, axis: str, key: str) -> tuple[float, float]:
     """(c, k) of ln cost = c + k ln x over the measured trials (k = 1, proportional, where x never varied)."""
     measured = [(t[axis], t[key]) for t in results["trials"] if _number(t.get(axis)) and t.get(key)]
+    if not measured and key == "cost":
+        raise FcotError("--budget: the sweep's trials have no cost: set prices in its run config (key 'prices', "
+                        "fcot.prices) and run `fcot sweep` again (it redoes nothing), or give the budget in hours")
     if not measured:
         unit = "GPU" if key == "gpu_s" else "CPU"
         raise FcotError(f"--budget: the sweep's trials measured no {unit}-seconds; give the budget in "
@@ -93,12 +101,21 @@ def _cost_law(results: dict, axis: str, key: str) -> tuple[float, float]:
     return float(c), float(k)
 
 
-def _teacher(sweep_dir: Path, key: str) -> tuple[float, int]:
+def _teacher(sweep_dir: Path, key: str, prices: Prices) -> tuple[float, int]:
     """The teacher's measured cost per generated sample (the budget's unit), and the samples its store holds."""
     runs = _teachers(sweep_dir)
     generated = sum(r.get("generated", 0) for r in runs)
-    spent = sum(r.get(key, 0.0) for r in runs)
+    # in money: what its replicas' GPUs held and an API's tokens (its reserved CPUs are not in its summary)
+    spent = sum(stage_cost({"gpu_s": r.get("gpu_s"), "result": r}, prices) if key == "cost" else r.get(key, 0.0)
+                for r in runs)
     return (spent / generated if generated else 0.0), sum(r.get("records", 0) for r in runs)
+
+
+def _prices(results: dict) -> Prices:
+    """The prices the trials ran at (a done trial's run config)."""
+    done = next((t for t in results["trials"] if t["status"] == "done" and t.get("run_dir")), None)
+    path = RunLayout(Path(done["run_dir"])).config if done else None
+    return Prices(**(read_json(path).get("prices") or {})) if path and path.exists() else Prices()
 
 
 def _teachers(sweep_dir: Path) -> list[dict]:
@@ -145,7 +162,7 @@ def plan(sweep_dirs: list[str | Path], budget: str, output: str | Path, axis: st
         raise FcotError(f"{sweep_dir}: fewer than {laws.MIN_POINTS} values of {axis} with dev outcomes at "
                         f"{others or 'the sweep'}: no law to plan from")
     c, k = _cost_law(results, axis, key)
-    per_sample, stored = _teacher(sweep_dir, key)
+    per_sample, stored = _teacher(sweep_dir, key, _prices(results))
     seeds = len(results.get("seeds") or [0])
     measured = [x for x, _ in points]
     limit = _question_limit(sweep_dir, results, measured) if axis == "curate.train_questions" else None
@@ -188,18 +205,23 @@ def _extra_samples(axis: str, x: float, largest: float, stored: int) -> float:
     return max(0.0, stored * (x / largest - 1))
 
 
+def _amount(value: float, key: str) -> str:
+    """An amount of the budget's unit as the plan writes it."""
+    return f"${value:,.2f}" if key == "cost" else f"{value / 3600:.3g} {'GPU' if key == 'gpu_s' else 'CPU'}-hours"
+
+
 def _write(output: Path, spec: dict, out: dict) -> None:
     """The sweep config that runs the chosen values (the other axes at the law's), its predictions above it."""
-    unit = "GPU" if out["unit"] == "gpu_s" else "CPU"
     lo, hi = out["law"]["x_range"]
+    measure = {"gpu_s": "GPU-s", "cpu_s": "CPU-s", "cost": "$"}[out["unit"]]
     lines = [f"# fcot plan: {out['axis']} within {out['budget']}, seeds {out['seeds']}; the law of dev accuracy "
              f"({out['law']['form']}, fitted on {out['axis']} from {lo:g} to {hi:g}) and the measured cost per trial "
-             f"(ln {unit}-s = {out['cost_law']['c']:.2f} + {out['cost_law']['k']:.2f} ln x)."]
+             f"(ln {measure} = {out['cost_law']['c']:.2f} + {out['cost_law']['k']:.2f} ln x)."]
     for r in sorted(out["candidates"], key=lambda r: r["x"]):
         mark = "chosen" if r["x"] in out["chosen"] else "not chosen: more than the budget had left"
         lo, hi = r["predicted_ci"]
         lines.append(f"#   {out['axis']}={r['x']:g}: dev {100 * r['predicted']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
-                     f"{'(extrapolated)' * r['extrapolated']}, {r['cost'] / 3600:.3g} {unit}-hours "
+                     f"{'(extrapolated)' * r['extrapolated']}, {_amount(r['cost'], out['unit'])} "
                      f"({r['teacher_samples']:.0f} new teacher samples): {mark}")
     if not out["chosen"]:
         lines.append("# nothing fits the budget: the config below is not runnable until a value is added")

@@ -84,6 +84,15 @@ def cpu_seconds(children: bool = True) -> float:
     return total
 
 
+def accelerator_types() -> list[str]:
+    """The GPU types of the connected Ray cluster (its nodes' `accelerator_type:*` resources), for prices."""
+    import ray  # heavy: where Ray work runs
+
+    if not ray.is_initialized():
+        return []
+    return sorted(k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:"))
+
+
 def gpus_held() -> int:
     """GPUs Ray assigned to this worker (0 outside Ray or on CPU)."""
     try:

@@ -20,6 +20,7 @@ from fcot.errors import FcotError
 from fcot.io import atomic_write_text, iter_jsonl, read_json
 from fcot.layout import RunLayout
 from fcot.methods import METHODS
+from fcot.prices import Prices, stage_cost
 from fcot.stats import fmt_acc, fmt_diff, paired_difference, seeds_interval, wilson
 
 LOG_AXES = ("num_samples", "train_questions", "lr", "max_samples", "min_correct", "model")
@@ -371,19 +372,31 @@ def _draw_kept(plt, c: dict):
     return fig
 
 
+def _price_list(prices: Prices) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in prices.model_dump().items() if v is not None)
+
+
 def _costs(run: RunView) -> list[str]:
     """The ledger: each stage's wall, CPU and GPU seconds, what it reserved and its precision; teacher tokens,
     what a teacher record costs on disk, and cost.png."""
+    prices = Prices(**(read_json(run.layout.config).get("prices") or {})) if run.layout.config.exists() else Prices()
+    money = ["", f"Cost at the run's prices (fcot.prices: {_price_list(prices)}): what each stage held and, for a "
+             "teacher behind an API, its tokens."] if prices.set else []
     lines = ["## Time, tokens and cost", "",
              "CPU-seconds are the CPU time of every process that worked for a stage (driver, Ray actors, training "
              "workers); GPU-seconds the time each stage's workers held their GPUs; `reserved` what the stage asked "
-             "Ray for; `precision` the dtype the stage's model ran in, and why (fcot.hardware).", "",
-             "| stage | wall s | CPU s | GPU s | reserved | precision |", "| --- | --- | --- | --- | --- | --- |"]
+             "Ray for; `precision` the dtype the stage's model ran in, and why (fcot.hardware).", *money, "",
+             "| stage | wall s | CPU s | GPU s | reserved | precision |" + " cost |" * prices.set,
+             "| --- " * (6 + prices.set) + "|"]
     for name, m in run.stages.items():
         reserved = ", ".join(f"{v:g} {r}" for r, v in (m.get("reserved") or {}).items() if v) or "—"
         p = (m.get("result") or {}).get("precision")
         precision = f"{p['dtype']} ({p['why']})" if p else "—"
-        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.0f} | {m['gpu_s']:.0f} | {reserved} | {precision} |")
+        cost = f" ${stage_cost(m, prices):,.4f} |" if prices.set else ""
+        lines.append(f"| {name} | {m['wall_s']:.1f} | {m['cpu_s']:.0f} | {m['gpu_s']:.0f} | {reserved} | {precision} |"
+                     + cost)
+    if prices.set:
+        lines += ["", f"The run cost ${sum(stage_cost(m, prices) for m in run.stages.values()):,.4f}."]
     tokens = sum(t.get("prompt_tokens", 0) + t.get("completion_tokens", 0)
                  for r in run.teachers.values() for t in (r.get("tasks") or {}).values())
     lines += ["", f"Teacher tokens (prompt + completion, both steps, every teacher): {tokens:,}."]

@@ -33,8 +33,9 @@ from fcot.io import atomic_write_json, read_json
 from fcot.layout import RunLayout
 from fcot.methods import METHODS, get_method, method_names
 from fcot.models import ALIASES, models_dir, resolve_model, tokenizer_identity
+from fcot.prices import Prices
 from fcot.prompts import templates_sha256
-from fcot.ray_utils import cpu_seconds
+from fcot.ray_utils import accelerator_types, cpu_seconds
 from fcot.report import build_report
 from fcot.resources import Demand, check_local, check_resources, largest
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
@@ -64,6 +65,7 @@ class RunConfig(Config):
     train: TrainConfig
     eval: EvalConfig
     wandb_mode: WandbMode = "auto"
+    prices: Prices = Prices()  # what CPU- and GPU-hours and API tokens cost: the report and sweeps show money
     # Curation formats each teacher shard as it lands (in the driver, beside the teacher's replicas), so the
     # curation stage is left with selection only. Training starts when the teacher is done: a student's
     # epochs run over the whole curated set.
@@ -257,6 +259,8 @@ class Ledger:
                   "gpu_s": round(result.get("gpu_s", 0.0), 1),
                   "reserved": {r: largest(stage.demands, r) for r in ("CPU", "GPU")},
                   "result": result, "finished_at": time.time()}
+        if marker["gpu_s"]:  # what its GPUs were, for prices by type (fcot.prices)
+            marker["accelerators"] = accelerator_types()
         atomic_write_json(self.layout.marker(stage.name), marker)
         return marker, True
 

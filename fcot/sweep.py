@@ -48,6 +48,7 @@ from fcot.config import (
 from fcot.curate import split_questions
 from fcot.errors import FcotError
 from fcot.io import atomic_write_json
+from fcot.prices import stage_cost
 from fcot.ray_utils import init_ray
 from fcot.report import build_sweep_report
 from fcot.resources import Demand, largest
@@ -294,6 +295,8 @@ def trial_result(cfg: RunConfig, markers: dict) -> dict:
            "parameters": trained.get("parameters"),
            "cpu_s": round(sum(m["cpu_s"] for m in markers.values()), 1),
            "gpu_s": round(sum(m["gpu_s"] for m in markers.values()), 1)}
+    if cfg.prices.set:
+        out["cost"] = round(sum(stage_cost(m, cfg.prices) for m in markers.values()), 6)
     for method in cfg.methods:
         metrics = markers[f"eval-{method}"]["result"]["tasks"]
         out[f"{method}/kept"] = markers[f"curate-{method}"]["result"]["kept"]

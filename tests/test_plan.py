@@ -1,5 +1,6 @@
 """`fcot plan` on a synthetic sweep drawn from a known law of dev accuracy and a known cost per trial: it picks the
-known optimum within the budget, writes a sweep config that `fcot sweep` accepts, and refuses what it cannot price."""
+known optimum within the budget (hours or money), writes a sweep config that `fcot sweep` accepts, and refuses what
+it cannot price. Prices: a stage's money from what it held, and the report's cost column."""
 
 import json
 import math
@@ -27,9 +28,11 @@ def _write(path: Path, doc) -> None:
     path.write_text(json.dumps(doc))
 
 
-def make_study(root: Path, values=(8, 16, 32, 64), seeds=(0, 1), cost_per_question: float = 5.0) -> Path:
+def make_study(root: Path, values=(8, 16, 32, 64), seeds=(0, 1), cost_per_question: float = 5.0,
+               money_per_question: float | None = None) -> Path:
     """A sweep along curate.train_questions: each trial's dev outcomes drawn from _law, its CPU-seconds
-    cost_per_question x its questions; the teacher's store covers the pool."""
+    cost_per_question x its questions (and its money money_per_question x its questions, at prices in its run
+    config); the teacher's store covers the pool."""
     rng = np.random.default_rng(0)
     rows = []
     for v in values:
@@ -41,6 +44,9 @@ def make_study(root: Path, values=(8, 16, 32, 64), seeds=(0, 1), cost_per_questi
             _write(run_dir / "stages" / "curate-fine_tune_cot.json", {"result": {"dev_questions": DEV_SPLIT}})
             rows.append({"curate.train_questions": v, "train.seed": seed, "status": "done", "run_dir": str(run_dir),
                          "dev_accuracy": sum(outcomes) / DEV, "cpu_s": cost_per_question * v, "gpu_s": 0.0})
+            if money_per_question is not None:
+                rows[-1]["cost"] = money_per_question * v
+                _write(run_dir / "config.json", {"prices": {"cpu_hour": 0.5}})
     best = {"curate.train_questions": values[-1], "dev_accuracy": _law(values[-1]), "seeds": len(seeds)}
     _write(root / "results.json", {"name": "study", "metric": "dev_accuracy", "axes": ["curate.train_questions"],
                                    "seeds": list(seeds), "methods": ["fine_tune_cot"], "tasks": ["coin_flip"],
@@ -84,9 +90,53 @@ def test_fcot_plan_writes_a_sweep_config_that_fcot_sweep_accepts(tmp_path, share
     assert "2 trials (2 seed(s) each)" in dry.stderr
 
 
+def test_a_budget_in_money_plans_at_the_trials_prices(tmp_path):
+    # $0.002 per question per trial, two seeds: 128 costs $0.512, 256 $1.024, 360 $1.44. With $1: 128 only.
+    study = make_study(tmp_path / "study", money_per_question=0.002)
+    out = plan([study], "$1", tmp_path / "p.yaml")
+    assert out["unit"] == "cost" and out["chosen"] == [128] and out["predicted_cost_s"] == pytest.approx(0.512)
+    assert "curate.train_questions=128: dev " in (tmp_path / "p.yaml").read_text() and "$0.51" in (
+        tmp_path / "p.yaml").read_text()
+    unpriced = make_study(tmp_path / "unpriced")
+    with pytest.raises(FcotError, match="the sweep's trials have no cost: set prices in its run config"):
+        plan([unpriced], "$1", tmp_path / "p.yaml")
+
+
+def test_a_stage_pays_for_what_it_held_at_the_config_prices():
+    from fcot.prices import Prices, stage_cost
+
+    cpu = {"wall_s": 1800.0, "gpu_s": 0.0, "reserved": {"CPU": 4, "GPU": 0}, "result": {}}
+    assert stage_cost(cpu, Prices(cpu_hour=0.1)) == pytest.approx(0.2)  # 4 CPUs for half an hour
+    gpu = {"wall_s": 100.0, "gpu_s": 7200.0, "reserved": {"CPU": 0, "GPU": 2}, "accelerators": ["H100", "L40S"],
+           "result": {}}
+    assert stage_cost(gpu, Prices(gpu_hour=2.0)) == pytest.approx(4.0)
+    assert stage_cost(gpu, Prices(gpu_hour={"h100": 3.0, "L40S": 1.0})) == pytest.approx(6.0)  # mixed: the highest
+    with pytest.raises(FcotError, match="key 'prices.gpu_hour': no price for the GPUs this stage held"):
+        stage_cost(gpu, Prices(gpu_hour={"A100": 1.5}))
+    tasks = {"t": {"prompt_tokens": 2_000_000, "completion_tokens": 500_000}}
+    api = {"wall_s": 60.0, "gpu_s": 0.0, "reserved": {}, "result": {"teacher": {"engine": "openai"}, "tasks": tasks}}
+    prices = Prices(input_tokens_per_million=0.5, output_tokens_per_million=2.0)
+    assert stage_cost(api, prices) == pytest.approx(2.0)
+    own = {**api, "result": {"teacher": {"engine": "vllm"}, "tasks": tasks}}  # its GPUs are its cost, not tokens
+    assert stage_cost(own, prices) == 0.0 and not Prices().set
+
+
+def test_the_report_prices_every_stage_where_the_run_config_has_prices(tmp_path):
+    from fcot.report import build_report
+    from tests.test_report import make_run
+
+    run = make_run(tmp_path / "run", config={"prices": {"cpu_hour": 3.6}})  # 1 CPU reserved: $0.001 a second
+    report = build_report(run).read_text()
+    assert "| stage | wall s | CPU s | GPU s | reserved | precision | cost |" in report
+    assert "| train-fine_tune_cot | 10.0 | 20 | 0 | 1 CPU | float32 (CPU) | $0.0100 |" in report
+    assert "The run cost $" in report
+    plain = build_report(make_run(tmp_path / "plain")).read_text()
+    assert "| reserved | precision |\n" in plain and "The run cost" not in plain
+
+
 def test_a_budget_the_ledger_cannot_price_is_refused_naming_it(tmp_path):
-    assert parse_budget("500 gpu-hours") == (1_800_000.0, "gpu_s")
-    for bad in ("$300", "500 gpu hours", "many cpu-hours"):
+    assert parse_budget("500 gpu-hours") == (1_800_000.0, "gpu_s") and parse_budget("$300") == (300.0, "cost")
+    for bad in ("300 dollars", "500 gpu hours", "many cpu-hours"):
         with pytest.raises(FcotError, match=f"--budget '{re.escape(bad)}': expected a number"):
             parse_budget(bad)
     study = make_study(tmp_path / "study")

@@ -119,7 +119,7 @@ def test_a_searched_sweep_draws_its_points_with_tpe_under_asha_and_resumes_after
     searcher where it was, redoing no trial and drawing no other point."""
     run = {"tasks": ["coin_flip"], "methods": ["vanilla"], "baselines": [], "teacher": {"subset": 30},
            "train": {"model": str(tiny_llama), "epochs": 2, "max_steps": 4, "num_workers": 1},
-           "eval": {"subset": 4, "max_new_tokens": 8}, "wandb_mode": "disabled"}
+           "eval": {"subset": 4, "max_new_tokens": 8}, "wandb_mode": "disabled", "prices": {"cpu_hour": 0.5}}
     sweep_dir = tmp_path / "sweep"
     spec = {"name": "searched", "output_dir": str(sweep_dir), "run": run, "seeds": [0, 1], "scheduler": "asha",
             "search": {"algorithm": "tpe", "num_samples": 2, "seed": 3,
@@ -151,6 +151,7 @@ def test_a_searched_sweep_draws_its_points_with_tpe_under_asha_and_resumes_after
         assert 1e-4 <= r["train.lr"] <= 1e-2 and r["train.batch_size"] in (4, 5), r
         points.setdefault((r["train.lr"], r["train.batch_size"]), set()).add(r["train.seed"])
     assert len(points) == 2 and all(seeds == {0, 1} for seeds in points.values()), points
+    assert all(r["cost"] > 0 for r in rows if r["status"] == "done")  # priced: what its stages held, at $0.5/CPU-h
     assert len(list(sweep_dir.glob("trials/*"))) == 4  # no trial redone under other values
     assert {p.name: p.read_text() for p in first.glob("*.json")} == first_markers
     assert sorted(results["axes"]) == ["train.batch_size", "train.lr"] and results["search"]["algorithm"] == "tpe"
