@@ -14,7 +14,8 @@ needs 4 points for that, so with 3 the form is log_linear. Parameters and the cu
 from BOOTSTRAP replicates that resample each point's seeds and, jointly across points, the questions, and refit
 the chosen form. The extrapolation check fits the chosen form without the largest x and predicts that point
 (with the same bootstrap) beside its measured mean and interval. `extrapolated` marks an x outside the fitted
-range wherever a prediction is shown.
+range wherever a prediction is shown. Two axes that vary together get a joint law, additive in their logs
+(`fit_joint`), with the same treatment.
 """
 
 from __future__ import annotations
@@ -156,6 +157,54 @@ def forecast(points: list[tuple[float, np.ndarray]], law: dict, xs, seed: int = 
     mean, lo, hi = (accuracy(v) for v in (predict(form, FORMS[form](x, y), xs), *np.percentile(curves, [2.5, 97.5], 0)))
     return [{"x": float(v), "predicted": mean[i], "predicted_ci": [lo[i], hi[i]], "extrapolated": extrapolated(law, v)}
             for i, v in enumerate(xs)]
+
+
+JOINT = ("a", "b", "c")  # acc = a + b ln x + c ln y: two axes, additive in their logs
+
+
+def _joint(xy: np.ndarray, y: np.ndarray) -> tuple[float, ...] | None:
+    design = np.column_stack([np.ones(len(xy)), np.log(xy)])
+    if len(xy) < 3 or np.linalg.matrix_rank(design) < 3:
+        return None
+    return tuple(float(v) for v in np.linalg.lstsq(design, y, rcond=None)[0])
+
+
+def _joint_predict(params, xy) -> np.ndarray:
+    xy = np.atleast_2d(np.asarray(xy, dtype=float))
+    return params[0] + params[1] * np.log(xy[:, 0]) + params[2] * np.log(xy[:, 1])
+
+
+def fit_joint(points: list[tuple[tuple[float, float], np.ndarray]], seed: int = 0) -> dict | None:
+    """The law of two axes that vary together (data size x D, student x data): acc = a + b ln x + c ln y, fitted by
+    least squares to the points' mean accuracies, with the one-axis laws' treatment: leave-one-point-out error,
+    95% intervals from the same bootstrap over seeds and questions, and the check (the law fitted without the
+    largest point, by x * y, predicting it). None without 4 points spanning both axes."""
+    points = sorted((((float(a), float(b)), np.asarray(m, float)) for (a, b), m in points),
+                    key=lambda p: p[0][0] * p[0][1])
+    xy = np.array([p[0] for p in points])
+    if len(points) < 4 or (xy <= 0).any() or _joint(xy, np.zeros(len(xy))) is None:
+        return None
+    y = np.array([m.mean() for _, m in points])
+    params = _joint(xy, y)
+    loo = [float(_joint_predict(p, xy[i])[0] - y[i]) for i in range(len(y))
+           if (p := _joint(np.delete(xy, i, 0), np.delete(y, i))) is not None]
+    reps = _replicates(points, np.random.default_rng(seed), BOOTSTRAP)
+    table = np.array([p for p in (_joint(xy, r) for r in reps) if p is not None])
+    head = _joint(xy[:-1], y[:-1])
+    check = None
+    if head is not None:
+        predicted = [float(_joint_predict(p, xy[-1])[0]) for p in (_joint(xy[:-1], r[:-1]) for r in reps)
+                     if p is not None]
+        check = {"x": xy[-1].tolist(), "extrapolated": True,
+                 "predicted": float(np.clip(_joint_predict(head, xy[-1])[0], 0.0, 1.0)),
+                 "predicted_ci": accuracy(np.percentile(predicted, [2.5, 97.5])), "measured": float(y[-1]),
+                 "measured_ci": np.percentile(reps[:, -1], [2.5, 97.5]).tolist()}
+    return {"form": "joint_log_linear", "points": len(y), "x_range": [xy[:, 0].min(), xy[:, 0].max()],
+            "y_range": [xy[:, 1].min(), xy[:, 1].max()],
+            "parameters": {name: {"value": params[i], "ci": np.percentile(table[:, i], [2.5, 97.5]).tolist()}
+                           for i, name in enumerate(JOINT)},
+            "rmse": float(np.sqrt(np.mean((_joint_predict(params, xy) - y) ** 2))),
+            "loo_rmse": float(np.sqrt(np.mean(np.square(loo)))) if len(loo) == len(y) else None, "check": check}
 
 
 def extrapolated(law: dict, x: float) -> bool:

@@ -547,15 +547,20 @@ def build_sweep_report(sweep_dir: str | Path) -> Path:
     for section in (_rates_to_beat, _best, _unfinished):
         lines += section(results)
     fitted = {axis: _fit_laws(results, axis) for axis in results["axes"]}
+    joint = {pair: _fit_joint(results, pair) for pair in _numeric_pairs(results)}
     atomic_write_text(sweep_dir / "laws.json", json.dumps(
-        {a: [{"task": k[0], "method": k[1], "others": list(k[2:]), **law} for k, law in f.items()]
-         for a, f in fitted.items()}, indent=2) + "\n")
+        {**{a: [{"task": k[0], "method": k[1], "others": list(k[2:]), **law} for k, law in f.items()]
+            for a, f in fitted.items()},
+         **{" x ".join(pair): [{"task": k[0], "method": k[1], "others": list(k[2:]), **law} for k, law in f.items()]
+            for pair, f in joint.items()}}, indent=2) + "\n")
     for axis in results["axes"]:
         lines += _laws_table(axis, fitted[axis])
         name = f"sweep_{axis.replace('.', '_')}.png"
         drawn = _plot(sweep_dir / name,
                       lambda plt, axis=axis: _draw_axis(plt, [(results, points)], axis, fitted=fitted[axis]))
         lines += [f"![{axis}]({drawn})", ""]
+    for pair, laws_of_pair in joint.items():
+        lines += _joint_table(pair, laws_of_pair)
     return atomic_write_text(sweep_dir / "report.md", "\n".join(lines) + "\n")
 
 
@@ -566,8 +571,8 @@ def _curves(results: dict, axis: str) -> dict[tuple, list]:
     others = [a for a in results["axes"] if a != axis]
     raw: dict[tuple, dict] = {}
     for r in results["trials"]:
-        x = r.get("parameters") if axis == "train.model" else r.get(axis)
-        if r["status"] != "done" or not isinstance(x, (int, float)) or isinstance(x, bool):
+        x = _x(r, axis)
+        if r["status"] != "done" or x is None:
             continue
         for method in results.get("methods", []):
             outcomes = _trial_outcomes(r, method)
@@ -581,6 +586,65 @@ def _curves(results: dict, axis: str) -> dict[tuple, list]:
         if common:
             curves[key] = [(x, [[float(v[i]) for i in common] for v in vs]) for x, vs in sorted(by_x.items())]
     return curves
+
+
+def _numeric_pairs(results: dict) -> list[tuple[str, str]]:
+    """The pairs of swept axes that both vary over numbers (a joint law each)."""
+    numeric = [a for a in results["axes"] if len({_x(r, a) for r in results["trials"]} - {None}) >= 2]
+    return [(a, b) for i, a in enumerate(numeric) for b in numeric[i + 1:]]
+
+
+def _x(row: dict, axis: str) -> float | None:
+    """A trial's value along a numeric axis (a student: its parameters), None where it is not a number."""
+    x = row.get("parameters") if axis == "train.model" else row.get(axis)
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _fit_joint(results: dict, pair: tuple[str, str]) -> dict[tuple, dict]:
+    """The joint law (fcot.laws.fit_joint) of every task, method and value of the other axes over `pair`."""
+    others = [a for a in results["axes"] if a not in pair]
+    raw: dict[tuple, dict] = {}
+    for r in results["trials"]:
+        xy = (_x(r, pair[0]), _x(r, pair[1]))
+        if r["status"] != "done" or None in xy:
+            continue
+        for method in results.get("methods", []):
+            outcomes = _trial_outcomes(r, method)
+            for task in results.get("tasks", []) if outcomes else []:
+                key = (task, method, *[str(r.get(o)) for o in others])
+                raw.setdefault(key, {}).setdefault(xy, []).append(
+                    {i: c for (t, i), c in outcomes.items() if t == task})
+    out = {}
+    for key, by_xy in raw.items():
+        common = sorted(set.intersection(*(set(v) for vs in by_xy.values() for v in vs)))
+        points = [(xy, [[float(v[i]) for i in common] for v in vs]) for xy, vs in by_xy.items()]
+        if common and (law := laws.fit_joint(points)) is not None:
+            out[key] = law
+    return out
+
+
+def _joint_table(pair: tuple[str, str], fitted: dict[tuple, dict]) -> list[str]:
+    """report.md's table of the joint laws over two axes, as the one-axis table."""
+    if not fitted:
+        return []
+    x, y = pair
+    lines = [f"### Fitted joint laws: test accuracy against {x} and {y}", "",
+             f"Form (fcot.laws.fit_joint): acc = a + b ln({x}) + c ln({y}); intervals from a bootstrap over seeds and "
+             "test questions. The check: the law fitted without the largest point (by the product of the two), "
+             "predicting it (extrapolated), beside the measured value.", "",
+             "| task | method | other axes | parameters (95% interval) | RMSE | LOO RMSE | check at | predicted "
+             "(extrapolated) | measured |", "| --- " * 9 + "|"]
+    for (task, method, *others), law in fitted.items():
+        params = ", ".join(f"{n} = {p['value']:.3g} [{p['ci'][0]:.3g}, {p['ci'][1]:.3g}]"
+                           for n, p in law["parameters"].items())
+        c = law["check"]
+        check = ["—"] * 3 if c is None else [f"{c['x'][0]:g}, {c['x'][1]:g}",
+                                             fmt_acc(c["predicted"], c["predicted_ci"]),
+                                             fmt_acc(c["measured"], c["measured_ci"])]
+        loo = "—" if law["loo_rmse"] is None else f"{100 * law['loo_rmse']:.1f} pts"
+        lines.append(f"| {task} | {_label(method)} | {', '.join(others) or '—'} | {params} | "
+                     f"{100 * law['rmse']:.1f} pts | {loo} | " + " | ".join(check) + " |")
+    return lines + [""]
 
 
 def _fit_laws(results: dict, axis: str) -> dict[tuple, dict]:

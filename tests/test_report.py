@@ -110,18 +110,19 @@ def make_run(root: Path, methods=("fine_tune_cot", "vanilla"), baselines=("zero_
 
 
 def make_sweep(root: Path, methods=("fine_tune_cot", "vanilla"), values=(35, 105), seeds=(0, 1), n: int = 30,
-               extra: dict | None = None) -> Path:
-    """A sweep folder as fcot.sweep leaves it: results.json and each trial's run folder."""
+               extra: dict | None = None, samples: tuple = ()) -> Path:
+    """A sweep folder as fcot.sweep leaves it: results.json and each trial's run folder; with `samples`, a second
+    axis (curate.num_samples) crossed with the first."""
     rows = []
-    for v in values:
+    for v, d in [(v, d) for v in values for d in samples or [None]]:
         for seed in seeds:
-            run_dir = root / "trials" / f"q={v},seed={seed}"
+            run_dir = root / "trials" / f"q={v},d={d},seed={seed}"
             row = {"curate.train_questions": v, "train.seed": seed, "status": "done", "run_dir": str(run_dir),
-                   "dev_accuracy": 0.2 + 0.001 * v, "parameters": 2885888}
+                   "dev_accuracy": 0.2 + 0.001 * v, "parameters": 2885888, **({"curate.num_samples": d} if d else {})}
             for m in methods:
                 _write(run_dir / "stages" / f"train-{m}.json", _marker(_train_result(m, seed=seed), 1.0))
                 preds = [{"task": t, "index": j, "correct": c} for t in TASKS
-                         for j, c in enumerate(_outcomes(m, t, n, seed + v))]
+                         for j, c in enumerate(_outcomes(m, t, n, seed + v + 1000 * (d or 0)))]
                 _write_lines(run_dir / "eval" / m / "predictions.jsonl", preds)
                 row.update({f"{m}/kept": v - 2, f"{m}/test_accuracy": RATES.get(m, 0.7)})
                 for t in TASKS:
@@ -130,10 +131,12 @@ def make_sweep(root: Path, methods=("fine_tune_cot", "vanilla"), values=(35, 105
             rows.append(row)
     rows.append({"curate.train_questions": values[-1], "train.seed": 9, "status": "stopped at epoch 1 of 3"})
     rows.append({"curate.train_questions": values[0], "train.seed": 8, "status": "error", "error": "lost a node"})
-    best = {"curate.train_questions": values[-1], "dev_accuracy": 0.3, "seeds": len(seeds),
+    best = {"curate.train_questions": values[-1], **({"curate.num_samples": samples[-1]} if samples else {}),
+            "dev_accuracy": 0.3, "seeds": len(seeds),
             **{f"{m}/test_accuracy": RATES.get(m, 0.7) for m in methods}}
     _write(root / "results.json", {"name": "synthetic", "sweep_dir": str(root), "metric": "dev_accuracy",
-                                   "axes": ["curate.train_questions"], "seeds": list(seeds), "methods": list(methods),
+                                   "axes": ["curate.train_questions", *["curate.num_samples"] * bool(samples)],
+                                   "seeds": list(seeds), "methods": list(methods),
                                    "tasks": list(TASKS), "trials": rows, "best": best, "teacher_runs": 1,
                                    "teacher_tokens": 1234, **(extra or {})})
     return root
@@ -264,3 +267,17 @@ def test_a_sweep_with_three_or_more_sizes_reports_fitted_laws_and_their_check(tm
         assert all(lo <= law["check"]["measured"] <= hi for lo, hi in [law["check"]["measured_ci"]])
     two = build_sweep_report(make_sweep(tmp_path / "two")).read_text()
     assert "Fitted laws" not in two
+
+
+def test_two_numeric_axes_get_a_joint_law_with_its_check(tmp_path):
+    from fcot.report import build_sweep_report
+
+    sweep = make_sweep(tmp_path / "grid", values=(35, 105, 315), samples=(1, 4), n=60)
+    report = build_sweep_report(sweep).read_text()
+    assert "### Fitted joint laws: test accuracy against curate.train_questions and curate.num_samples" in report
+    assert "acc = a + b ln(curate.train_questions) + c ln(curate.num_samples)" in report
+    joint = json.loads((sweep / "laws.json").read_text())["curate.train_questions x curate.num_samples"]
+    assert {(f["task"], f["method"]) for f in joint} == {(t, m) for t in TASKS for m in ("fine_tune_cot", "vanilla")}
+    assert all(f["points"] == 6 and f["check"]["x"] == [315, 4] for f in joint)
+    one = build_sweep_report(make_sweep(tmp_path / "one", values=(35, 105, 315))).read_text()
+    assert "Fitted joint laws" not in one
