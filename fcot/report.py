@@ -571,7 +571,7 @@ def _curves(results: dict, axis: str) -> dict[tuple, list]:
     others = [a for a in results["axes"] if a != axis]
     raw: dict[tuple, dict] = {}
     for r in results["trials"]:
-        x = _x(r, axis)
+        x = _numeric(r, axis)
         if r["status"] != "done" or x is None:
             continue
         for method in results.get("methods", []):
@@ -590,11 +590,11 @@ def _curves(results: dict, axis: str) -> dict[tuple, list]:
 
 def _numeric_pairs(results: dict) -> list[tuple[str, str]]:
     """The pairs of swept axes that both vary over numbers (a joint law each)."""
-    numeric = [a for a in results["axes"] if len({_x(r, a) for r in results["trials"]} - {None}) >= 2]
+    numeric = [a for a in results["axes"] if len({_numeric(r, a) for r in results["trials"]} - {None}) >= 2]
     return [(a, b) for i, a in enumerate(numeric) for b in numeric[i + 1:]]
 
 
-def _x(row: dict, axis: str) -> float | None:
+def _numeric(row: dict, axis: str) -> float | None:
     """A trial's value along a numeric axis (a student: its parameters), None where it is not a number."""
     x = row.get("parameters") if axis == "train.model" else row.get(axis)
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
@@ -605,7 +605,7 @@ def _fit_joint(results: dict, pair: tuple[str, str]) -> dict[tuple, dict]:
     others = [a for a in results["axes"] if a not in pair]
     raw: dict[tuple, dict] = {}
     for r in results["trials"]:
-        xy = (_x(r, pair[0]), _x(r, pair[1]))
+        xy = (_numeric(r, pair[0]), _numeric(r, pair[1]))
         if r["status"] != "done" or None in xy:
             continue
         for method in results.get("methods", []):
