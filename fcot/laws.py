@@ -174,6 +174,22 @@ def _joint_predict(params, xy) -> np.ndarray:
     return params[0] + params[1] * np.log(xy[:, 0]) + params[2] * np.log(xy[:, 1])
 
 
+def _joint_curves(params, table: np.ndarray, xy: np.ndarray, grid: int = 40) -> dict:
+    """The joint law along each axis at every measured value of the other (its band from the bootstrap table):
+    {"x": {str(y): curve}, "y": {str(x): curve}}, each curve over its axis' measured range, as fit()'s."""
+    out = {}
+    for side, axis in (("x", 0), ("y", 1)):
+        along = np.geomspace(xy[:, axis].min(), xy[:, axis].max(), grid)
+        out[side] = {}
+        for other in sorted(set(xy[:, 1 - axis].tolist())):
+            pts = np.column_stack([along, np.full(grid, other)])[:, [0, 1] if axis == 0 else [1, 0]]
+            band = np.array([_joint_predict(p, pts) for p in table])
+            out[side][f"{other:g}"] = {"x": along.tolist(), "y": accuracy(_joint_predict(params, pts)),
+                                       "lo": accuracy(np.percentile(band, 2.5, 0)),
+                                       "hi": accuracy(np.percentile(band, 97.5, 0))}
+    return out
+
+
 def fit_joint(points: list[tuple[tuple[float, float], np.ndarray]], seed: int = 0) -> dict | None:
     """The law of two axes that vary together (data size x D, student x data): acc = a + b ln x + c ln y, fitted by
     least squares to the points' mean accuracies, with the one-axis laws' treatment: leave-one-point-out error,
@@ -200,6 +216,7 @@ def fit_joint(points: list[tuple[tuple[float, float], np.ndarray]], seed: int = 
                  "predicted_ci": accuracy(np.percentile(predicted, [2.5, 97.5])), "measured": float(y[-1]),
                  "measured_ci": np.percentile(reps[:, -1], [2.5, 97.5]).tolist()}
     return {"form": "joint_log_linear", "points": len(y), "x_range": [xy[:, 0].min(), xy[:, 0].max()],
+            "curves": _joint_curves(params, table, xy),
             "y_range": [xy[:, 1].min(), xy[:, 1].max()],
             "parameters": {name: {"value": params[i], "ci": np.percentile(table[:, i], [2.5, 97.5]).tolist()}
                            for i, name in enumerate(JOINT)},

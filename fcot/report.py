@@ -557,7 +557,8 @@ def build_sweep_report(sweep_dir: str | Path) -> Path:
         lines += _laws_table(axis, fitted[axis])
         name = f"sweep_{axis.replace('.', '_')}.png"
         drawn = _plot(sweep_dir / name,
-                      lambda plt, axis=axis: _draw_axis(plt, [(results, points)], axis, fitted=fitted[axis]))
+                      lambda plt, axis=axis: _draw_axis(plt, [(results, points)], axis, fitted=fitted[axis],
+                                                        joint={p: f for p, f in joint.items() if axis in p}))
         lines += [f"![{axis}]({drawn})", ""]
     for pair, laws_of_pair in joint.items():
         lines += _joint_table(pair, laws_of_pair)
@@ -775,9 +776,11 @@ def _unfinished(results: dict) -> list[str]:
     return lines
 
 
-def _draw_axis(plt, studies: list[tuple[dict, list[dict]]], axis: str, ax=None, fitted: dict | None = None):
+def _draw_axis(plt, studies: list[tuple[dict, list[dict]]], axis: str, ax=None, fitted: dict | None = None,
+               joint: dict | None = None):
     """Test accuracy against `axis`, a curve per task, method and value of the other axes; with `fitted` (a
-    sweep's laws along it), each curve's law and its 95% band, dashed."""
+    sweep's laws along it), each curve's law and its 95% band, dashed; with `joint` (its joint laws with another
+    axis, by pair), the joint law at the curve's value of that axis, dotted."""
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -807,12 +810,35 @@ def _draw_axis(plt, studies: list[tuple[dict, list[dict]]], axis: str, ax=None, 
                         ax.plot(c["x"], [100 * y for y in c["y"]], "--", color=color, linewidth=1)
                         ax.fill_between(c["x"], [100 * y for y in c["lo"]], [100 * y for y in c["hi"]], color=color,
                                         alpha=0.15, linewidth=0)
+                    for pair, laws_of_pair in (joint or {}).items() if numeric else ():
+                        c = _joint_curve(pair, laws_of_pair, axis, others, key, task, method)
+                        if c is not None:
+                            color = line[0].get_color()
+                            ax.plot(c["x"], [100 * y for y in c["y"]], ":", color=color, linewidth=1)
+                            ax.fill_between(c["x"], [100 * y for y in c["lo"]], [100 * y for y in c["hi"]],
+                                            color=color, alpha=0.08, linewidth=0)
     if numeric and axis.endswith(LOG_AXES):
         ax.set_xscale("log", base=2 if axis.endswith(("num_samples", "max_samples", "min_correct")) else 10)
     xlabel = "student parameters" if axis == "train.model" else axis
     ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"test accuracy vs {axis} (mean, 95% interval)")
     ax.legend(fontsize=6)
     return fig
+
+
+def _joint_curve(pair: tuple[str, str], laws_of_pair: dict, axis: str, others: list[str], key: tuple, task: str,
+                 method: str) -> dict | None:
+    """The joint law of `pair` along `axis` at the plotted curve's value of the pair's other axis (`key`: the
+    curve's values of `others`), or None."""
+    other = pair[1] if axis == pair[0] else pair[0]
+    values = dict(zip(others, key))
+    law = laws_of_pair.get((task, method, *[values[o] for o in others if o != other]))
+    if law is None or other not in values:
+        return None
+    try:
+        at = f"{float(values[other]):g}"
+    except ValueError:
+        return None
+    return law["curves"]["x" if axis == pair[0] else "y"].get(at)
 
 
 def build_study_report(sweep_dirs: list[str | Path], out_dir: str | Path) -> Path:

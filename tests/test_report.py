@@ -279,5 +279,10 @@ def test_two_numeric_axes_get_a_joint_law_with_its_check(tmp_path):
     joint = json.loads((sweep / "laws.json").read_text())["curate.train_questions x curate.num_samples"]
     assert {(f["task"], f["method"]) for f in joint} == {(t, m) for t in TASKS for m in ("fine_tune_cot", "vanilla")}
     assert all(f["points"] == 6 and f["check"]["x"] == [315, 4] for f in joint)
+    # Drawn, dotted, on each axis' plot: along the questions at D = 1 and 4, along D at each question count.
+    assert all(set(f["curves"]["x"]) == {"1", "4"} and set(f["curves"]["y"]) == {"35", "105", "315"} for f in joint)
+    band = joint[0]["curves"]["x"]["4"]
+    assert all(lo <= y <= hi for y, lo, hi in zip(band["y"], band["lo"], band["hi"]))
+    assert (sweep / "sweep_curate_num_samples.png").stat().st_size > 1000
     one = build_sweep_report(make_sweep(tmp_path / "one", values=(35, 105, 315))).read_text()
     assert "Fitted joint laws" not in one
