@@ -113,8 +113,9 @@ def lose_a_node(tmp_path_factory):
     """lose_a_node(stage, CONFIG, REFERENCE=None, replace=True, env=None, error=False) runs `stage` on CONFIG on a
     multi-node Ray cluster of this machine, a worker node removed mid-stage (and a fresh one added unless replace=False;
     `env` set in the driver meanwhile), and returns what it reported (tests/node_loss.py): the stage's result, or with
-    error=True the error it must have raised. One process and one cluster serve the session's node-loss tests (each on
-    fresh worker nodes): the in-process tests share another cluster."""
+    error=True the error it must have raised. With chaos=True: `fcot run` of CONFIG (REFERENCE undisturbed first)
+    with a node removed in each of its stages (tests.node_loss.chaos). One process and one cluster serve the
+    session's node-loss tests (each on fresh worker nodes): the in-process tests share another cluster."""
     folder = tmp_path_factory.mktemp("node_loss")
     log = (folder / "cluster.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "tests.node_loss"], stdin=subprocess.PIPE, stdout=log,
@@ -122,10 +123,10 @@ def lose_a_node(tmp_path_factory):
     asked = itertools.count()
 
     def lose(stage: str, config: Path, reference: Path | None = None, replace: bool = True, env: dict | None = None,
-             error: bool = False) -> dict:
+             error: bool = False, chaos: bool = False) -> dict:
         result = folder / f"result-{next(asked)}.json"
         request = {"stage": stage, "config": str(config), "reference": str(reference) if reference else None,
-                   "result": str(result), "replace": replace, "env": env}
+                   "result": str(result), "replace": replace, "env": env, "chaos": chaos}
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()
         deadline = time.time() + 1500

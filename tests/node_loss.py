@@ -78,7 +78,17 @@ def _sweep():
     return SweepConfig, sweep, "RayTrainWorker", started, {"num_cpus": 2}
 
 
-STAGES = {"teach": _teach, "curate": _curate, "train": _train, "evaluate": _evaluate, "sweep": _sweep}
+def _run():
+    from fcot.run import RunConfig, run
+
+    return RunConfig, run, "", lambda cfg: lambda: True, {"num_cpus": 1}
+
+
+STAGES = {"teach": _teach, "curate": _curate, "train": _train, "evaluate": _evaluate, "sweep": _sweep, "run": _run}
+# Chaos over a whole `fcot run`: in each stage in turn, once a process of it runs on a worker node (and, in
+# training, an epoch is committed), that node is removed without grace and a fresh one added.
+CHAOS = [("teacher", "TeacherWorker"), ("curate", "ShardFormatter"), ("train", "RayTrainWorker"),
+         ("eval", "EvalWorker")]
 
 
 def _holding(nodes, title: str):
@@ -138,14 +148,62 @@ def scenario(cluster: Cluster, stage: str, config: str, reference: str | None = 
             cluster.remove_node(node)
 
 
+def chaos(cluster: Cluster, config: str, reference: str, workers: int = 3) -> dict:
+    """`fcot run` of `config` undisturbed (on `reference`), then again under chaos (CHAOS) on `workers` one-CPU worker
+    nodes; the removals are reported as {stage, at (s from the start)}."""
+    from fcot.run import RunConfig, run
+
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(workers)]
+    try:
+        cluster.wait_for_nodes()
+        at = [f"ray_address={cluster.address}"]
+        out = {"reference": run(load_config(RunConfig, reference, at), log=lambda m: None), "error": None}
+        cfg = load_config(RunConfig, config, at)
+        result, errors, started = {}, [], time.time()
+
+        def go():
+            try:
+                result.update(run(cfg, log=lambda m: None))
+            except BaseException as e:  # reported, and the test fails on it
+                errors.append(f"{type(e).__name__}: {e}"[:3000])
+
+        runner = threading.Thread(target=go)
+        runner.start()
+        removals = []
+        for stage, title in CHAOS:
+            student = Path(cfg.output_dir) / "students" / "fine_tune_cot"
+            victim, deadline = None, time.time() + 600
+            while runner.is_alive() and time.time() < deadline and victim is None:
+                if stage != "train" or epoch_committed(student):
+                    victim = _holding(nodes, title)
+                time.sleep(0.05)
+            if victim is None:
+                continue
+            cluster.remove_node(victim, allow_graceful=False)
+            nodes.remove(victim)
+            removals.append({"stage": stage, "at": round(time.time() - started, 1)})
+            time.sleep(1)
+            nodes.append(cluster.add_node(num_cpus=1))
+        runner.join(timeout=900)
+        out.update(result=result, error=errors[0] if errors else None, removals=removals,
+                   at_loss={"running": True, "victim_found": len(removals) == len(CHAOS)})
+        return out
+    finally:
+        for node in nodes:
+            cluster.remove_node(node)
+
+
 def main() -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         for line in sys.stdin:
             request = json.loads(line)
             try:
-                out = scenario(cluster, request["stage"], request["config"], request.get("reference"),
-                               request.get("replace", True), request.get("env"))
+                if request.get("chaos"):
+                    out = chaos(cluster, request["config"], request["reference"])
+                else:
+                    out = scenario(cluster, request["stage"], request["config"], request.get("reference"),
+                                   request.get("replace", True), request.get("env"))
             except Exception as e:  # noqa: BLE001 - the test reports it; the next request still runs
                 out = {"error": f"{type(e).__name__}: {e}"[:3000], "at_loss": None, "result": None}
             atomic_write_text(request["result"], json.dumps(out, default=str))

@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from fcot.contracts.records import RecordStore
@@ -240,3 +241,51 @@ def test_fcot_run_trains_a_kd_student_on_the_teachers_logprobs_and_refuses_anoth
     no_logprobs = run_fcot("run", _kd_config(tmp_path, sums_server, tiny_llama, tiny_llama, logprobs=0),
                            cluster=ray_local)
     assert no_logprobs.returncode != 0 and "set teacher.sampling.logprobs" in no_logprobs.stderr
+
+
+def _chaos_config(path, tmp_path, sums_server, tiny_llama):
+    cfg = {"name": "chaos", "output_dir": str(path.with_suffix("")), "tasks": ["sums"], "methods": ["fine_tune_cot"],
+           "user_tasks": [sums_task(tmp_path / "data", 40)], "baselines": [], "wandb_mode": "disabled",
+           "stream": False,  # curation formats every shard in its own Ray Data actors (a node of theirs is lost)
+           "teacher": {"progress": False, "engine": {"kind": "openai", "model": "sums", "replicas": 2, "batch_size": 4,
+                                                     "base_url": f"{sums_server}/slow"},
+                       "sampling": {"num_samples": 2, "temperature": 0.7}},
+           "curate": {"max_length": 256},
+           "train": {"model": str(tiny_llama), "epochs": 3, "batch_size": 4, "num_workers": 2, "cpus_per_worker": 1,
+                     "deepspeed": {"stage": 2}, "dev": None, "max_failures": 8},
+           "eval": {"engine": {"replicas": 2, "batch_size": 2}, "max_new_tokens": 16}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_whole_run_under_chaos_ends_as_an_undisturbed_one(tmp_path, tiny_llama, sums_server, lose_a_node):
+    """`fcot run` (a served teacher at D = 2 on two replicas, curation, training on two workers, evaluation on two
+    replicas) on a ray.cluster_utils.Cluster of a head and three one-CPU worker nodes, a node removed without grace in
+    each stage while a process of that stage runs on it (training: once an epoch is committed) and a fresh one added:
+    the records, the curated set, the student's steps and losses, and the predictions are the undisturbed run's,
+    and no sample is generated twice beyond the batches lost with their nodes."""
+    out = lose_a_node("run", _chaos_config(tmp_path / "chaos.yaml", tmp_path, sums_server, tiny_llama),
+                      reference=_chaos_config(tmp_path / "calm.yaml", tmp_path, sums_server, tiny_llama), chaos=True)
+    assert [r["stage"] for r in out["removals"]] == ["teacher", "curate", "train", "eval"], out["removals"]
+    calm, chaos = tmp_path / "calm", tmp_path / "chaos"
+
+    def records(run):
+        rows = pq.read_table(run / "teacher" / "records").select(["task", "index", "sample_index", "seed", "rationale"])
+        return sorted(tuple(r.values()) for r in rows.to_pylist())
+
+    def curated(run):
+        return sorted(json.dumps(r, sort_keys=True) for r in
+                      pq.read_table(run / "curated" / "fine_tune_cot" / "train").to_pylist())
+
+    def predictions(run):
+        return [{k: r[k] for k in ("task", "index", "completion", "correct")}
+                for r in map(json.loads, (run / "eval" / "fine_tune_cot" / "predictions.jsonl").open())]
+
+    assert records(chaos) == records(calm) and curated(chaos) == curated(calm)
+    teacher = json.loads((chaos / "stages" / "teacher.json").read_text())["result"]
+    assert teacher["generated"] <= teacher["planned"] + 2 * 4 * 2  # a lost batch (4 questions x D) per replica, at most
+    trained = [json.loads((run / "stages" / "train-fine_tune_cot.json").read_text())["result"] for run in (calm, chaos)]
+    assert trained[1]["restarts"] >= 1 and trained[1]["steps"] == trained[0]["steps"]
+    # Resumed from an epoch checkpoint (model, optimizer, data order and RNG restored): the same losses, step by step.
+    assert trained[1]["loss_curve"] == pytest.approx(trained[0]["loss_curve"], abs=1e-4)
+    assert predictions(chaos) == predictions(calm)
