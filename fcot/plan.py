@@ -135,7 +135,7 @@ def _candidates(measured: list[float], limit: float | None) -> list[float]:
 def _read(sweep_dirs: list[Path]) -> tuple[dict, dict]:
     """The sweeps' results as one (their trials together: a study and the sweeps that extended it), and the first
     one's config. They must sweep the same axes with the same primary method."""
-    from fcot.sweep import best_point  # the sweep's own rule of the best point (its module starts Ray work)
+    from fcot.sweep import best_point  # the sweep's own rule of the best point (heavy: it imports every stage)
 
     results = [read_json(d / "results.json") for d in sweep_dirs]
     first = results[0]
