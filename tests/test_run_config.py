@@ -77,11 +77,14 @@ def test_sweep_run_section_merges_into_its_base_config(shared_data, tmp_path, mo
     from fcot.sweep import SweepConfig, base_run, trial_dict
 
     monkeypatch.chdir(ROOT)
-    cfg = load_config(SweepConfig, ROOT / "experiments" / "sweeps" / "cpu.yaml", [f"output_dir={tmp_path}"])
+    cfg = load_config(SweepConfig, ROOT / "experiments" / "sweeps" / "cpu.yaml",
+                      [f"output_dir={tmp_path}", "run.train.epochs=3", "run.curate.max_length=384"])
     quickstart = read_yaml(ROOT / "experiments" / "quickstart.yaml")
     run = load_config(RunConfig, base=trial_dict(base_run(cfg), {"train.lr": 0.003, "train.seed": 2}, 1))
-    assert run.train.model == cfg.run["train"]["model"] and run.train.epochs == cfg.run["train"]["epochs"]
+    assert run.train.epochs == 3 and run.train.model.endswith(quickstart["train"]["model"])
     assert run.train.packing == quickstart["train"]["packing"] and run.train.lr == 0.003 and run.train.seed == 2
+    assert run.train.batch_size == quickstart["train"]["batch_size"] and run.train.num_workers == 1
     assert run.extra_teachers == {} and run.baselines == []
-    assert run.teacher.engine.kind == "recorded" and run.curate.max_length == cfg.run["curate"]["max_length"]
+    assert run.teacher.engine.kind == "recorded" and run.curate.max_length == 384
+    assert run.curate.train_questions == quickstart["curate"]["train_questions"]
     assert run.eval.engine.batch_size == quickstart["eval"]["engine"]["batch_size"]
