@@ -565,21 +565,22 @@ def build_sweep_report(sweep_dir: str | Path) -> Path:
     return atomic_write_text(sweep_dir / "report.md", "\n".join(lines) + "\n")
 
 
-def _curves(results: dict, axis: str) -> dict[tuple, list]:
-    """The points of each curve along a numeric `axis` (one per task, method and value of the other axes): (x, a
-    seeds x questions 0/1 matrix of the done trials' test outcomes), on the questions every trial of the curve
-    answered, in one order."""
-    others = [a for a in results["axes"] if a != axis]
+def _curves(results: dict, axis: str | tuple[str, str]) -> dict[tuple, list]:
+    """The points of each curve along a numeric `axis`, or over a pair of them (one curve per task, method and value
+    of the other axes): (x, or (x, y) for a pair, a seeds x questions 0/1 matrix of the done trials' test outcomes),
+    on the questions every trial of the curve answered, in one order."""
+    along = axis if isinstance(axis, tuple) else (axis,)
+    others = [a for a in results["axes"] if a not in along]
     raw: dict[tuple, dict] = {}
     for r in results["trials"]:
-        x = _numeric(r, axis)
-        if r["status"] != "done" or x is None:
+        xs = tuple(_numeric(r, a) for a in along)
+        if r["status"] != "done" or None in xs:
             continue
         for method in results.get("methods", []):
             outcomes = _trial_outcomes(r, method)
             for task in results.get("tasks", []) if outcomes else []:
                 key = (task, method, *[str(r.get(o)) for o in others])
-                raw.setdefault(key, {}).setdefault(x, []).append(
+                raw.setdefault(key, {}).setdefault(xs if len(xs) > 1 else xs[0], []).append(
                     {i: c for (t, i), c in outcomes.items() if t == task})
     curves = {}
     for key, by_x in raw.items():
@@ -603,25 +604,7 @@ def _numeric(row: dict, axis: str) -> float | None:
 
 def _fit_joint(results: dict, pair: tuple[str, str]) -> dict[tuple, dict]:
     """The joint law (fcot.laws.fit_joint) of every task, method and value of the other axes over `pair`."""
-    others = [a for a in results["axes"] if a not in pair]
-    raw: dict[tuple, dict] = {}
-    for r in results["trials"]:
-        xy = (_numeric(r, pair[0]), _numeric(r, pair[1]))
-        if r["status"] != "done" or None in xy:
-            continue
-        for method in results.get("methods", []):
-            outcomes = _trial_outcomes(r, method)
-            for task in results.get("tasks", []) if outcomes else []:
-                key = (task, method, *[str(r.get(o)) for o in others])
-                raw.setdefault(key, {}).setdefault(xy, []).append(
-                    {i: c for (t, i), c in outcomes.items() if t == task})
-    out = {}
-    for key, by_xy in raw.items():
-        common = sorted(set.intersection(*(set(v) for vs in by_xy.values() for v in vs)))
-        points = [(xy, [[float(v[i]) for i in common] for v in vs]) for xy, vs in by_xy.items()]
-        if common and (law := laws.fit_joint(points)) is not None:
-            out[key] = law
-    return out
+    return {key: law for key, pts in _curves(results, pair).items() if (law := laws.fit_joint(pts)) is not None}
 
 
 def _joint_table(pair: tuple[str, str], fitted: dict[tuple, dict]) -> list[str]:
