@@ -14,6 +14,10 @@ if command -v nvidia-smi >/dev/null 2>&1; then default_extras="dev,vllm"; else d
 extras="${FCOT_EXTRAS:-$default_extras}"
 torch_req="${FCOT_TORCH:-torch==2.13.0}"
 [ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=".venv/.fcot-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${extras//,/_}"
+if [ -f "$stamp" ] && [ "${1:-}" != "--print-torch-command" ]; then
+  exit 0  # set up for this pyproject and script: before pip is asked anything (its resolver takes ~15 s)
+fi
 torch_cmd=(.venv/bin/python -m pip install -q "$torch_req")
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! .venv/bin/python -m pip install -q --dry-run --no-index --no-deps \
     --ignore-installed "$torch_req" >/dev/null 2>&1; then
@@ -21,10 +25,6 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && ! .venv/bin/python -m pip install 
 fi
 if [ "${1:-}" = "--print-torch-command" ]; then
   echo "${torch_cmd[*]}"
-  exit 0
-fi
-stamp=".venv/.fcot-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${extras//,/_}"
-if [ -f "$stamp" ]; then
   exit 0
 fi
 .venv/bin/python -m pip install -q --upgrade pip
