@@ -1,6 +1,7 @@
 """Student methods as one object each (fcot.methods): Distilling step-by-step as the method added by one entry, its
 two tasks per curated record with their loss weights, exact under padding and packing, the one length rule, and a
-run of three methods whose report compares the primary with the reference method and every pair."""
+run of three methods whose report compares the primary with the reference method and every pair, in which only
+evaluation reads the test split."""
 
 import json
 
@@ -84,19 +85,56 @@ def test_train_max_length_follows_curation_and_a_mismatch_names_both_keys(tmp_pa
 
 
 @pytest.mark.slow
-def test_fcot_run_with_three_methods_compares_them_with_intervals(tmp_path, tiny_llama, shared_data, ray_local):
-    config = {
-        "name": "three", "output_dir": "run", "tasks": ["coin_flip"], "wandb_mode": "disabled",
-        "methods": ["fine_tune_cot", "step_by_step", "vanilla"], "baselines": [],
+def test_a_run_of_three_methods_compares_them_with_intervals_and_reads_the_test_split_only_to_evaluate(
+        tmp_path, tiny_llama, shared_data, ray_local, monkeypatch):
+    """Three methods and a baseline in one run (`fcot.run.run`, in this process so that it can be watched): the
+    report compares the primary with the reference method and every pair; and model selection never sees the test
+    split: every stage before evaluation (teacher, curation with its dev split, training with its per-epoch dev
+    evaluation and selection) loads training questions only."""
+    import dataclasses
+    import sys
+
+    from fcot import run as run_module
+    from fcot.tasks import loading
+
+    calls, current = [], {"stage": None}
+    real, real_stages = loading.load_split, run_module.stages
+
+    def spy(name, split="train", *args, **kwargs):
+        calls.append((current["stage"], split))
+        return real(name, split, *args, **kwargs)
+
+    def watched(s):
+        def fn():
+            current["stage"] = s.name
+            try:
+                return s.fn()
+            finally:
+                current["stage"] = None
+        return dataclasses.replace(s, fn=fn)
+
+    for module in [m for n, m in list(sys.modules.items()) if n.startswith("fcot") and hasattr(m, "load_split")]:
+        monkeypatch.setattr(module, "load_split", spy)
+    monkeypatch.setattr(run_module, "stages", lambda cfg, log=print: [watched(s) for s in real_stages(cfg, log)])
+    cfg = load_config(RunConfig, base={
+        "name": "three", "output_dir": str(tmp_path / "run"), "tasks": ["coin_flip"], "wandb_mode": "disabled",
+        "methods": ["fine_tune_cot", "step_by_step", "vanilla"], "baselines": ["zero_shot"],
         "teacher": {"subset": 40, "engine": {"kind": "recorded", "log": "coin_flip"}},
         "curate": {"max_length": 384},
         "train": {"model": str(tiny_llama), "epochs": 1, "batch_size": 4, "num_workers": 1, "max_steps": 3,
                   "rationale_weight": 0.5, "lora": {"r": 4}},  # LoRA students (tiny-llama)
-        "eval": {"subset": 12},
-    }
-    (tmp_path / "three.yaml").write_text(yaml.safe_dump(config))
-    run_fcot("run", "three.yaml", cwd=tmp_path, check=True, cluster=ray_local)
+        "eval": {"subset": 12}})
+    run_module.run(cfg, log=lambda line: None)
     run = tmp_path / "run"
+    # (Outside any stage, the run's checks read every split's records first: a bad record stops it before any work.)
+    test_reads = {stage for stage, split in calls if split == "test" and stage is not None}
+    assert test_reads == {f"eval-{m}" for m in ("fine_tune_cot", "step_by_step", "vanilla", "zero_shot")}, calls
+    assert {stage for stage, split in calls if split == "train"} >= {"teacher", "curate-fine_tune_cot"}
+    dev = [json.loads(line)["index"] for line in (run / "curated" / "vanilla" / "dev.jsonl").open()]
+    assert dev and not set(dev) & {s.index for s in real("coin_flip", "test")}
+    selected = json.loads((run / "students" / "vanilla" / "model" / "fcot_selection.json").read_text())
+    assert selected["selection"] == "best_dev"
+
     report = (run / "report.md").read_text()
     assert report.splitlines()[2].startswith("**coin_flip: ") and "Fine-tune-CoT" in report.splitlines()[2]
     assert "vanilla fine-tuning" in report.splitlines()[2]

@@ -134,41 +134,6 @@ def test_resume_redoes_a_stage_for_what_changes_its_results_and_never_for_placem
     assert all(after[name] != before[name] for name in before if name != "teacher"), (before, after)
 
 
-def test_nothing_before_evaluation_reads_the_test_split(tmp_path, tiny_llama, shared_data, ray_local, monkeypatch):
-    """Model selection never sees the test split: every stage before evaluation (teacher, curation with its dev
-    split, training with its per-epoch dev evaluation and selection) loads training questions only."""
-    import sys
-
-    from fcot.config import load_config
-    from fcot.run import RunConfig, stages
-    from fcot.tasks import loading
-
-    calls, current = [], {"stage": None}
-    real = loading.load_split
-
-    def spy(name, split="train", *args, **kwargs):
-        calls.append((current["stage"], split))
-        return real(name, split, *args, **kwargs)
-
-    for module in [m for n, m in list(sys.modules.items()) if n.startswith("fcot") and hasattr(m, "load_split")]:
-        monkeypatch.setattr(module, "load_split", spy)
-    cfg = load_config(RunConfig, base={
-        "output_dir": str(tmp_path / "run"), "tasks": ["multiarith"], "baselines": ["zero_shot"],
-        "wandb_mode": "disabled", "teacher": {"subset": 30, "engine": {"kind": "recorded", "log": "multiarith"}},
-        "train": {"model": str(tiny_llama), "epochs": 2, "batch_size": 4, "num_workers": 1, "max_steps": 2},
-        "eval": {"subset": 4, "max_new_tokens": 8}})
-    for stage in stages(cfg):
-        current["stage"] = stage.name
-        stage.fn()
-    test_reads = {stage for stage, split in calls if split == "test"}
-    assert test_reads == {"eval-fine_tune_cot", "eval-vanilla", "eval-zero_shot"}, calls
-    assert {stage for stage, split in calls if split == "train"} >= {"teacher", "curate-fine_tune_cot"}
-    dev = [json.loads(line)["index"] for line in (tmp_path / "run" / "curated" / "vanilla" / "dev.jsonl").open()]
-    assert len(dev) == 10 and not set(dev) & {s.index for s in real("multiarith", "test")}
-    selected = json.loads((tmp_path / "run" / "students" / "vanilla" / "model" / "fcot_selection.json").read_text())
-    assert selected["selection"] == "best_dev"
-
-
 def test_progress_prints_a_line_now_and_then_with_rate_and_eta_where_there_is_no_terminal():
     import io
 
