@@ -23,7 +23,7 @@ The flow, on Ray Data; the driver holds the questions and the counts, never a re
 
     teacher shards -> formatted parts (OUTPUT_DIR/formatted/: one per shard, tokenized once with the student's
         tokenizer; `fcot run` formats each shard as the teacher writes it (ShardStreamer), curation formats the
-        shards left, in Ray Data actors that write the parts themselves)
+        shards left, in Ray Data tasks that write the parts themselves)
     -> read_parquet(the parts of this teacher's shards) -> sort(task, index) -> map_batches(select_block), a
         block at a time: a question's samples meet in one block, the rules above apply to the block's columns,
         and it emits its kept pairs and one row of counts by task
@@ -132,17 +132,17 @@ class CurateConfig(Config):
         return self
 
     def demands(self, prefix: str = "") -> list[Demand]:
-        return [Demand(f"{prefix}method", "curation formatter actors", 1, {"CPU": 1.0})]
+        return [Demand(f"{prefix}method", "curation formatter tasks", 1, {"CPU": 1.0})]
 
 
 class Formatter:
-    """Formats and measures a method's pairs with the student's tokenizer (one per Ray Data actor): one row per
-    (record, task of the method), `part` the task's position. Each row also carries what selection compares
+    """Formats and measures a method's pairs with the student's tokenizer (one per Ray worker process: `formatter`):
+    one row per (record, task of the method), `part` the task's position. Each row also carries what selection compares
     without the text: hashes of the record's stripped rationale (adaptive rounds count distinct ones) and of the
     text dedupe compares (the rationale, else the first pair's completion)."""
 
     def __init__(self, method: str, student: str, max_length: int, chat_template: ChatTemplate = False):
-        from transformers import AutoConfig, AutoTokenizer  # heavy: in the Ray Data actor only
+        from transformers import AutoConfig, AutoTokenizer  # heavy: in the Ray Data task only
 
         path = resolve_model(student)
         self.encoder_decoder = bool(AutoConfig.from_pretrained(path).is_encoder_decoder)
@@ -185,7 +185,7 @@ class Formatter:
                    too_long=[length > self.max_length for length in lengths],
                    rationale_hash=[rationale_hash[i] for i, _ in rows], text_hash=[text_hash[i] for i, _ in rows],
                    no_rationale=[blank[i] for i, _ in rows])
-        out["cpu_s"] = [self.usage.take()["cpu_s"] / len(rows)] * len(rows)  # this actor's CPU time, spread out
+        out["cpu_s"] = [self.usage.take()["cpu_s"] / len(rows)] * len(rows)  # this batch's CPU time, spread out
         return out
 
     def token_counts(self, texts: list[str]) -> list[int]:
@@ -236,16 +236,31 @@ def format_shard(formatter: Formatter, shard: Path, out: Path, teacher_logprobs:
     return float(sum(columns["cpu_s"]))
 
 
-class ShardFormatter:
-    """A Ray Data actor that formats whole teacher shards, each into its part: no formatted row reaches the
-    driver, and a killed curation keeps the parts it finished."""
+_FORMATTERS: dict[str, Formatter] = {}
 
-    def __init__(self, out: str, teacher_logprobs: bool, **formatter_kwargs):
-        self.out, self.formatter, self.logprobs = Path(out), Formatter(**formatter_kwargs), teacher_logprobs
 
-    def __call__(self, batch: dict) -> dict:
-        return {"shard": batch["shard"],
-                "cpu_s": [format_shard(self.formatter, Path(s), self.out, self.logprobs) for s in batch["shard"]]}
+def formatter(**formatter_kwargs) -> Formatter:
+    """This process's Formatter for one formatting. A Ray worker runs many tasks: the next batch, shard, method or
+    curation of the same job finds the tokenizer loaded (transformers' import alone takes ~5 s of a core)."""
+    key = json.dumps(formatter_kwargs, sort_keys=True)
+    if key in _FORMATTERS:
+        _FORMATTERS[key].usage.take()  # count from here, not the other tasks this worker ran since its last batch
+    else:
+        _FORMATTERS[key] = Formatter(**formatter_kwargs)  # the import and load count, in its first batch
+    return _FORMATTERS[key]
+
+
+def format_batch(batch: dict, **formatter_kwargs) -> dict:
+    """A Ray Data task: a batch of records (vanilla's gold answers) formatted."""
+    return formatter(**formatter_kwargs)(batch)
+
+
+def format_shards(batch: dict, out: str, teacher_logprobs: bool, **formatter_kwargs) -> dict:
+    """A Ray Data task: whole teacher shards formatted, each into its part: no formatted row reaches the driver,
+    and a killed curation keeps the parts it finished."""
+    f = formatter(**formatter_kwargs)
+    return {"shard": batch["shard"],
+            "cpu_s": [format_shard(f, Path(s), Path(out), teacher_logprobs) for s in batch["shard"]]}
 
 
 class ShardStreamer:
@@ -271,7 +286,7 @@ class ShardStreamer:
 
 def _format_shards(cfg: CurateConfig, shards: list[Path]) -> tuple[int, float]:
     """Format, on Ray Data, the teacher shards that have no formatted part yet; returns how many, and the CPU
-    seconds the formatter actors spent."""
+    seconds the formatter tasks spent."""
     import ray  # heavy: only when there is something to format
 
     out = formatted_dir(cfg)
@@ -279,11 +294,10 @@ def _format_shards(cfg: CurateConfig, shards: list[Path]) -> tuple[int, float]:
     missing = [s for s in shards if not (out / s.name).exists()]
     if not missing:
         return 0, 0.0
-    actors = max(1, min(len(missing), int(ray.cluster_resources().get("CPU", 1))))
+    tasks = max(1, min(len(missing), int(ray.cluster_resources().get("CPU", 1))))
     ds = ray.data.from_items([{"shard": str(s.resolve())} for s in missing])
     kwargs = {"out": str(out.resolve()), "teacher_logprobs": cfg.teacher_logprobs, **_formatter_kwargs(cfg)}
-    ds = ds.map_batches(ShardFormatter, fn_constructor_kwargs=kwargs,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), batch_size=1, num_cpus=1)
+    ds = ds.map_batches(format_shards, fn_kwargs=kwargs, concurrency=tasks, batch_size=1, num_cpus=1)
     cpu = 0.0
     with Progress(f"curate {cfg.method}", len(missing), "shards") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -480,7 +494,7 @@ def label_stats(task_stats: dict, min_votes: int) -> dict:
 def _input(cfg: CurateConfig, train_q: set, qs: list, select: dict):
     """What selection reads, on Ray Data: the gold answers of the training questions formatted (vanilla), or the
     formatted parts of this teacher's shards (those not formatted yet, formatted first). Returns (the dataset,
-    shards formatted now, the formatter actors' CPU seconds); `select` gains the teacher's sampling rules."""
+    shards formatted now, the formatter tasks' CPU seconds); `select` gains the teacher's sampling rules."""
     import ray  # heavy: Ray Data formats, selects and writes
     from ray.data.expressions import col
 
@@ -488,8 +502,8 @@ def _input(cfg: CurateConfig, train_q: set, qs: list, select: dict):
         ds = ray.data.from_items([{"key": f"{s.task}/{s.index}", "task": s.task, "index": s.index, "sample_index": 0,
                                    "correct": True, "prediction": s.answer, "question": s.question, "gold": s.answer}
                                   for s in qs if (s.task, s.index) in train_q])
-        ds = ds.map_batches(Formatter, fn_constructor_kwargs=_formatter_kwargs(cfg),
-                            compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", batch_size=256)
+        ds = ds.map_batches(format_batch, fn_kwargs=_formatter_kwargs(cfg), num_cpus=1, batch_format="numpy",
+                            batch_size=256)
         return ds, 0, 0.0
     tid = teacher_id(cfg.teacher)
     shards = RecordStore(records_dir(cfg)).shards(tid)  # other teachers' records are not this run's to format

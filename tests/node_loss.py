@@ -54,7 +54,7 @@ def _train():
 def _curate():
     from fcot.curate import CurateConfig, curate
 
-    return CurateConfig, curate, "Formatter", lambda cfg: lambda: True, {"num_cpus": 1}  # its formatter actor's node
+    return CurateConfig, curate, "MapBatches(format_", lambda cfg: lambda: True, {"num_cpus": 1}  # a formatter's node
 
 
 def _evaluate():
@@ -87,7 +87,7 @@ def _run():
 STAGES = {"teach": _teach, "curate": _curate, "train": _train, "evaluate": _evaluate, "sweep": _sweep, "run": _run}
 # Chaos over a whole `fcot run`: in each stage in turn, once a process of it runs on a worker node (and, in
 # training, an epoch is committed), that node is removed without grace and a fresh one added.
-CHAOS = [("teacher", "TeacherWorker"), ("curate", "ShardFormatter"), ("train", "RayTrainWorker"),
+CHAOS = [("teacher", "TeacherWorker"), ("curate", "MapBatches(format_shards)"), ("train", "RayTrainWorker"),
          ("eval", "EvalWorker")]
 
 

@@ -235,9 +235,9 @@ def _config_file(path, cfg):
 def test_a_worker_node_lost_mid_curation_or_evaluation_changes_no_output(tmp_path, recorded_teacher, tiny_llama,
                                                                          lose_a_node):
     """On a ray.cluster_utils.Cluster (a head without CPUs, two one-CPU worker nodes), curation and evaluation
-    each run once undisturbed and once with the node of their Ray Data actor (the formatter; an engine replica)
-    removed without grace mid-stage and no node added (an autoscaler out of capacity): Ray Data restarts the actor
-    on the node left and retries its work, and the outputs are the same rows."""
+    each run once undisturbed and once with the node of their Ray Data work (a formatter task; an engine replica)
+    removed without grace mid-stage and no node added (an autoscaler out of capacity): Ray Data retries the task or
+    restarts the actor on the node left, and the outputs are the same rows."""
     def curation(name):
         return _config_file(tmp_path / f"{name}.yaml", load_config(CurateConfig, base={
             "tasks": "multiarith", "teacher": recorded_teacher, "student": str(tiny_llama),
