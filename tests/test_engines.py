@@ -7,6 +7,7 @@ import torch
 from fcot.engines import (
     GUMBEL_RANGE,
     EngineConfig,
+    Grade,
     HFEngine,
     Request,
     _SeededSampler,
@@ -109,6 +110,27 @@ def test_hf_logprobs_are_the_models_own_top_k_at_each_emitted_token_and_change_n
             if temperature == 0:  # greedy emits the top token of the penalized scores: not always the raw top one
                 penalized.append(lp.tokens != [t[0] for t in lp.top_ids])
     assert any(penalized)  # the penalty changed what greedy emitted, and the logprobs stayed raw
+
+
+def test_hf_grades_a_given_continuation_as_its_own_sample_and_alike_in_any_batch(tiny_llama):
+    """Grading (on-policy distillation: the teacher scores the student's tokens): the logprob of each given token
+    and the top k there are those the engine reports when it samples the same tokens itself, and a row's grade is
+    the same alone as in a left-padded batch of other lengths (its positions start at its own first token)."""
+    engine = HFEngine(str(tiny_llama), dtype="float32", device=DEVICE, batch_size=8)
+    prompts = ["Q: There are 3 cars and 2 more arrive. How many cars?\nA: Let's think step by step.",
+               "Q: Tom has 12 apples?\nA:", "Q: 7 birds?"]
+    sampled = engine.generate([Request(prompt=p, max_new_tokens=6 + 3 * i, temperature=0.7, seed=i, logprobs=3)
+                               for i, p in enumerate(prompts)])
+    grades = [Grade(tuple(c.logprobs.tokens), prompt=p, logprobs=3) for p, c in zip(prompts, sampled)]
+    batched, alone = engine.grade(grades), [engine.grade([g])[0] for g in grades]
+    for c, b, a in zip(sampled, batched, alone):
+        assert b.tokens == c.logprobs.tokens and len(b.token_logprobs) == len(b.tokens) == c.completion_tokens
+        assert b.top_ids == c.logprobs.top_ids == a.top_ids
+        assert torch.allclose(torch.tensor(b.top_logprobs), torch.tensor(c.logprobs.top_logprobs), atol=1e-4)
+        assert torch.allclose(torch.tensor(b.token_logprobs), torch.tensor(a.token_logprobs), atol=1e-4)
+        for token, lp, ids, values in zip(b.tokens, b.token_logprobs, b.top_ids, b.top_logprobs):
+            assert lp <= values[0] + 1e-5 and (token not in ids or abs(lp - values[ids.index(token)]) < 1e-5)
+    assert engine.grade([Grade((5, 6), prompt="Q: 7 birds?")])[0].top_ids == [[], []]  # k = 0: the tokens only
 
 
 def test_fcot_models_prepare_says_which_copy_it_made_and_keeps(tmp_path):

@@ -549,3 +549,39 @@ def test_zero_stage_auto_honours_offload_and_qlora_and_explicit_ones_are_refused
     with pytest.raises(FcotError, match=r"lora.quantize: a 4-bit QLoRA base cannot be partitioned by ZeRO-3"):
         load_config(TrainConfig, base={**base, "use_gpu": True, "lora": {"quantize": "4bit"},
                                        "deepspeed": {"stage": 3}})
+
+
+def test_on_policy_losses_on_hand_computed_cases():
+    """The reverse KL at two sampled tokens whose student and teacher probabilities are (1/2, 1/4) and (1/4, 1/2):
+    the value is the sum of the log-ratios (ln 2 - ln 2 = 0), the gradient at each token's student logprob its own
+    log-ratio (ln 2, then -ln 2), and through the logits ratio x (one-hot - p). GKD's JSD at beta 0, 1/2 and 1 on
+    two-point distributions, against the definitions."""
+    import math
+
+    from fcot.train.objectives import jsd_sum, reverse_kl_sum
+
+    student = torch.tensor([math.log(0.5), math.log(0.25)], requires_grad=True)
+    teacher = torch.tensor([math.log(0.25), math.log(0.5)])
+    loss = reverse_kl_sum(student, teacher)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert torch.allclose(student.grad, torch.tensor([math.log(2), -math.log(2)]))
+
+    logits = torch.tensor([[0.3, -1.0, 2.0]], requires_grad=True)  # one position, the sampled token is 1
+    lp = torch.log_softmax(logits, -1)
+    reverse_kl_sum(lp[0, 1:2], torch.tensor([math.log(0.5)])).backward()
+    p = torch.softmax(logits.detach(), -1)[0]
+    ratio = math.log(p[1].item()) - math.log(0.5)
+    assert torch.allclose(logits.grad[0], ratio * (torch.tensor([0.0, 1.0, 0.0]) - p), atol=1e-6)
+
+    P, Q = [0.5, 0.5], [0.25, 0.75]  # teacher's top 2 (unnormalized logprobs: renormalized), student's there
+
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b))
+
+    top = torch.log(torch.tensor([[0.3, 0.3]]))
+    q = torch.log(torch.tensor([[0.1, 0.3]]))  # renormalized: Q
+    for beta in (0.0, 0.5, 1.0):
+        m = [beta * x + (1 - beta) * y for x, y in zip(P, Q)]
+        want = kl(P, Q) if beta == 0 else kl(Q, P) if beta == 1 else beta * kl(P, m) + (1 - beta) * kl(Q, m)
+        assert abs(jsd_sum(q, top, beta).item() - want) < 1e-6, beta

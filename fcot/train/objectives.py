@@ -13,9 +13,14 @@ default), or, with `tail`, the teacher's mass outside its top k as one more outc
 outside those k ids its counterpart: the KL of two distributions over k + 1 outcomes, exact when the teacher's
 tail is one token, and never negative (verl's RFC 7856 found a truncated KL clamped to zero in most steps; here,
 kd.py's 7.3M student with SmolLM2's top-20 gave no better held-out KL with the tail: off by default).
+
+On-policy distillation (the student's own samples, each token graded by the teacher: fcot.engines.Grade) has its
+two losses here, `reverse_kl_sum` and GKD's `jsd_sum`; its entry comes with the rounds that make its batches.
 """
 
 from __future__ import annotations
+
+import math
 
 from fcot.train.data import IGNORE
 
@@ -114,3 +119,30 @@ def _log_rest(logprobs):
 
     total = torch.logsumexp(logprobs, -1, keepdim=True).clamp(max=-1e-6)
     return torch.log(-torch.expm1(total)).clamp(min=-30.0)
+
+
+def reverse_kl_sum(student, teacher):
+    """On-policy distillation's loss at the student's own sampled tokens (Thinking Machines' "On-Policy
+    Distillation", 2025): `student` and `teacher` are the two models' log-probabilities of each sampled token, the
+    student's with its graph. Its value is the sum of the tokens' log-ratios, whose mean over samples from the
+    student is the per-token KL(student || teacher); its gradient is the policy gradient with each token's own
+    negative log-ratio as its advantage (a discount of zero: a token answers for itself, not for what follows),
+    exact while the samples are the current student's."""
+    ratio = (student - teacher).detach()
+    return (ratio * (student - student.detach()) + ratio).sum()
+
+
+def jsd_sum(student, top_logprobs, beta: float):
+    """GKD's generalized Jensen-Shannon divergence (Agarwal et al., ICLR 2024), summed over positions, between the
+    teacher's top k (`top_logprobs`, renormalized) and the student's probabilities at those ids (`student`,
+    renormalized over them): beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q; beta 0 is
+    KL(teacher || student) and beta 1 KL(student || teacher), exactly (as TRL's generalized_jsd_loss)."""
+    import torch  # heavy: workers only
+
+    p, q = torch.log_softmax(top_logprobs.float(), -1), torch.log_softmax(student, -1)
+    if beta == 0:
+        return (p.exp() * (p - q)).sum()
+    if beta == 1:
+        return (q.exp() * (q - p)).sum()
+    m = torch.logsumexp(torch.stack([p + math.log(beta), q + math.log(1 - beta)]), 0)
+    return (beta * p.exp() * (p - m) + (1 - beta) * q.exp() * (q - m)).sum()
