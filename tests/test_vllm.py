@@ -254,6 +254,43 @@ def test_a_lora_student_under_zero3_and_packing_is_an_adapter_that_hf_and_vllm_e
     assert predictions(tmp_path / "adapter_only", "vllm") == merged
 
 
+def test_vllm_grades_a_continuation_as_the_hf_engine_does(vllm_tiny, ray_local):
+    """Grading through vLLM's prompt logprobs (a replica on the local cluster): each given token's logprob and the top
+    k there equal the hf engine's forward pass (float32 both), for continuations of several lengths in one call."""
+    require_vllm()
+    import ray
+    import torch
+
+    from fcot.engines import EngineConfig, Grade, HFEngine, build_engine
+
+    prompts = ["Q: There are 3 cars and 2 more arrive. How many cars?\nA: Let's think step by step.", "Q: 7 birds?"]
+    hf = HFEngine(str(vllm_tiny), dtype="float32", device="cpu")
+    sampled = hf.generate([Request(prompt=p, max_new_tokens=5 + 4 * i, temperature=0.7, seed=i)
+                           for i, p in enumerate(prompts)])
+    tokens = [tuple(hf.tokenizer(c.text, add_special_tokens=False).input_ids) for c in sampled]
+    grades = [Grade(t, prompt=p, logprobs=3) for p, t in zip(prompts, tokens)]
+
+    @ray.remote(num_cpus=1)
+    class Replica:  # an actor, as the teacher's replicas: vLLM's engine dies with its process
+        def grade(self, engine: dict, grades: list):
+            from fcot.hardware import use_cpus
+
+            use_cpus(1)
+            return build_engine(EngineConfig.model_validate(engine)).grade(grades)
+
+    replica = Replica.remote()
+    try:
+        got = ray.get(replica.grade.remote(_vllm_engine(vllm_tiny), grades))
+    finally:
+        ray.kill(replica)
+    want = hf.grade(grades)
+    for g, w in zip(got, want):
+        assert g.tokens == w.tokens and len(g.token_logprobs) == len(w.tokens) > 0
+        assert torch.allclose(torch.tensor(g.token_logprobs), torch.tensor(w.token_logprobs), atol=1e-3)
+        assert g.top_ids == w.top_ids
+        assert torch.allclose(torch.tensor(g.top_logprobs), torch.tensor(w.top_logprobs), atol=1e-3)
+
+
 def test_vllm_chat_prompt_continues_the_assistant_turn(tmp_path, vllm_tiny, ray_local):
     require_vllm()
     cfg = _cfg(tmp_path / "chat", vllm_tiny, _vllm_engine(vllm_tiny), prompt_style="chat", subset=2,
