@@ -290,6 +290,19 @@ class _SeededSampler:
         return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
 
 
+def _micro_batches(settings: list, lengths: list[int], size: int):
+    """Indices in micro-batches of at most `size` that share their settings, by settings then length (similar
+    lengths pad little)."""
+    order = sorted(range(len(settings)), key=lambda i: (settings[i], lengths[i]))
+    start = 0
+    while start < len(order):
+        end = start
+        while end < len(order) and end - start < size and settings[order[end]] == settings[order[start]]:
+            end += 1
+        yield order[start:end]
+        start = end
+
+
 class HFEngine:
     """transformers `generate`: left-padded micro-batches of similar length, KV cache, per-row seeds."""
 
@@ -339,19 +352,11 @@ class HFEngine:
         def settings(r: Request) -> tuple:
             return r.max_new_tokens, r.temperature, r.top_p, r.stop, r.logprobs
 
-        order = sorted(range(len(requests)), key=lambda i: (settings(requests[i]), lengths[i]))
         results: list[Completion | None] = [None] * len(requests)
-        start = 0
-        while start < len(order):
-            end = start
-            while (end < len(order) and end - start < self.batch_size
-                   and settings(requests[order[end]]) == settings(requests[order[start]])):
-                end += 1
-            chunk = order[start:end]
+        for chunk in _micro_batches([settings(r) for r in requests], lengths, self.batch_size):
             done = self._generate_batch([texts[i] for i in chunk], [requests[i] for i in chunk])
             for i, completion in zip(chunk, done):
                 results[i] = completion
-            start = end
         return results
 
     def _generate_batch(self, texts: list[str], requests: list[Request]) -> list[Completion]:
@@ -404,7 +409,6 @@ class HFEngine:
             completions.append(Completion(text, "stop" if stopped else "length", int(mask), n, logprobs))
         return completions
 
-
     def grade(self, grades: list[Grade]) -> list[Graded]:
         """Each continuation scored in one forward pass over prompt + continuation, in micro-batches of similar
         length: left-padded, with position ids that start at each row's first token, and the vocabulary head only
@@ -415,18 +419,10 @@ class HFEngine:
         if not all(prompts):
             raise FcotError(f"{self.model_id}: a continuation to grade needs a prompt of at least one token")
         rows = [p + list(g.continuation) for p, g in zip(prompts, grades)]
-        order = sorted(range(len(grades)), key=lambda i: (grades[i].logprobs, len(rows[i])))
         results: list[Graded | None] = [None] * len(grades)
-        start = 0
-        while start < len(order):
-            end = start
-            while (end < len(order) and end - start < self.batch_size
-                   and grades[order[end]].logprobs == grades[order[start]].logprobs):
-                end += 1
-            chunk = order[start:end]
+        for chunk in _micro_batches([g.logprobs for g in grades], list(map(len, rows)), self.batch_size):
             for i, graded in zip(chunk, self._grade_batch([rows[i] for i in chunk], [grades[i] for i in chunk])):
                 results[i] = graded
-            start = end
         return results
 
     def _grade_batch(self, rows: list[list[int]], grades: list[Grade]) -> list[Graded]:
@@ -540,7 +536,6 @@ class VLLMEngine:
             results.append(Completion(o.text, "stop" if o.finish_reason == "stop" else "length",
                                       len(out.prompt_token_ids), len(o.token_ids), logprobs))
         return results
-
 
     def grade(self, grades: list[Grade]) -> list[Graded]:
         """vLLM's prompt logprobs over prompt + continuation (one token generated and dropped): at each
