@@ -121,7 +121,8 @@ class TrainConfig(Config):
     seed: int = 0
     # restarts of the worker group from the last checkpoint (-1: forever)
     max_failures: Annotated[int, PLACEMENT] = Field(2, ge=-1)
-    keep_checkpoints: Annotated[int, PLACEMENT] = Field(1, ge=1)  # epoch checkpoints kept in output_dir/checkpoints
+    # epoch checkpoints kept in output_dir/checkpoints (the last epoch's is the state alone: the student is saved)
+    keep_checkpoints: Annotated[int, PLACEMENT] = Field(1, ge=1)
     wandb: Annotated[WandbConfig, PLACEMENT] = WandbConfig()
     dev: DevConfig | None = None
     # best_dev: the epoch with the best dev accuracy is the student (needs dev); last: the last epoch

@@ -21,7 +21,8 @@
         _account        CPU/GPU seconds and peak memory of every worker
         _save_student   after the last epoch: the best dev epoch (selection best_dev) or the last one,
                         save_pretrained + tokenizer in output_dir/model (ZeRO-3 weights gathered), LoRA merged
-        _checkpoint     a DeepSpeed checkpoint and the state, reported with ray.train.report
+        _checkpoint     a DeepSpeed checkpoint and the state, reported with ray.train.report (the last epoch's:
+                        the state alone, the student being saved)
 
 A worker that dies restarts the whole group (FailureConfig) from the last epoch checkpoint; the step
 counter, lr schedule, optimizer state and data order come back with it, so the run ends after the planned
@@ -319,7 +320,8 @@ def _resume(engine, w: Worker, data: Examples, collate: Collator) -> dict:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=CHECKPOINT_TAG)  # weights, optimizer, lr scheduler
+            if (Path(d) / CHECKPOINT_TAG).exists():  # not the last one, which is the state of a finished run alone
+                engine.load_checkpoint(d, tag=CHECKPOINT_TAG)  # weights, optimizer, lr scheduler
             state = json.loads((Path(d) / STATE_FILE).read_text())
         state["resumed_from_step"] = state["step"]
         state["restarts"] += 1
@@ -475,17 +477,20 @@ def _save_student(engine, tokenizer, state: dict, epoch: int, stage: int, model_
     return model_dir
 
 
-def _checkpoint(engine, state: dict, metrics: dict, epoch: int, rank: int) -> None:
-    """The epoch's DeepSpeed checkpoint (each rank writes its shards) and the state, reported to Ray Train."""
+def _checkpoint(engine, state: dict, metrics: dict, epoch: int, rank: int, last: bool) -> None:
+    """The epoch's DeepSpeed checkpoint (each rank writes its shards) and the state, reported to Ray Train. The
+    last one is the state alone: the student is saved by then, and a restart after it has nothing left to resume
+    (weights and optimizer would be ~15 bytes a parameter on disk, written for nothing and kept after the run)."""
     import ray.train  # heavy: workers only
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, save_latest=False)
+        if not last:
+            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, save_latest=False)
         if rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
         # Result.metrics is the last checkpoint's metrics: the summary travels with the last one.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 or not last else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
 
 
 def train_loop(config: dict) -> None:
@@ -539,7 +544,7 @@ def train_loop(config: dict) -> None:
                            trainable_parameters=trainable, zero_stage=stage)
         if run is not None:
             run.log({f"epoch/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-        _checkpoint(engine, state, metrics, epoch, w.rank)
+        _checkpoint(engine, state, metrics, epoch, w.rank, last)
         if last:
             break
     progress.close()
