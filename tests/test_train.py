@@ -455,6 +455,14 @@ def test_the_varlen_kernel_is_called_right_on_every_signature_torch_has_had(sign
     assert (varlen_call(varlen, q, k, v, cu, 6, 0.2, 2, 3) is None) == (signature == "2.9")  # a window: 2.11 only
 
 
+# Two curated pairs of the Fine-tune-CoT format: their rationales, prompts and completions (` {rationale} --> {answer}
+# END`), for the objectives that learn a teacher's distribution at the rationale's tokens.
+RATIONALE_PAIRS = ([" There are 3 cars and 2 more arrive, so 3 + 2 = 5.", " Tom has 12 apples and gives away 5."],
+                   ["There are 3 cars and 2 more arrive. How many cars? ###", "Tom has 12 apples. How many left? ###"],
+                   [" There are 3 cars and 2 more arrive, so 3 + 2 = 5. --> 5 END",
+                    " Tom has 12 apples and gives away 5. --> 7 END"])
+
+
 @pytest.mark.parametrize("temperature, alpha, tail", [(2.0, 0.7, False), (1.0, 0.5, False), (1.0, 0.5, True),
                                                      (2.0, 0.7, True)])
 def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens(tiny_llama, temperature, alpha, tail):
@@ -473,9 +481,7 @@ def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens
 
     tok = tokenizer(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    rationales = [" There are 3 cars and 2 more arrive, so 3 + 2 = 5.", " Tom has 12 apples and gives away 5."]
-    prompts = ["There are 3 cars and 2 more arrive. How many cars? ###", "Tom has 12 apples. How many left? ###"]
-    completions = [f"{r} --> {a} END" for r, a in zip(rationales, ("5", "7"))]
+    rationales, prompts, completions = RATIONALE_PAIRS
     g = torch.Generator().manual_seed(0)
     k, vocab = 4, model.config.vocab_size
     logprobs = []
@@ -514,6 +520,57 @@ def test_kd_loss_is_exact_under_packing_and_aligns_the_teachers_rationale_tokens
             kl += temperature ** 2 * (p * (p.log() - q)).sum()
     assert torch.allclose(losses[0], (1 - alpha) * ce + alpha * kl, rtol=1e-4), (losses[0], ce, kl)
     assert not torch.allclose(losses[0], ce, rtol=1e-3)  # the KD term counts
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_on_policy_loss_is_exact_under_packing_at_the_graded_tokens_only(tiny_llama, divergence):
+    """fcot.rollout's rows: the student's own sample as the completion, its rationale's tokens graded (column 0 the
+    sampled token with the teacher's logprob of it, then the teacher's top 3). The on_policy loss sum is the same
+    padded or packed, counts the graded tokens only (not ` --> answer END`, nor the EOS), and equals, from a full
+    forward pass position by position, the sum of log p_student - log p_teacher of each sampled token (reverse KL)
+    or GKD's JSD over the teacher's top 3 (beta 0.3)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from fcot.train import attention
+    from fcot.train.config import ObjectiveConfig
+    from fcot.train.data import teacher_targets
+    from fcot.train.objectives import jsd_sum, loss_sum
+
+    tok = tokenizer(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rationales, prompts, completions = RATIONALE_PAIRS
+    g = torch.Generator().manual_seed(0)
+    graded = []
+    for r in rationales:
+        sampled = tok(r, add_special_tokens=False).input_ids
+        top = [[t] + torch.randint(0, model.config.vocab_size, (3,), generator=g).tolist() for t in sampled]
+        values = torch.log_softmax(torch.randn(len(sampled), 6, generator=g), -1)[:, :4]
+        graded.append((np.array(sampled), np.array(top, np.int32), values.numpy().astype(np.float16)))
+    objective = ObjectiveConfig(kind="on_policy", divergence=divergence, beta=0.3)
+    results = []
+    for packing in (False, True):
+        c = Collator(tok, 160, encoder_decoder=False, packing=packing)
+        encoded = c.encode(prompts, completions)
+        targets = [teacher_targets(e, lp) for e, lp in zip(encoded, graded)]
+        if packing:
+            model.set_attn_implementation(attention.NAME)
+        with torch.no_grad():
+            results.append(loss_sum(model, c.collate(encoded, targets=targets), False, objective))
+    model.set_attn_implementation("sdpa")
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-5), results
+    assert int(results[0][1]) == sum(len(s) for s, _, _ in graded) < sum(Collator.label_tokens(e) for e in encoded)
+    want = 0.0
+    for (ids, _), (positions, tops, lps) in zip(encoded, targets):
+        with torch.no_grad():
+            logits = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        for pos, top, lp in zip(positions, tops, lps):
+            student, teacher = logits[pos - 1], torch.tensor(lp, dtype=torch.float32)
+            if divergence == "reverse_kl":
+                want += student[int(top[0])] - teacher[0]
+            else:
+                want += jsd_sum(student[torch.tensor(top[1:], dtype=torch.long)][None], teacher[None, 1:], 0.3)
+    assert torch.allclose(results[0][0], torch.as_tensor(want), rtol=1e-4, atol=1e-5), (results[0][0], want)
 
 
 def test_kd_tail_bucket_is_the_exact_kl_when_the_teachers_tail_is_one_token():

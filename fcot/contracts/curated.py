@@ -62,9 +62,9 @@ def check_curated(path: str, kd: bool = False) -> int:
         if not ok:
             raise FcotError(f"data {path}: column {name!r} should be {kind}, is {t}")
     if kd and TEACHER_LOGPROBS not in schema.names:
-        raise FcotError(f"data {path}: no column {TEACHER_LOGPROBS!r}: a KD student (train.objective kd) learns the "
-                        "teacher's top-k carried with the curated rows; curate with curate.teacher_logprobs: true "
-                        "(fcot run sets it for kd)")
+        raise FcotError(f"data {path}: no column {TEACHER_LOGPROBS!r}: a KD or on-policy student (train.objective "
+                        "kd, on_policy) learns the teacher's logprobs carried with its rows; for kd, curate with "
+                        "curate.teacher_logprobs: true (fcot run sets it); on_policy's rows are fcot.rollout's")
     rows = ds.count_rows()
     if rows == 0:
         raise FcotError(f"data {path}: no rows")

@@ -44,12 +44,22 @@ class ObjectiveConfig(Config):
     over the rationale's tokens, its top-k logprobs stored with the records (teacher.sampling.logprobs): loss =
     (1 - alpha) x cross-entropy + alpha x temperature^2 x KL(teacher's renormalized top-k || student), per label
     token (fcot.train.objectives); with `tail`, the teacher's mass outside its top k counts as one more outcome.
-    A decoder student whose tokenizer is the teacher's; curation carries the teacher's top-k with each curated row."""
+    A decoder student whose tokenizer is the teacher's; curation carries the teacher's top-k with each curated row.
+    on_policy: the student's own samples, each token graded by the teacher (fcot.rollout writes the rows): the
+    per-token reverse KL to the teacher at the graded tokens, or GKD's generalized JSD over the teacher's top-k
+    (`divergence: jsd`, `beta`), token-weighted over the graded tokens; `fcot run` trains it as the on_policy method."""
 
-    kind: Literal["sft", "kd"] = "sft"
+    kind: Literal["sft", "kd", "on_policy"] = "sft"
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)
     tail: bool = False  # measured: no better held-out KL than without (experiments/results/bench.md)
+    divergence: Literal["reverse_kl", "jsd"] = "reverse_kl"  # on_policy
+    beta: float = Field(0.5, ge=0, le=1)  # on_policy jsd: 0 is KL(teacher || student), 1 KL(student || teacher)
+
+    @property
+    def graded(self) -> bool:
+        """The rows carry the teacher's logprobs (TEACHER_LOGPROBS), read with them: kd and on_policy."""
+        return self.kind in ("kd", "on_policy")
 
 
 class WandbConfig(Config):

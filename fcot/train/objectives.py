@@ -14,8 +14,8 @@ outside those k ids its counterpart: the KL of two distributions over k + 1 outc
 tail is one token, and never negative (verl's RFC 7856 found a truncated KL clamped to zero in most steps; here,
 kd.py's 7.3M student with SmolLM2's top-20 gave no better held-out KL with the tail: off by default).
 
-On-policy distillation (the student's own samples, each token graded by the teacher: fcot.engines.Grade) has its
-two losses here, `reverse_kl_sum` and GKD's `jsd_sum`; its entry comes with the rounds that make its batches.
+on_policy: the student's own samples, each token graded by the teacher (fcot.rollout, fcot.engines.Grade), at the
+graded tokens only: `reverse_kl_sum` (the default) or GKD's `jsd_sum` over the teacher's top-k.
 """
 
 from __future__ import annotations
@@ -69,11 +69,7 @@ def kd(engine, batch: dict, encoder_decoder: bool, objective):
     count = (labels != IGNORE).sum()
     if not len(batch.get("kd_at", ())):
         return (1 - objective.alpha) * ce, count
-    # The label at (row, p) is predicted by the logits at p - 1, which sit in `keep`'s column of p - 1.
-    width = batch["labels"].shape[1]
-    column = keep.new_full((width - 1,), -1)
-    column[keep] = keep.new_tensor(range(len(keep)))
-    at = batch["kd_at"] // width * len(keep) + column[batch["kd_at"] % width - 1]  # a row of `logprobs`
+    at = _target_rows(batch, keep)
     ids, t, tail = batch["kd_ids"], objective.temperature, objective.tail
     if t == 1:  # k values per position, read in place: no copy of whole-vocabulary rows
         term = kl_sum(logprobs[at.unsqueeze(1), ids], batch["kd_logprobs"], t, tail)
@@ -82,7 +78,30 @@ def kd(engine, batch: dict, encoder_decoder: bool, objective):
     return (1 - objective.alpha) * ce + objective.alpha * term, count
 
 
-OBJECTIVES = {"sft": sft, "kd": kd}
+def on_policy(engine, batch: dict, encoder_decoder: bool, objective):
+    """The student's own sampled tokens that the teacher graded (`kd_at`; fcot.rollout's rows: column 0 of `kd_ids`
+    is the sampled token and of `kd_logprobs` the teacher's logprob of it, the other columns the teacher's top-k):
+    the reverse KL's policy gradient, or GKD's JSD over the teacher's top-k. Only graded tokens count."""
+    logprobs, _, _, keep = student_logprobs(engine, batch, encoder_decoder)
+    count = batch["kd_at"].new_tensor(len(batch["kd_at"]))
+    if not len(batch["kd_at"]):
+        return logprobs.sum() * 0.0, count  # in the graph: every rank steps alike
+    at, ids, teacher = _target_rows(batch, keep), batch["kd_ids"], batch["kd_logprobs"]
+    if objective.divergence == "reverse_kl":
+        return reverse_kl_sum(logprobs[at, ids[:, 0]], teacher[:, 0]), count
+    return jsd_sum(logprobs[at.unsqueeze(1), ids[:, 1:]], teacher[:, 1:], objective.beta), count
+
+
+def _target_rows(batch: dict, keep):
+    """The rows of the flattened target-position log-softmax (`student_logprobs`) at the label positions `kd_at`:
+    the label at (row, p) is predicted by the logits at p - 1, which sit in `keep`'s column of p - 1."""
+    width = batch["labels"].shape[1]
+    column = keep.new_full((width - 1,), -1)
+    column[keep] = keep.new_tensor(range(len(keep)))
+    return batch["kd_at"] // width * len(keep) + column[batch["kd_at"] % width - 1]
+
+
+OBJECTIVES = {"sft": sft, "kd": kd, "on_policy": on_policy}
 
 
 def loss_sum(engine, batch: dict, encoder_decoder: bool, objective=None):

@@ -127,9 +127,9 @@ def _student(cfg: TrainConfig, model_path: str, device):
 
         kwargs = {"dtype": torch.bfloat16, "device_map": {"": device}, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)}
-    if encoder_decoder and cfg.objective.kind == "kd":
-        raise FcotError("key 'train.objective': kd trains decoder students (the teacher's token positions); "
-                        f"{cfg.model} is an encoder-decoder")
+    if encoder_decoder and cfg.objective.graded:
+        raise FcotError(f"key 'train.objective': {cfg.objective.kind} trains decoder students (the teacher's token "
+                        f"positions); {cfg.model} is an encoder-decoder")
     model = model_cls.from_pretrained(model_path, **kwargs)
     if cfg.packing:
         from fcot.train import attention  # registers the packed attention with transformers; torch-heavy
@@ -264,7 +264,7 @@ def _setup_data(collate: Collator, w: Worker, sharded: bool) -> Examples:
     import ray.train
     import torch.distributed as dist
 
-    kd, name = w.cfg.objective.kind == "kd", f"train_{w.rank}" if sharded else "train"
+    kd, name = w.cfg.objective.graded, f"train_{w.rank}" if sharded else "train"
     items, weights, targets = [], [], []
     for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=1024, batch_format="pyarrow"):
         encoded = collate.encode(batch.column("prompt").to_pylist(), batch.column("completion").to_pylist())
@@ -273,7 +273,10 @@ def _setup_data(collate: Collator, w: Worker, sharded: bool) -> Examples:
         weights += [float(getattr(w.cfg, str(k))) if k else 1.0 for k in keys]
         if kd:
             targets += [teacher_targets(e, lp) for e, lp in zip(encoded, topk_rows(batch.column(TEACHER_LOGPROBS)))]
-    label_tokens = np.array([collate.label_tokens(e) for e in items], dtype=np.float64)
+    # The tokens a loss is on: an on-policy student's, those the teacher graded (its samples' other tokens, the
+    # format after the rationale, have none).
+    label_tokens = np.array([len(t[0]) for t in targets] if w.cfg.objective.kind == "on_policy" else
+                            [collate.label_tokens(e) for e in items], dtype=np.float64)
     real_tokens = np.array([collate.tokens(e) for e in items], dtype=np.int64)
     if sharded:  # every rank's counts, once: each rank then knows every global batch's label tokens
         counts = [None] * w.world
@@ -669,7 +672,7 @@ def _plan(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     worker holds only its part, the max length (curation's), the steps (the precision is the workers'), the
     model's local path, the dev questions and how long their answers may be. Returns the config as the workers get
     it, and the workers' other arguments."""
-    kd = cfg.objective.kind == "kd"
+    kd = cfg.objective.graded
     rows = check_curated(cfg.data, kd)
     # A KD row's top-k are ~100x its text: sharded from the first row, so a worker holds only its part's.
     auto = rows >= SHARD_ROWS or kd
@@ -767,7 +770,7 @@ def train(cfg: TrainConfig) -> dict:
     # Read once, here, before the workers take the CPUs: on a small machine Ray Data's read tasks would wait for a
     # free core behind them. The workers then only take the blocks from the object store.
     dataset = ray.data.read_parquet(cfg.data)
-    columns = [*REQUIRED, WEIGHT_KEY, *[TEACHER_LOGPROBS] * (cfg.objective.kind == "kd")]
+    columns = [*REQUIRED, WEIGHT_KEY, *[TEACHER_LOGPROBS] * cfg.objective.graded]
     dataset = dataset.select_columns([c for c in columns if c in dataset.columns()]).materialize()
     if sharded:  # rank r's part: the r-th of num_workers contiguous ranges, the same at every (re)start of the group
         n, world = dataset.count(), cfg.num_workers
