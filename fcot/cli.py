@@ -26,6 +26,7 @@ from fcot.plan import plan
 from fcot.predict import prediction_prefix
 from fcot.prompts import PREDICTION_PREFIX
 from fcot.report import build_report, build_study_report, build_sweep_report
+from fcot.rollout import RolloutConfig, rollout
 from fcot.run import RunConfig, dry_run, run
 from fcot.scoring import score_jsonl
 from fcot.submit import add_parsers as add_submit_parsers
@@ -104,6 +105,13 @@ def cmd_eval(args) -> None:
     for task, m in metrics["tasks"].items():
         print(f"{task} ({metrics['method']}, {m['n']} questions): accuracy {m['accuracy']:.3f}", file=sys.stderr)
     print(json.dumps(metrics))
+
+
+def cmd_rollout(args) -> None:
+    stats = rollout(load_config(RolloutConfig, args.config, args.overrides))
+    print(f"round {stats['round']}: {stats['samples']} samples, {stats['graded_tokens']} tokens graded, KL(student || "
+          f"teacher) {stats['kl_per_token']:.4f} per token; rows in {stats['train_dir']}", file=sys.stderr)
+    print(json.dumps(stats))
 
 
 def cmd_train(args) -> None:
@@ -245,13 +253,15 @@ def _add_data_parsers(sub) -> None:
 
 
 def _add_stage_parsers(sub) -> None:
-    """`fcot teach`, `fcot curate`, `fcot eval`, `fcot train`: one stage of the method each, on its config."""
+    """`fcot teach`, `fcot curate`, `fcot eval`, `fcot train`, `fcot rollout`: one stage each, on its config."""
     _with_config(sub, "teach", cmd_teach, "teacher stage: zero-shot-CoT rationales, D samples per question, on Ray",
                  overrides="key=value overrides, e.g. sampling.num_samples=8")
     _with_config(sub, "curate", cmd_curate, "curation: teacher records -> student training pairs (Ray Data)")
     _with_config(sub, "eval", cmd_eval, "evaluate a student or baseline on a test split (Ray Data)")
     _with_config(sub, "train", cmd_train, "student stage: fine-tune on curated rationales with Ray Train + DeepSpeed",
                  overrides="key=value overrides, e.g. epochs=3 deepspeed.stage=3")
+    _with_config(sub, "rollout", cmd_rollout, "on-policy data: a student samples its rationales, a teacher grades "
+                 "every token (Ray Data)")
 
 
 def _add_run_parsers(sub) -> None:

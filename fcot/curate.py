@@ -553,7 +553,8 @@ def _task_stats(cfg: CurateConfig, selected, train_q: set, dev: set) -> tuple[di
 
 
 def curate(cfg: CurateConfig) -> dict:
-    """Write OUTPUT_DIR/train/*.parquet (task, index, sample_index, prompt, completion), dev.jsonl, stats.json."""
+    """Write OUTPUT_DIR/train/*.parquet (task, index, sample_index, prompt, completion), dev.jsonl,
+    train_questions.jsonl, stats.json."""
     from ray.data.expressions import col  # heavy: Ray Data selects and writes
 
     init_ray(cfg.ray_address)
@@ -586,6 +587,8 @@ def curate(cfg: CurateConfig) -> dict:
     os.replace(tmp, out / "train")  # the curated set appears whole or not at all
     dev_rows = [s.to_dict() for s in qs if (s.task, s.index) in dev]
     atomic_write_jsonl(out / "dev.jsonl", dev_rows)
+    # Every training question, kept or not: what an on-policy student samples on (fcot.rollout).
+    atomic_write_jsonl(out / "train_questions.jsonl", [s.to_dict() for s in qs if (s.task, s.index) in train_q])
     summary = {"method": cfg.method, "num_samples": cfg.num_samples, "train_questions": cfg.train_questions,
                "teacher_id": teacher_id(cfg.teacher) if cfg.teacher else None,
                "kept": kept, "pairs": n_pairs,

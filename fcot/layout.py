@@ -9,7 +9,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class RunLayout:
     """RUN_DIR/{config,summary}.json, report.md and its plots, stages/ (markers), teacher/, curated/METHOD,
-    students/METHOD (model/ is the student), eval/METHOD."""
+    students/METHOD (model/ is the student; an on-policy method's: round_R/model), rollouts/METHOD/round_R,
+    eval/METHOD."""
 
     root: Path
 
@@ -25,6 +26,14 @@ class RunLayout:
 
     def model(self, method: str) -> Path:
         return self.student(method) / "model"
+
+    def round_student(self, method: str, round_: int) -> Path:
+        """An on-policy method's student after round `round_` (model/ is the student)."""
+        return self.student(method) / f"round_{round_}"
+
+    def rollout(self, method: str, round_: int) -> Path:
+        """An on-policy round's samples, grades and training rows (fcot.rollout)."""
+        return self.root / "rollouts" / method / f"round_{round_}"
 
     def eval(self, method: str) -> Path:
         return self.root / "eval" / method

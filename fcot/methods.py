@@ -33,6 +33,9 @@ class Method:
     asks: Format | None = None  # the test-time format (default: the first task's)
     reference: str | None = None  # the method it is compared with (a METHODS name; None: none)
     short: str = ""  # how a narrow table column names it (default: label)
+    # Learns in rounds from its own samples, each token graded by the teacher (fcot.rollout), starting from another
+    # method's student (run.on_policy); curation gives it its questions and dev split only.
+    on_policy: bool = False
 
     @property
     def ask(self) -> Format:
@@ -60,6 +63,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     # + rationale_weight x rationale loss; at test time the label task only (a short generation).
     Method("step_by_step", "Distilling step-by-step", True, (STEP_BY_STEP_LABEL, STEP_BY_STEP_RATIONALE),
            weights=(None, "rationale_weight"), reference="vanilla", short="step-by-step"),
+    # Agarwal et al. 2024 (GKD), Thinking Machines 2025: the Fine-tune-CoT student samples its own rationales, the
+    # teacher grades every token, and the student learns the per-token reverse KL to the teacher on them, in rounds.
+    Method("on_policy", "on-policy distillation", True, (FORMATS["fine_tune_cot"],), reference="fine_tune_cot",
+           short="on-policy", on_policy=True),
 ]}
 
 

@@ -110,6 +110,7 @@ class RunView:
     curates: dict[str, dict]  # method -> result
     trains: dict[str, dict]
     evals: dict[str, dict]  # method or baseline -> result
+    rounds: dict[str, list[dict]]  # on-policy method -> per round: {round, rollout, train} results
     tasks: list[str]
     outcomes: dict[str, dict[tuple, bool]]  # student -> (task, index) -> correct
 
@@ -128,10 +129,18 @@ def read_run(run_dir: str | Path) -> RunView:
     stages = {name: found[name] for name in [*order, *sorted(found)] if name in found}  # the chain's order
     teacher = stages.get("teacher", {}).get("result", {})
     evals, trains = _results(stages, "eval"), _results(stages, "train")
+    rounds: dict[str, list[dict]] = {}  # an on-policy method's stages are rollout-METHOD-R and train-METHOD-R
+    for subject, result in _results(stages, "rollout").items():
+        method, _, r = subject.rpartition("-")
+        rounds.setdefault(method, []).append({"round": int(r), "rollout": result, "train": trains.pop(subject, None)})
+    for method, done in rounds.items():  # its student is its last round's
+        if done[-1]["train"] is not None:
+            trains[method] = done[-1]["train"]
     tasks = list(dict.fromkeys(t for e in evals.values() for t in e["tasks"])) or list(teacher.get("tasks", {}))
     students = [m for m in trains if m in evals and (layout.eval(m) / "predictions.jsonl").exists()]
+    outcomes = {m: prediction_outcomes(layout.eval(m) / "predictions.jsonl") for m in students}
     return RunView(layout, stages, _results(stages, "teacher", by_stage=True), _results(stages, "curate"), trains,
-                   evals, tasks, {m: prediction_outcomes(layout.eval(m) / "predictions.jsonl") for m in students})
+                   evals, rounds, tasks, outcomes)
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -142,7 +151,7 @@ def build_report(run_dir: str | Path) -> Path:
     for section in (_verdicts, _collapsed, _accuracy, _sampled, _every_pair, _teachers):
         lines += section(run)
     lines.append("")  # the end of the accuracy section
-    for section in (_accuracy_plot, _training, _curation, _costs):
+    for section in (_accuracy_plot, _training, _rounds, _curation, _costs):
         lines += section(run)
     return atomic_write_text(run.layout.report, "\n".join(lines) + "\n")
 
@@ -298,6 +307,28 @@ def _training(run: RunView) -> list[str]:
                  "best." if any(r.get("stopped_early") for r in run.trains.values()) else "")]
     return lines + ["", f"![curves]({_plot(run.layout.root / 'curves.png', lambda plt: _draw_curves(plt, run))})",
                     ""]
+
+
+def _rounds(run: RunView) -> list[str]:
+    """Each round of an on-policy student: its own samples, how far they are from the teacher, what it learned."""
+    if not run.rounds:
+        return []
+    lines = ["## On-policy rounds", "",
+             "Each round the student samples its own rationales of the training questions, the teacher grades every "
+             "rationale token, and the student trains on them (fcot.rollout). KL: the mean over the graded tokens "
+             "of log p_student - log p_teacher of the sampled token, an estimate of the per-token KL(student || "
+             "teacher) of the round's student on its own samples (lower: closer to the teacher).", "",
+             "| method | round | samples | their accuracy | graded tokens | KL per token | dev accuracy after | "
+             "student tokens | teacher tokens |", "|" + " --- |" * 9]
+    for method, done in run.rounds.items():
+        for d in done:
+            ro, tr = d["rollout"], d["train"] or {}
+            acc = "—" if ro.get("accuracy") is None else f"{100 * ro['accuracy']:.1f}%"
+            lines.append(f"| {method} | {d['round']} | {ro['samples']} | {acc} | {ro['graded_tokens']:,} | "
+                         f"{ro['kl_per_token']:.3f} | "
+                         f"{fmt_acc(tr.get('selected_dev_accuracy'), tr.get('selected_dev_accuracy_ci'))} | "
+                         f"{ro['student_tokens']:,} | {ro['teacher_tokens']:,} |")
+    return lines + [""]
 
 
 def _draw_curves(plt, run: RunView):

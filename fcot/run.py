@@ -26,6 +26,7 @@ from fcot.bundled import prepare_missing
 from fcot.config import Config, PathStr, RayAddress, WandbMode, redacted, results_view, wandb_mode
 from fcot.contracts.teacher import TeachConfig, teacher_tokenizer
 from fcot.curate import CurateConfig, ShardStreamer, check_labels, curate, split_questions
+from fcot.engines import EngineConfig
 from fcot.errors import FcotError, user_error
 from fcot.evaluate import EvalConfig, evaluate
 from fcot.evaluate import questions as eval_questions
@@ -38,10 +39,37 @@ from fcot.prompts import templates_sha256
 from fcot.ray_utils import accelerator_types, cpu_seconds
 from fcot.report import build_report
 from fcot.resources import Demand, check_local, check_resources, largest
+from fcot.rollout import RolloutConfig, rollout
 from fcot.tasks import DataDir, TaskNames, UserTask, load_split, split_user_tasks
 from fcot.teacher.pipeline import teach
 from fcot.train.config import DevConfig, ObjectiveConfig, TrainConfig
 from fcot.train.trainer import train
+
+
+class OnPolicyConfig(Config):
+    """The on_policy method (fcot.methods): from the student of the method `start`, `rounds` times: the student
+    samples `samples_per_question` rationales of each training question at `temperature` (fcot.rollout, on the
+    evaluation engine), the teacher grades every rationale token (`teacher`: by default the run's teacher engine,
+    hf or vllm; its tokenizer must be the student's), and the student trains on them (train's settings, with this
+    `lr` and `epochs` per round; objective on_policy: `divergence`, `beta`, the teacher's `top_k` for jsd)."""
+
+    start: str = "fine_tune_cot"  # a method of `methods` before on_policy
+    rounds: int = Field(1, ge=1)
+    samples_per_question: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(128, ge=1)
+    divergence: Literal["reverse_kl", "jsd"] = "reverse_kl"
+    beta: float = Field(0.5, ge=0, le=1)
+    top_k: int = Field(0, ge=0)
+    teacher: EngineConfig | None = None
+    lr: float | None = Field(None, gt=0)  # default: train.lr
+    epochs: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _top_k(self):
+        if self.divergence == "jsd" and not self.top_k:
+            raise ValueError("divergence jsd learns the teacher's top-k: set on_policy.top_k (e.g. 20)")
+        return self
 
 
 class RunConfig(Config):
@@ -66,6 +94,7 @@ class RunConfig(Config):
     eval: EvalConfig
     wandb_mode: WandbMode = "auto"
     prices: Prices = Prices()  # what CPU- and GPU-hours and API tokens cost: the report and sweeps show money
+    on_policy: OnPolicyConfig = OnPolicyConfig()  # the on_policy method's rounds (when in `methods`)
     # Curation formats each teacher shard as it lands (in the driver, beside the teacher's replicas), so the
     # curation stage is left with selection only. Training starts when the teacher is done: a student's
     # epochs run over the whole curated set.
@@ -134,6 +163,35 @@ class RunConfig(Config):
                             f"{self.train.model} and the teacher {teacher} tokenize differently")
         return self
 
+    @model_validator(mode="after")
+    def _on_policy(self):
+        """An on-policy method starts from a student trained before it, and its grader shares the student's
+        tokenizer (the grades are of the student's token ids)."""
+        if self.train.objective.kind == "on_policy":
+            raise FcotError("key 'train.objective': on_policy is the method on_policy (add it to methods; its keys "
+                            "are under on_policy)")
+        learners = [m for m in self.methods if get_method(m).on_policy]
+        if not learners:
+            return self
+        start = self.on_policy.start
+        if start not in self.methods or self.methods.index(start) > self.methods.index(learners[0]) or \
+                get_method(start).on_policy:
+            raise FcotError(f"key 'on_policy.start': {start!r} is not a method trained before {learners[0]} "
+                            f"(methods: {', '.join(self.methods)})")
+        grader = self.grader
+        if grader.kind not in ("hf", "vllm"):
+            raise FcotError(f"key 'on_policy.teacher': the run's teacher ({grader.kind}) cannot grade tokens; set "
+                            "on_policy.teacher to an hf or vllm engine of a model with the student's tokenizer")
+        if tokenizer_identity(self.train.model) != tokenizer_identity(grader.model):
+            raise FcotError(f"key 'on_policy.teacher': the student {self.train.model} and the teacher "
+                            f"{grader.model} tokenize differently; on-policy grades the student's own tokens")
+        return self
+
+    @property
+    def grader(self) -> EngineConfig:
+        """The engine that grades an on-policy student's tokens."""
+        return self.on_policy.teacher or self.teacher.engine
+
     @property
     def uses_teacher(self) -> bool:
         """Some method learns from the teacher's rationales (vanilla fine-tuning alone asks it nothing)."""
@@ -170,11 +228,46 @@ def train_config(cfg: RunConfig, method: str) -> TrainConfig:
         "report_to_tune": cfg.train.report_to_tune and method == cfg.primary_method, "objective": objective})
 
 
+def student_model(cfg: RunConfig, method: str) -> Path:
+    """Where a method's trained student is (an on-policy method's: its last round's)."""
+    if get_method(method).on_policy:
+        return cfg.layout.round_student(method, cfg.on_policy.rounds) / "model"
+    return cfg.layout.model(method)
+
+
+def final_train(cfg: RunConfig, method: str) -> str:
+    """The stage that trains a method's student (an on-policy method's: its last round)."""
+    return f"train-{method}-{cfg.on_policy.rounds}" if get_method(method).on_policy else f"train-{method}"
+
+
+def rollout_config(cfg: RunConfig, method: str, round_: int) -> RolloutConfig:
+    """Round `round_`'s samples of the student from the round before (round 1: on_policy.start's student)."""
+    op = cfg.on_policy
+    student = student_model(cfg, op.start) if round_ == 1 else cfg.layout.round_student(method, round_ - 1) / "model"
+    return RolloutConfig(
+        questions=str(cfg.layout.curated(method) / "train_questions.jsonl"), method=method,
+        student=cfg.eval.engine.model_copy(update={"model": str(student)}), teacher=cfg.grader,
+        tasks=cfg.tasks, user_tasks=cfg.user_tasks, round=round_, samples_per_question=op.samples_per_question,
+        temperature=op.temperature, max_new_tokens=op.max_new_tokens, top_k=op.top_k,
+        max_length=cfg.curate.max_length, seed=cfg.train.seed, output_dir=str(cfg.layout.rollout(method, round_)),
+        ray_address=cfg.ray_address)
+
+
+def round_train_config(cfg: RunConfig, method: str, round_: int, ro: RolloutConfig) -> TrainConfig:
+    """Round `round_`'s training: the round's student on its graded samples, selected on the method's dev split."""
+    op, base = cfg.on_policy, train_config(cfg, method)
+    return base.model_copy(update={
+        "model": ro.student.model, "data": str(Path(ro.output_dir) / "train"),
+        "output_dir": str(cfg.layout.round_student(method, round_)), "lr": op.lr or cfg.train.lr, "epochs": op.epochs,
+        "objective": ObjectiveConfig(kind="on_policy", divergence=op.divergence, beta=op.beta),
+        "wandb": base.wandb.model_copy(update={"name": f"train-{method}-{round_}"}), "report_to_tune": False})
+
+
 def eval_config(cfg: RunConfig, method: str) -> EvalConfig:
     """A trained student (a method of cfg.methods) or a baseline on the untrained student."""
     update: dict = {"method": method, "output_dir": str(cfg.layout.eval(method))}
     if method in cfg.methods:
-        update["engine"] = cfg.eval.engine.model_copy(update={"model": str(cfg.layout.model(method))})
+        update["engine"] = cfg.eval.engine.model_copy(update={"model": str(student_model(cfg, method))})
         update["curated"] = str(cfg.layout.curated(method) / "stats.json")
     return cfg.eval.model_copy(update=update)
 
@@ -211,11 +304,25 @@ def stages(cfg: RunConfig, log=print) -> list[Stage]:
         out.append(Stage("teacher", (cfg.teacher,), run_teacher, cfg.teacher.demands("teacher.")))
     for name, t in cfg.extra_teachers.items():
         out.append(Stage(f"teacher-{name}", (t,), lambda t=t: teach(t), t.demands(f"extra_teachers.{name}.")))
+    trained: dict[str, tuple] = {}  # method -> the inputs of its student
     for method in cfg.methods:
         c, t, ev = curate_config(cfg, method), train_config(cfg, method), eval_config(cfg, method)
-        out += [Stage(f"curate-{method}", (c,), lambda c=c: curate(c), c.demands("curate.")),
-                Stage(f"train-{method}", (c, t), lambda t=t: train(t), t.demands("train.")),
-                Stage(f"eval-{method}", (c, t, ev), lambda ev=ev: evaluate(ev), ev.demands("eval."))]
+        out.append(Stage(f"curate-{method}", (c,), lambda c=c: curate(c), c.demands("curate.")))
+        if get_method(method).on_policy:  # rounds from the start method's student: rollout, then training
+            t = trained[cfg.on_policy.start] + (c,)
+            for r in range(1, cfg.on_policy.rounds + 1):
+                ro = rollout_config(cfg, method, r)
+                rt = round_train_config(cfg, method, r, ro)
+                grader = "on_policy.teacher." if cfg.on_policy.teacher else "teacher.engine."
+                out += [Stage(f"rollout-{method}-{r}", t + (ro,), lambda ro=ro: rollout(ro),
+                              ro.demands("eval.engine.", grader)),
+                        Stage(f"train-{method}-{r}", t + (ro, rt), lambda rt=rt: train(rt), rt.demands("train."))]
+                t += (ro, rt)
+            trained[method] = t
+        else:
+            out.append(Stage(f"train-{method}", (c, t), lambda t=t: train(t), t.demands("train.")))
+            trained[method] = (c, t)
+        out.append(Stage(f"eval-{method}", (*trained[method], ev), lambda ev=ev: evaluate(ev), ev.demands("eval.")))
     for baseline in cfg.baselines:
         ev = eval_config(cfg, baseline)
         out.append(Stage(f"eval-{baseline}", (ev,), lambda ev=ev: evaluate(ev), ev.demands("eval.")))
@@ -337,6 +444,8 @@ def _prepare_models(cfg: RunConfig, log) -> None:
     if cfg.teacher.engine.kind in ("hf", "vllm") and cfg.uses_teacher:
         names.add(cfg.teacher.engine.model)
     names |= {t.engine.model for t in cfg.extra_teachers.values() if t.engine.kind in ("hf", "vllm")}
+    if any(get_method(m).on_policy for m in cfg.methods):
+        names.add(cfg.grader.model)
     prepare_missing(names, log=log)
 
 

@@ -46,11 +46,12 @@ from fcot.errors import FcotError
 from fcot.evaluate import EvalConfig
 from fcot.ray_utils import auth_headers, auth_token
 from fcot.resources import AUTH_HELP, check_resources
+from fcot.rollout import RolloutConfig
 from fcot.run import RunConfig
 from fcot.sweep import SweepConfig
 from fcot.train.config import TrainConfig
 
-COMMANDS = ("run", "teach", "curate", "train", "eval", "sweep")
+COMMANDS = ("run", "teach", "curate", "train", "eval", "rollout", "sweep")
 # Forwarded from the submitter's environment when set, plus the teacher's `engine.api_key_env`.
 SECRET_ENV = ("WANDB_API_KEY", "OPENAI_API_KEY", "HF_TOKEN")
 # fcot.ray_utils.init_ray passes these to ray.init(runtime_env=...) inside the job; Ray refuses to merge a
@@ -61,7 +62,7 @@ DEFAULT_EXCLUDES = ["/.venv", "/venv", "/runs", "/.git", "/wandb", "/build", "/.
                     "__pycache__", "*.egg-info", "*.pyc"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CONFIGS = {"run": RunConfig, "teach": TeachConfig, "curate": CurateConfig, "train": TrainConfig, "eval": EvalConfig,
-           "sweep": SweepConfig}
+           "rollout": RolloutConfig, "sweep": SweepConfig}
 
 
 # ---------------------------------------------------------------------------------------------- auth, client

@@ -52,7 +52,7 @@ from fcot.prices import stage_cost
 from fcot.ray_utils import init_ray
 from fcot.report import build_sweep_report
 from fcot.resources import Demand, largest
-from fcot.run import RunConfig, config_hash, curate_config, dry_run, run_stages
+from fcot.run import RunConfig, config_hash, curate_config, dry_run, final_train, run_stages
 from fcot.teacher.pipeline import teach
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")  # Tune's, with Tune's bounds (randint: high excluded)
@@ -289,7 +289,7 @@ def swept_values(config: dict) -> dict:
 def trial_result(cfg: RunConfig, markers: dict) -> dict:
     """A trial's row: the primary method's selected dev accuracy (the sweep's metric) and, per method and task,
     test accuracy with its interval, the majority rate, collapse, data kept; and the trial's measured cost."""
-    trained = markers[f"train-{cfg.primary_method}"]["result"]
+    trained = markers[final_train(cfg, cfg.primary_method)]["result"]
     out = {"dev_accuracy": trained.get("selected_dev_accuracy"), "selected_epoch": trained.get("selected_epoch"),
            "epochs": trained.get("epochs"), "run_dir": cfg.output_dir,
            "parameters": trained.get("parameters"),
@@ -300,7 +300,7 @@ def trial_result(cfg: RunConfig, markers: dict) -> dict:
     for method in cfg.methods:
         metrics = markers[f"eval-{method}"]["result"]["tasks"]
         out[f"{method}/kept"] = markers[f"curate-{method}"]["result"]["kept"]
-        out[f"{method}/dev_accuracy"] = markers[f"train-{method}"]["result"].get("selected_dev_accuracy")
+        out[f"{method}/dev_accuracy"] = markers[final_train(cfg, method)]["result"].get("selected_dev_accuracy")
         for task, m in metrics.items():
             for k in ("accuracy", "accuracy_ci", "majority", "random", "collapsed"):
                 out[f"{method}/{task}/{k}"] = m[k]

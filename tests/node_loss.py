@@ -67,6 +67,15 @@ def _evaluate():
     return EvalConfig, evaluate, "EvalWorker", started, {"num_cpus": 1}
 
 
+def _rollout():
+    from fcot.rollout import RolloutConfig, rollout
+
+    def started(cfg):
+        return lambda: bool(list((Path(cfg.output_dir) / "samples").glob("*.parquet")))  # a batch sampled
+
+    return RolloutConfig, rollout, "StudentSampler", started, {"num_cpus": 1}
+
+
 def _sweep():
     from fcot.sweep import SweepConfig, sweep, trials
 
@@ -84,7 +93,8 @@ def _run():
     return RunConfig, run, "", lambda cfg: lambda: True, {"num_cpus": 1}
 
 
-STAGES = {"teach": _teach, "curate": _curate, "train": _train, "evaluate": _evaluate, "sweep": _sweep, "run": _run}
+STAGES = {"teach": _teach, "curate": _curate, "train": _train, "evaluate": _evaluate, "rollout": _rollout,
+          "sweep": _sweep, "run": _run}
 # Chaos over a whole `fcot run`: in each stage in turn, once a process of it runs on a worker node (and, in
 # training, an epoch is committed), that node is removed without grace and a fresh one added.
 CHAOS = [("teacher", "TeacherWorker"), ("curate", "MapBatches(format_shards)"), ("train", "RayTrainWorker"),

@@ -103,7 +103,8 @@ def test_the_check_finds_a_cycle(tmp_path, monkeypatch):
     assert local and "locally without a reason" in local[0]
 
 
-STAGES = ("fcot.teacher", "fcot.curate", "fcot.train", "fcot.evaluate")  # a stage: a module, or a package whole
+# a stage: a module, or a package whole
+STAGES = ("fcot.teacher", "fcot.curate", "fcot.train", "fcot.evaluate", "fcot.rollout")
 LONGEST = 80  # lines of a function in fcot/
 
 
