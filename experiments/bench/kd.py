@@ -103,9 +103,10 @@ def run_name(objective: dict) -> str:
     return f"kd_t{objective['temperature']:g}_a{objective['alpha']:g}{tail}"
 
 
-def teacher_kl(run_dir: Path, teacher: dict, trained_on: bool = False) -> dict:
-    """The student's mean per-token KL to the teacher over the rationales of the teacher's questions it did not
-    train on (or, `trained_on`, those it did) (T = 1), and how many tokens and rationales that is."""
+def teacher_kl(run_dir: Path, teacher: dict, trained_on: bool = False, model_dir: Path | None = None) -> dict:
+    """The student's (the run's Fine-tune-CoT student, or `model_dir`) mean per-token KL to the teacher over the
+    rationales of the teacher's questions it did not train on (or, `trained_on`, those it did) (T = 1), and how many
+    tokens and rationales that is."""
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,7 +121,7 @@ def teacher_kl(run_dir: Path, teacher: dict, trained_on: bool = False) -> dict:
         teacher["teacher_id"], columns=["index", "question", "rationale", "prediction", "logprobs"]).to_pylist()
     held = [r for r in records if (r["index"] in trained) == trained_on and r["rationale"].strip()
             and r["logprobs"] and r["logprobs"]["tokens"]]
-    model_dir = run_dir / "students" / "fine_tune_cot" / "model"
+    model_dir = model_dir or run_dir / "students" / "fine_tune_cot" / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     fmt = FORMATS["fine_tune_cot"]
