@@ -25,6 +25,7 @@ never reads another's records.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -141,10 +142,10 @@ def _rationale_tokens(tokenizer, tokens: list[int], prefix: str | None) -> int:
     cut = text.find(prefix) if prefix else -1
     if cut < 0:
         return n
-    k = 0
-    while k < n and len(tokenizer.decode(tokens[:k + 1])) <= len(text[:cut].rstrip()):
-        k += 1
-    return k
+    # The longest prefix whose text ends before the marker: a bisection (a prefix's text grows with it), not a
+    # decode of every prefix, which is quadratic in the sample's length.
+    end = len(text[:cut].rstrip())
+    return bisect.bisect_right(range(n + 1), end, key=lambda k: len(tokenizer.decode(tokens[:k]))) - 1
 
 
 class StudentSampler:
@@ -266,17 +267,17 @@ def rollout(cfg: RolloutConfig) -> dict:
         spent = _run_pool(todo, StudentSampler, {"cfg": sent, "student": student},
                           cfg.student, f"rollout {cfg.round}: student samples")
         cpu_s, gpu_s = cpu_s + spent[0], gpu_s + spent[1]
-    samples = _read(out / "samples", student, SAMPLES, keys)
+    samples = _read(out / "samples", student, SAMPLES, keys).to_pylist()
     tid = teacher_id(cfg.teacher.resolved())
     done = set(_read(out / "grades", tid, GRADES, keys).column("key").to_pylist())
     todo = [{k: r[k] for k in ("key", "question", "tokens", "rationale_tokens")}
-            for r in samples.to_pylist() if r["key"] not in done]
+            for r in samples if r["key"] not in done]
     if todo:
         spent = _run_pool(todo, TeacherGrader, {"cfg": sent, "teacher": tid},
                           cfg.teacher, f"rollout {cfg.round}: teacher grades")
         cpu_s, gpu_s = cpu_s + spent[0], gpu_s + spent[1]
     grades = {r["key"]: r for r in _read(out / "grades", tid, GRADES, keys).to_pylist()}
-    stats = _training_rows(cfg, samples.to_pylist(), grades, out)
+    stats = _training_rows(cfg, samples, grades, out)
     stats.update(round=cfg.round, student=student, teacher_id=tid, wall_s=round(time.time() - started, 2),
                  cpu_s=round(cpu_s + cpu_seconds(children=False) - cpu_started, 1), gpu_s=round(gpu_s, 1))
     atomic_write_json(out / "stats.json", stats)
